@@ -1,0 +1,43 @@
+//! Well-known names and default values shared by the webhook, the sidecar and the router.
+
+/// Local IPs handed to imported services.
+pub const IP_RANGE: &str = "127.0.66.0/24";
+/// The sidecar's DNS server.
+pub const DNS_ADDR: &str = "127.0.0.2:53";
+/// Directory, on the node and in the pod, holding the router's Unix socket.
+pub const ROUTER_SOCKET_DIR: &str = "/var/run/servicekeel";
+/// The router's Unix socket, as the sidecar reaches it.
+pub const ROUTER_LISTEN: &str = "unix:///var/run/servicekeel/router.sock";
+/// Directory of the downward-API volume in the sidecar.
+pub const PODINFO_DIR: &str = "/etc/servicekeel/podinfo";
+/// File name of the annotations inside [`PODINFO_DIR`].
+pub const PODINFO_ANNOTATIONS: &str = "annotations";
+/// The downward-API annotations file.
+pub const ANNOTATIONS_FILE: &str = "/etc/servicekeel/podinfo/annotations";
+/// Port of the sidecar's admin server (`/healthz`, `/readyz`, `/metrics`).
+pub const ADMIN_PORT: u16 = 15021;
+/// The sidecar's admin address when its environment does not say otherwise.
+pub const ADMIN_ADDR: &str = "127.0.0.1:15021";
+/// Readiness path of the sidecar's admin server.
+pub const READY_PATH: &str = "/readyz";
+/// Liveness path of the sidecar's admin server.
+pub const HEALTH_PATH: &str = "/healthz";
+/// The cluster's DNS domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// At most this many imported services per pod: one local IP each in a /24.
+pub const MAX_IMPORTED_SERVICES: usize = 253;
+/// Largest annotation value parsed; Kubernetes caps all of an object's annotations at 256 KiB.
+pub const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
+
+/// Name of the injected sidecar container.
+pub const SIDECAR_CONTAINER: &str = "servicekeel-proxy";
+/// Name of the downward-API volume holding the pod's annotations.
+pub const PODINFO_VOLUME: &str = "servicekeel-podinfo";
+/// Name of the hostPath volume holding the router's socket directory.
+pub const ROUTER_SOCKET_VOLUME: &str = "servicekeel-router";
+/// Name of the sidecar's admin container port.
+pub const ADMIN_PORT_NAME: &str = "sk-admin";
+/// Sysctl that lets a non-root sidecar bind the DNS port.
+pub const UNPRIVILEGED_PORT_SYSCTL: &str = "net.ipv4.ip_unprivileged_port_start";
+/// User and group the sidecar runs as.
+pub const SIDECAR_UID: i64 = 65532;

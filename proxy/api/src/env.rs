@@ -1,0 +1,28 @@
+//! Names of the sidecar's environment variables: the webhook writes them, the sidecar reads them.
+
+/// Local IPs for imported services (CIDR).
+pub const SIDECAR_IP_RANGE: &str = "SIDECAR_IP_RANGE";
+/// Where the sidecar's DNS server listens (`ip:port`).
+pub const SIDECAR_DNS_ADDR: &str = "SIDECAR_DNS_ADDR";
+/// The node router: `unix://PATH` or `tcp://HOST:PORT`.
+pub const SIDECAR_SERVER_LISTEN: &str = "SIDECAR_SERVER_LISTEN";
+/// Resolver for names that are not imported (`ip:port`).
+pub const SIDECAR_UPSTREAM_DNS: &str = "SIDECAR_UPSTREAM_DNS";
+/// The downward-API file holding the pod's annotations.
+pub const SIDECAR_ANNOTATIONS_FILE: &str = "SIDECAR_ANNOTATIONS_FILE";
+/// `/healthz`, `/readyz`, `/metrics` of the sidecar (`ip:port`).
+pub const SIDECAR_ADMIN_ADDR: &str = "SIDECAR_ADMIN_ADDR";
+/// This cluster's name.
+pub const SERVICEKEEL_CLUSTER: &str = "SERVICEKEEL_CLUSTER";
+/// This cluster's DNS domain.
+pub const SERVICEKEEL_CLUSTER_DOMAIN: &str = "SERVICEKEEL_CLUSTER_DOMAIN";
+/// The pod's name (downward API).
+pub const POD_NAME: &str = "POD_NAME";
+/// The pod's namespace (downward API).
+pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// The pod's IP (downward API).
+pub const POD_IP: &str = "POD_IP";
+/// The node's name (downward API).
+pub const NODE_NAME: &str = "NODE_NAME";
+/// The node's IP (downward API); used when the router is reached over TCP.
+pub const HOST_IP: &str = "HOST_IP";

@@ -1,0 +1,16 @@
+//! The contracts every ServiceKeel component agrees on, with no async runtime.
+//!
+//! The webhook writes pods according to these contracts and the sidecar and router read them:
+//! annotation and label keys ([`keys`]), the sidecar's environment ([`env`]), well-known names
+//! and default values ([`defaults`]), and the service list carried by the imported and exported
+//! annotations ([`services`]). A string of the contract is spelled once, here.
+
+pub mod defaults;
+pub mod env;
+pub mod keys;
+pub mod names;
+pub mod services;
+
+pub use services::{
+    FieldError, ParseError, Protocol, Service, ServiceKey, ServiceList, ServicePort, TargetPort,
+};
