@@ -1,0 +1,393 @@
+//! Injection as one pure function over values: `inject(&Pod, &Target, &Config)` decides whether
+//! a pod is skipped, refused or patched, and builds the JSON Patch. The HTTPS server and the
+//! offline `inject` command both call it, so what the cluster stores and what the command prints
+//! are the same.
+
+mod dns;
+mod patch;
+mod sidecar;
+
+use std::collections::BTreeMap;
+
+use json_patch::Patch;
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Sysctl};
+use serde_json::{Value, json};
+use servicekeel_api::keys::{self, Direction};
+use servicekeel_api::{FieldError, ParseError, ServiceList, defaults};
+
+use crate::config::Config;
+use patch::{PatchBuilder, to_json};
+pub use sidecar::SidecarMode;
+
+/// What the pod belongs to, as the admission request (not the pod) says: at admission a pod
+/// often has no namespace of its own yet.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Injection {
+    /// Allowed unchanged.
+    Skip(SkipReason),
+    /// Allowed with this patch; the warnings go back to the client.
+    Patch { patch: Patch, warnings: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    OptedOut,
+    AlreadyInjected,
+    HostNetwork,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::OptedOut => "opted-out",
+            SkipReason::AlreadyInjected => "already-injected",
+            SkipReason::HostNetwork => "host-network",
+        }
+    }
+}
+
+/// Why a pod is refused. Each message names the field to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("{key}: {source}")]
+    Annotation {
+        key: &'static str,
+        #[source]
+        source: ParseError,
+    },
+    #[error("{key}: {error}")]
+    Services {
+        key: &'static str,
+        error: FieldError,
+    },
+    #[error(
+        "{key}: {total} services with the {defaults} cluster-wide defaults; at most {max} can be \
+         imported (one local IP each)",
+        key = keys::IMPORTED_SERVICES,
+        max = defaults::MAX_IMPORTED_SERVICES
+    )]
+    TooManyWithDefaults { total: usize, defaults: usize },
+    #[error("metadata.{place}[{key}]: {value:?} must be \"true\" or \"false\"", key = keys::INJECT)]
+    InjectValue { place: &'static str, value: String },
+    #[error("metadata.annotations[{key}]: {0:?} must be \"native\" or \"classic\"", key = keys::SIDECAR_MODE)]
+    SidecarMode(String),
+    #[error(
+        "{field}[{index}].ports: container {container:?} declares port {port}, which the \
+         ServiceKeel sidecar needs for its {purpose}; free the port or opt the pod out with \
+         {key}: \"false\"",
+        key = keys::INJECT
+    )]
+    PortConflict {
+        field: &'static str,
+        index: usize,
+        container: String,
+        port: i32,
+        purpose: &'static str,
+    },
+    #[error(
+        "spec.volumes[{index}].name: {name:?} is reserved for the ServiceKeel sidecar; rename the \
+         volume or opt the pod out with {key}: \"false\"",
+        key = keys::INJECT
+    )]
+    ReservedVolume { index: usize, name: String },
+    #[error("spec: a pod must have a spec")]
+    NoSpec,
+}
+
+/// The version recorded in [`keys::STATUS`].
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injection, InjectError> {
+    let no_entries = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&no_entries);
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&no_entries);
+
+    if opted_out(annotations, labels)? {
+        return Ok(Injection::Skip(SkipReason::OptedOut));
+    }
+    let spec = pod.spec.as_ref().ok_or(InjectError::NoSpec)?;
+    if spec.host_network == Some(true) {
+        return Ok(Injection::Skip(SkipReason::HostNetwork));
+    }
+    if annotations.contains_key(keys::STATUS) || has_sidecar(spec) {
+        return Ok(Injection::Skip(SkipReason::AlreadyInjected));
+    }
+
+    let mode = match annotations.get(keys::SIDECAR_MODE) {
+        Some(text) => {
+            SidecarMode::parse(text).ok_or_else(|| InjectError::SidecarMode(text.clone()))?
+        }
+        None if config.native_sidecar => SidecarMode::Native,
+        None => SidecarMode::Classic,
+    };
+    let mut warnings = Vec::new();
+    let imported = read_services(
+        Direction::Imported,
+        annotations,
+        target,
+        config,
+        &mut warnings,
+    )?;
+    let exported = read_services(
+        Direction::Exported,
+        annotations,
+        target,
+        config,
+        &mut warnings,
+    )?;
+    let imported = with_default_imports(imported, target, config)?;
+    check_reserved(spec, config)?;
+    if mode == SidecarMode::Classic {
+        classic_mode_warnings(pod, spec, &mut warnings);
+    }
+
+    let dns = dns::plan(spec, target.namespace, config, &mut warnings);
+    let mut patch = PatchBuilder::default();
+
+    let mut new_annotations = vec![(keys::STATUS, json!(status(mode)))];
+    for (direction, list) in [
+        (Direction::Imported, &imported),
+        (Direction::Exported, &exported),
+    ] {
+        if let Some(list) = list {
+            let canonical = list.to_canonical_json();
+            if annotations.get(direction.key()) != Some(&canonical) {
+                new_annotations.push((direction.key(), Value::String(canonical)));
+            }
+        }
+    }
+    if mode == SidecarMode::Classic
+        && !annotations.contains_key(keys::KUBECTL_DEFAULT_CONTAINER)
+        && let Some(first) = spec.containers.first()
+    {
+        new_annotations.push((keys::KUBECTL_DEFAULT_CONTAINER, json!(first.name)));
+    }
+    patch.set_members(
+        &["metadata", "annotations"],
+        pod.metadata.annotations.is_some(),
+        new_annotations,
+    );
+
+    let container = to_json(&sidecar::container(config, mode, dns.upstream));
+    match mode {
+        SidecarMode::Native => patch.prepend(
+            &["spec", "initContainers"],
+            spec.init_containers.is_some(),
+            container,
+        ),
+        SidecarMode::Classic => patch.prepend(&["spec", "containers"], true, container),
+    }
+    patch.append(
+        &["spec", "volumes"],
+        spec.volumes.is_some(),
+        sidecar::volumes(config).iter().map(to_json).collect(),
+    );
+    patch.set(&["spec", "dnsPolicy"], json!("None"));
+    patch.set(&["spec", "dnsConfig"], to_json(&dns.config));
+    unprivileged_port_sysctl(spec, config, &mut patch);
+
+    Ok(Injection::Patch {
+        patch: patch.build(),
+        warnings,
+    })
+}
+
+/// `servicekeel.io/inject: "false"` as an annotation or a label.
+fn opted_out(
+    annotations: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, InjectError> {
+    let mut opted_out = false;
+    for (place, map) in [("annotations", annotations), ("labels", labels)] {
+        match map.get(keys::INJECT).map(String::as_str) {
+            None | Some("true") => {}
+            Some(keys::INJECT_DISABLED) => opted_out = true,
+            Some(other) => {
+                return Err(InjectError::InjectValue {
+                    place,
+                    value: other.to_string(),
+                });
+            }
+        }
+    }
+    Ok(opted_out)
+}
+
+fn has_sidecar(spec: &PodSpec) -> bool {
+    let named = |containers: &[Container]| {
+        containers
+            .iter()
+            .any(|c| c.name == defaults::SIDECAR_CONTAINER)
+    };
+    named(&spec.containers) || spec.init_containers.as_deref().is_some_and(named)
+}
+
+/// The pod's own list for `direction` (canonical key first, then the alias), validated.
+fn read_services(
+    direction: Direction,
+    annotations: &BTreeMap<String, String>,
+    target: &Target<'_>,
+    config: &Config,
+    warnings: &mut Vec<String>,
+) -> Result<Option<ServiceList>, InjectError> {
+    let Some((key, text)) = direction.find(annotations) else {
+        return Ok(None);
+    };
+    if key == direction.key() && annotations.contains_key(direction.alias()) {
+        warnings.push(format!(
+            "{} is ignored because {} is set",
+            direction.alias(),
+            direction.key()
+        ));
+    }
+    let list =
+        ServiceList::parse(text).map_err(|source| InjectError::Annotation { key, source })?;
+    list.check_unique(target.namespace, &config.cluster_name)
+        .map_err(|error| InjectError::Services { key, error })?;
+    if direction == Direction::Imported {
+        list.check_import_limit()
+            .map_err(|error| InjectError::Services { key, error })?;
+    }
+    Ok(Some(list))
+}
+
+/// The pod's imports with the cluster-wide defaults merged in (the pod's own entries win).
+fn with_default_imports(
+    own: Option<ServiceList>,
+    target: &Target<'_>,
+    config: &Config,
+) -> Result<Option<ServiceList>, InjectError> {
+    let defaults = &config.default_imported_services;
+    if defaults.is_empty() {
+        return Ok(own);
+    }
+    let merged =
+        own.unwrap_or_default()
+            .with_defaults(defaults, target.namespace, &config.cluster_name);
+    if merged.check_import_limit().is_err() {
+        return Err(InjectError::TooManyWithDefaults {
+            total: merged.services.len(),
+            defaults: defaults.services.len(),
+        });
+    }
+    Ok(Some(merged))
+}
+
+/// Refuses pods that already use a port or volume name the sidecar needs, rather than letting
+/// the sidecar crash-loop.
+fn check_reserved(spec: &PodSpec, config: &Config) -> Result<(), InjectError> {
+    let dns_port = i32::from(config.dns_addr.port());
+    let admin_port = i32::from(config.sidecar.admin_port);
+    let groups = [
+        (
+            "spec.initContainers",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
+        ("spec.containers", spec.containers.as_slice()),
+    ];
+    for (field, containers) in groups {
+        for (index, container) in containers.iter().enumerate() {
+            for port in container.ports.iter().flatten() {
+                let purpose = if port.container_port == dns_port {
+                    "DNS server"
+                } else if port.container_port == admin_port {
+                    "admin server"
+                } else {
+                    continue;
+                };
+                return Err(InjectError::PortConflict {
+                    field,
+                    index,
+                    container: container.name.clone(),
+                    port: port.container_port,
+                    purpose,
+                });
+            }
+        }
+    }
+    let reserved = [defaults::PODINFO_VOLUME, defaults::ROUTER_SOCKET_VOLUME];
+    if let Some((index, volume)) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, volume)| reserved.contains(&volume.name.as_str()))
+    {
+        return Err(InjectError::ReservedVolume {
+            index,
+            name: volume.name.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn classic_mode_warnings(pod: &Pod, spec: &PodSpec, warnings: &mut Vec<String>) {
+    if spec.init_containers.as_ref().is_some_and(|c| !c.is_empty()) {
+        warnings.push(
+            "classic sidecar mode: init containers run before the sidecar and cannot resolve \
+             names"
+                .into(),
+        );
+    }
+    let owned_by_job = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.kind == "Job");
+    if owned_by_job {
+        warnings.push(
+            "classic sidecar mode: a Job's pod does not complete while the sidecar runs; \
+             use the native mode"
+                .into(),
+        );
+    }
+}
+
+/// Lets the non-root sidecar bind its DNS port, lowering the pod's unprivileged port start
+/// (a namespaced, "safe" sysctl) only when it is set higher.
+fn unprivileged_port_sysctl(spec: &PodSpec, config: &Config, patch: &mut PatchBuilder) {
+    const PRIVILEGED_BELOW: u16 = 1024;
+    let needed = config.dns_addr.port().min(config.sidecar.admin_port);
+    if needed >= PRIVILEGED_BELOW {
+        return;
+    }
+    let sysctl = Sysctl {
+        name: defaults::UNPRIVILEGED_PORT_SYSCTL.into(),
+        value: needed.to_string(),
+    };
+    let Some(security_context) = &spec.security_context else {
+        patch.set(
+            &["spec", "securityContext"],
+            json!({ "sysctls": [to_json(&sysctl)] }),
+        );
+        return;
+    };
+    let existing = security_context.sysctls.as_deref().unwrap_or_default();
+    match existing.iter().position(|s| s.name == sysctl.name) {
+        Some(index) => {
+            let current = existing[index].value.trim().parse::<u16>();
+            if !matches!(current, Ok(value) if value <= needed) {
+                let index = index.to_string();
+                patch.set(
+                    &["spec", "securityContext", "sysctls", &index, "value"],
+                    json!(sysctl.value),
+                );
+            }
+        }
+        None => patch.append(
+            &["spec", "securityContext", "sysctls"],
+            security_context.sysctls.is_some(),
+            vec![to_json(&sysctl)],
+        ),
+    }
+}
+
+fn status(mode: SidecarMode) -> String {
+    json!({ "version": VERSION, "sidecarMode": mode.as_str() }).to_string()
+}

@@ -1,0 +1,186 @@
+//! The injected sidecar: its container (env, probes, mounts, security context) and its volumes.
+//! Everything here follows from the config; nothing depends on the pod except the upstream DNS
+//! its own settings imply.
+
+use std::net::SocketAddr;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, Probe, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use servicekeel_api::{defaults, env};
+
+use crate::config::Config;
+
+/// How the sidecar is placed in the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarMode {
+    /// First init container with `restartPolicy: Always` (Kubernetes 1.29+): running and ready
+    /// before the pod's other init containers and app containers start; ignored when a Job's
+    /// containers finish.
+    Native,
+    /// First app container, for clusters without native sidecars.
+    Classic,
+}
+
+impl SidecarMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SidecarMode::Native => "native",
+            SidecarMode::Classic => "classic",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "native" => Some(SidecarMode::Native),
+            "classic" => Some(SidecarMode::Classic),
+            _ => None,
+        }
+    }
+}
+
+/// How often the kubelet asks a starting sidecar whether it is ready, and for how long.
+const STARTUP_PERIOD_SECONDS: i32 = 1;
+const STARTUP_FAILURE_THRESHOLD: i32 = 120;
+
+pub(super) fn container(config: &Config, mode: SidecarMode, upstream: SocketAddr) -> Container {
+    let admin_port = config.sidecar.admin_port;
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(admin_port.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    Container {
+        name: defaults::SIDECAR_CONTAINER.into(),
+        image: Some(config.sidecar.image.clone()),
+        image_pull_policy: Some(config.sidecar.image_pull_policy.as_str().into()),
+        args: Some(vec!["sidecar".into()]),
+        env: Some(environment(config, upstream)),
+        ports: Some(vec![ContainerPort {
+            name: Some(defaults::ADMIN_PORT_NAME.into()),
+            container_port: admin_port.into(),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(config.sidecar.resources.clone()),
+        restart_policy: (mode == SidecarMode::Native).then(|| "Always".into()),
+        startup_probe: Some(probe(
+            defaults::READY_PATH,
+            STARTUP_PERIOD_SECONDS,
+            STARTUP_FAILURE_THRESHOLD,
+        )),
+        readiness_probe: Some(probe(defaults::READY_PATH, 5, 3)),
+        liveness_probe: Some(probe(defaults::HEALTH_PATH, 10, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(defaults::SIDECAR_UID),
+            run_as_group: Some(defaults::SIDECAR_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: defaults::PODINFO_VOLUME.into(),
+                mount_path: defaults::PODINFO_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: defaults::ROUTER_SOCKET_VOLUME.into(),
+                mount_path: defaults::ROUTER_SOCKET_DIR.into(),
+                ..Default::default()
+            },
+        ]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    }
+}
+
+fn environment(config: &Config, upstream: SocketAddr) -> Vec<EnvVar> {
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let value = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
+    vec![
+        field(env::POD_NAME, "metadata.name"),
+        field(env::POD_NAMESPACE, "metadata.namespace"),
+        field(env::POD_IP, "status.podIP"),
+        field(env::NODE_NAME, "spec.nodeName"),
+        value(env::SERVICEKEEL_CLUSTER, config.cluster_name.clone()),
+        value(
+            env::SERVICEKEEL_CLUSTER_DOMAIN,
+            config.cluster_domain.clone(),
+        ),
+        value(env::SIDECAR_IP_RANGE, config.ip_range.clone()),
+        value(env::SIDECAR_DNS_ADDR, config.dns_addr.to_string()),
+        value(env::SIDECAR_UPSTREAM_DNS, upstream.to_string()),
+        value(env::SIDECAR_SERVER_LISTEN, defaults::ROUTER_LISTEN.into()),
+        value(
+            env::SIDECAR_ANNOTATIONS_FILE,
+            defaults::ANNOTATIONS_FILE.into(),
+        ),
+        // All addresses, so the kubelet's probes reach it on the pod IP.
+        value(
+            env::SIDECAR_ADMIN_ADDR,
+            format!("0.0.0.0:{}", config.sidecar.admin_port),
+        ),
+    ]
+}
+
+pub(super) fn volumes(config: &Config) -> Vec<Volume> {
+    vec![
+        Volume {
+            name: defaults::PODINFO_VOLUME.into(),
+            downward_api: Some(DownwardAPIVolumeSource {
+                items: Some(vec![DownwardAPIVolumeFile {
+                    path: defaults::PODINFO_ANNOTATIONS.into(),
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.annotations".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: defaults::ROUTER_SOCKET_VOLUME.into(),
+            host_path: Some(HostPathVolumeSource {
+                path: config.router_socket_host_path.clone(),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Default::default()
+        },
+    ]
+}

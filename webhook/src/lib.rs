@@ -1,0 +1,10 @@
+//! The ServiceKeel admission webhook: injects the sidecar into pods of namespaces labelled
+//! `servicekeel.io/inject=enabled`.
+//!
+//! [`inject`] is the pure core, shared by the HTTPS server ([`server`], [`admission`]) and the
+//! offline command ([`offline`]). [`config`] is what the operator sets; the contract strings
+//! come from `servicekeel-api`.
+
+pub mod config;
+pub mod inject;
+pub mod offline;

@@ -1,0 +1,171 @@
+//! The offline form of injection (like `istioctl kube-inject`): multi-document YAML in, injected
+//! YAML out. Pods and the pod templates of workloads go through [`inject`]; anything else passes
+//! through unchanged.
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::inject::{InjectError, Injection, Target, inject};
+
+/// Where the pod template sits in each workload kind.
+const TEMPLATE_PATHS: &[(&str, &str)] = &[
+    ("Deployment", "/spec/template"),
+    ("StatefulSet", "/spec/template"),
+    ("DaemonSet", "/spec/template"),
+    ("ReplicaSet", "/spec/template"),
+    ("ReplicationController", "/spec/template"),
+    ("Job", "/spec/template"),
+    ("CronJob", "/spec/jobTemplate/spec/template"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    #[error("invalid YAML in document {document}: {source}")]
+    Yaml {
+        document: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("document {document} ({object}): not a valid pod: {message}")]
+    NotAPod {
+        document: usize,
+        object: String,
+        message: String,
+    },
+    #[error("document {document} ({object}): {source}")]
+    Refused {
+        document: usize,
+        object: String,
+        #[source]
+        source: InjectError,
+    },
+}
+
+/// What happened to one pod or template, for the command to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub document: usize,
+    pub object: String,
+    pub outcome: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Output {
+    pub yaml: String,
+    pub notes: Vec<Note>,
+}
+
+/// Injects every pod and pod template in `input`; `namespace` stands in for objects without one.
+pub fn inject_documents(
+    input: &str,
+    namespace: &str,
+    config: &Config,
+) -> Result<Output, OfflineError> {
+    let mut output = Output::default();
+    let mut documents = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(input).enumerate() {
+        let number = index + 1;
+        let mut value = Value::deserialize(document).map_err(|source| OfflineError::Yaml {
+            document: number,
+            source,
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        inject_object(&mut value, number, namespace, config, &mut output.notes)?;
+        documents.push(value);
+    }
+    output.yaml = documents
+        .iter()
+        .map(|document| serde_yaml::to_string(document).expect("JSON values serialize to YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    Ok(output)
+}
+
+fn inject_object(
+    object: &mut Value,
+    document: usize,
+    default_namespace: &str,
+    config: &Config,
+    notes: &mut Vec<Note>,
+) -> Result<(), OfflineError> {
+    let kind = object["kind"].as_str().unwrap_or_default().to_string();
+    if kind == "List" {
+        for item in object["items"].as_array_mut().into_iter().flatten() {
+            inject_object(item, document, default_namespace, config, notes)?;
+        }
+        return Ok(());
+    }
+    let name = object["metadata"]["name"]
+        .as_str()
+        .or_else(|| object["metadata"]["generateName"].as_str())
+        .unwrap_or("unnamed");
+    let description = format!("{kind} {name}");
+    let namespace = object["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or(default_namespace)
+        .to_string();
+
+    if kind == "Pod" {
+        return inject_pod(object, document, &description, &namespace, config, notes);
+    }
+    let Some((_, path)) = TEMPLATE_PATHS.iter().find(|(k, _)| *k == kind) else {
+        return Ok(());
+    };
+    let Some(template) = object.pointer_mut(path) else {
+        return Ok(());
+    };
+    // A template is a pod's metadata and spec: inject it as the pod it will become.
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": template.get("metadata").cloned().unwrap_or_else(|| json!({})),
+        "spec": template.get("spec").cloned().unwrap_or(Value::Null),
+    });
+    inject_pod(&mut pod, document, &description, &namespace, config, notes)?;
+    template["metadata"] = pod["metadata"].take();
+    template["spec"] = pod["spec"].take();
+    Ok(())
+}
+
+fn inject_pod(
+    value: &mut Value,
+    document: usize,
+    object: &str,
+    namespace: &str,
+    config: &Config,
+    notes: &mut Vec<Note>,
+) -> Result<(), OfflineError> {
+    let pod = Pod::deserialize(&*value).map_err(|error| OfflineError::NotAPod {
+        document,
+        object: object.to_string(),
+        message: error.to_string(),
+    })?;
+    let injection =
+        inject(&pod, &Target { namespace }, config).map_err(|source| OfflineError::Refused {
+            document,
+            object: object.to_string(),
+            source,
+        })?;
+    let note = |outcome: String| Note {
+        document,
+        object: object.to_string(),
+        outcome,
+    };
+    match injection {
+        Injection::Skip(reason) => notes.push(note(format!("skipped ({})", reason.as_str()))),
+        Injection::Patch { patch, warnings } => {
+            json_patch::patch(value, &patch).map_err(|error| OfflineError::NotAPod {
+                document,
+                object: object.to_string(),
+                message: format!("the injection patch does not apply: {error}"),
+            })?;
+            notes.push(note("injected".into()));
+            notes.extend(warnings.into_iter().map(|w| note(format!("warning: {w}"))));
+        }
+    }
+    Ok(())
+}
