@@ -18,17 +18,12 @@ pub const DEFAULT_CLUSTER_NAME: &str = "default";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {source}")]
+    #[error("cannot read config file {path}: {cause}")]
+    Read { path: String, cause: std::io::Error },
+    #[error("config file {path}: {cause}")]
     Parse {
         path: String,
-        #[source]
-        source: serde_yaml::Error,
+        cause: serde_yaml::Error,
     },
     #[error("config: {field}: {message}")]
     Invalid {
@@ -143,14 +138,14 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: display.clone(),
-            source,
+            cause,
         })?;
         Config::from_yaml(&text).map_err(|error| match error {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
+            ConfigError::Parse { cause, .. } => ConfigError::Parse {
                 path: display,
-                source,
+                cause,
             },
             other => other,
         })
@@ -161,9 +156,9 @@ impl Config {
         let config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-                path: String::new(),
-                source,
+            serde_yaml::from_str(text).map_err(|cause| ConfigError::Parse {
+                path: "(inline)".into(),
+                cause,
             })?
         };
         config.validate()?;

@@ -54,11 +54,10 @@ impl SkipReason {
 /// Why a pod is refused. Each message names the field to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
-    #[error("{key}: {source}")]
+    #[error("{key}: {cause}")]
     Annotation {
         key: &'static str,
-        #[source]
-        source: ParseError,
+        cause: ParseError,
     },
     #[error("{key}: {error}")]
     Services {
@@ -245,8 +244,7 @@ fn read_services(
             direction.key()
         ));
     }
-    let list =
-        ServiceList::parse(text).map_err(|source| InjectError::Annotation { key, source })?;
+    let list = ServiceList::parse(text).map_err(|cause| InjectError::Annotation { key, cause })?;
     list.check_unique(target.namespace, &config.cluster_name)
         .map_err(|error| InjectError::Services { key, error })?;
     if direction == Direction::Imported {

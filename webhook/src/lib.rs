@@ -5,6 +5,11 @@
 //! offline command ([`offline`]). [`config`] is what the operator sets; the contract strings
 //! come from `servicekeel-api`.
 
+pub mod admission;
+pub mod cli;
 pub mod config;
 pub mod inject;
+pub mod metrics;
 pub mod offline;
+pub mod server;
+pub mod tls;

@@ -22,11 +22,10 @@ const TEMPLATE_PATHS: &[(&str, &str)] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum OfflineError {
-    #[error("invalid YAML in document {document}: {source}")]
+    #[error("invalid YAML in document {document}: {cause}")]
     Yaml {
         document: usize,
-        #[source]
-        source: serde_yaml::Error,
+        cause: serde_yaml::Error,
     },
     #[error("document {document} ({object}): not a valid pod: {message}")]
     NotAPod {
@@ -34,12 +33,11 @@ pub enum OfflineError {
         object: String,
         message: String,
     },
-    #[error("document {document} ({object}): {source}")]
+    #[error("document {document} ({object}): {cause}")]
     Refused {
         document: usize,
         object: String,
-        #[source]
-        source: InjectError,
+        cause: InjectError,
     },
 }
 
@@ -67,9 +65,9 @@ pub fn inject_documents(
     let mut documents = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(input).enumerate() {
         let number = index + 1;
-        let mut value = Value::deserialize(document).map_err(|source| OfflineError::Yaml {
+        let mut value = Value::deserialize(document).map_err(|cause| OfflineError::Yaml {
             document: number,
-            source,
+            cause,
         })?;
         if value.is_null() {
             continue;
@@ -145,10 +143,10 @@ fn inject_pod(
         message: error.to_string(),
     })?;
     let injection =
-        inject(&pod, &Target { namespace }, config).map_err(|source| OfflineError::Refused {
+        inject(&pod, &Target { namespace }, config).map_err(|cause| OfflineError::Refused {
             document,
             object: object.to_string(),
-            source,
+            cause,
         })?;
     let note = |outcome: String| Note {
         document,

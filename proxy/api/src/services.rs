@@ -133,9 +133,9 @@ pub enum ParseError {
     #[error("value is {0} bytes; at most {MAX_ANNOTATION_BYTES} are accepted")]
     TooLarge(usize),
     #[error("invalid JSON: {0}")]
-    Json(#[source] serde_json::Error),
+    Json(serde_json::Error),
     #[error("invalid YAML: {0}")]
-    Yaml(#[source] serde_yaml::Error),
+    Yaml(serde_yaml::Error),
     #[error("{}", join_errors(.0))]
     Invalid(Vec<FieldError>),
 }

@@ -1,0 +1,214 @@
+//! Command line: `serve` runs the HTTPS webhook, `inject` is the offline injector. Every `serve`
+//! flag can also be set through the environment variable named in its help.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::offline::inject_documents;
+use crate::server::{self, AppState};
+use crate::tls::CertReloader;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "servicekeel-webhook",
+    version,
+    about = "ServiceKeel's sidecar injection webhook"
+)]
+pub struct Cli {
+    /// Log output: human-readable text or one JSON object per line. Levels come from RUST_LOG.
+    #[arg(long, env = "SERVICEKEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the admission webhook over HTTPS.
+    Serve(ServeArgs),
+    /// Inject the sidecar into Pods and workload templates in YAML, offline.
+    Inject(InjectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SERVICEKEEL_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain served; reloaded when the file changes.
+    #[arg(long, env = "SERVICEKEEL_TLS_CERT_FILE")]
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of the certificate; reloaded when the file changes.
+    #[arg(long, env = "SERVICEKEEL_TLS_KEY_FILE")]
+    pub tls_key_file: PathBuf,
+    /// Config file (YAML); without it every field has its default.
+    #[arg(long, env = "SERVICEKEEL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, env = "SERVICEKEEL_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, env = "SERVICEKEEL_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// YAML to read (multi-document), or `-` for standard input.
+    #[arg(short = 'f', long = "filename")]
+    pub file: String,
+    /// Config file (YAML); without it every field has its default.
+    #[arg(long, env = "SERVICEKEEL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Namespace for objects that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Where to write the injected YAML; standard output by default.
+    #[arg(short = 'o', long)]
+    pub output: Option<PathBuf>,
+}
+
+/// `500ms`, `2s`, `1m` or a plain number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 2s or 1m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{text:?} is not a duration like 500ms, 2s or 1m")),
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    })
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(serve(args)),
+        Command::Inject(args) => inject(args),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Arc::new(load_config(args.config.as_ref())?);
+    tracing::info!(
+        config = %serde_json::to_string(&*config).unwrap_or_default(),
+        listen = %args.listen,
+        "effective config"
+    );
+    let reloader = CertReloader::load(&args.tls_cert_file, &args.tls_key_file)?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let metrics = Arc::new(Metrics::default());
+    let state = AppState::new(config, metrics.clone());
+    let (stop, stopped) = watch::channel(false);
+
+    tokio::spawn(server::reload_certificates(
+        reloader.clone(),
+        args.tls_reload_interval,
+        metrics,
+        stopped.clone(),
+    ));
+    let signal_state = state.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        signal_state.set_ready(false);
+        let _ = stop.send(true);
+    });
+    tracing::info!(addr = %args.listen, "serving");
+    server::serve(
+        listener,
+        reloader.server_config(),
+        server::app(state),
+        stopped,
+        args.drain_timeout,
+    )
+    .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail in a running runtime");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn inject(args: InjectArgs) -> anyhow::Result<()> {
+    let config = load_config(args.config.as_ref())?;
+    let mut input = String::new();
+    if args.file == "-" {
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .context("cannot read standard input")?;
+    } else {
+        input = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file))?;
+    }
+    let output = inject_documents(&input, &args.namespace, &config)?;
+    for note in &output.notes {
+        tracing::info!(document = note.document, object = %note.object, "{}", note.outcome);
+    }
+    match &args.output {
+        Some(path) => std::fs::write(path, &output.yaml)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => std::io::stdout()
+            .write_all(output.yaml.as_bytes())
+            .context("cannot write standard output")?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
