@@ -3,10 +3,12 @@
 //! `admission.k8s.io/v1` AdmissionReview is an error (the server answers 400); everything else
 //! gets an answer.
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::admission::{AdmissionResponse, AdmissionReview, Operation};
-use kube::core::response::StatusSummary;
+use kube::core::admission::{AdmissionReview, Operation};
 use kube::core::{DynamicObject, GroupVersionKind};
+use serde::Serialize;
 
 use crate::config::Config;
 use crate::inject::{Injection, Target, inject};
@@ -29,10 +31,63 @@ pub enum ReviewError {
     Encode(String),
 }
 
+/// The answer to one review, in the `admission.k8s.io/v1` shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Answer {
+    api_version: &'static str,
+    kind: &'static str,
+    pub response: Response,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    pub uid: String,
+    pub allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// The JSON Patch, base64-encoded as the API server expects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    pub status: &'static str,
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+}
+
 #[derive(Debug)]
 pub struct Reviewed {
-    pub review: AdmissionReview<DynamicObject>,
+    pub answer: Answer,
     pub outcome: Outcome,
+}
+
+impl Reviewed {
+    fn new(uid: &str, outcome: Outcome) -> Self {
+        Reviewed {
+            answer: Answer {
+                api_version: API_VERSION,
+                kind: KIND,
+                response: Response {
+                    uid: uid.to_string(),
+                    allowed: true,
+                    status: None,
+                    patch: None,
+                    patch_type: None,
+                    warnings: Vec::new(),
+                },
+            },
+            outcome,
+        }
+    }
 }
 
 pub fn review(body: &[u8], config: &Config) -> Result<Reviewed, ReviewError> {
@@ -49,16 +104,15 @@ pub fn review(body: &[u8], config: &Config) -> Result<Reviewed, ReviewError> {
                 return Err(ReviewError::NotAPod(pod_error));
             }
             tracing::warn!(kind = %request.kind.kind, "not a pod; allowed unchanged (check the webhook's rules)");
-            return Ok(answer(AdmissionResponse::from(&request), Outcome::Ignored));
+            return Ok(Reviewed::new(&request.uid, Outcome::Ignored));
         }
     };
     check_version(&review.types)?;
     let request = review.request.ok_or(ReviewError::NoRequest)?;
-    let response = AdmissionResponse::from(&request);
 
     let pod = match (&request.object, &request.operation, &request.sub_resource) {
         (Some(pod), Operation::Create, None) if is_pod(&request.kind) => pod,
-        _ => return Ok(answer(response, Outcome::Ignored)),
+        _ => return Ok(Reviewed::new(&request.uid, Outcome::Ignored)),
     };
     let namespace = request
         .namespace
@@ -75,34 +129,33 @@ pub fn review(body: &[u8], config: &Config) -> Result<Reviewed, ReviewError> {
     match inject(pod, &Target { namespace }, config) {
         Ok(Injection::Skip(reason)) => {
             tracing::debug!(ns = namespace, name, reason = reason.as_str(), "skipped");
-            Ok(answer(response, Outcome::Skipped))
+            Ok(Reviewed::new(&request.uid, Outcome::Skipped))
         }
         Ok(Injection::Patch { patch, warnings }) => {
             tracing::debug!(ns = namespace, name, "injected");
-            let mut response = response
-                .with_patch(patch)
-                .map_err(|e| ReviewError::Encode(e.to_string()))?;
-            if !warnings.is_empty() {
-                response.warnings = Some(warnings);
-            }
-            Ok(answer(response, Outcome::Patched))
+            let json =
+                serde_json::to_vec(&patch).map_err(|e| ReviewError::Encode(e.to_string()))?;
+            let mut reviewed = Reviewed::new(&request.uid, Outcome::Patched);
+            let response = &mut reviewed.answer.response;
+            response.patch = Some(BASE64.encode(json));
+            response.patch_type = Some("JSONPatch");
+            response.warnings = warnings;
+            Ok(reviewed)
         }
         Err(error) => {
             tracing::info!(ns = namespace, name, %error, "denied");
-            let mut response = response.deny(error.to_string());
+            let mut reviewed = Reviewed::new(&request.uid, Outcome::Denied);
+            let response = &mut reviewed.answer.response;
+            response.allowed = false;
             // Kubernetes' own code for a refused, invalid object.
-            response.result.status = Some(StatusSummary::Failure);
-            response.result.code = 422;
-            response.result.reason = "Invalid".into();
-            Ok(answer(response, Outcome::Denied))
+            response.status = Some(Status {
+                status: "Failure",
+                code: 422,
+                reason: "Invalid",
+                message: error.to_string(),
+            });
+            Ok(reviewed)
         }
-    }
-}
-
-fn answer(response: AdmissionResponse, outcome: Outcome) -> Reviewed {
-    Reviewed {
-        review: response.into_review(),
-        outcome,
     }
 }
 

@@ -166,11 +166,20 @@ pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injecti
     {
         new_annotations.push((keys::KUBECTL_DEFAULT_CONTAINER, json!(first.name)));
     }
-    patch.set_members(
-        &["metadata", "annotations"],
-        pod.metadata.annotations.is_some(),
-        new_annotations,
-    );
+    if pod.metadata == Default::default() {
+        // Nothing tells an empty `metadata` from a missing one: write it whole.
+        let annotations: serde_json::Map<String, Value> = new_annotations
+            .into_iter()
+            .map(|(key, value)| (key.to_string(), value))
+            .collect();
+        patch.set(&["metadata"], json!({ "annotations": annotations }));
+    } else {
+        patch.set_members(
+            &["metadata", "annotations"],
+            pod.metadata.annotations.is_some(),
+            new_annotations,
+        );
+    }
 
     let container = to_json(&sidecar::container(config, mode, dns.upstream));
     match mode {

@@ -83,7 +83,7 @@ async fn mutate(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
     };
     match admission::review(&body, &state.config) {
         Ok(reviewed) => {
-            let json = serde_json::to_vec(&reviewed.review);
+            let json = serde_json::to_vec(&reviewed.answer);
             state.metrics.observe(reviewed.outcome, start.elapsed());
             match json {
                 Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
@@ -147,7 +147,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stopped(&mut shutdown) => break,
         };
         let acceptor = acceptor.clone();
         let builder = builder.clone();
@@ -193,7 +193,7 @@ pub async fn reload_certificates(
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = stopped(&mut shutdown) => return,
         }
         match reloader.reload_if_changed() {
             Ok(false) => {}
@@ -207,4 +207,9 @@ pub async fn reload_certificates(
             }
         }
     }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone), holding no guard across awaits.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }

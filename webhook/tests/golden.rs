@@ -3,6 +3,9 @@
 //! notes and warnings included. `UPDATE_GOLDEN=1 cargo test --test golden` rewrites the expected
 //! files; review the diff before committing it.
 
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use servicekeel_webhook::config::Config;

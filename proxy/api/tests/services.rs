@@ -1,5 +1,8 @@
 //! Parsing and validation of the service list, table-driven, plus the original design examples.
 
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 
 use servicekeel_api::keys::Direction;

@@ -1,0 +1,424 @@
+//! The webhook over real HTTPS, in process: AdmissionReview JSON as the kube-apiserver sends it,
+//! the returned JSON Patch applied to the pod, denials, malformed and oversized bodies, and a
+//! certificate rotated while requests are in flight.
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::{Value, json};
+use servicekeel_webhook::config::Config;
+use support::{TestCa, TestServer, write_pair};
+
+fn review_fixture() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/review-create-pod.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+struct Started {
+    server: TestServer,
+    ca: TestCa,
+    dir: tempfile::TempDir,
+}
+
+async fn start() -> Started {
+    let ca = TestCa::new("servicekeel test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = write_pair(dir.path(), &ca.issue("webhook-1"));
+    let config = Config::from_yaml("clusterName: cluster-a").unwrap();
+    let server = TestServer::start(&cert, &key, config).await;
+    Started { server, ca, dir }
+}
+
+async fn post(client: &reqwest::Client, server: &TestServer, body: Vec<u8>) -> (u16, String) {
+    let response = client
+        .post(server.url("/mutate"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+/// Applies the answer's patch to the request's pod.
+fn patched_pod(review: &Value, answer: &Value) -> Value {
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    let patch = BASE64
+        .decode(
+            answer["response"]["patch"]
+                .as_str()
+                .expect("patch is base64"),
+        )
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).expect("the patch applies to the pod it was made for");
+    pod
+}
+
+#[tokio::test]
+async fn a_pod_review_is_answered_with_a_patch_that_injects_the_sidecar() {
+    let Started { server, ca, .. } = start().await;
+    let review = review_fixture();
+    let (status, body) = post(
+        &ca.http_client(true),
+        &server,
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(answer["response"]["allowed"], true);
+
+    let pod = patched_pod(&review, &answer);
+    let init = &pod["spec"]["initContainers"];
+    assert_eq!(init[0]["name"], "servicekeel-proxy");
+    assert_eq!(init[0]["restartPolicy"], "Always");
+    assert_eq!(pod["spec"]["containers"][0]["name"], "checkout");
+    assert_eq!(pod["spec"]["dnsPolicy"], "None");
+    assert_eq!(
+        pod["spec"]["dnsConfig"]["searches"][0],
+        "shop.svc.cluster.local"
+    );
+    let volumes: Vec<&str> = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        volumes,
+        [
+            "kube-api-access-x7k2p",
+            "servicekeel-podinfo",
+            "servicekeel-router"
+        ]
+    );
+    assert_eq!(
+        pod["spec"]["securityContext"]["sysctls"],
+        json!([{"name": "net.ipv4.ip_unprivileged_port_start", "value": "53"}])
+    );
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(
+        annotations["servicekeel.io/imported-services"],
+        r#"{"services":[{"name":"payments","ports":[{"name":"grpc","port":9000,"targetPort":9000,"protocol":"TCP"}]},{"name":"stats","cluster":"cluster-b.local","ports":[{"port":8125,"protocol":"UDP"}]}]}"#
+    );
+    assert!(
+        annotations["servicekeel.io/status"]
+            .as_str()
+            .unwrap()
+            .contains("native")
+    );
+
+    // The injected pod, reviewed again (as with reinvocationPolicy: IfNeeded), gets no patch.
+    let mut again = review.clone();
+    again["request"]["object"] = pod;
+    let (status, body) = post(
+        &ca.http_client(true),
+        &server,
+        serde_json::to_vec(&again).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+}
+
+#[tokio::test]
+async fn an_invalid_annotation_is_denied_with_the_field_named() {
+    let Started { server, ca, .. } = start().await;
+    let mut review = review_fixture();
+    review["request"]["object"]["metadata"]["annotations"]["servicekeel.io/imported-services"] = json!(
+        "services:\n  - name: payments\n    ports:\n      - port: 9000\n        protocol: SCTP\n"
+    );
+    let (status, body) = post(
+        &ca.http_client(true),
+        &server,
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "a denial is a successful review");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 422);
+    assert_eq!(
+        answer["response"]["status"]["message"],
+        r#"servicekeel.io/imported-services: services[0].ports[0].protocol: "SCTP" is not supported (TCP or UDP)"#
+    );
+    assert!(answer["response"].get("patch").is_none());
+}
+
+#[tokio::test]
+async fn requests_that_are_not_pod_creations_are_allowed_unchanged() {
+    let Started { server, ca, .. } = start().await;
+    let client = ca.http_client(true);
+    let mut update = review_fixture();
+    update["request"]["operation"] = json!("UPDATE");
+    update["request"]["oldObject"] = update["request"]["object"].clone();
+    let mut deployment = review_fixture();
+    deployment["request"]["kind"] = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    deployment["request"]["object"] = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"selector": {}, "template": {}}});
+    for review in [update, deployment] {
+        let (status, body) = post(&client, &server, serde_json::to_vec(&review).unwrap()).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("patch").is_none());
+    }
+}
+
+#[tokio::test]
+async fn malformed_reviews_get_400_and_oversized_bodies_413() {
+    let Started { server, ca, .. } = start().await;
+    let client = ca.http_client(true);
+    let mut no_request = review_fixture();
+    no_request.as_object_mut().unwrap().remove("request");
+    let mut old_version = review_fixture();
+    old_version["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let mut not_a_pod = review_fixture();
+    not_a_pod["request"]["object"]["spec"]["containers"] = json!("many");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "not JSON",
+            b"hello".to_vec(),
+            "body is not a JSON AdmissionReview",
+        ),
+        (
+            "truncated",
+            serde_json::to_vec(&review_fixture()).unwrap()[..200].to_vec(),
+            "body is not a JSON AdmissionReview",
+        ),
+        (
+            "no request",
+            serde_json::to_vec(&no_request).unwrap(),
+            "AdmissionReview has no request",
+        ),
+        (
+            "v1beta1",
+            serde_json::to_vec(&old_version).unwrap(),
+            "expected admission.k8s.io/v1 AdmissionReview",
+        ),
+        (
+            "pod of the wrong shape",
+            serde_json::to_vec(&not_a_pod).unwrap(),
+            "request.object is not a valid Pod",
+        ),
+        (
+            "binary garbage",
+            vec![0xff, 0x00, 0x9c, 0x7b],
+            "body is not a JSON AdmissionReview",
+        ),
+    ];
+    for (what, body, expected) in cases {
+        let (status, text) = post(&client, &server, body).await;
+        assert_eq!(status, 400, "{what}: {text}");
+        assert!(
+            text.contains(expected),
+            "{what}: {text:?} lacks {expected:?}"
+        );
+    }
+
+    let oversized = vec![b' '; 1024 * 1024 + 1];
+    let (status, _) = post(&client, &server, oversized).await;
+    assert_eq!(status, 413);
+    // Exactly at the limit is read (and, being blank, is malformed).
+    let (status, _) = post(&client, &server, vec![b' '; 1024 * 1024]).await;
+    assert_eq!(status, 400);
+
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"servicekeel_webhook_admission_requests_total{outcome="invalid"} 8"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("servicekeel_webhook_admission_duration_seconds_bucket"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let Started { server, ca, .. } = start().await;
+    let client = ca.http_client(true);
+    for path in ["/healthz", "/readyz"] {
+        let response = client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let response = client.get(server.url("/mutate")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
+}
+
+#[tokio::test]
+async fn plain_http_and_untrusted_clients_are_refused() {
+    let Started { server, .. } = start().await;
+    // Plain HTTP on the TLS port: never an HTTP answer.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut reply)).await;
+    assert!(
+        !reply.starts_with(b"HTTP/"),
+        "plain HTTP was answered: {reply:?}"
+    );
+    let stranger = TestCa::new("another CA");
+    let result = stranger
+        .http_client(true)
+        .get(server.url("/healthz"))
+        .send()
+        .await;
+    assert!(
+        result.is_err(),
+        "a client not trusting our CA must fail the handshake"
+    );
+}
+
+#[tokio::test]
+async fn certificate_rotation_under_load_loses_no_request() {
+    let Started { server, ca, dir } = start().await;
+    let server = Arc::new(server);
+    let body = serde_json::to_vec(&review_fixture()).unwrap();
+    let first = server.served_certificate(&ca).await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    // Keep-alive clients hold connections across the rotation; the others handshake every time.
+    for pooled in [true, true, false, false] {
+        let (client, server, body) = (ca.http_client(pooled), server.clone(), body.clone());
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match client
+                    .post(server.url("/mutate"))
+                    .body(body.clone())
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => {
+                        let answer: Value = r.json().await.unwrap();
+                        assert_eq!(answer["response"]["allowed"], true);
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(r) => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failed.lock().unwrap().push(format!("{e:?}")),
+                }
+            }
+        }));
+    }
+
+    let mut served = vec![first];
+    for round in 2..=4 {
+        // Let some requests through on the current certificate before replacing it.
+        let before = ok.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ok.load(Ordering::SeqCst) < before + 20 && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let pair = ca.issue(&format!("webhook-{round}"));
+        write_pair(dir.path(), &pair);
+        assert!(
+            server.reloader.reload_if_changed().unwrap(),
+            "round {round}: new pair taken"
+        );
+        let now = server.served_certificate(&ca).await;
+        assert_eq!(
+            now, pair.der,
+            "round {round}: new connections get the new certificate"
+        );
+        served.push(now);
+    }
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "requests lost during rotation: {failed:?}"
+    );
+    assert!(
+        ok.load(Ordering::SeqCst) >= 60,
+        "load was applied throughout"
+    );
+    served.dedup();
+    assert_eq!(served.len(), 4, "four distinct certificates were served");
+}
+
+#[tokio::test]
+async fn a_bad_new_pair_keeps_the_current_certificate() {
+    let Started { server, ca, dir } = start().await;
+    let current = server.served_certificate(&ca).await;
+    // A key that does not belong to the certificate, as when only one file was replaced.
+    let other = ca.issue("other");
+    std::fs::write(dir.path().join("tls.key"), &other.key_pem).unwrap();
+    let error = server
+        .reloader
+        .reload_if_changed()
+        .expect_err("mismatch refused");
+    assert!(
+        error
+            .to_string()
+            .contains("does not belong to the certificate"),
+        "{error}"
+    );
+    std::fs::write(dir.path().join("tls.crt"), "not a certificate").unwrap();
+    assert!(server.reloader.reload_if_changed().is_err());
+    assert_eq!(server.served_certificate(&ca).await, current);
+    let (status, _) = post(
+        &ca.http_client(false),
+        &server,
+        serde_json::to_vec(&review_fixture()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Completing the pair is picked up.
+    write_pair(dir.path(), &other);
+    assert!(server.reloader.reload_if_changed().unwrap());
+    assert_eq!(server.served_certificate(&ca).await, other.der);
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_open_connection_finish_its_request() {
+    let Started { server, ca, .. } = start().await;
+    let client = ca.http_client(true);
+    let body = serde_json::to_vec(&review_fixture()).unwrap();
+    let (status, _) = post(&client, &server, body.clone()).await;
+    assert_eq!(status, 200);
+    let addr = server.addr;
+    server.shutdown().await;
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "no new connections after shutdown");
+}
