@@ -62,13 +62,7 @@ impl TestCa {
 
     /// A TLS client config trusting only this CA.
     pub fn client_config(&self) -> rustls::ClientConfig {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.cert.clone()).unwrap();
-        rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth()
+        client_trusting(self.cert.clone())
     }
 
     /// An HTTPS client trusting only this CA; `pooled: false` opens a connection per request.
@@ -81,6 +75,17 @@ impl TestCa {
         }
         builder.build().unwrap()
     }
+}
+
+/// A TLS client config trusting only `ca`.
+pub fn client_trusting(ca: CertificateDer<'static>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }
 
 pub fn write_pair(dir: &Path, pair: &ServingPair) -> (PathBuf, PathBuf) {
@@ -141,12 +146,23 @@ impl TestServer {
 
     /// The certificate a fresh TLS connection is served.
     pub async fn served_certificate(&self, ca: &TestCa) -> CertificateDer<'static> {
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(ca.client_config()));
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = connector.connect(name, tcp).await.expect("handshake");
+        self.handshake(ca.client_config(), "localhost")
+            .await
+            .expect("handshake")
+    }
+
+    /// A TLS handshake as `client` would make it to `server_name`; the served certificate.
+    pub async fn handshake(
+        &self,
+        client: rustls::ClientConfig,
+        server_name: &str,
+    ) -> std::io::Result<CertificateDer<'static>> {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+        let tls = connector.connect(name, tcp).await?;
         let (_, session) = tls.get_ref();
-        session.peer_certificates().unwrap()[0].clone()
+        Ok(session.peer_certificates().unwrap()[0].clone())
     }
 }
 
