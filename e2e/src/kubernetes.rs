@@ -1,0 +1,140 @@
+//! Kubernetes binaries built from the Kubernetes Go modules, through the Go module proxy.
+//!
+//! `e2e/kube/go.mod` (written by `update-go-mod.sh`) pins the release; it is the one place the
+//! version is named. Binaries are built into `<cache>/kubernetes-<version>/` outside the
+//! checkout and reused until missing; a lock file keeps two runs from building at once.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::paths;
+use crate::process::log_tail;
+
+/// The control plane and node commands this project builds.
+pub const APISERVER: &str = "kube-apiserver";
+pub const CONTROLLER_MANAGER: &str = "kube-controller-manager";
+pub const SCHEDULER: &str = "kube-scheduler";
+pub const KUBELET: &str = "kubelet";
+
+#[derive(Debug, Clone)]
+pub struct KubeBinaries {
+    version: String,
+    dir: PathBuf,
+}
+
+impl KubeBinaries {
+    /// The pinned release, read from `e2e/kube/go.mod`.
+    pub fn pinned_version() -> anyhow::Result<String> {
+        let go_mod = paths::kube_module().join("go.mod");
+        let text = std::fs::read_to_string(&go_mod)
+            .with_context(|| format!("cannot read {}", go_mod.display()))?;
+        text.lines()
+            .find_map(|line| {
+                let line = line.trim().trim_start_matches("require").trim();
+                line.strip_prefix("k8s.io/kubernetes ")
+                    .map(|version| version.trim().to_string())
+            })
+            .with_context(|| format!("{} does not require k8s.io/kubernetes", go_mod.display()))
+    }
+
+    /// The binaries named, built first where missing.
+    pub fn ensure(names: &[&str]) -> anyhow::Result<KubeBinaries> {
+        let version = Self::pinned_version()?;
+        let dir = paths::cache_dir()?.join(format!("kubernetes-{version}"));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let binaries = KubeBinaries { version, dir };
+        if names.iter().all(|name| binaries.path(name).exists()) {
+            return Ok(binaries);
+        }
+        let lock = File::create(binaries.dir.join(".lock"))?;
+        lock.lock()
+            .context("cannot lock the Kubernetes build directory")?;
+        for name in names {
+            if !binaries.path(name).exists() {
+                binaries.build(name)?;
+            }
+        }
+        Ok(binaries)
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn build(&self, name: &str) -> anyhow::Result<()> {
+        let go = which_go()?;
+        let log_path = self.dir.join(format!("{name}.build.log"));
+        let log = File::create(&log_path)?;
+        let partial = self.dir.join(format!("{name}.partial"));
+        let minor = self
+            .version
+            .trim_start_matches('v')
+            .split('.')
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        let mut ldflags = vec!["-s".to_string(), "-w".to_string()];
+        for package in [
+            "k8s.io/component-base/version",
+            "k8s.io/client-go/pkg/version",
+        ] {
+            ldflags.push(format!("-X {package}.gitVersion={}", self.version));
+            ldflags.push(format!("-X {package}.gitMajor=1"));
+            ldflags.push(format!("-X {package}.gitMinor={minor}"));
+            ldflags.push(format!("-X {package}.gitTreeState=clean"));
+        }
+        tracing::info!(
+            binary = name,
+            version = %self.version,
+            log = %log_path.display(),
+            "building from the Kubernetes Go modules (the first build takes several minutes)"
+        );
+        let status = Command::new(&go)
+            .current_dir(paths::kube_module())
+            .env("CGO_ENABLED", "0")
+            .env("GOFLAGS", "-mod=readonly")
+            .args(["build", "-trimpath", "-ldflags", &ldflags.join(" "), "-o"])
+            .arg(&partial)
+            .arg(format!("k8s.io/kubernetes/cmd/{name}"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .with_context(|| format!("cannot run {}", go.display()))?;
+        if !status.success() {
+            bail!(
+                "building {name} {} failed ({status}); the end of {}:\n{}",
+                self.version,
+                log_path.display(),
+                log_tail(&log_path, 30)
+            );
+        }
+        std::fs::rename(&partial, self.path(name))?;
+        Ok(())
+    }
+}
+
+fn which_go() -> anyhow::Result<PathBuf> {
+    let output = Command::new("go").arg("version").output();
+    match output {
+        Ok(output) if output.status.success() => Ok(PathBuf::from("go")),
+        _ => bail!(
+            "Go is needed to build the Kubernetes binaries (go version 1.24 or newer on the PATH); \
+             none was found"
+        ),
+    }
+}
+
+/// Whether `path` is an executable file.
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

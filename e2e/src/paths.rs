@@ -1,0 +1,63 @@
+//! Where things are: the checkout, the cache outside it, the binaries of this workspace, kubectl.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use crate::kubernetes::is_executable;
+
+/// The repository checkout this crate was built from.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ sits in the repository")
+        .to_path_buf()
+}
+
+/// The Go module that builds Kubernetes.
+pub fn kube_module() -> PathBuf {
+    repo().join("e2e/kube")
+}
+
+/// `$SERVICEKEEL_CACHE`, else `$XDG_CACHE_HOME/servicekeel`, else `~/.cache/servicekeel`.
+pub fn cache_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("SERVICEKEEL_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("servicekeel"));
+    }
+    let home = std::env::var_os("HOME").context("neither SERVICEKEEL_CACHE nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache/servicekeel"))
+}
+
+/// A binary of this workspace (`servicekeel-webhook`, ...), from the target directory the
+/// running program was built into.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the running program")?;
+    // target/<profile>/servicekeel-e2e, or target/<profile>/deps/<test>-<hash>.
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} is not built next to {}: run `cargo build -p {name}` first",
+        exe.display()
+    )
+}
+
+/// kubectl: `$KUBECTL`, else the 1.33 build if installed beside the default one, else `kubectl`.
+pub fn kubectl() -> PathBuf {
+    if let Some(path) = std::env::var_os("KUBECTL") {
+        return PathBuf::from(path);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.push(PathBuf::from("/usr/lib/google-cloud-sdk/bin"));
+    dirs.into_iter()
+        .map(|dir| dir.join("kubectl.1.33"))
+        .find(|candidate| is_executable(candidate))
+        .unwrap_or_else(|| PathBuf::from("kubectl"))
+}

@@ -1,0 +1,194 @@
+//! The local cluster's certificates, made with rcgen: one CA for everything, the apiserver's
+//! serving certificate, an admin client certificate (`system:masters`), the service-account
+//! signing keys and the webhook's serving certificate. Files are written under the cluster's
+//! directory with private keys readable by the owner only.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+#[derive(Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_pem: String,
+}
+
+/// Paths of a certificate and its key.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// Creates the CA and every certificate the control plane needs in `dir`.
+    pub fn create(dir: &Path) -> anyhow::Result<Pki> {
+        std::fs::create_dir_all(dir)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "servicekeel-e2e-ca");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        write(&dir.join("ca.crt"), &cert.pem(), false)?;
+        write(&dir.join("ca.key"), &key.serialize_pem(), true)?;
+        let issuer = Issuer::new(params, key);
+
+        let mut apiserver_names: Vec<SanType> = [
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ]
+        .into_iter()
+        .map(|n| SanType::DnsName(n.try_into().expect("valid DNS name")))
+        .collect();
+        apiserver_names.push(ip("127.0.0.1"));
+        apiserver_names.push(ip("10.96.0.1"));
+        issue(
+            dir,
+            "apiserver",
+            &issuer,
+            "kube-apiserver",
+            None,
+            apiserver_names,
+            true,
+        )?;
+        issue(
+            dir,
+            "admin",
+            &issuer,
+            "servicekeel-admin",
+            Some("system:masters"),
+            vec![],
+            false,
+        )?;
+        issue(
+            dir,
+            "webhook",
+            &issuer,
+            "servicekeel-webhook",
+            None,
+            vec![ip("127.0.0.1")],
+            true,
+        )?;
+
+        let service_accounts = KeyPair::generate()?;
+        write(&dir.join("sa.key"), &service_accounts.serialize_pem(), true)?;
+        write(
+            &dir.join("sa.pub"),
+            &service_accounts.public_key_pem(),
+            false,
+        )?;
+
+        Ok(Pki {
+            dir: dir.to_owned(),
+            ca_pem: cert.pem(),
+        })
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    pub fn pair(&self, name: &str) -> Pair {
+        Pair {
+            cert: self.dir.join(format!("{name}.crt")),
+            key: self.dir.join(format!("{name}.key")),
+        }
+    }
+
+    pub fn ca_bundle(&self) -> String {
+        BASE64.encode(&self.ca_pem)
+    }
+
+    /// A kubeconfig for the admin user against `server`.
+    pub fn kubeconfig(&self, server: &str) -> anyhow::Result<String> {
+        let admin = self.pair("admin");
+        let read = |path: &Path| -> anyhow::Result<String> {
+            Ok(BASE64.encode(std::fs::read(path).with_context(|| path.display().to_string())?))
+        };
+        Ok(format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+  - name: servicekeel-e2e
+    cluster:
+      server: {server}
+      certificate-authority-data: {ca}
+users:
+  - name: admin
+    user:
+      client-certificate-data: {cert}
+      client-key-data: {key}
+contexts:
+  - name: servicekeel-e2e
+    context:
+      cluster: servicekeel-e2e
+      user: admin
+current-context: servicekeel-e2e
+",
+            ca = BASE64.encode(&self.ca_pem),
+            cert = read(&admin.cert)?,
+            key = read(&admin.key)?,
+        ))
+    }
+}
+
+fn ip(text: &str) -> SanType {
+    SanType::IpAddress(text.parse::<IpAddr>().expect("valid IP"))
+}
+
+fn issue(
+    dir: &Path,
+    name: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    common_name: &str,
+    organization: Option<&str>,
+    names: Vec<SanType>,
+    server: bool,
+) -> anyhow::Result<()> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    if let Some(organization) = organization {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, organization);
+    }
+    params.subject_alt_names = names;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![if server {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    write(&dir.join(format!("{name}.crt")), &cert.pem(), false)?;
+    write(&dir.join(format!("{name}.key")), &key.serialize_pem(), true)?;
+    Ok(())
+}
+
+fn write(path: &Path, contents: &str, private: bool) -> anyhow::Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))?;
+    if private {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}

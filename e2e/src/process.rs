@@ -1,0 +1,226 @@
+//! Child processes of the local cluster. Each writes its output to its own log file, is stopped
+//! (SIGTERM, then SIGKILL) when dropped, and can be tied to this process so that it dies with it
+//! even when this process is killed: tests must never leave a control plane behind.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rustix::process::{Pid, Signal, kill_process};
+
+/// How long a process gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether a child outlives this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Killed by the kernel when this process ends, however it ends (tests).
+    TiedToThisProcess,
+    /// Keeps running after this process exits, in its own process group (`servicekeel-e2e up`).
+    Detached,
+}
+
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+        lifetime: Lifetime,
+    ) -> anyhow::Result<Process> {
+        let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut command = match lifetime {
+            // The parent-death signal fires when the spawning *thread* ends, so tied children are
+            // spawned from one thread that lives as long as the process.
+            Lifetime::TiedToThisProcess => {
+                let mut command = Command::new("setpriv");
+                command.args(["--pdeathsig", "KILL", "--"]).arg(program);
+                command
+            }
+            Lifetime::Detached => {
+                let mut command = Command::new(program);
+                command.process_group(0);
+                command
+            }
+        };
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = match lifetime {
+            Lifetime::TiedToThisProcess => spawn_from_keeper(command),
+            Lifetime::Detached => command.spawn(),
+        }
+        .with_context(|| format!("cannot start {name} ({})", program.display()))?;
+        Ok(Process {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Fails, with the end of the log, when the process has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("{} is not running", self.name);
+        };
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{} exited ({status}); the end of its log {}:\n{}",
+                self.name,
+                self.log.display(),
+                log_tail(&self.log, 40)
+            );
+        }
+        Ok(())
+    }
+
+    /// Leaves the process running and forgets it; returns its pid.
+    pub fn detach(mut self) -> Option<u32> {
+        self.child.take().map(|child| child.id())
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period; waits for it to exit.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = Pid::from_raw(child.id() as i32) {
+            let _ = kill_process(pid, Signal::TERM);
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Stops a process started by an earlier `servicekeel-e2e up`, if `pid` is still the program
+/// named `program` (a pid can be reused). Returns whether it was running.
+pub fn stop_pid(pid: u32, program: &str) -> bool {
+    if !is_running(pid, program) {
+        return false;
+    }
+    let Some(raw) = Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    let _ = kill_process(raw, Signal::TERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline && is_running(pid, program) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if is_running(pid, program) {
+        let _ = kill_process(raw, Signal::KILL);
+    }
+    true
+}
+
+/// Whether `pid` is alive and runs `program` (matched against its command line).
+pub fn is_running(pid: u32, program: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie has exited already.
+    let zombie = status
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    !zombie && String::from_utf8_lossy(&cmdline).contains(program)
+}
+
+/// The last `lines` lines of a log file.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    const WINDOW: u64 = 64 * 1024;
+    let Ok(mut file) = File::open(path) else {
+        return format!("(no log at {})", path.display());
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)));
+    let mut text = String::new();
+    let mut bytes = Vec::new();
+    if file.read_to_end(&mut bytes).is_ok() {
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `command` from the keeper thread, which lives until the process exits.
+fn spawn_from_keeper(command: Command) -> std::io::Result<Child> {
+    static KEEPER: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("process-keeper".into())
+            .spawn(move || {
+                for (mut command, reply) in incoming {
+                    let _ = reply.send(command.spawn());
+                }
+                // The senders live in a static, so this point is never reached before exit.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("cannot start the process keeper thread");
+        requests
+    });
+    let (reply, answer) = mpsc::channel();
+    keeper
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("process keeper thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("process keeper thread is gone"))?
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Arguments as the `OsString`s `Process::spawn` takes.
+pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(items: I) -> Vec<OsString> {
+    items.into_iter().map(Into::into).collect()
+}

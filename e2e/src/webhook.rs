@@ -1,0 +1,181 @@
+//! The real `servicekeel-webhook` binary serving the local cluster, registered with the
+//! MutatingWebhookConfiguration from `manifests/` (clientConfig switched to the loopback URL,
+//! caBundle filled in), so the tests exercise the configuration users apply.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use servicekeel_api::{defaults, keys};
+
+use crate::paths;
+use crate::pki::Pki;
+use crate::process::{Lifetime, Process, args};
+
+pub const WEBHOOK_BINARY: &str = "servicekeel-webhook";
+/// Namespace used to check that the apiserver calls the webhook.
+const PROBE_NAMESPACE: &str = "servicekeel-e2e-probe";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts the webhook on 127.0.0.1:`port` with the shipped config file.
+pub async fn start(
+    dir: &Path,
+    pki: &Pki,
+    port: u16,
+    lifetime: Lifetime,
+) -> anyhow::Result<Process> {
+    let binary = paths::workspace_binary(WEBHOOK_BINARY)?;
+    let pair = pki.pair("webhook");
+    let mut process = Process::spawn(
+        WEBHOOK_BINARY,
+        &binary,
+        &args([
+            "serve".to_string(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--tls-cert-file={}", pair.cert.display()),
+            format!("--tls-key-file={}", pair.key.display()),
+            format!(
+                "--config={}",
+                paths::repo().join("manifests/config.yaml").display()
+            ),
+            "--drain-timeout=5s".into(),
+        ]),
+        &dir.join("servicekeel-webhook.log"),
+        lifetime,
+    )?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        process.check_running()?;
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(process);
+        }
+        if Instant::now() > deadline {
+            bail!("{WEBHOOK_BINARY} did not listen on 127.0.0.1:{port} within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The MutatingWebhookConfiguration of `manifests/`, as `kubectl kustomize` renders it.
+pub fn manifest_configuration() -> anyhow::Result<Value> {
+    let kubectl = paths::kubectl();
+    let output = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(paths::repo().join("manifests"))
+        .output()
+        .with_context(|| format!("cannot run {} (set KUBECTL)", kubectl.display()))?;
+    if !output.status.success() {
+        bail!(
+            "kubectl kustomize manifests/ failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8(output.stdout)?;
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value: Value = serde::Deserialize::deserialize(document)?;
+        if value["kind"] == "MutatingWebhookConfiguration" {
+            return Ok(value);
+        }
+    }
+    bail!("manifests/ has no MutatingWebhookConfiguration")
+}
+
+/// Registers the manifests' configuration, pointed at `url`, trusting the local CA; then waits
+/// until the apiserver actually sends pods to the webhook.
+pub async fn register(client: &kube::Client, pki: &Pki, url: &str) -> anyhow::Result<()> {
+    let mut configuration = manifest_configuration()?;
+    for webhook in configuration["webhooks"]
+        .as_array_mut()
+        .context("webhooks must be a list")?
+    {
+        webhook["clientConfig"] = json!({ "url": url, "caBundle": pki.ca_bundle() });
+    }
+    let name = configuration["metadata"]["name"]
+        .as_str()
+        .context("the configuration has no name")?
+        .to_string();
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    api.patch(
+        &name,
+        &PatchParams::apply("servicekeel-e2e").force(),
+        &Patch::Apply(&configuration),
+    )
+    .await
+    .with_context(|| format!("cannot register MutatingWebhookConfiguration {name}"))?;
+    wait_until_called(client).await
+}
+
+/// Dry-run pod creations in a labelled namespace until one comes back injected: the apiserver
+/// picks up a new webhook configuration asynchronously.
+async fn wait_until_called(client: &kube::Client) -> anyhow::Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(PROBE_NAMESPACE.into()),
+            labels: Some(
+                [(
+                    keys::NAMESPACE_INJECT_LABEL.to_string(),
+                    keys::NAMESPACE_INJECT_ENABLED.to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    namespaces
+        .patch(
+            PROBE_NAMESPACE,
+            &PatchParams::apply("servicekeel-e2e").force(),
+            &Patch::Apply(&namespace),
+        )
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), PROBE_NAMESPACE);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "probe-"},
+        "spec": {"containers": [{"name": "probe", "image": "probe"}]}
+    }))?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut last;
+    loop {
+        match pods
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &pod,
+            )
+            .await
+        {
+            Ok(created) if is_injected(&created) => return Ok(()),
+            Ok(_) => last = "pod admitted without the sidecar".into(),
+            Err(error) => last = error.to_string(),
+        }
+        if Instant::now() > deadline {
+            bail!("the apiserver did not call the webhook within {READY_TIMEOUT:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether the pod carries the sidecar.
+pub fn is_injected(pod: &Pod) -> bool {
+    pod.spec.iter().any(|spec| {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .any(|c| c.name == defaults::SIDECAR_CONTAINER)
+    })
+}

@@ -1,0 +1,608 @@
+//! The webhook through a real kube-apiserver. One local control plane (etcd, kube-apiserver,
+//! the real webhook binary registered from `manifests/`) serves every test; each test works in
+//! its own namespace. The apiserver decides what an AdmissionReview looks like, applies the
+//! patch and validates the resulting pod, so what is checked here is what a cluster stores.
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, bail, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ObjectMeta, PostParams};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::{Value, json};
+use servicekeel_e2e::cluster::LocalCluster;
+use servicekeel_e2e::paths;
+use servicekeel_e2e::process::Lifetime;
+use servicekeel_e2e::webhook::is_injected;
+use servicekeel_webhook::config::Config;
+use servicekeel_webhook::offline::inject_documents;
+use tokio::sync::RwLock;
+
+struct Shared {
+    cluster: RwLock<LocalCluster>,
+    client: kube::Client,
+    kubeconfig: PathBuf,
+    runtime: tokio::runtime::Handle,
+}
+
+type TestFn = fn(Arc<Shared>) -> futures_lite::BoxedFuture;
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "warn,servicekeel_e2e=info,kube_client=off",
+        ))
+        .with_test_writer()
+        .init();
+    let tests: Vec<(&str, TestFn)> = vec![
+        (
+            "injected_pods_are_stored_as_offline_injection_predicts",
+            |s| Box::pin(golden_pods_are_stored_as_predicted(s)),
+        ),
+        (
+            "injected_workload_templates_pass_apiserver_validation",
+            |s| Box::pin(golden_workloads_validate(s)),
+        ),
+        ("pods_outside_scope_are_stored_untouched", |s| {
+            Box::pin(pods_outside_scope_are_untouched(s))
+        }),
+        ("invalid_annotation_is_refused_naming_the_field", |s| {
+            Box::pin(invalid_annotation_is_refused(s))
+        }),
+        ("kubectl_apply_stores_the_injected_pod", |s| {
+            Box::pin(kubectl_apply_injects(s))
+        }),
+        ("server_side_dry_run_injects_without_storing", |s| {
+            Box::pin(server_side_dry_run(s))
+        }),
+        (
+            "webhook_outage_fails_closed_only_where_injection_is_on",
+            |s| Box::pin(webhook_outage(s)),
+        ),
+    ];
+    if args.list {
+        let trials = tests
+            .into_iter()
+            .map(|(name, _)| Trial::test(name, || Ok(())))
+            .collect();
+        return libtest_mimic::run(&args, trials).exit_code();
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("servicekeel-e2e-{}", std::process::id()));
+    let started = runtime.block_on(async {
+        let cluster = LocalCluster::start(&dir, Lifetime::TiedToThisProcess).await?;
+        let client = cluster.client().await?;
+        Ok::<_, anyhow::Error>((cluster, client))
+    });
+    let (cluster, client) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            eprintln!("cannot start the local control plane: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shared = Arc::new(Shared {
+        kubeconfig: cluster.kubeconfig().to_owned(),
+        cluster: RwLock::new(cluster),
+        client,
+        runtime: runtime.handle().clone(),
+    });
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let shared = shared.clone();
+            Trial::test(name, move || {
+                let handle = shared.runtime.clone();
+                handle
+                    .block_on(test(shared.clone()))
+                    .map_err(|error| Failed::from(format!("{error:#}")))
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Stop the control plane before the runtime goes, then remove its files.
+    drop(shared);
+    drop(runtime);
+    let _ = std::fs::remove_dir_all(&dir);
+    conclusion.exit_code()
+}
+
+/// Boxed futures without pulling in a futures crate.
+mod futures_lite {
+    pub type BoxedFuture =
+        std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+}
+
+// ---- helpers ----
+
+static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh namespace, labelled for injection or not.
+async fn namespace(client: &kube::Client, prefix: &str, inject: bool) -> anyhow::Result<String> {
+    let name = format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NAMESPACES.fetch_add(1, Ordering::SeqCst)
+    );
+    let labels: BTreeMap<String, String> = if inject {
+        [("servicekeel.io/inject".to_string(), "enabled".to_string())].into()
+    } else {
+        BTreeMap::new()
+    };
+    create_namespace(client, &name, labels).await?;
+    Ok(name)
+}
+
+async fn create_namespace(
+    client: &kube::Client,
+    name: &str,
+    labels: BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match namespaces.create(&PostParams::default(), &namespace).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn shipped_config() -> Config {
+    Config::load(&paths::repo().join("manifests/config.yaml")).unwrap()
+}
+
+fn golden_inputs() -> Vec<PathBuf> {
+    let dir = paths::repo().join("webhook/tests/golden/input");
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    inputs.sort();
+    inputs
+}
+
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// Every field of `expected` is in `actual` with the same value (arrays element by element);
+/// what the apiserver adds by defaulting is ignored.
+fn differences(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => {
+            for (key, value) in e {
+                match a.get(key) {
+                    Some(stored) => differences(value, stored, &format!("{path}/{key}"), out),
+                    None if value.is_null() => {}
+                    None => out.push(format!("{path}/{key}: missing from the stored object")),
+                }
+            }
+        }
+        (Value::Array(e), Value::Array(a)) if e.len() == a.len() => {
+            for (index, (value, stored)) in e.iter().zip(a).enumerate() {
+                differences(value, stored, &format!("{path}/{index}"), out);
+            }
+        }
+        _ if expected == actual => {}
+        _ => out.push(format!("{path}: expected {expected}, stored {actual}")),
+    }
+}
+
+fn kubectl(
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<(bool, String, String)> {
+    let mut child = Command::new(paths::kubectl())
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run kubectl")?;
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+fn pod_value(pod: &Pod) -> Value {
+    serde_json::to_value(pod).unwrap()
+}
+
+// ---- tests ----
+
+/// Every pod of the golden spread, created in a labelled namespace, is stored exactly as the
+/// offline injection (the same pure function) predicts, or refused as it predicts.
+async fn golden_pods_are_stored_as_predicted(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let _cluster = shared.cluster.read().await;
+    let client = &shared.client;
+    let ns = namespace(client, "golden", true).await?;
+    let config = shipped_config();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut checked = 0;
+    for input in golden_inputs() {
+        let text = std::fs::read_to_string(&input)?;
+        for mut document in documents(&text) {
+            if document["kind"] != "Pod" {
+                continue;
+            }
+            document["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("namespace");
+            let single = serde_yaml::to_string(&document)?;
+            let predicted = inject_documents(&single, &ns, &config);
+            let pod: Pod = serde_json::from_value(document.clone())?;
+            let created = pods.create(&PostParams::default(), &pod).await;
+            let what = format!("{} ({})", input.display(), document["metadata"]["name"]);
+            match (predicted, created) {
+                (Ok(predicted), Ok(stored)) => {
+                    let expected = documents(&predicted.yaml).remove(0);
+                    let mut diffs = Vec::new();
+                    differences(
+                        &expected["metadata"]["annotations"],
+                        &pod_value(&stored)["metadata"]["annotations"],
+                        "/metadata/annotations",
+                        &mut diffs,
+                    );
+                    differences(
+                        &expected["spec"],
+                        &pod_value(&stored)["spec"],
+                        "/spec",
+                        &mut diffs,
+                    );
+                    ensure!(
+                        diffs.is_empty(),
+                        "{what}: stored pod differs from the prediction:\n{}",
+                        diffs.join("\n")
+                    );
+                }
+                (Err(refusal), Err(kube::Error::Api(status))) => {
+                    let reason = refusal.to_string();
+                    let field = reason.split(": ").skip(1).collect::<Vec<_>>().join(": ");
+                    ensure!(
+                        status.message.contains(&field),
+                        "{what}: refused with {:?}, expected {field:?}",
+                        status.message
+                    );
+                }
+                (predicted, created) => bail!(
+                    "{what}: prediction {:?} but the apiserver answered {:?}",
+                    predicted.map(|_| "injected"),
+                    created.map(|_| "stored")
+                ),
+            }
+            checked += 1;
+        }
+    }
+    ensure!(checked >= 10, "only {checked} pods checked");
+    Ok(())
+}
+
+/// Workloads injected offline (Deployments, CronJobs, StatefulSets, ...) pass the apiserver's
+/// own validation: no invalid field, no duplicate volume or env name.
+async fn golden_workloads_validate(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let _cluster = shared.cluster.read().await;
+    let ns = namespace(&shared.client, "workloads", false).await?;
+    let config = shipped_config();
+    for input in golden_inputs() {
+        let text = std::fs::read_to_string(&input)?;
+        let Ok(output) = inject_documents(&text, &ns, &config) else {
+            continue;
+        };
+        let mut injected = Vec::new();
+        for mut document in documents(&output.yaml) {
+            let items = if document["kind"] == "List" {
+                document["items"].as_array().cloned().unwrap_or_default()
+            } else {
+                vec![document.take()]
+            };
+            for mut item in items {
+                if let Some(meta) = item["metadata"].as_object_mut() {
+                    meta.remove("namespace");
+                }
+                injected.push(serde_yaml::to_string(&item)?);
+            }
+        }
+        let yaml = injected.join("---\n");
+        let (ok, _, stderr) = kubectl(
+            &shared.kubeconfig,
+            &["create", "--dry-run=server", "-n", &ns, "-f", "-"],
+            Some(&yaml),
+        )?;
+        ensure!(
+            ok,
+            "{}: the apiserver refused the injected objects:\n{stderr}",
+            input.display()
+        );
+    }
+    Ok(())
+}
+
+/// Pods of an unlabelled namespace, opted-out pods and pods of servicekeel-system are stored
+/// exactly as sent.
+async fn pods_outside_scope_are_untouched(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let _cluster = shared.cluster.read().await;
+    let client = &shared.client;
+    let plain = namespace(client, "plain", false).await?;
+    let labelled = namespace(client, "labelled", true).await?;
+    create_namespace(
+        client,
+        "servicekeel-system",
+        [("servicekeel.io/inject".to_string(), "enabled".to_string())].into(),
+    )
+    .await?;
+    let pod = |name: &str, annotations: Value, labels: Value| -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "annotations": annotations, "labels": labels},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+        }))
+        .unwrap()
+    };
+    let cases = [
+        (
+            plain.as_str(),
+            pod("in-plain-namespace", json!({}), json!({})),
+        ),
+        (
+            labelled.as_str(),
+            pod(
+                "opted-out-annotation",
+                json!({"servicekeel.io/inject": "false"}),
+                json!({}),
+            ),
+        ),
+        (
+            labelled.as_str(),
+            pod(
+                "opted-out-label",
+                json!({}),
+                json!({"servicekeel.io/inject": "false"}),
+            ),
+        ),
+        (
+            "servicekeel-system",
+            pod(
+                &format!("system-{}", std::process::id()),
+                json!({}),
+                json!({}),
+            ),
+        ),
+    ];
+    for (ns, pod) in cases {
+        let name = pod.metadata.name.clone().unwrap();
+        let stored = Api::<Pod>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &pod)
+            .await?;
+        ensure!(!is_injected(&stored), "{ns}/{name} was injected");
+        let annotations = stored.metadata.annotations.unwrap_or_default();
+        ensure!(
+            !annotations.contains_key("servicekeel.io/status"),
+            "{ns}/{name} has a status annotation"
+        );
+        let spec = stored.spec.unwrap();
+        ensure!(
+            spec.dns_policy.as_deref() == Some("ClusterFirst"),
+            "{ns}/{name}: DNS policy changed"
+        );
+        ensure!(
+            spec.volumes.unwrap_or_default().is_empty(),
+            "{ns}/{name}: volumes added"
+        );
+    }
+    // And the same pod in the labelled namespace is injected.
+    let stored = Api::<Pod>::namespaced(client.clone(), &labelled)
+        .create(
+            &PostParams::default(),
+            &pod("injected", json!({}), json!({})),
+        )
+        .await?;
+    ensure!(
+        is_injected(&stored),
+        "control case: a plain pod of a labelled namespace is injected"
+    );
+    Ok(())
+}
+
+const INVALID: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: invalid-imports
+  annotations:
+    servicekeel.io/imported-services: |
+      services:
+        - name: ok
+          ports: [{port: 80}]
+        - name: bad
+          ports: [{port: 9, protocol: SCTP}]
+spec:
+  containers:
+    - name: app
+      image: app:1
+"#;
+
+/// Through the API and through `kubectl apply`, an invalid annotation is refused with the
+/// message naming the field.
+async fn invalid_annotation_is_refused(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let _cluster = shared.cluster.read().await;
+    let ns = namespace(&shared.client, "invalid", true).await?;
+    let expected = r#"servicekeel.io/imported-services: services[1].ports[0].protocol: "SCTP" is not supported (TCP or UDP)"#;
+    let pod: Pod = serde_yaml::from_str(INVALID)?;
+    match Api::<Pod>::namespaced(shared.client.clone(), &ns)
+        .create(&PostParams::default(), &pod)
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            ensure!(
+                status.message.contains(expected),
+                "API refusal: {:?}",
+                status.message
+            );
+            ensure!(status.code == 422, "API refusal code {}", status.code);
+        }
+        other => bail!("the invalid pod was not refused: {other:?}"),
+    }
+    let (ok, _, stderr) = kubectl(
+        &shared.kubeconfig,
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(INVALID),
+    )?;
+    ensure!(!ok, "kubectl apply succeeded");
+    ensure!(
+        stderr.contains("denied the request") && stderr.contains(expected),
+        "kubectl said: {stderr}"
+    );
+    Ok(())
+}
+
+/// `kubectl apply` of the example client pod stores it with the sidecar, as `kubectl get` shows.
+async fn kubectl_apply_injects(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let _cluster = shared.cluster.read().await;
+    let ns = namespace(&shared.client, "kubectl", true).await?;
+    let example =
+        std::fs::read_to_string(paths::repo().join("manifests/examples/client-pod.yaml"))?;
+    let mut pod: Value = serde_yaml::from_str(&example)?;
+    pod["metadata"].as_object_mut().unwrap().remove("namespace");
+    let (ok, _, stderr) = kubectl(
+        &shared.kubeconfig,
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(&serde_yaml::to_string(&pod)?),
+    )?;
+    ensure!(ok, "kubectl apply failed: {stderr}");
+    let (ok, stdout, stderr) = kubectl(
+        &shared.kubeconfig,
+        &["get", "pod", "client", "-n", &ns, "-o", "json"],
+        None,
+    )?;
+    ensure!(ok, "kubectl get failed: {stderr}");
+    let stored: Value = serde_json::from_str(&stdout)?;
+    ensure!(
+        stored["spec"]["initContainers"][0]["name"] == "servicekeel-proxy",
+        "no sidecar: {stored}"
+    );
+    ensure!(
+        stored["spec"]["dnsConfig"]["nameservers"] == json!(["127.0.0.2"]),
+        "DNS not hijacked"
+    );
+    let imported: Value = serde_json::from_str(
+        stored["metadata"]["annotations"]["servicekeel.io/imported-services"]
+            .as_str()
+            .unwrap(),
+    )?;
+    ensure!(
+        imported["services"][0]["name"] == "simple-server",
+        "imports: {imported}"
+    );
+    Ok(())
+}
+
+/// A server-side dry run shows the injected pod and stores nothing (the webhook declares
+/// `sideEffects: None`).
+async fn server_side_dry_run(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let _cluster = shared.cluster.read().await;
+    let ns = namespace(&shared.client, "dryrun", true).await?;
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: dry}\nspec: {containers: [{name: app, image: app:1}]}\n";
+    let (ok, stdout, stderr) = kubectl(
+        &shared.kubeconfig,
+        &[
+            "apply",
+            "--dry-run=server",
+            "-n",
+            &ns,
+            "-o",
+            "json",
+            "-f",
+            "-",
+        ],
+        Some(pod),
+    )?;
+    ensure!(ok, "dry run failed: {stderr}");
+    let shown: Value = serde_json::from_str(&stdout)?;
+    ensure!(
+        shown["spec"]["initContainers"][0]["name"] == "servicekeel-proxy",
+        "dry run shows no sidecar"
+    );
+    let stored = Api::<Pod>::namespaced(shared.client.clone(), &ns)
+        .get_opt("dry")
+        .await?;
+    ensure!(stored.is_none(), "a dry run stored the pod");
+    Ok(())
+}
+
+/// With the webhook down, pods of labelled namespaces are refused with a clear error and others
+/// are created; once it is back, injection works again.
+async fn webhook_outage(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let mut cluster = shared.cluster.write().await;
+    let client = &shared.client;
+    let labelled = namespace(client, "outage", true).await?;
+    let plain = namespace(client, "outage-plain", false).await?;
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "outage-"},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    }))?;
+    cluster.stop_webhook();
+    let refused = Api::<Pod>::namespaced(client.clone(), &labelled)
+        .create(&PostParams::default(), &pod)
+        .await;
+    let plain_created = Api::<Pod>::namespaced(client.clone(), &plain)
+        .create(&PostParams::default(), &pod)
+        .await;
+    cluster.start_webhook().await?;
+    match refused {
+        Err(kube::Error::Api(status)) => ensure!(
+            status.message.contains("failed calling webhook")
+                && status.message.contains("sidecar-injector.servicekeel.io"),
+            "unclear refusal: {:?}",
+            status.message
+        ),
+        other => bail!("a labelled namespace admitted a pod without the webhook: {other:?}"),
+    }
+    ensure!(
+        plain_created.is_ok(),
+        "an unlabelled namespace was blocked: {plain_created:?}"
+    );
+    let stored = Api::<Pod>::namespaced(client.clone(), &labelled)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    ensure!(
+        is_injected(&stored),
+        "after the restart the pod was not injected"
+    );
+    Ok(())
+}
