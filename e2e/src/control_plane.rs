@@ -2,14 +2,14 @@
 //! kubeconfig, and readiness checks that report the component's own log when it fails.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::kubernetes::{APISERVER, KubeBinaries};
 use crate::pki::Pki;
-use crate::process::{Lifetime, Process, args, free_port};
+use crate::process::{Lifetime, Process, args, free_port, wait_ready};
 
 const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const APISERVER_READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -126,21 +126,15 @@ async fn start_etcd(dir: &Path, lifetime: Lifetime) -> anyhow::Result<(Process, 
         &dir.join("etcd.log"),
         lifetime,
     )?;
-    let deadline = Instant::now() + ETCD_READY_TIMEOUT;
-    loop {
-        etcd.check_running()?;
+    wait_ready("etcd", &mut [&mut etcd], ETCD_READY_TIMEOUT, || async {
         if etcd_healthy(client_port).await {
-            return Ok((etcd, client_url));
+            Ok(())
+        } else {
+            Err("not healthy".to_string())
         }
-        if Instant::now() > deadline {
-            bail!(
-                "etcd did not become healthy within {ETCD_READY_TIMEOUT:?}; the end of {}:\n{}",
-                etcd.log().display(),
-                crate::process::log_tail(etcd.log(), 30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await?;
+    Ok((etcd, client_url))
 }
 
 async fn etcd_healthy(port: u16) -> bool {
@@ -165,25 +159,20 @@ async fn wait_for_apiserver(
     etcd: &mut Process,
 ) -> anyhow::Result<()> {
     let client = client(kubeconfig).await?;
-    let deadline = Instant::now() + APISERVER_READY_TIMEOUT;
-    let mut last;
-    loop {
-        apiserver.check_running()?;
-        etcd.check_running()?;
-        let request = http::Request::get("/readyz").body(Vec::new())?;
-        match client.request_text(request).await {
-            Ok(body) if body.trim() == "ok" => return Ok(()),
-            Ok(body) => last = body,
-            Err(error) => last = error.to_string(),
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "kube-apiserver did not become ready within {APISERVER_READY_TIMEOUT:?} \
-                 (last answer: {last}); the end of {}:\n{}",
-                apiserver.log().display(),
-                crate::process::log_tail(apiserver.log(), 40)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_ready(
+        APISERVER,
+        &mut [apiserver, etcd],
+        APISERVER_READY_TIMEOUT,
+        || async {
+            let request = http::Request::get("/readyz")
+                .body(Vec::new())
+                .map_err(|e| e.to_string())?;
+            match client.request_text(request).await {
+                Ok(body) if body.trim() == "ok" => Ok(()),
+                Ok(body) => Err(body),
+                Err(error) => Err(error.to_string()),
+            }
+        },
+    )
+    .await
 }

@@ -61,3 +61,23 @@ pub fn kubectl() -> PathBuf {
         .find(|candidate| is_executable(candidate))
         .unwrap_or_else(|| PathBuf::from("kubectl"))
 }
+
+/// A directory for this run's cluster under the system temp dir, after removing those of runs
+/// whose process is gone (a killed run cannot clean up after itself).
+pub fn run_dir(prefix: &str) -> PathBuf {
+    let temp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&temp) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = name
+                .strip_prefix(prefix)
+                .and_then(|pid| pid.strip_prefix('-'))
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if stale {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    temp.join(format!("{prefix}-{}", std::process::id()))
+}

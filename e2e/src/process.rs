@@ -214,6 +214,44 @@ fn spawn_from_keeper(command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("process keeper thread is gone"))?
 }
 
+/// Polls `check` until it succeeds. Fails, with the end of the log of the process concerned,
+/// as soon as one of `processes` exits or when `timeout` passes (reporting `check`'s last
+/// answer and the log of the first process).
+pub async fn wait_ready<F, Fut>(
+    what: &str,
+    processes: &mut [&mut Process],
+    timeout: Duration,
+    mut check: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        for process in processes.iter_mut() {
+            process.check_running()?;
+        }
+        let last = match check().await {
+            Ok(()) => return Ok(()),
+            Err(last) => last,
+        };
+        if Instant::now() > deadline {
+            let log = processes
+                .first()
+                .map(|p| p.log().to_owned())
+                .unwrap_or_default();
+            bail!(
+                "{what} did not become ready within {timeout:?} (last answer: {last}); the end of \
+                 {}:\n{}",
+                log.display(),
+                log_tail(&log, 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;

@@ -15,7 +15,7 @@ use servicekeel_api::{defaults, keys};
 
 use crate::paths;
 use crate::pki::Pki;
-use crate::process::{Lifetime, Process, args};
+use crate::process::{Lifetime, Process, args, wait_ready};
 
 pub const WEBHOOK_BINARY: &str = "servicekeel-webhook";
 /// Namespace used to check that the apiserver calls the webhook.
@@ -48,20 +48,19 @@ pub async fn start(
         &dir.join("servicekeel-webhook.log"),
         lifetime,
     )?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        process.check_running()?;
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(process);
-        }
-        if Instant::now() > deadline {
-            bail!("{WEBHOOK_BINARY} did not listen on 127.0.0.1:{port} within {READY_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(
+        WEBHOOK_BINARY,
+        &mut [&mut process],
+        READY_TIMEOUT,
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await?;
+    Ok(process)
 }
 
 /// The MutatingWebhookConfiguration of `manifests/`, as `kubectl kustomize` renders it.

@@ -80,7 +80,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("servicekeel-e2e-{}", std::process::id()));
+    let dir = paths::run_dir("servicekeel-e2e");
     let started = runtime.block_on(async {
         let cluster = LocalCluster::start(&dir, Lifetime::TiedToThisProcess).await?;
         let client = cluster.client().await?;
