@@ -117,17 +117,15 @@ fn exported_yaml_example() {
 
 #[test]
 fn canonical_json_round_trips_and_is_stable() {
-    {
-        let list = ServiceList::parse(&fixture("exported-yaml.yaml")).expect("parses");
-        let canonical = list.to_canonical_json();
-        assert_eq!(
-            canonical,
-            r#"{"services":[{"name":"my-service","namespace":"default","cluster":"cluster-a.local","ports":[{"name":"http","port":80,"targetPort":8080,"protocol":"TCP"}]}]}"#
-        );
-        let again = ServiceList::parse(&canonical).expect("canonical parses");
-        assert_eq!(again, list);
-        assert_eq!(again.to_canonical_json(), canonical);
-    }
+    let list = ServiceList::parse(&fixture("exported-yaml.yaml")).expect("parses");
+    let canonical = list.to_canonical_json();
+    assert_eq!(
+        canonical,
+        r#"{"services":[{"name":"my-service","namespace":"default","cluster":"cluster-a.local","ports":[{"name":"http","port":80,"targetPort":8080,"protocol":"TCP"}]}]}"#
+    );
+    let again = ServiceList::parse(&canonical).expect("canonical parses");
+    assert_eq!(again, list);
+    assert_eq!(again.to_canonical_json(), canonical);
 }
 
 #[test]
