@@ -11,6 +11,7 @@ use serde_json::Value;
 use servicekeel_webhook::admission::review;
 use servicekeel_webhook::config::Config;
 use servicekeel_webhook::inject::{Target, inject};
+use servicekeel_webhook::view::NoCluster;
 
 fn fixture() -> Vec<u8> {
     let path = concat!(
@@ -25,7 +26,7 @@ fn benches(c: &mut Criterion) {
     let config = Config::from_yaml("clusterName: cluster-a").expect("config");
     let value: Value = serde_json::from_slice(&body).expect("fixture is JSON");
     let pod: Pod = serde_json::from_value(value["request"]["object"].clone()).expect("a pod");
-    let target = Target { namespace: "shop" };
+    let target = Target::new("shop");
 
     c.bench_function("baseline: decode + encode the review", |b| {
         b.iter(|| {
@@ -38,7 +39,7 @@ fn benches(c: &mut Criterion) {
     });
     c.bench_function("review (decode + inject + encode)", |b| {
         b.iter(|| {
-            let reviewed = review(black_box(&body), &config).expect("reviews");
+            let reviewed = review(black_box(&body), &config, &NoCluster).expect("reviews");
             black_box(serde_json::to_vec(&reviewed.answer).expect("encodes"))
         })
     });

@@ -12,11 +12,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::caches::Caches;
 use crate::config::Config;
+use crate::leader::{self, Leadership};
 use crate::metrics::Metrics;
 use crate::offline::inject_documents;
+use crate::reconcile;
 use crate::server::{self, AppState};
 use crate::tls::CertReloader;
+use crate::view::{ClusterView, NoCluster};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,6 +67,17 @@ pub struct ServeArgs {
     /// How often the certificate files are checked for changes.
     #[arg(long, env = "SERVICEKEEL_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
+    /// Kubeconfig for the API server; without it the in-cluster config (or the usual
+    /// kubeconfig lookup) is used. With no API server at all, exports and namespace defaults
+    /// are not computed.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the Lease that elects the one replica keeping exports up to date.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "servicekeel-system")]
+    pub leader_election_namespace: String,
+    /// This replica's name in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "SERVICEKEEL_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -130,8 +145,40 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let metrics = Arc::new(Metrics::default());
-    let state = AppState::new(config, metrics.clone());
     let (stop, stopped) = watch::channel(false);
+    let view: Arc<dyn ClusterView> = match api_client(args.kubeconfig.as_deref()).await {
+        Ok(client) => {
+            let caches = Caches::start(&client);
+            let leadership = Leadership::default();
+            let identity = args
+                .identity
+                .clone()
+                .unwrap_or_else(|| format!("servicekeel-webhook-{}", std::process::id()));
+            tokio::spawn(leader::run(
+                client.clone(),
+                args.leader_election_namespace.clone(),
+                identity,
+                leadership.clone(),
+                stopped.clone(),
+            ));
+            tokio::spawn(reconcile::run(
+                client,
+                caches.clone(),
+                config.clone(),
+                leadership,
+                stopped.clone(),
+            ));
+            Arc::new(caches)
+        }
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "no Kubernetes API: exports and namespace defaults are not computed"
+            );
+            Arc::new(NoCluster)
+        }
+    };
+    let state = AppState::new(config, metrics.clone(), view);
 
     tokio::spawn(server::reload_certificates(
         reloader.clone(),
@@ -156,6 +203,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await;
     Ok(())
+}
+
+async fn api_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
 async fn shutdown_signal() {

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use json_patch::Patch;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Sysctl};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use servicekeel_api::keys::{self, Direction};
 use servicekeel_api::{FieldError, ParseError, ServiceList, defaults};
@@ -24,6 +25,32 @@ pub use sidecar::SidecarMode;
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     pub namespace: &'a str,
+    /// The namespace's `servicekeel.io/default-imported-services`, when valid.
+    pub namespace_defaults: Option<&'a ServiceList>,
+    /// Exports computed from the Services selecting the pod, when known.
+    pub exports: Option<&'a ServiceList>,
+}
+
+impl<'a> Target<'a> {
+    /// A pod of `namespace`, with nothing known about its cluster.
+    pub fn new(namespace: &'a str) -> Self {
+        Target {
+            namespace,
+            namespace_defaults: None,
+            exports: None,
+        }
+    }
+}
+
+/// The value of [`keys::STATUS`]: what was injected, and which `exported-services` entries the
+/// pod's author wrote (those are kept when the computed exports change).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub sidecar_mode: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_exported: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,8 +92,8 @@ pub enum InjectError {
         error: FieldError,
     },
     #[error(
-        "{key}: {total} services with the {defaults} cluster-wide defaults; at most {max} can be \
-         imported (one local IP each)",
+        "{key}: {total} services with {defaults} from the namespace and cluster defaults; at most \
+         {max} can be imported (one local IP each)",
         key = keys::IMPORTED_SERVICES,
         max = defaults::MAX_IMPORTED_SERVICES
     )]
@@ -140,6 +167,22 @@ pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injecti
         &mut warnings,
     )?;
     let imported = with_default_imports(imported, target, config)?;
+    let user_exported: Vec<String> = exported
+        .iter()
+        .flat_map(|list| &list.services)
+        .map(|service| {
+            service
+                .key(target.namespace, &config.cluster_name)
+                .to_string()
+        })
+        .collect();
+    let exported = match (exported, target.exports) {
+        (own, Some(computed)) if !computed.is_empty() => Some(
+            own.unwrap_or_default()
+                .with_defaults(computed, target.namespace, &config.cluster_name),
+        ),
+        (own, _) => own,
+    };
     check_reserved(spec, config)?;
     if mode == SidecarMode::Classic {
         classic_mode_warnings(pod, spec, &mut warnings);
@@ -148,7 +191,13 @@ pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injecti
     let dns = dns::plan(spec, target.namespace, config, &mut warnings);
     let mut patch = PatchBuilder::default();
 
-    let mut new_annotations = vec![(keys::STATUS, json!(status(mode)))];
+    let status = Status {
+        sidecar_mode: mode.as_str().into(),
+        version: VERSION.into(),
+        user_exported,
+    };
+    let status = serde_json::to_string(&status).expect("a status always serializes");
+    let mut new_annotations = vec![(keys::STATUS, json!(status))];
     for (direction, list) in [
         (Direction::Imported, &imported),
         (Direction::Exported, &exported),
@@ -263,23 +312,32 @@ fn read_services(
     Ok(Some(list))
 }
 
-/// The pod's imports with the cluster-wide defaults merged in (the pod's own entries win).
+/// The pod's imports with the defaults merged in: the pod's own entries win, then the
+/// namespace's defaults, then the cluster-wide ones.
 fn with_default_imports(
     own: Option<ServiceList>,
     target: &Target<'_>,
     config: &Config,
 ) -> Result<Option<ServiceList>, InjectError> {
-    let defaults = &config.default_imported_services;
-    if defaults.is_empty() {
+    let layers: Vec<&ServiceList> = target
+        .namespace_defaults
+        .into_iter()
+        .chain([&config.default_imported_services])
+        .filter(|defaults| !defaults.is_empty())
+        .collect();
+    if layers.is_empty() {
         return Ok(own);
     }
-    let merged =
-        own.unwrap_or_default()
-            .with_defaults(defaults, target.namespace, &config.cluster_name);
+    let own_count = own.as_ref().map_or(0, |list| list.services.len());
+    let merged = layers
+        .iter()
+        .fold(own.unwrap_or_default(), |merged, defaults| {
+            merged.with_defaults(defaults, target.namespace, &config.cluster_name)
+        });
     if merged.check_import_limit().is_err() {
         return Err(InjectError::TooManyWithDefaults {
             total: merged.services.len(),
-            defaults: defaults.services.len(),
+            defaults: merged.services.len() - own_count,
         });
     }
     Ok(Some(merged))
@@ -393,8 +451,4 @@ fn unprivileged_port_sysctl(spec: &PodSpec, config: &Config, patch: &mut PatchBu
             vec![to_json(&sysctl)],
         ),
     }
-}
-
-fn status(mode: SidecarMode) -> String {
-    json!({ "version": VERSION, "sidecarMode": mode.as_str() }).to_string()
 }

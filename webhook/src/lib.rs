@@ -6,10 +6,15 @@
 //! come from `servicekeel-api`.
 
 pub mod admission;
+pub mod caches;
 pub mod cli;
 pub mod config;
+pub mod exports;
 pub mod inject;
+pub mod leader;
 pub mod metrics;
 pub mod offline;
+pub mod reconcile;
 pub mod server;
 pub mod tls;
+pub mod view;

@@ -143,7 +143,7 @@ fn inject_pod(
         message: error.to_string(),
     })?;
     let injection =
-        inject(&pod, &Target { namespace }, config).map_err(|cause| OfflineError::Refused {
+        inject(&pod, &Target::new(namespace), config).map_err(|cause| OfflineError::Refused {
             document,
             object: object.to_string(),
             cause,

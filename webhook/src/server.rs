@@ -29,6 +29,7 @@ use crate::admission;
 use crate::config::Config;
 use crate::metrics::{Metrics, Outcome};
 use crate::tls::CertReloader;
+use crate::view::ClusterView;
 
 /// Largest AdmissionReview accepted; larger bodies get 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -42,14 +43,16 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AppState {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    pub view: Arc<dyn ClusterView>,
     ready: Arc<AtomicBool>,
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, view: Arc<dyn ClusterView>) -> Self {
         AppState {
             config,
             metrics,
+            view,
             ready: Arc::new(AtomicBool::new(true)),
         }
     }
@@ -81,7 +84,7 @@ async fn mutate(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
             return rejection.into_response();
         }
     };
-    match admission::review(&body, &state.config) {
+    match admission::review(&body, &state.config, state.view.as_ref()) {
         Ok(reviewed) => {
             let json = serde_json::to_vec(&reviewed.answer);
             state.metrics.observe(reviewed.outcome, start.elapsed());

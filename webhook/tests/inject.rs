@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::Value;
+use serde_json::{Value, json};
 use servicekeel_webhook::config::Config;
 use servicekeel_webhook::inject::{Injection, SkipReason, Target, inject};
 
@@ -21,14 +21,7 @@ fn pod_value(yaml: &str) -> Value {
 
 fn run(yaml: &str, config: &Config) -> Result<Injection, String> {
     let pod: Pod = serde_json::from_value(pod_value(yaml)).expect("test pod is a Pod");
-    inject(
-        &pod,
-        &Target {
-            namespace: NAMESPACE,
-        },
-        config,
-    )
-    .map_err(|e| e.to_string())
+    inject(&pod, &Target::new(NAMESPACE), config).map_err(|e| e.to_string())
 }
 
 /// The pod after its patch is applied, and the warnings.
@@ -174,7 +167,7 @@ fn defaults_count_toward_the_import_limit() {
     .unwrap();
     assert_eq!(
         run(&yaml, &config).expect_err("over the limit"),
-        "servicekeel.io/imported-services: 254 services with the 1 cluster-wide defaults; at most 253 can be imported (one local IP each)"
+        "servicekeel.io/imported-services: 254 services with 1 from the namespace and cluster defaults; at most 253 can be imported (one local IP each)"
     );
 }
 
@@ -366,4 +359,79 @@ fn a_pod_without_spec_is_refused() {
         run("metadata: {name: x}", &config()),
         Err("spec: a pod must have a spec".into())
     );
+}
+
+#[test]
+fn defaults_merge_pod_first_then_namespace_then_cluster() {
+    use servicekeel_api::ServiceList;
+    let config = Config::from_yaml(
+        "clusterName: cluster-a\ndefaultImportedServices: {services: [{name: cache, ports: [{port: 3}]}, {name: dns, ports: [{port: 3}]}]}",
+    )
+    .unwrap();
+    let namespace_defaults = ServiceList::parse(
+        "services: [{name: db, ports: [{port: 2}]}, {name: cache, ports: [{port: 2}]}]",
+    )
+    .unwrap();
+    let yaml = with_metadata(
+        r#"{annotations: {servicekeel.io/imported-services: "services: [{name: db, ports: [{port: 1}]}]"}}"#,
+        "{containers: [{name: a, image: b}]}",
+    );
+    let pod: Pod = serde_json::from_value(pod_value(&yaml)).unwrap();
+    let target = Target {
+        namespace: NAMESPACE,
+        namespace_defaults: Some(&namespace_defaults),
+        exports: None,
+    };
+    let Ok(Injection::Patch { patch, .. }) = inject(&pod, &target, &config) else {
+        panic!("patch expected")
+    };
+    let mut value = pod_value(&yaml);
+    json_patch::patch(&mut value, &patch).unwrap();
+    let imported = ServiceList::parse(
+        value["metadata"]["annotations"]["servicekeel.io/imported-services"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let summary: Vec<(String, u16)> = imported
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), s.ports[0].port))
+        .collect();
+    assert_eq!(
+        summary,
+        [("db".into(), 1), ("cache".into(), 2), ("dns".into(), 3)]
+    );
+}
+
+#[test]
+fn computed_exports_merge_under_the_authors_entries() {
+    use servicekeel_api::ServiceList;
+    let computed = ServiceList::parse(
+        "services: [{name: web, namespace: web, cluster: cluster-a, ports: [{port: 80, targetPort: 8080}]}, {name: api, namespace: web, cluster: cluster-a, ports: [{port: 9000}]}]",
+    )
+    .unwrap();
+    let yaml = with_metadata(
+        r#"{annotations: {servicekeel.io/exported-services: "services: [{name: web, ports: [{port: 8000}]}]"}}"#,
+        "{containers: [{name: a, image: b}]}",
+    );
+    let pod: Pod = serde_json::from_value(pod_value(&yaml)).unwrap();
+    let target = Target {
+        namespace: NAMESPACE,
+        namespace_defaults: None,
+        exports: Some(&computed),
+    };
+    let Ok(Injection::Patch { patch, .. }) = inject(&pod, &target, &config()) else {
+        panic!("patch expected")
+    };
+    let mut value = pod_value(&yaml);
+    json_patch::patch(&mut value, &patch).unwrap();
+    let annotations = &value["metadata"]["annotations"];
+    assert_eq!(
+        annotations["servicekeel.io/exported-services"],
+        r#"{"services":[{"name":"web","ports":[{"port":8000,"protocol":"TCP"}]},{"name":"api","namespace":"web","cluster":"cluster-a","ports":[{"port":9000,"protocol":"TCP"}]}]}"#
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(annotations["servicekeel.io/status"].as_str().unwrap()).unwrap();
+    assert_eq!(status["userExported"], json!(["web.web.cluster-a"]));
 }

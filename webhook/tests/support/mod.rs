@@ -14,6 +14,7 @@ use servicekeel_webhook::config::Config;
 use servicekeel_webhook::metrics::Metrics;
 use servicekeel_webhook::server::{self, AppState};
 use servicekeel_webhook::tls::{CertReloader, provider};
+use servicekeel_webhook::view::NoCluster;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -114,7 +115,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::default());
-        let state = AppState::new(Arc::new(config), metrics.clone());
+        let state = AppState::new(Arc::new(config), metrics.clone(), Arc::new(NoCluster));
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(server::serve(
             listener,

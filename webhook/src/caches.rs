@@ -1,0 +1,103 @@
+//! Watch-backed caches of Services and Namespaces (kube-runtime reflectors): admission reads
+//! them without calling the API server. Until the Services cache has synced, exports are
+//! reported unknown and pods are admitted without them; the reconciler fills them in later.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use servicekeel_api::{ServiceList, keys};
+
+use crate::view::{ClusterView, parse_namespace_defaults};
+
+#[derive(Debug, Clone)]
+pub struct Caches {
+    services: Store<Service>,
+    namespaces: Store<Namespace>,
+    services_ready: Arc<AtomicBool>,
+}
+
+impl Caches {
+    /// Starts the watches; they run (and retry with backoff) as long as the runtime does.
+    pub fn start(client: &Client) -> Caches {
+        let services = watch::<Service>(Api::all(client.clone()));
+        let namespaces = watch::<Namespace>(Api::all(client.clone()));
+        let services_ready = Arc::new(AtomicBool::new(false));
+        let (store, ready) = (services.clone(), services_ready.clone());
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_ok() {
+                ready.store(true, Ordering::SeqCst);
+                tracing::info!(services = store.len(), "Services cache synced");
+            }
+        });
+        Caches {
+            services,
+            namespaces,
+            services_ready,
+        }
+    }
+
+    /// Waits until both caches hold a full list.
+    pub async fn wait_until_ready(&self) {
+        let _ = self.services.wait_until_ready().await;
+        let _ = self.namespaces.wait_until_ready().await;
+    }
+}
+
+fn watch<K>(api: Api<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    tokio::spawn(async move {
+        let kind = K::kind(&()).into_owned();
+        stream
+            .for_each(|event| {
+                if let Err(error) = event {
+                    tracing::warn!(%error, kind, "watch failed; retrying");
+                }
+                futures::future::ready(())
+            })
+            .await;
+    });
+    store
+}
+
+use kube::runtime::reflector::reflector;
+
+impl ClusterView for Caches {
+    fn namespace_defaults(&self, namespace: &str) -> Result<Option<ServiceList>, String> {
+        let Some(object) = self.namespaces.get(&ObjectRef::new(namespace)) else {
+            return Ok(None);
+        };
+        let annotations = object.metadata.annotations.as_ref();
+        match annotations.and_then(|a| a.get(keys::DEFAULT_IMPORTED_SERVICES)) {
+            None => Ok(None),
+            Some(value) => parse_namespace_defaults(namespace, value).map(Some),
+        }
+    }
+
+    fn services(&self, namespace: &str) -> Option<Vec<Arc<Service>>> {
+        if !self.services_ready.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(
+            self.services
+                .state_filter(|s| s.metadata.namespace.as_deref() == Some(namespace)),
+        )
+    }
+}
