@@ -16,6 +16,7 @@ pub struct LocalCluster {
     pub control_plane: ControlPlane,
     webhook: Option<Process>,
     webhook_port: u16,
+    webhook_kubeconfig: PathBuf,
     lifetime: Lifetime,
 }
 
@@ -26,10 +27,14 @@ impl LocalCluster {
         let binaries = KubeBinaries::ensure(&[APISERVER])?;
         let control_plane = ControlPlane::start(dir, &binaries, lifetime).await?;
         let webhook_port = free_port()?;
+        let server = format!("https://127.0.0.1:{}", control_plane.api_port);
+        let webhook_kubeconfig =
+            webhook::install_access(&control_plane.kubeconfig, &control_plane.pki, &server, dir)?;
         let mut cluster = LocalCluster {
             control_plane,
             webhook: None,
             webhook_port,
+            webhook_kubeconfig,
             lifetime,
         };
         cluster.start_webhook().await?;
@@ -40,6 +45,11 @@ impl LocalCluster {
 
     pub fn webhook_url(&self) -> String {
         format!("https://127.0.0.1:{}/mutate", self.webhook_port)
+    }
+
+    /// The webhook's log file.
+    pub fn webhook_log(&self) -> PathBuf {
+        self.control_plane.dir.join("servicekeel-webhook.log")
     }
 
     pub fn kubeconfig(&self) -> &Path {
@@ -63,6 +73,7 @@ impl LocalCluster {
             &self.control_plane.dir,
             &self.control_plane.pki,
             self.webhook_port,
+            &self.webhook_kubeconfig,
             self.lifetime,
         )
         .await?;

@@ -113,6 +113,31 @@ impl Pki {
         BASE64.encode(&self.ca_pem)
     }
 
+    /// A kubeconfig that authenticates with a bearer `token` against `server`.
+    pub fn token_kubeconfig(&self, server: &str, token: &str) -> String {
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+  - name: servicekeel-e2e
+    cluster:
+      server: {server}
+      certificate-authority-data: {ca}
+users:
+  - name: token
+    user:
+      token: {token}
+contexts:
+  - name: servicekeel-e2e
+    context:
+      cluster: servicekeel-e2e
+      user: token
+current-context: servicekeel-e2e
+",
+            ca = BASE64.encode(&self.ca_pem),
+        )
+    }
+
     /// A kubeconfig for the admin user against `server`.
     pub fn kubeconfig(&self, server: &str) -> anyhow::Result<String> {
         let admin = self.pair("admin");

@@ -2,7 +2,7 @@
 //! MutatingWebhookConfiguration from `manifests/` (clientConfig switched to the loopback URL,
 //! caBundle filled in), so the tests exercise the configuration users apply.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,11 +22,100 @@ pub const WEBHOOK_BINARY: &str = "servicekeel-webhook";
 const PROBE_NAMESPACE: &str = "servicekeel-e2e-probe";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Starts the webhook on 127.0.0.1:`port` with the shipped config file.
+/// The webhook's config in the local cluster: `manifests/config.yaml` with the cluster's name
+/// and cluster-wide default imports set (`e2e/webhook-config.yaml`).
+pub fn config_file() -> PathBuf {
+    paths::repo().join("e2e/webhook-config.yaml")
+}
+
+/// Namespace, ServiceAccount, RBAC and Lease namespace of the webhook, as in `manifests/`.
+pub const SYSTEM_NAMESPACE: &str = "servicekeel-system";
+pub const SERVICE_ACCOUNT: &str = "servicekeel-webhook";
+
+/// Applies the access objects of `manifests/` (namespace, ServiceAccount, RBAC) and returns a
+/// kubeconfig holding a token of that ServiceAccount: the webhook then runs with exactly the
+/// permissions the manifests grant.
+pub fn install_access(
+    admin_kubeconfig: &Path,
+    pki: &Pki,
+    server: &str,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    const ACCESS: &[&str] = &[
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ];
+    let objects: Vec<String> = render_manifests()?
+        .into_iter()
+        .filter(|o| {
+            o["kind"]
+                .as_str()
+                .is_some_and(|kind| ACCESS.contains(&kind))
+        })
+        .map(|o| serde_yaml::to_string(&o))
+        .collect::<Result<_, _>>()?;
+    kubectl(
+        admin_kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&objects.join("---\n")),
+    )?;
+    let token = kubectl(
+        admin_kubeconfig,
+        &[
+            "create",
+            "token",
+            SERVICE_ACCOUNT,
+            "-n",
+            SYSTEM_NAMESPACE,
+            "--duration=48h",
+        ],
+        None,
+    )?;
+    let path = dir.join("webhook.kubeconfig");
+    std::fs::write(&path, pki.token_kubeconfig(server, token.trim()))?;
+    Ok(path)
+}
+
+/// Runs kubectl with `kubeconfig`; its standard output, or an error with its stderr.
+pub fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(paths::kubectl())
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {} (set KUBECTL)", paths::kubectl().display()))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Starts the webhook on 127.0.0.1:`port`, talking to the API server with `kubeconfig`.
 pub async fn start(
     dir: &Path,
     pki: &Pki,
     port: u16,
+    kubeconfig: &Path,
     lifetime: Lifetime,
 ) -> anyhow::Result<Process> {
     let binary = paths::workspace_binary(WEBHOOK_BINARY)?;
@@ -39,10 +128,10 @@ pub async fn start(
             format!("--listen=127.0.0.1:{port}"),
             format!("--tls-cert-file={}", pair.cert.display()),
             format!("--tls-key-file={}", pair.key.display()),
-            format!(
-                "--config={}",
-                paths::repo().join("manifests/config.yaml").display()
-            ),
+            format!("--config={}", config_file().display()),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--leader-election-namespace={SYSTEM_NAMESPACE}"),
+            "--identity=servicekeel-webhook-e2e".into(),
             "--drain-timeout=5s".into(),
         ]),
         &dir.join("servicekeel-webhook.log"),
@@ -63,8 +152,8 @@ pub async fn start(
     Ok(process)
 }
 
-/// The MutatingWebhookConfiguration of `manifests/`, as `kubectl kustomize` renders it.
-pub fn manifest_configuration() -> anyhow::Result<Value> {
+/// The objects of `manifests/`, as `kubectl kustomize` renders them.
+pub fn render_manifests() -> anyhow::Result<Vec<Value>> {
     let kubectl = paths::kubectl();
     let output = Command::new(&kubectl)
         .arg("kustomize")
@@ -78,13 +167,17 @@ pub fn manifest_configuration() -> anyhow::Result<Value> {
         );
     }
     let text = String::from_utf8(output.stdout)?;
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value: Value = serde::Deserialize::deserialize(document)?;
-        if value["kind"] == "MutatingWebhookConfiguration" {
-            return Ok(value);
-        }
-    }
-    bail!("manifests/ has no MutatingWebhookConfiguration")
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| Ok(serde::Deserialize::deserialize(document)?))
+        .collect()
+}
+
+/// The MutatingWebhookConfiguration of `manifests/`.
+pub fn manifest_configuration() -> anyhow::Result<Value> {
+    render_manifests()?
+        .into_iter()
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .context("manifests/ has no MutatingWebhookConfiguration")
 }
 
 /// Registers the manifests' configuration, pointed at `url`, trusting the local CA; then waits

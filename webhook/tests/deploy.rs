@@ -61,7 +61,13 @@ fn object<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
 fn manifests_render_and_match_the_code() {
     let objects = rendered();
     for o in &objects {
-        if o["kind"] != "Namespace" && o["kind"] != "MutatingWebhookConfiguration" {
+        let cluster_scoped = [
+            "Namespace",
+            "MutatingWebhookConfiguration",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ];
+        if !cluster_scoped.contains(&o["kind"].as_str().unwrap()) {
             assert_eq!(
                 o["metadata"]["namespace"], "servicekeel-system",
                 "{}",
