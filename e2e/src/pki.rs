@@ -115,6 +115,24 @@ impl Pki {
 
     /// A kubeconfig that authenticates with a bearer `token` against `server`.
     pub fn token_kubeconfig(&self, server: &str, token: &str) -> String {
+        self.kubeconfig_with(server, &format!("token: {token}"))
+    }
+
+    /// A kubeconfig for the admin user (client certificate) against `server`.
+    pub fn kubeconfig(&self, server: &str) -> anyhow::Result<String> {
+        let admin = self.pair("admin");
+        let read = |path: &Path| -> anyhow::Result<String> {
+            Ok(BASE64.encode(std::fs::read(path).with_context(|| path.display().to_string())?))
+        };
+        let user = format!(
+            "client-certificate-data: {}\n      client-key-data: {}",
+            read(&admin.cert)?,
+            read(&admin.key)?
+        );
+        Ok(self.kubeconfig_with(server, &user))
+    }
+
+    fn kubeconfig_with(&self, server: &str, user: &str) -> String {
         format!(
             "apiVersion: v1
 kind: Config
@@ -124,50 +142,18 @@ clusters:
       server: {server}
       certificate-authority-data: {ca}
 users:
-  - name: token
+  - name: user
     user:
-      token: {token}
+      {user}
 contexts:
   - name: servicekeel-e2e
     context:
       cluster: servicekeel-e2e
-      user: token
+      user: user
 current-context: servicekeel-e2e
 ",
             ca = BASE64.encode(&self.ca_pem),
         )
-    }
-
-    /// A kubeconfig for the admin user against `server`.
-    pub fn kubeconfig(&self, server: &str) -> anyhow::Result<String> {
-        let admin = self.pair("admin");
-        let read = |path: &Path| -> anyhow::Result<String> {
-            Ok(BASE64.encode(std::fs::read(path).with_context(|| path.display().to_string())?))
-        };
-        Ok(format!(
-            "apiVersion: v1
-kind: Config
-clusters:
-  - name: servicekeel-e2e
-    cluster:
-      server: {server}
-      certificate-authority-data: {ca}
-users:
-  - name: admin
-    user:
-      client-certificate-data: {cert}
-      client-key-data: {key}
-contexts:
-  - name: servicekeel-e2e
-    context:
-      cluster: servicekeel-e2e
-      user: admin
-current-context: servicekeel-e2e
-",
-            ca = BASE64.encode(&self.ca_pem),
-            cert = read(&admin.cert)?,
-            key = read(&admin.key)?,
-        ))
     }
 }
 

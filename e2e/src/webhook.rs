@@ -80,8 +80,20 @@ pub fn install_access(
     Ok(path)
 }
 
-/// Runs kubectl with `kubeconfig`; its standard output, or an error with its stderr.
-pub fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+/// What a kubectl run said.
+#[derive(Debug)]
+pub struct KubectlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs kubectl with `kubeconfig`, feeding it `stdin`.
+pub fn run_kubectl(
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<KubectlOutput> {
     use std::io::Write;
     use std::process::Stdio;
     let mut child = Command::new(paths::kubectl())
@@ -100,14 +112,20 @@ pub fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> anyhow:
         pipe.write_all(input.as_bytes())?;
     }
     let output = child.wait_with_output()?;
-    if !output.status.success() {
-        bail!(
-            "kubectl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
+    Ok(KubectlOutput {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Runs kubectl; its standard output, or an error with its stderr.
+pub fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    let output = run_kubectl(kubeconfig, args, stdin)?;
+    if !output.success {
+        bail!("kubectl {} failed: {}", args.join(" "), output.stderr);
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    Ok(output.stdout)
 }
 
 /// Starts the webhook on 127.0.0.1:`port`, talking to the API server with `kubeconfig`.

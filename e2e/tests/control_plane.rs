@@ -8,11 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{bail, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, ObjectMeta, PostParams};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -223,33 +223,14 @@ fn differences(expected: &Value, actual: &Value, path: &str, out: &mut Vec<Strin
     }
 }
 
+/// kubectl's success, standard output and standard error.
 fn kubectl(
     kubeconfig: &Path,
     args: &[&str],
     stdin: Option<&str>,
 ) -> anyhow::Result<(bool, String, String)> {
-    let mut child = Command::new(paths::kubectl())
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run kubectl")?;
-    if let Some(input) = stdin {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(input.as_bytes())?;
-    }
-    let output = child.wait_with_output()?;
-    Ok((
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
+    let output = servicekeel_e2e::webhook::run_kubectl(kubeconfig, args, stdin)?;
+    Ok((output.success, output.stdout, output.stderr))
 }
 
 fn pod_value(pod: &Pod) -> Value {
