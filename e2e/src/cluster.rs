@@ -17,6 +17,7 @@ pub struct LocalCluster {
     webhook: Option<Process>,
     webhook_port: u16,
     webhook_kubeconfig: PathBuf,
+    webhook_flags: Vec<String>,
     lifetime: Lifetime,
 }
 
@@ -35,11 +36,12 @@ impl LocalCluster {
             webhook: None,
             webhook_port,
             webhook_kubeconfig,
+            webhook_flags: Vec::new(),
             lifetime,
         };
         cluster.start_webhook().await?;
         let client = cluster.control_plane.client().await?;
-        webhook::register(&client, &cluster.control_plane.pki, &cluster.webhook_url()).await?;
+        webhook::register(&client, &cluster.webhook_url()).await?;
         Ok(cluster)
     }
 
@@ -67,13 +69,20 @@ impl LocalCluster {
         }
     }
 
+    /// Restarts the webhook with `flags` added to its command line (none: as at start).
+    pub async fn restart_webhook(&mut self, flags: &[&str]) -> anyhow::Result<()> {
+        self.stop_webhook();
+        self.webhook_flags = flags.iter().map(|f| f.to_string()).collect();
+        self.start_webhook().await
+    }
+
     /// Starts the webhook again on the same address.
     pub async fn start_webhook(&mut self) -> anyhow::Result<()> {
         let process = webhook::start(
             &self.control_plane.dir,
-            &self.control_plane.pki,
             self.webhook_port,
             &self.webhook_kubeconfig,
+            &self.webhook_flags,
             self.lifetime,
         )
         .await?;

@@ -1,7 +1,7 @@
-//! The local cluster's certificates, made with rcgen: one CA for everything, the apiserver's
-//! serving certificate, an admin client certificate (`system:masters`), the service-account
-//! signing keys and the webhook's serving certificate. Files are written under the cluster's
-//! directory with private keys readable by the owner only.
+//! The local cluster's certificates, made with rcgen: a CA, the apiserver's serving
+//! certificate, an admin client certificate (`system:masters`) and the service-account signing
+//! keys. (The webhook makes its own serving certificate, as it does when installed.) Files are
+//! written under the cluster's directory, private keys readable by the owner only.
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -74,15 +74,6 @@ impl Pki {
             vec![],
             false,
         )?;
-        issue(
-            dir,
-            "webhook",
-            &issuer,
-            "servicekeel-webhook",
-            None,
-            vec![ip("127.0.0.1")],
-            true,
-        )?;
 
         let service_accounts = KeyPair::generate()?;
         write(&dir.join("sa.key"), &service_accounts.serialize_pem(), true)?;
@@ -107,10 +98,6 @@ impl Pki {
             cert: self.dir.join(format!("{name}.crt")),
             key: self.dir.join(format!("{name}.key")),
         }
-    }
-
-    pub fn ca_bundle(&self) -> String {
-        BASE64.encode(&self.ca_pem)
     }
 
     /// A kubeconfig that authenticates with a bearer `token` against `server`.

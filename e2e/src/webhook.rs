@@ -20,9 +20,9 @@ use crate::process::{Lifetime, Process, args, wait_ready};
 pub const WEBHOOK_BINARY: &str = "servicekeel-webhook";
 /// Namespace used to check that the apiserver calls the webhook.
 const PROBE_NAMESPACE: &str = "servicekeel-e2e-probe";
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The webhook's config in the local cluster: `manifests/config.yaml` with the cluster's name
+/// The webhook's config in the local cluster: `manifests/base/config.yaml` with the cluster's name
 /// and cluster-wide default imports set (`e2e/webhook-config.yaml`).
 pub fn config_file() -> PathBuf {
     paths::repo().join("e2e/webhook-config.yaml")
@@ -128,30 +128,38 @@ pub fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> anyhow:
     Ok(output.stdout)
 }
 
-/// Starts the webhook on 127.0.0.1:`port`, talking to the API server with `kubeconfig`.
+/// Starts the webhook on 127.0.0.1:`port`, talking to the API server with `kubeconfig`. It
+/// manages its own serving certificate (for its Service names and 127.0.0.1) and fills
+/// `caBundle`, as installed from `manifests/`; `extra` flags come last.
 pub async fn start(
     dir: &Path,
-    pki: &Pki,
     port: u16,
     kubeconfig: &Path,
+    extra: &[String],
     lifetime: Lifetime,
 ) -> anyhow::Result<Process> {
     let binary = paths::workspace_binary(WEBHOOK_BINARY)?;
-    let pair = pki.pair("webhook");
+    let tls = dir.join("webhook-tls");
     let mut process = Process::spawn(
         WEBHOOK_BINARY,
         &binary,
-        &args([
-            "serve".to_string(),
-            format!("--listen=127.0.0.1:{port}"),
-            format!("--tls-cert-file={}", pair.cert.display()),
-            format!("--tls-key-file={}", pair.key.display()),
-            format!("--config={}", config_file().display()),
-            format!("--kubeconfig={}", kubeconfig.display()),
-            format!("--leader-election-namespace={SYSTEM_NAMESPACE}"),
-            "--identity=servicekeel-webhook-e2e".into(),
-            "--drain-timeout=5s".into(),
-        ]),
+        &args(
+            [
+                "serve".to_string(),
+                format!("--listen=127.0.0.1:{port}"),
+                "--certificate-mode=managed".into(),
+                "--certificate-extra-names=127.0.0.1".into(),
+                format!("--tls-cert-file={}", tls.join("tls.crt").display()),
+                format!("--tls-key-file={}", tls.join("tls.key").display()),
+                format!("--config={}", config_file().display()),
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--namespace={SYSTEM_NAMESPACE}"),
+                "--identity=servicekeel-webhook-e2e".into(),
+                "--drain-timeout=5s".into(),
+            ]
+            .into_iter()
+            .chain(extra.iter().cloned()),
+        ),
         &dir.join("servicekeel-webhook.log"),
         lifetime,
     )?;
@@ -198,15 +206,15 @@ pub fn manifest_configuration() -> anyhow::Result<Value> {
         .context("manifests/ has no MutatingWebhookConfiguration")
 }
 
-/// Registers the manifests' configuration, pointed at `url`, trusting the local CA; then waits
-/// until the apiserver actually sends pods to the webhook.
-pub async fn register(client: &kube::Client, pki: &Pki, url: &str) -> anyhow::Result<()> {
+/// Registers the manifests' configuration pointed at `url`, with no `caBundle`: the webhook
+/// fills it in. Then waits until the apiserver actually sends pods to the webhook.
+pub async fn register(client: &kube::Client, url: &str) -> anyhow::Result<()> {
     let mut configuration = manifest_configuration()?;
     for webhook in configuration["webhooks"]
         .as_array_mut()
         .context("webhooks must be a list")?
     {
-        webhook["clientConfig"] = json!({ "url": url, "caBundle": pki.ca_bundle() });
+        webhook["clientConfig"] = json!({ "url": url });
     }
     let name = configuration["metadata"]["name"]
         .as_str()

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::{bail, ensure};
+use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, ObjectMeta, PostParams};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -79,6 +79,10 @@ fn main() -> ExitCode {
         ("webhook_permissions_are_no_broader_than_needed", |s| {
             Box::pin(permissions(s))
         }),
+        (
+            "managed_certificate_rotates_under_load_and_ca_bundle_heals",
+            |s| Box::pin(certificate_rotation(s)),
+        ),
     ];
     if args.list {
         let trials = tests
@@ -930,11 +934,17 @@ async fn permissions(shared: Arc<Shared>) -> anyhow::Result<()> {
     let denied = [
         vec!["create", "pods", "-n", "default"],
         vec!["delete", "pods", "-n", "default"],
-        vec!["get", "secrets", "-n", "servicekeel-system"],
+        vec!["get", "secrets/someone-else", "-n", "servicekeel-system"],
+        vec!["list", "secrets", "-n", "servicekeel-system"],
+        vec!["get", "secrets/servicekeel-webhook-tls", "-n", "default"],
         vec!["patch", "services", "-n", "default"],
         vec!["update", "leases/someone-else", "-n", "servicekeel-system"],
         vec!["create", "leases", "-n", "default"],
-        vec!["patch", "mutatingwebhookconfigurations"],
+        vec!["patch", "mutatingwebhookconfigurations/someone-else"],
+        vec![
+            "patch",
+            "validatingwebhookconfigurations/servicekeel-sidecar-injector",
+        ],
     ];
     for (expected, cases) in [(true, &allowed[..]), (false, &denied[..])] {
         for case in cases {
@@ -950,4 +960,127 @@ async fn permissions(shared: Arc<Shared>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The webhook started with no certificate made its own (Secret, caBundle). With a lifetime of
+/// seconds it renews at least three times while pods are created one after another, every
+/// creation succeeding; a caBundle reset (as a manifest re-apply does) heals within seconds.
+async fn certificate_rotation(shared: Arc<Shared>) -> anyhow::Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::Secret;
+    let mut cluster = shared.cluster.write().await;
+    let client = &shared.client;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "servicekeel-system");
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let ca_of = |secret: &Secret| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .map(|b| b.0.clone())
+    };
+    let bundle = |c: &MutatingWebhookConfiguration| {
+        c.webhooks
+            .as_ref()
+            .and_then(|w| w[0].client_config.ca_bundle.as_ref())
+            .map(|b| b.0.clone())
+    };
+    let secret = secrets
+        .get("servicekeel-webhook-tls")
+        .await
+        .context("the webhook made no Secret")?;
+    ensure!(
+        secret
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+            .map(String::as_str)
+            == Some("servicekeel-webhook"),
+        "the Secret was not made by the webhook"
+    );
+    let configuration = configurations.get("servicekeel-sidecar-injector").await?;
+    ensure!(
+        bundle(&configuration).is_some() && bundle(&configuration) == ca_of(&secret),
+        "caBundle is not the Secret's CA"
+    );
+
+    cluster
+        .restart_webhook(&["--certificate-lifetime=6s"])
+        .await?;
+    let ns = namespace(client, "rotation", true).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "rotation-"},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    }))?;
+    let issued = |secret: &Secret| {
+        secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("servicekeel.io/issued-at"))
+            .cloned()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let (mut created, mut failures) = (0, Vec::new());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.len() < 4 && std::time::Instant::now() < deadline {
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(stored) if is_injected(&stored) => created += 1,
+            Ok(_) => failures.push("a pod was stored without the sidecar".to_string()),
+            Err(error) => failures.push(error.to_string()),
+        }
+        if let Some(at) = issued(&secrets.get("servicekeel-webhook-tls").await?) {
+            seen.insert(at);
+        }
+    }
+    let rotation = (|| {
+        ensure!(
+            failures.is_empty(),
+            "{} of {} creations failed during rotation: {:?}",
+            failures.len(),
+            created + failures.len(),
+            &failures[..failures.len().min(3)]
+        );
+        ensure!(
+            seen.len() >= 4,
+            "only {} certificates seen in 60s",
+            seen.len()
+        );
+        Ok(())
+    })();
+
+    // A re-apply of the manifests' configuration drops caBundle; the webhook puts it back.
+    let reset = kubectl(
+        &shared.kubeconfig,
+        &[
+            "patch",
+            "mutatingwebhookconfiguration",
+            "servicekeel-sidecar-injector",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/webhooks/0/clientConfig/caBundle"}]"#,
+        ],
+        None,
+    )?;
+    let healed = eventually("caBundle restored and pods injected again", || async {
+        let secret = secrets.get("servicekeel-webhook-tls").await?;
+        let configuration = configurations.get("servicekeel-sidecar-injector").await?;
+        if bundle(&configuration) != ca_of(&secret) {
+            return Ok(None);
+        }
+        Ok(pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .ok()
+            .filter(is_injected)
+            .map(|_| ()))
+    })
+    .await;
+    cluster.restart_webhook(&[]).await?;
+    ensure!(reset.0, "cannot reset caBundle: {}", reset.2);
+    rotation?;
+    healed
 }

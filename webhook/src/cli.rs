@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::caches::Caches;
+use crate::certificates::{Manager, Settings};
 use crate::config::Config;
 use crate::leader::{self, Leadership};
 use crate::metrics::Metrics;
@@ -37,6 +38,12 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CertificateMode {
+    Managed,
+    Files,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -45,7 +52,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the admission webhook over HTTPS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Inject the sidecar into Pods and workload templates in YAML, offline.
     Inject(InjectArgs),
 }
@@ -55,12 +62,56 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SERVICEKEEL_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
+    /// `managed`: the webhook keeps its own CA and serving certificate in a Secret, writes the
+    /// pair to the two files below and fills `caBundle`. `files`: the two files are provided
+    /// (by cert-manager, certs/generate.sh, ...).
+    #[arg(long, env = "SERVICEKEEL_CERTIFICATE_MODE", value_enum, default_value_t = CertificateMode::Managed)]
+    pub certificate_mode: CertificateMode,
     /// PEM certificate chain served; reloaded when the file changes.
-    #[arg(long, env = "SERVICEKEEL_TLS_CERT_FILE")]
+    #[arg(
+        long,
+        env = "SERVICEKEEL_TLS_CERT_FILE",
+        default_value = "/etc/servicekeel/tls/tls.crt"
+    )]
     pub tls_cert_file: PathBuf,
     /// PEM private key of the certificate; reloaded when the file changes.
-    #[arg(long, env = "SERVICEKEEL_TLS_KEY_FILE")]
+    #[arg(
+        long,
+        env = "SERVICEKEEL_TLS_KEY_FILE",
+        default_value = "/etc/servicekeel/tls/tls.key"
+    )]
     pub tls_key_file: PathBuf,
+    /// The webhook's Service, whose DNS names the managed certificate carries.
+    #[arg(
+        long,
+        env = "SERVICEKEEL_SERVICE_NAME",
+        default_value = "servicekeel-webhook"
+    )]
+    pub service_name: String,
+    /// Secret holding the managed CA and certificate, in --namespace.
+    #[arg(
+        long,
+        env = "SERVICEKEEL_CERTIFICATE_SECRET",
+        default_value = "servicekeel-webhook-tls"
+    )]
+    pub certificate_secret: String,
+    /// MutatingWebhookConfiguration whose caBundle the managed CA goes into.
+    #[arg(
+        long,
+        env = "SERVICEKEEL_WEBHOOK_CONFIGURATION",
+        default_value = "servicekeel-sidecar-injector"
+    )]
+    pub webhook_configuration: String,
+    /// Lifetime of a managed serving certificate; it is renewed after two thirds of it.
+    #[arg(long, env = "SERVICEKEEL_CERTIFICATE_LIFETIME", default_value = "8760h", value_parser = parse_duration)]
+    pub certificate_lifetime: Duration,
+    /// More names (DNS names or IP addresses) for the managed certificate, comma-separated.
+    #[arg(
+        long,
+        env = "SERVICEKEEL_CERTIFICATE_EXTRA_NAMES",
+        value_delimiter = ','
+    )]
+    pub certificate_extra_names: Vec<String>,
     /// Config file (YAML); without it every field has its default.
     #[arg(long, env = "SERVICEKEEL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -72,9 +123,9 @@ pub struct ServeArgs {
     /// are not computed.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Namespace of the Lease that elects the one replica keeping exports up to date.
+    /// The webhook's own namespace: its leader Lease and certificate Secret live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "servicekeel-system")]
-    pub leader_election_namespace: String,
+    pub namespace: String,
     /// This replica's name in the Lease.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -106,12 +157,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_or((text, "s"), |at| text.split_at(at));
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 2s or 1m"))?;
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 2s, 1m or 24h"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{text:?} is not a duration like 500ms, 2s or 1m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "{text:?} is not a duration like 500ms, 2s, 1m or 24h"
+        )),
     }
 }
 
@@ -128,7 +182,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?
-            .block_on(serve(args)),
+            .block_on(serve(*args)),
         Command::Inject(args) => inject(args),
     }
 }
@@ -140,13 +194,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen = %args.listen,
         "effective config"
     );
+    let metrics = Arc::new(Metrics::default());
+    let (stop, stopped) = watch::channel(false);
+    let client = api_client(args.kubeconfig.as_deref()).await;
+    let manager = match (args.certificate_mode, &client) {
+        (CertificateMode::Files, _) => None,
+        (CertificateMode::Managed, Ok(client)) => {
+            let manager = Manager::new(client.clone(), certificate_settings(&args));
+            tracing::info!(secret = %args.certificate_secret, "ensuring the serving certificate");
+            manager.ensure_until_ready().await;
+            Some(manager)
+        }
+        (CertificateMode::Managed, Err(error)) => anyhow::bail!(
+            "--certificate-mode=managed needs the Kubernetes API ({error:#}); give --kubeconfig, \
+             or serve your own certificate with --certificate-mode=files"
+        ),
+    };
     let reloader = CertReloader::load(&args.tls_cert_file, &args.tls_key_file)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let metrics = Arc::new(Metrics::default());
-    let (stop, stopped) = watch::channel(false);
-    let view: Arc<dyn ClusterView> = match api_client(args.kubeconfig.as_deref()).await {
+    if let Some(manager) = manager {
+        tokio::spawn(manager.run(reloader.clone(), metrics.clone(), stopped.clone()));
+    }
+    let view: Arc<dyn ClusterView> = match client {
         Ok(client) => {
             let caches = Caches::start(&client);
             let leadership = Leadership::default();
@@ -156,7 +227,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("servicekeel-webhook-{}", std::process::id()));
             tokio::spawn(leader::run(
                 client.clone(),
-                args.leader_election_namespace.clone(),
+                args.namespace.clone(),
                 identity,
                 leadership.clone(),
                 stopped.clone(),
@@ -203,6 +274,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await;
     Ok(())
+}
+
+fn certificate_settings(args: &ServeArgs) -> Settings {
+    Settings {
+        namespace: args.namespace.clone(),
+        secret: args.certificate_secret.clone(),
+        service: args.service_name.clone(),
+        webhook_configuration: args.webhook_configuration.clone(),
+        lifetime: args.certificate_lifetime,
+        extra_names: args.certificate_extra_names.clone(),
+        cert_file: args.tls_cert_file.clone(),
+        key_file: args.tls_key_file.clone(),
+    }
 }
 
 async fn api_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
@@ -261,7 +345,8 @@ mod tests {
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("1h").is_err());
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("1d").is_err());
         assert!(parse_duration("s").is_err());
     }
 

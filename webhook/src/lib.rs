@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod caches;
+pub mod certificates;
 pub mod cli;
 pub mod config;
 pub mod exports;

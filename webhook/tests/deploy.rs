@@ -17,7 +17,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 use servicekeel_api::keys;
-use servicekeel_webhook::cli::{Cli, Command as CliCommand};
+use servicekeel_webhook::cli::{CertificateMode, Cli, Command as CliCommand};
 use servicekeel_webhook::config::Config;
 use support::{TestServer, client_trusting};
 
@@ -32,16 +32,16 @@ fn kubectl() -> String {
     std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
 }
 
-/// The rendered base, one JSON value per object.
-fn rendered() -> Vec<Value> {
+/// `manifests/` or one of its overlays, rendered, one JSON value per object.
+fn rendered(dir: &str) -> Vec<Value> {
     let output = Command::new(kubectl())
         .arg("kustomize")
-        .arg(repo().join("manifests"))
+        .arg(repo().join(dir))
         .output()
         .unwrap_or_else(|e| panic!("kubectl is needed to render manifests/ (set KUBECTL): {e}"));
     assert!(
         output.status.success(),
-        "kubectl kustomize manifests/ failed: {}",
+        "kubectl kustomize {dir} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     let text = String::from_utf8(output.stdout).unwrap();
@@ -59,7 +59,7 @@ fn object<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
 
 #[test]
 fn manifests_render_and_match_the_code() {
-    let objects = rendered();
+    let objects = rendered("manifests");
     for o in &objects {
         let cluster_scoped = [
             "Namespace",
@@ -93,6 +93,15 @@ fn manifests_render_and_match_the_code() {
     let CliCommand::Serve(serve) = cli.command else {
         panic!("the Deployment must run `serve`")
     };
+    // By default the webhook makes its own certificate, into a writable in-memory volume.
+    assert_eq!(serve.certificate_mode, CertificateMode::Managed);
+    let tls_volume = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .unwrap();
+    assert!(tls_volume.get("emptyDir").is_some(), "{tls_volume}");
     assert_eq!(container["ports"][0]["containerPort"], serve.listen.port());
     let mounts = container["volumeMounts"].as_array().unwrap();
     let mounted = |file: &Path| {
@@ -179,6 +188,42 @@ fn manifests_render_and_match_the_code() {
     assert_eq!(object_selector["values"][0], keys::INJECT_DISABLED);
     let conditions = webhook["matchConditions"].to_string();
     assert!(conditions.contains(keys::INJECT), "{conditions}");
+}
+
+/// The overlays that provide the certificate: files mode, served from the Secret; with
+/// cert-manager, a Certificate for the Service and the CA injected into caBundle.
+#[test]
+fn certificate_overlays_serve_the_secret() {
+    for dir in ["manifests/manual-certs", "manifests/cert-manager"] {
+        let objects = rendered(dir);
+        let deployment = object(&objects, "Deployment");
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let mut argv = vec!["servicekeel-webhook".to_string()];
+        argv.extend(
+            container["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string()),
+        );
+        let CliCommand::Serve(serve) = Cli::try_parse_from(&argv).unwrap().command else {
+            panic!("{dir}: the Deployment must run `serve`")
+        };
+        assert_eq!(serve.certificate_mode, CertificateMode::Files, "{dir}");
+        let volume = &deployment["spec"]["template"]["spec"]["volumes"][0];
+        assert_eq!(volume["name"], "tls", "{dir}");
+        assert_eq!(
+            volume["secret"]["secretName"], serve.certificate_secret,
+            "{dir}"
+        );
+    }
+    let objects = rendered("manifests/cert-manager");
+    let certificate = object(&objects, "Certificate");
+    assert_eq!(certificate["spec"]["secretName"], "servicekeel-webhook-tls");
+    assert_eq!(
+        object(&objects, "MutatingWebhookConfiguration")["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "servicekeel-system/servicekeel-webhook"
+    );
 }
 
 #[test]
