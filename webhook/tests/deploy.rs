@@ -17,7 +17,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 use servicekeel_api::keys;
-use servicekeel_webhook::cli::{CertificateMode, Cli, Command as CliCommand};
+use servicekeel_webhook::cli::{CertificateMode, Cli, Command as CliCommand, ServeArgs};
 use servicekeel_webhook::config::Config;
 use support::{TestServer, client_trusting};
 
@@ -57,6 +57,25 @@ fn object<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} in manifests/"))
 }
 
+/// The Deployment's container arguments, parsed by the real CLI.
+fn serve_args(deployment: &Value) -> ServeArgs {
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let mut argv = vec!["servicekeel-webhook".to_string()];
+    argv.extend(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string()),
+    );
+    let cli =
+        Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("Deployment args do not parse: {e}"));
+    let CliCommand::Serve(serve) = cli.command else {
+        panic!("the Deployment must run `serve`")
+    };
+    *serve
+}
+
 #[test]
 fn manifests_render_and_match_the_code() {
     let objects = rendered("manifests");
@@ -80,19 +99,7 @@ fn manifests_render_and_match_the_code() {
     let deployment = object(&objects, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 2);
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let mut argv = vec!["servicekeel-webhook".to_string()];
-    argv.extend(
-        container["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string()),
-    );
-    let cli =
-        Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("Deployment args do not parse: {e}"));
-    let CliCommand::Serve(serve) = cli.command else {
-        panic!("the Deployment must run `serve`")
-    };
+    let serve = serve_args(deployment);
     // By default the webhook makes its own certificate, into a writable in-memory volume.
     assert_eq!(serve.certificate_mode, CertificateMode::Managed);
     let tls_volume = deployment["spec"]["template"]["spec"]["volumes"]
@@ -197,18 +204,7 @@ fn certificate_overlays_serve_the_secret() {
     for dir in ["manifests/manual-certs", "manifests/cert-manager"] {
         let objects = rendered(dir);
         let deployment = object(&objects, "Deployment");
-        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-        let mut argv = vec!["servicekeel-webhook".to_string()];
-        argv.extend(
-            container["args"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a.as_str().unwrap().to_string()),
-        );
-        let CliCommand::Serve(serve) = Cli::try_parse_from(&argv).unwrap().command else {
-            panic!("{dir}: the Deployment must run `serve`")
-        };
+        let serve = serve_args(deployment);
         assert_eq!(serve.certificate_mode, CertificateMode::Files, "{dir}");
         let volume = &deployment["spec"]["template"]["spec"]["volumes"][0];
         assert_eq!(volume["name"], "tls", "{dir}");
