@@ -83,6 +83,9 @@ fn main() -> ExitCode {
             "managed_certificate_rotates_under_load_and_ca_bundle_heals",
             |s| Box::pin(certificate_rotation(s)),
         ),
+        ("one_replica_leads_and_hands_over_on_shutdown", |s| {
+            Box::pin(leader_election(s))
+        }),
     ];
     if args.list {
         let trials = tests
@@ -1083,4 +1086,68 @@ async fn certificate_rotation(shared: Arc<Shared>) -> anyhow::Result<()> {
     ensure!(reset.0, "cannot reset caBundle: {}", reset.2);
     rotation?;
     healed
+}
+
+/// Two contenders for one Lease: exactly one leads at a time, and when it stops the other takes
+/// over at once (the lease is released, not left to expire).
+async fn leader_election(shared: Arc<Shared>) -> anyhow::Result<()> {
+    use servicekeel_webhook::leader::{self, Leadership};
+    let _cluster = shared.cluster.read().await;
+    let ns = namespace(&shared.client, "election", false).await?;
+    let mut contenders = Vec::new();
+    for identity in ["replica-a", "replica-b"] {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let leadership = Leadership::default();
+        let task = tokio::spawn(leader::run(
+            shared.client.clone(),
+            ns.clone(),
+            "election".into(),
+            identity.into(),
+            leadership.clone(),
+            stopped,
+        ));
+        contenders.push((stop, leadership, task));
+    }
+    let leaders = |c: &[(
+        tokio::sync::watch::Sender<bool>,
+        Leadership,
+        tokio::task::JoinHandle<()>,
+    )]| { c.iter().filter(|(_, l, _)| l.is_leader()).count() };
+    eventually("a leader elected", || async {
+        Ok((leaders(&contenders) == 1).then_some(()))
+    })
+    .await?;
+    // Over several renewals, never two leaders and never none.
+    for _ in 0..15 {
+        tokio::time::sleep(POLL).await;
+        ensure!(
+            leaders(&contenders) == 1,
+            "{} leaders",
+            leaders(&contenders)
+        );
+    }
+    let index = contenders
+        .iter()
+        .position(|(_, l, _)| l.is_leader())
+        .unwrap();
+    let stopped_identity = ["replica-a", "replica-b"][index];
+    let (stop, _, task) = contenders.remove(index);
+    stop.send(true)?;
+    task.await?;
+    // Released, not left to expire: the Lease no longer names the stopped replica.
+    let lease =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(shared.client.clone(), &ns)
+            .get("election")
+            .await?;
+    let holder = lease.spec.and_then(|s| s.holder_identity);
+    ensure!(
+        holder.as_deref() != Some(stopped_identity),
+        "the stopped replica still holds the lease"
+    );
+    eventually("the other replica taking over", || async {
+        Ok(contenders[0].1.is_leader().then_some(()))
+    })
+    .await?;
+    contenders[0].0.send(true)?;
+    Ok(())
 }

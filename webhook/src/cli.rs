@@ -217,6 +217,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(manager) = manager {
         tokio::spawn(manager.run(reloader.clone(), metrics.clone(), stopped.clone()));
     }
+    let mut leader_task = None;
     let view: Arc<dyn ClusterView> = match client {
         Ok(client) => {
             let caches = Caches::start(&client);
@@ -225,13 +226,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .identity
                 .clone()
                 .unwrap_or_else(|| format!("servicekeel-webhook-{}", std::process::id()));
-            tokio::spawn(leader::run(
+            leader_task = Some(tokio::spawn(leader::run(
                 client.clone(),
                 args.namespace.clone(),
+                leader::LEASE_NAME.into(),
                 identity,
                 leadership.clone(),
                 stopped.clone(),
-            ));
+            )));
             tokio::spawn(reconcile::run(
                 client,
                 caches.clone(),
@@ -273,6 +275,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.drain_timeout,
     )
     .await;
+    // Hand the lease over before exiting, so another replica writes without waiting it out.
+    if let Some(task) = leader_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     Ok(())
 }
 

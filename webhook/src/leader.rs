@@ -31,17 +31,19 @@ impl Leadership {
     }
 }
 
-/// Contends for the lease in `namespace` as `identity` until `shutdown`.
+/// Contends for the Lease `name` in `namespace` as `identity` until `shutdown`, then releases
+/// it if held, so another replica takes over at once rather than after the lease duration.
 pub async fn run(
     client: Client,
     namespace: String,
+    name: String,
     identity: String,
     leadership: Leadership,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     loop {
-        let leading = match acquire_or_renew(&api, &identity).await {
+        let leading = match acquire_or_renew(&api, &name, &identity).await {
             Ok(leading) => leading,
             Err(error) => {
                 tracing::warn!(%error, "cannot update the leader lease");
@@ -56,16 +58,39 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
     }
-    leadership.0.store(false, Ordering::SeqCst);
+    if leadership.0.swap(false, Ordering::SeqCst) {
+        match release(&api, &name, &identity).await {
+            Ok(()) => tracing::info!(identity, "leadership released"),
+            Err(error) => tracing::warn!(%error, "cannot release the leader lease"),
+        }
+    }
 }
 
-async fn acquire_or_renew(api: &Api<Lease>, identity: &str) -> kube::Result<bool> {
+/// Gives the lease up if `identity` still holds it.
+async fn release(api: &Api<Lease>, name: &str, identity: &str) -> kube::Result<()> {
+    let Some(mut lease) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(());
+    };
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    match api.replace(name, &PostParams::default(), &lease).await {
+        Ok(_) | Err(kube::Error::Api(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn acquire_or_renew(api: &Api<Lease>, name: &str, identity: &str) -> kube::Result<bool> {
     let now = Timestamp::now();
     let duration = LEASE_DURATION.as_secs() as i32;
-    let Some(mut lease) = api.get_opt(LEASE_NAME).await? else {
+    let Some(mut lease) = api.get_opt(name).await? else {
         let lease = Lease {
             metadata: ObjectMeta {
-                name: Some(LEASE_NAME.into()),
+                name: Some(name.into()),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {
@@ -102,10 +127,7 @@ async fn acquire_or_renew(api: &Api<Lease>, identity: &str) -> kube::Result<bool
     spec.renew_time = Some(MicroTime(now));
     spec.lease_duration_seconds = Some(duration);
     // The resourceVersion makes this a compare-and-swap: of two contenders, one wins.
-    match api
-        .replace(LEASE_NAME, &PostParams::default(), &lease)
-        .await
-    {
+    match api.replace(name, &PostParams::default(), &lease).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(e),
