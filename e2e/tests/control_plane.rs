@@ -1148,6 +1148,8 @@ async fn leader_election(shared: Arc<Shared>) -> anyhow::Result<()> {
         Ok(contenders[0].1.is_leader().then_some(()))
     })
     .await?;
-    contenders[0].0.send(true)?;
+    let (stop, _, task) = contenders.remove(0);
+    stop.send(true)?;
+    task.await?;
     Ok(())
 }

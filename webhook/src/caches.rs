@@ -1,11 +1,16 @@
 //! Watch-backed caches of Services and Namespaces (kube-runtime reflectors): admission reads
 //! them without calling the API server. Until the Services cache has synced, exports are
 //! reported unknown and pods are admitted without them; the reconciler fills them in later.
+//!
+//! The Services reflector's events are handed to the reconciler ([`ServiceEvents`]) rather than
+//! watched twice: a reflector updates its store before it yields the event, so a reconcile
+//! triggered by a Service change always finds that change in the cache.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -13,6 +18,9 @@ use kube::{Api, Client};
 use servicekeel_api::{ServiceList, keys};
 
 use crate::view::{ClusterView, parse_namespace_defaults};
+
+/// Every Service created, changed or deleted, after the cache has taken it in.
+pub type ServiceEvents = BoxStream<'static, Result<Service, watcher::Error>>;
 
 #[derive(Debug, Clone)]
 pub struct Caches {
@@ -22,9 +30,20 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Starts the watches; they run (and retry with backoff) as long as the runtime does.
-    pub fn start(client: &Client) -> Caches {
-        let services = watch::<Service>(Api::all(client.clone()));
+    /// Starts the watches; they run (and retry with backoff) as long as the runtime does. The
+    /// Services watch runs as long as the returned events are polled (by the reconciler).
+    pub fn start(client: &Client) -> (Caches, ServiceEvents) {
+        let (services, writer) = reflector::store();
+        let events = reflector(
+            writer,
+            watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        )
+        .touched_objects()
+        .boxed();
         let namespaces = watch::<Namespace>(Api::all(client.clone()));
         let services_ready = Arc::new(AtomicBool::new(false));
         let (store, ready) = (services.clone(), services_ready.clone());
@@ -34,11 +53,12 @@ impl Caches {
                 tracing::info!(services = store.len(), "Services cache synced");
             }
         });
-        Caches {
+        let caches = Caches {
             services,
             namespaces,
             services_ready,
-        }
+        };
+        (caches, events)
     }
 
     /// Waits until both caches hold a full list.

@@ -220,7 +220,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut leader_task = None;
     let view: Arc<dyn ClusterView> = match client {
         Ok(client) => {
-            let caches = Caches::start(&client);
+            let (caches, service_events) = Caches::start(&client);
             let leadership = Leadership::default();
             let identity = args
                 .identity
@@ -237,6 +237,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(reconcile::run(
                 client,
                 caches.clone(),
+                service_events,
                 config.clone(),
                 leadership,
                 stopped.clone(),

@@ -19,7 +19,7 @@ use servicekeel_api::ServiceList;
 use servicekeel_api::keys::{self, Direction};
 use tokio::sync::watch;
 
-use crate::caches::Caches;
+use crate::caches::{Caches, ServiceEvents};
 use crate::config::Config;
 use crate::exports::exports_for;
 use crate::inject::Status;
@@ -50,6 +50,7 @@ enum ReconcileError {
 pub async fn run(
     client: Client,
     caches: Caches,
+    service_events: ServiceEvents,
     config: Arc<Config>,
     leadership: Leadership,
     mut shutdown: watch::Receiver<bool>,
@@ -63,23 +64,24 @@ pub async fn run(
         leadership,
     });
     controller
-        .watches(
-            Api::<Service>::all(client),
-            watcher::Config::default(),
-            move |service: Service| {
-                let namespace = service.metadata.namespace.clone();
-                pods.state()
-                    .into_iter()
-                    .filter(|pod| pod.metadata.namespace == namespace && is_injected(pod))
-                    .map(|pod| ObjectRef::from_obj(&*pod))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(service_events, move |service: Service| {
+            let namespace = service.metadata.namespace.clone();
+            pods.state()
+                .into_iter()
+                .filter(|pod| pod.metadata.namespace == namespace && is_injected(pod))
+                .map(|pod| ObjectRef::from_obj(&*pod))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         })
         .run(reconcile, error_policy, context)
-        .for_each(|_| futures::future::ready(()))
+        .for_each(|result| {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconciler event");
+            }
+            futures::future::ready(())
+        })
         .await;
 }
 
