@@ -86,6 +86,9 @@ fn main() -> ExitCode {
         ("one_replica_leads_and_hands_over_on_shutdown", |s| {
             Box::pin(leader_election(s))
         }),
+        ("replicas_racing_for_the_certificate_agree_on_one", |s| {
+            Box::pin(certificate_race(s))
+        }),
     ];
     if args.list {
         let trials = tests
@@ -1151,5 +1154,61 @@ async fn leader_election(shared: Arc<Shared>) -> anyhow::Result<()> {
     let (stop, _, task) = contenders.remove(0);
     stop.send(true)?;
     task.await?;
+    Ok(())
+}
+
+/// Two replicas creating (and then renewing) the certificate Secret at the same moment end up
+/// serving the same pair from one Secret.
+async fn certificate_race(shared: Arc<Shared>) -> anyhow::Result<()> {
+    use servicekeel_webhook::certificates::{Manager, Settings};
+    let cluster = shared.cluster.read().await;
+    let ns = namespace(&shared.client, "cert-race", false).await?;
+    // Inside the run's directory, which goes with the cluster.
+    let dir = cluster.control_plane.dir.join(&ns);
+    let manager = |replica: &str, lifetime: u64| {
+        Manager::new(
+            shared.client.clone(),
+            Settings {
+                namespace: ns.clone(),
+                secret: "race-tls".into(),
+                service: "servicekeel-webhook".into(),
+                webhook_configuration: "none".into(),
+                lifetime: std::time::Duration::from_secs(lifetime),
+                extra_names: vec![],
+                cert_file: dir.join(replica).join("tls.crt"),
+                key_file: dir.join(replica).join("tls.key"),
+            },
+        )
+    };
+    let read = |replica: &str| -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        Ok((
+            std::fs::read(dir.join(replica).join("tls.crt"))?,
+            std::fs::read(dir.join(replica).join("tls.key"))?,
+        ))
+    };
+    // First the race to create, then (with a lifetime that forces it) the race to renew.
+    for lifetime in [3600, 30] {
+        let (a, b) = (manager("a", lifetime), manager("b", lifetime));
+        let _ = tokio::join!(a.ensure(), b.ensure());
+        // The loser of a race adopts the winner's Secret on its next pass.
+        eventually("both replicas serving one pair", || async {
+            let _ = tokio::join!(a.ensure(), b.ensure());
+            Ok((read("a").ok().is_some() && read("a").ok() == read("b").ok()).then_some(()))
+        })
+        .await?;
+        let secret =
+            Api::<k8s_openapi::api::core::v1::Secret>::namespaced(shared.client.clone(), &ns)
+                .get("race-tls")
+                .await?;
+        let stored = secret
+            .data
+            .unwrap_or_default()
+            .get("tls.crt")
+            .map(|b| b.0.clone());
+        ensure!(
+            stored == Some(read("a")?.0),
+            "the served pair is not the Secret's"
+        );
+    }
     Ok(())
 }
