@@ -9,6 +9,7 @@ pub mod defaults;
 pub mod env;
 pub mod keys;
 pub mod names;
+pub mod podinfo;
 pub mod services;
 
 pub use services::{
