@@ -8,6 +8,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::{Deserialize, Serialize};
+use servicekeel_api::addresses::LocalRange;
 use servicekeel_api::{ServiceList, defaults, names};
 
 /// Cluster DNS used as the sidecar's upstream when the config does not name one: the Service IP
@@ -170,7 +171,9 @@ impl Config {
             .map_err(|m| invalid("clusterName", format!("{:?} {m}", self.cluster_name)))?;
         names::check_dns1123_subdomain(&self.cluster_domain)
             .map_err(|m| invalid("clusterDomain", format!("{:?} {m}", self.cluster_domain)))?;
-        check_ipv4_cidr(&self.ip_range).map_err(|m| invalid("ipRange", m))?;
+        self.ip_range
+            .parse::<LocalRange>()
+            .map_err(|m| invalid("ipRange", m))?;
         if self.dns_addr.port() != 53 || !self.dns_addr.ip().is_loopback() {
             return Err(invalid(
                 "dnsAddr",
@@ -223,24 +226,6 @@ impl Config {
             .and_then(|()| defaults.check_import_limit())
             .map_err(|e| invalid("defaultImportedServices", e.to_string()))?;
         Ok(())
-    }
-}
-
-fn check_ipv4_cidr(text: &str) -> Result<(), String> {
-    let parsed = text.split_once('/').and_then(|(ip, bits)| {
-        let ip: std::net::Ipv4Addr = ip.parse().ok()?;
-        let bits: u8 = bits.parse().ok()?;
-        (bits <= 32).then_some((ip, bits))
-    });
-    match parsed {
-        Some((ip, bits)) if ip.is_loopback() && bits <= 30 => Ok(()),
-        Some(_) => Err(format!(
-            "{text:?} must be a loopback range (inside 127.0.0.0/8) of at least 4 addresses"
-        )),
-        None => Err(format!(
-            "{text:?} is not an IPv4 CIDR like {}",
-            defaults::IP_RANGE
-        )),
     }
 }
 

@@ -5,6 +5,7 @@
 //! and default values ([`defaults`]), and the service list carried by the imported and exported
 //! annotations ([`services`]). A string of the contract is spelled once, here.
 
+pub mod addresses;
 pub mod defaults;
 pub mod env;
 pub mod keys;
