@@ -1,8 +1,8 @@
 //! The injected sidecar and the per-node router.
 //!
-//! The sidecar is configured by the environment the webhook writes ([`config`]) and gives each
-//! imported service a local address ([`alloc`]); [`dns`] decides what its DNS server answers. Names and defaults of the contract come from
-//! `servicekeel-api`.
+//! The sidecar is configured by the environment the webhook writes ([`config`]), gives each
+//! imported service a local address ([`alloc`]), and [`dns`] decides what its DNS server
+//! answers. Names and defaults of the contract come from `servicekeel-api`.
 
 pub mod alloc;
 pub mod config;
