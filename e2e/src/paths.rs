@@ -32,20 +32,35 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// A binary of this workspace (`servicekeel-webhook`, ...), from the target directory the
-/// running program was built into.
+/// running program was built into; built there first (same profile) when missing.
 pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the running program")?;
     // target/<profile>/servicekeel-e2e, or target/<profile>/deps/<test>-<hash>.
-    for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join(name);
-        if is_executable(&candidate) {
-            return Ok(candidate);
-        }
+    let find = || {
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join(name))
+            .find(|candidate| is_executable(candidate))
+    };
+    if let Some(found) = find() {
+        return Ok(found);
     }
-    bail!(
-        "{name} is not built next to {}: run `cargo build -p {name}` first",
-        exe.display()
-    )
+    let release = exe.components().any(|c| c.as_os_str() == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    tracing::info!(binary = name, "building it first");
+    let mut command = std::process::Command::new(&cargo);
+    command
+        .current_dir(repo())
+        .args(["build", "-p", name, "--bin", name]);
+    if release {
+        command.arg("--release");
+    }
+    let status = command.status().context("cannot run cargo")?;
+    if !status.success() {
+        bail!("`cargo build -p {name}` failed ({status})");
+    }
+    find().with_context(|| format!("{name} is still not next to {}", exe.display()))
 }
 
 /// kubectl: `$KUBECTL`, else the 1.33 build if installed beside the default one, else `kubectl`.
