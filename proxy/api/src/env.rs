@@ -24,5 +24,3 @@ pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const POD_IP: &str = "POD_IP";
 /// The node's name (downward API).
 pub const NODE_NAME: &str = "NODE_NAME";
-/// The node's IP (downward API); used when the router is reached over TCP.
-pub const HOST_IP: &str = "HOST_IP";
