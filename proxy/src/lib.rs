@@ -1,9 +1,11 @@
 //! The injected sidecar and the per-node router.
 //!
-//! The sidecar is configured by the environment the webhook writes ([`config`]), gives each
+//! The sidecar is configured by the environment the webhook writes ([`config`]), follows its
+//! pod's services in the downward-API annotations file ([`podinfo`]), gives each
 //! imported service a local address ([`alloc`]), and [`dns`] decides what its DNS server
 //! answers. Names and defaults of the contract come from `servicekeel-api`.
 
 pub mod alloc;
 pub mod config;
 pub mod dns;
+pub mod podinfo;
