@@ -2,8 +2,10 @@
 //!
 //! The webhook writes pods according to these contracts and the sidecar and router read them:
 //! annotation and label keys ([`keys`]), the sidecar's environment ([`env`]), well-known names
-//! and default values ([`defaults`]), and the service list carried by the imported and exported
-//! annotations ([`services`]). A string of the contract is spelled once, here.
+//! and default values ([`defaults`]), the service list carried by the imported and exported
+//! annotations ([`services`]), the kubelet's annotations file ([`podinfo`]), address formats
+//! ([`addresses`]) and what flows through the tunnel ([`tunnel`]). A string of the contract is
+//! spelled once, here.
 
 pub mod addresses;
 pub mod defaults;
@@ -12,6 +14,7 @@ pub mod keys;
 pub mod names;
 pub mod podinfo;
 pub mod services;
+pub mod tunnel;
 
 pub use services::{
     FieldError, ParseError, Protocol, Service, ServiceKey, ServiceList, ServicePort, TargetPort,
