@@ -8,6 +8,8 @@
 //! imports from several clusters share a name form, the local cluster's wins, then the first
 //! imported.
 
+pub mod upstream;
+
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
