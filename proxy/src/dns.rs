@@ -8,6 +8,7 @@
 //! imports from several clusters share a name form, the local cluster's wins, then the first
 //! imported.
 
+pub mod server;
 pub mod upstream;
 
 use std::collections::HashMap;

@@ -1,0 +1,199 @@
+//! The sidecar's DNS server: binding and serving (hickory-server, UDP and TCP on one address),
+//! and writing the wire response for what [`Names`] decides. Imported names are answered
+//! authoritatively with their local address (A) or an empty NOERROR (other types); every other
+//! name goes to the upstream and its answer is passed back; an unreachable upstream gets
+//! SERVFAIL. Only loopback clients are served.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo, Server};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::net::{TcpListener, UdpSocket};
+
+use super::upstream::Upstream;
+use super::{Answer, Names};
+
+/// TTL of local answers: short, so a changed import is picked up quickly.
+pub const LOCAL_TTL: u32 = 5;
+/// How long a TCP client may stay idle.
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The current name table, replaced as a whole when the imports change.
+pub type SharedNames = Arc<RwLock<Arc<Names>>>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind the DNS server to {addr}: {cause}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub cause: std::io::Error,
+}
+
+/// Answers queries: local names from the table, the rest through the upstream.
+#[derive(Debug, Clone)]
+pub struct Handler {
+    names: SharedNames,
+    upstream: Upstream,
+}
+
+impl Handler {
+    pub fn new(names: SharedNames, upstream: Upstream) -> Self {
+        Handler { names, upstream }
+    }
+}
+
+/// What to report when a response could not be sent.
+fn failed(request: &Request) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
+/// Answers with `code` and no records.
+async fn error<R: ResponseHandler>(
+    request: &Request,
+    mut response: R,
+    code: ResponseCode,
+) -> ResponseInfo {
+    let message =
+        MessageResponseBuilder::from_message_request(request).error_msg(&request.metadata, code);
+    response
+        .send_response(message)
+        .await
+        .unwrap_or_else(|_| failed(request))
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        if !request.src().ip().is_loopback() {
+            return error(request, response, ResponseCode::Refused).await;
+        }
+        let Ok(info) = request.request_info() else {
+            return error(request, response, ResponseCode::FormErr).await;
+        };
+        if request.metadata.op_code != OpCode::Query {
+            return error(request, response, ResponseCode::NotImp).await;
+        }
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let name = info.query.name().to_string();
+        let answer = self
+            .names
+            .read()
+            .map(|names| names.lookup(&name))
+            .unwrap_or(Answer::Forward);
+        match answer {
+            Answer::Local(ip) => {
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.authoritative = true;
+                let record = (info.query.query_type() == RecordType::A
+                    && info.query.query_class() == DNSClass::IN)
+                    .then(|| {
+                        Record::from_rdata(
+                            Name::from(info.query.name().clone()),
+                            LOCAL_TTL,
+                            RData::A(A(ip)),
+                        )
+                    });
+                let message = builder.build(metadata, record.iter(), [], [], []);
+                response
+                    .send_response(message)
+                    .await
+                    .unwrap_or_else(|_| failed(request))
+            }
+            Answer::Forward => {
+                let forwarded = self
+                    .upstream
+                    .forward(request.as_slice())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| Message::from_vec(&bytes).map_err(|e| e.to_string()));
+                match forwarded {
+                    Ok(upstream) => {
+                        let mut builder = builder;
+                        if let Some(edns) = upstream.edns.as_ref() {
+                            builder.edns(edns);
+                        }
+                        let message = builder.build(
+                            upstream.metadata,
+                            upstream.answers.iter(),
+                            upstream.authorities.iter(),
+                            [],
+                            upstream.additionals.iter(),
+                        );
+                        response
+                            .send_response(message)
+                            .await
+                            .unwrap_or_else(|_| failed(request))
+                    }
+                    Err(cause) => {
+                        tracing::debug!(%cause, name, "upstream failed; SERVFAIL");
+                        error(request, response, ResponseCode::ServFail).await
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The DNS server, bound: UDP and TCP on one address.
+pub struct DnsServer {
+    addr: SocketAddr,
+    server: Server<Handler>,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `addr` (port 0: the same free port for both) and starts serving.
+    pub async fn bind(addr: SocketAddr, handler: Handler) -> Result<DnsServer, BindError> {
+        let bind_error = |addr, cause| BindError { addr, cause };
+        // With port 0 the UDP port is picked first and TCP takes the same; retry if it is taken.
+        let mut attempts = if addr.port() == 0 { 10 } else { 1 };
+        let (udp, tcp) = loop {
+            let udp = UdpSocket::bind(addr)
+                .await
+                .map_err(|e| bind_error(addr, e))?;
+            let bound = udp.local_addr().map_err(|e| bind_error(addr, e))?;
+            match TcpListener::bind(bound).await {
+                Ok(tcp) => break (udp, tcp),
+                Err(cause) if attempts > 1 => {
+                    attempts -= 1;
+                    tracing::debug!(%cause, %bound, "TCP port taken; picking another");
+                }
+                Err(cause) => return Err(bind_error(bound, cause)),
+            }
+        };
+        let addr = udp.local_addr().map_err(|e| bind_error(addr, e))?;
+        let mut server = Server::new(handler);
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_TIMEOUT, 65_535);
+        Ok(DnsServer { addr, server })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and waits for in-flight queries.
+    pub async fn shutdown(mut self) {
+        let _ = self.server.shutdown_gracefully().await;
+    }
+}

@@ -1,0 +1,224 @@
+//! The sidecar's DNS server in process, spoken to with real DNS messages over UDP and TCP:
+//! every name form of an import, other record types, forwarding to a test upstream, an
+//! unreachable upstream, and garbage on the wire.
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use servicekeel_api::ServiceKey;
+use servicekeel_proxy::dns::server::{DnsServer, Handler, LOCAL_TTL};
+use servicekeel_proxy::dns::upstream::Upstream;
+use servicekeel_proxy::dns::{Home, Names};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+const HOME: Home<'static> = Home {
+    namespace: "default",
+    cluster: "cluster-a",
+    cluster_domain: "cluster.local",
+};
+
+fn query(id: u16, name: &str, kind: RecordType) -> Vec<u8> {
+    let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+    message.to_vec().unwrap()
+}
+
+async fn over_udp(server: SocketAddr, packet: &[u8]) -> Message {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.send_to(packet, server).await.unwrap();
+    let mut buffer = vec![0u8; 65_535];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(10), socket.recv_from(&mut buffer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    Message::from_vec(&buffer[..n]).unwrap()
+}
+
+async fn over_tcp(server: SocketAddr, packet: &[u8]) -> Message {
+    let mut stream = TcpStream::connect(server).await.unwrap();
+    stream
+        .write_all(&(packet.len() as u16).to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(packet).await.unwrap();
+    let mut prefix = [0u8; 2];
+    stream.read_exact(&mut prefix).await.unwrap();
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
+    stream.read_exact(&mut answer).await.unwrap();
+    Message::from_vec(&answer).unwrap()
+}
+
+fn a_records(message: &Message) -> Vec<Ipv4Addr> {
+    message
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(A(ip)) => Some(*ip),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A test upstream answering every A query with 127.9.9.9 (and nothing else).
+async fn fake_upstream() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 4096];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buffer).await else {
+                return;
+            };
+            let request = Message::from_vec(&buffer[..n]).unwrap();
+            let mut reply = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+            reply.metadata.recursion_available = true;
+            let question = request.queries[0].clone();
+            let name = question.name().clone();
+            reply.add_query(question);
+            reply.add_answer(Record::from_rdata(
+                name,
+                300,
+                RData::A(A(Ipv4Addr::new(127, 9, 9, 9))),
+            ));
+            socket
+                .send_to(&reply.to_vec().unwrap(), from)
+                .await
+                .unwrap();
+        }
+    });
+    addr
+}
+
+async fn start(upstream: SocketAddr) -> DnsServer {
+    let server_key = ServiceKey {
+        name: "simple-server".into(),
+        namespace: "default".into(),
+        cluster: "cluster-a.local".into(),
+    };
+    let names = Names::new([(&server_key, Ipv4Addr::new(127, 0, 66, 1))], HOME);
+    let handler = Handler::new(
+        Arc::new(RwLock::new(Arc::new(names))),
+        Upstream::new(upstream, Duration::from_secs(2)),
+    );
+    DnsServer::bind("127.0.0.1:0".parse().unwrap(), handler)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn imported_names_are_answered_locally_over_udp_and_tcp() {
+    let server = start(fake_upstream().await).await;
+    let addr = server.local_addr();
+    for (id, name) in [
+        "simple-server.",
+        "simple-server.default.",
+        "simple-server.default.svc.",
+        "simple-server.default.svc.cluster.local.",
+        "simple-server.default.cluster-a.local.",
+        "simple-server.default.svc.clusterset.local.",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for answer in [
+            over_udp(addr, &query(id as u16, name, RecordType::A)).await,
+            over_tcp(addr, &query(id as u16, name, RecordType::A)).await,
+        ] {
+            assert_eq!(answer.metadata.id, id as u16);
+            assert_eq!(
+                answer.metadata.response_code,
+                ResponseCode::NoError,
+                "{name}"
+            );
+            assert!(answer.metadata.authoritative, "{name}");
+            assert_eq!(a_records(&answer), [Ipv4Addr::new(127, 0, 66, 1)], "{name}");
+            assert_eq!(answer.answers[0].ttl, LOCAL_TTL);
+        }
+    }
+    // Other types for an imported name: an empty, authoritative NOERROR.
+    let aaaa = over_udp(addr, &query(99, "simple-server.default.", RecordType::AAAA)).await;
+    assert_eq!(aaaa.metadata.response_code, ResponseCode::NoError);
+    assert!(aaaa.metadata.authoritative);
+    assert!(aaaa.answers.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn other_names_are_forwarded() {
+    let server = start(fake_upstream().await).await;
+    for answer in [
+        over_udp(
+            server.local_addr(),
+            &query(7, "example.com.", RecordType::A),
+        )
+        .await,
+        over_tcp(
+            server.local_addr(),
+            &query(7, "example.com.", RecordType::A),
+        )
+        .await,
+    ] {
+        assert_eq!(answer.metadata.id, 7);
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert!(!answer.metadata.authoritative);
+        assert!(
+            answer.metadata.recursion_available,
+            "the upstream's header is passed back"
+        );
+        assert_eq!(a_records(&answer), [Ipv4Addr::new(127, 9, 9, 9)]);
+        assert_eq!(answer.answers[0].ttl, 300);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_gets_servfail_while_imports_still_answer() {
+    let gone = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = gone.local_addr().unwrap();
+    drop(gone);
+    let server = start(upstream).await;
+    let forwarded = over_udp(
+        server.local_addr(),
+        &query(1, "example.com.", RecordType::A),
+    )
+    .await;
+    assert_eq!(forwarded.metadata.response_code, ResponseCode::ServFail);
+    let local = over_udp(
+        server.local_addr(),
+        &query(2, "simple-server.", RecordType::A),
+    )
+    .await;
+    assert_eq!(a_records(&local), [Ipv4Addr::new(127, 0, 66, 1)]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_does_not_stop_the_server() {
+    let server = start(fake_upstream().await).await;
+    let addr = server.local_addr();
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for garbage in [
+        &b""[..],
+        b"\x00",
+        &[0xff; 11],
+        &[0xff; 600],
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c",
+    ] {
+        socket.send_to(garbage, addr).await.unwrap();
+    }
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&[0x00, 0x05, 1, 2, 3]).await.unwrap();
+    drop(stream);
+    let answer = over_udp(addr, &query(3, "simple-server.", RecordType::A)).await;
+    assert_eq!(a_records(&answer), [Ipv4Addr::new(127, 0, 66, 1)]);
+    server.shutdown().await;
+}
