@@ -197,3 +197,87 @@ impl DnsServer {
         let _ = self.server.shutdown_gracefully().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+
+    use hickory_proto::op::{MessageType, Query};
+    use hickory_server::net::NetError;
+    use hickory_server::net::runtime::TokioTime;
+    use hickory_server::net::xfer::Protocol;
+    use hickory_server::zone_handler::MessageResponse;
+    use servicekeel_api::ServiceKey;
+
+    use super::*;
+    use crate::dns::Home;
+
+    /// Keeps the response code of what the handler sends.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Option<ResponseCode>>>);
+
+    #[async_trait::async_trait]
+    impl ResponseHandler for Capture {
+        async fn send_response<'a>(
+            &mut self,
+            response: MessageResponse<
+                '_,
+                'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+            >,
+        ) -> Result<ResponseInfo, NetError> {
+            let metadata = *response.metadata();
+            *self.0.lock().unwrap() = Some(metadata.response_code);
+            Ok(ResponseInfo::from(Header {
+                metadata,
+                counts: HeaderCounts::default(),
+            }))
+        }
+    }
+
+    async fn answer_code(src: &str) -> ResponseCode {
+        let key = ServiceKey {
+            name: "db".into(),
+            namespace: "default".into(),
+            cluster: "c".into(),
+        };
+        let home = Home {
+            namespace: "default",
+            cluster: "c",
+            cluster_domain: "cluster.local",
+        };
+        let names = Names::new([(&key, Ipv4Addr::new(127, 0, 66, 1))], home);
+        let handler = Handler::new(
+            Arc::new(RwLock::new(Arc::new(names))),
+            Upstream::new("127.0.0.1:9".parse().unwrap(), Duration::from_secs(1)),
+        );
+        let mut message = Message::new(1, MessageType::Query, OpCode::Query);
+        message.add_query(Query::query(
+            Name::from_ascii("db.").unwrap(),
+            RecordType::A,
+        ));
+        let request = Request::from_bytes(
+            message.to_vec().unwrap(),
+            src.parse().unwrap(),
+            Protocol::Udp,
+        )
+        .unwrap();
+        let capture = Capture::default();
+        handler
+            .handle_request::<_, TokioTime>(&request, capture.clone())
+            .await;
+        capture.0.lock().unwrap().expect("a response was sent")
+    }
+
+    #[tokio::test]
+    async fn only_loopback_clients_are_served() {
+        assert_eq!(answer_code("127.0.0.1:5353").await, ResponseCode::NoError);
+        assert_eq!(answer_code("[::1]:5353").await, ResponseCode::NoError);
+        assert_eq!(answer_code("10.1.2.3:5353").await, ResponseCode::Refused);
+        assert_eq!(answer_code("[fd00::1]:5353").await, ResponseCode::Refused);
+    }
+}
