@@ -9,3 +9,4 @@ pub mod alloc;
 pub mod config;
 pub mod dns;
 pub mod podinfo;
+pub mod sidecar;

@@ -1,0 +1,151 @@
+//! The sidecar process in-process, as the design example's client pod runs it: its annotations
+//! file (written the way the kubelet writes it) imports `simple-server`; the sidecar answers
+//! `simple-server.default` with a local address, reports ready, and follows a change of the
+//! annotations while running.
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, RecordType};
+use servicekeel_api::podinfo::format_annotations;
+use servicekeel_proxy::config::SidecarConfig;
+use servicekeel_proxy::sidecar::Sidecar;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+
+/// The client pod of ../shared/examples/annotations-yaml-pod.yaml.
+fn design_example_annotations() -> BTreeMap<String, String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/api/tests/fixtures/annotations-yaml-pod.yaml"
+    );
+    let pod: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    serde_yaml::from_value(pod["metadata"]["annotations"].clone()).unwrap()
+}
+
+async fn resolve(dns: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
+    let mut message = Message::new(42, MessageType::Query, OpCode::Query);
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket
+        .send_to(&message.to_vec().unwrap(), dns)
+        .await
+        .unwrap();
+    let mut buffer = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(10), socket.recv_from(&mut buffer))
+        .await
+        .unwrap()
+        .unwrap();
+    Message::from_vec(&buffer[..n])
+        .unwrap()
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(A(ip)) => Some(*ip),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    reply.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn the_design_examples_client_resolves_its_import_and_follows_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("annotations");
+    let mut annotations = design_example_annotations();
+    std::fs::write(&file, format_annotations(&annotations)).unwrap();
+    let env: BTreeMap<String, String> = [
+        ("POD_NAMESPACE", "default"),
+        ("SERVICEKEEL_CLUSTER", "cluster-a"),
+        ("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9"),
+        ("SIDECAR_IP_RANGE", "127.0.66.0/24"),
+        ("SIDECAR_DNS_ADDR", "127.0.0.1:0"),
+        ("SIDECAR_ADMIN_ADDR", "127.0.0.1:0"),
+        ("SIDECAR_SERVER_LISTEN", "unix:///tmp/router.sock"),
+        ("SIDECAR_ANNOTATIONS_FILE", file.to_str().unwrap()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let sidecar = Sidecar::start(SidecarConfig::from_source(&env).unwrap())
+        .await
+        .unwrap();
+    let dns = sidecar.dns_addr();
+    assert_eq!(
+        http_status(sidecar.admin_addr(), "/readyz").await,
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(
+        http_status(sidecar.admin_addr(), "/healthz").await,
+        "HTTP/1.1 200 OK"
+    );
+
+    let local = Ipv4Addr::new(127, 0, 66, 1);
+    assert_eq!(resolve(dns, "simple-server.default.").await, [local]);
+    assert_eq!(
+        resolve(dns, "simple-server.default.cluster-a.local.").await,
+        [local]
+    );
+    assert_eq!(resolve(dns, "db.default.").await, Vec::<Ipv4Addr>::new());
+
+    // A second import appears; the first keeps its address.
+    annotations.insert(
+        "servicekeel.io/imported-services".into(),
+        "services:\n  - {name: simple-server, cluster: cluster-a.local, ports: [{port: 8080}]}\n  - {name: db, ports: [{port: 5432}]}\n".into(),
+    );
+    std::fs::write(&file, format_annotations(&annotations)).unwrap();
+    sidecar.reload_now();
+    assert_eq!(
+        resolve(dns, "db.default.").await,
+        [Ipv4Addr::new(127, 0, 66, 2)]
+    );
+    assert_eq!(resolve(dns, "simple-server.default.").await, [local]);
+
+    // An invalid value keeps the last good set.
+    annotations.insert(
+        "servicekeel.io/imported-services".into(),
+        "services: [{name: db, ports: [{port: 0}]}]".into(),
+    );
+    std::fs::write(&file, format_annotations(&annotations)).unwrap();
+    sidecar.reload_now();
+    assert_eq!(resolve(dns, "simple-server.default.").await, [local]);
+    assert_eq!(
+        resolve(dns, "db.default.").await,
+        [Ipv4Addr::new(127, 0, 66, 2)]
+    );
+
+    sidecar.shutdown().await;
+}
+
+#[test]
+fn a_bad_environment_names_the_variable() {
+    let env: BTreeMap<String, String> =
+        [("POD_NAMESPACE", "default"), ("SERVICEKEEL_CLUSTER", "c")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let error = SidecarConfig::from_source(&env).unwrap_err().to_string();
+    assert!(
+        error.starts_with("SIDECAR_UPSTREAM_DNS is not set"),
+        "{error}"
+    );
+}
