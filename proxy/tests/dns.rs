@@ -9,6 +9,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+mod support;
+
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -16,6 +18,7 @@ use servicekeel_api::ServiceKey;
 use servicekeel_proxy::dns::server::{DnsServer, Handler, LOCAL_TTL};
 use servicekeel_proxy::dns::upstream::Upstream;
 use servicekeel_proxy::dns::{Home, Names};
+use support::a_records;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -55,17 +58,6 @@ async fn over_tcp(server: SocketAddr, packet: &[u8]) -> Message {
     let mut answer = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
     stream.read_exact(&mut answer).await.unwrap();
     Message::from_vec(&answer).unwrap()
-}
-
-fn a_records(message: &Message) -> Vec<Ipv4Addr> {
-    message
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(A(ip)) => Some(*ip),
-            _ => None,
-        })
-        .collect()
 }
 
 /// A test upstream answering every A query with 127.9.9.9 (and nothing else).

@@ -10,12 +10,14 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+mod support;
+
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::rr::{Name, RecordType};
 use servicekeel_api::podinfo::format_annotations;
 use servicekeel_proxy::config::SidecarConfig;
 use servicekeel_proxy::sidecar::Sidecar;
+use support::a_records;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
@@ -43,15 +45,7 @@ async fn resolve(dns: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
         .await
         .unwrap()
         .unwrap();
-    Message::from_vec(&buffer[..n])
-        .unwrap()
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(A(ip)) => Some(*ip),
-            _ => None,
-        })
-        .collect()
+    a_records(&Message::from_vec(&buffer[..n]).unwrap())
 }
 
 async fn http_status(addr: SocketAddr, path: &str) -> String {
