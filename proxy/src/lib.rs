@@ -8,5 +8,6 @@
 pub mod alloc;
 pub mod config;
 pub mod dns;
+pub mod metrics;
 pub mod podinfo;
 pub mod sidecar;

@@ -1,6 +1,6 @@
 //! The sidecar process: follows the pod's imports in the annotations file, gives each a local
-//! address, serves DNS for them, and reports health. A value with its bound addresses, so tests
-//! can start one on free ports and drive its reloads.
+//! address, serves DNS for them, and reports health and metrics. A value with its bound
+//! addresses, so tests can start one on free ports and drive its reloads.
 //!
 //! Not here yet: the listeners on the local addresses, the tunnel to the router and the
 //! registration of exports.
@@ -20,6 +20,7 @@ use crate::config::SidecarConfig;
 use crate::dns::server::{BindError, DnsServer, Handler, SharedNames};
 use crate::dns::upstream::Upstream;
 use crate::dns::{self, Names};
+use crate::metrics::Metrics;
 use crate::podinfo::{Home, PodServices, Watcher};
 use servicekeel_api::defaults;
 
@@ -56,6 +57,7 @@ struct State {
     allocator: Mutex<Allocator>,
     names: SharedNames,
     ready: AtomicBool,
+    metrics: Arc<Metrics>,
     /// The last problem logged, so one that persists is logged once.
     last_error: Mutex<Option<String>>,
 }
@@ -125,6 +127,7 @@ impl Sidecar {
             allocator: Mutex::new(Allocator::new(config.ip_range)),
             names: Arc::new(RwLock::new(Arc::new(Names::default()))),
             ready: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::default()),
             last_error: Mutex::new(None),
             home,
             config,
@@ -133,6 +136,7 @@ impl Sidecar {
         let handler = Handler::new(
             state.names.clone(),
             Upstream::new(state.config.upstream_dns, UPSTREAM_TIMEOUT),
+            state.metrics.clone(),
         );
         let dns = DnsServer::bind(state.config.dns_addr, handler).await?;
         let admin_listener = tokio::net::TcpListener::bind(state.config.admin_addr)
@@ -196,7 +200,15 @@ async fn serve_admin(
     state: Arc<State>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let metrics = state.metrics.clone();
     let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.encode();
+                async move { text }
+            }),
+        )
         .route(defaults::HEALTH_PATH, get(|| async { "ok" }))
         .route(
             defaults::READY_PATH,

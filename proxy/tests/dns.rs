@@ -18,6 +18,7 @@ use servicekeel_api::ServiceKey;
 use servicekeel_proxy::dns::server::{DnsServer, Handler, LOCAL_TTL};
 use servicekeel_proxy::dns::upstream::Upstream;
 use servicekeel_proxy::dns::{Home, Names};
+use servicekeel_proxy::metrics::Metrics;
 use support::a_records;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -100,6 +101,7 @@ async fn start(upstream: SocketAddr) -> DnsServer {
     let handler = Handler::new(
         Arc::new(RwLock::new(Arc::new(names))),
         Upstream::new(upstream, Duration::from_secs(2)),
+        Arc::new(Metrics::default()),
     );
     DnsServer::bind("127.0.0.1:0".parse().unwrap(), handler)
         .await

@@ -49,15 +49,7 @@ async fn resolve(dns: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
 }
 
 async fn http_status(addr: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await.unwrap();
+    let reply = http_body(addr, path).await;
     reply.lines().next().unwrap_or_default().to_string()
 }
 
@@ -127,7 +119,34 @@ async fn the_design_examples_client_resolves_its_import_and_follows_changes() {
         [Ipv4Addr::new(127, 0, 66, 2)]
     );
 
+    // Six local answers so far; `db.default` before it was imported and `example.com` were
+    // forwarded and found no upstream.
+    assert_eq!(resolve(dns, "example.com.").await, Vec::<Ipv4Addr>::new());
+    let metrics = http_body(sidecar.admin_addr(), "/metrics").await;
+    assert!(
+        metrics.contains(r#"servicekeel_sidecar_dns_queries_total{outcome="local"} 6"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"servicekeel_sidecar_dns_queries_total{outcome="upstream_failed"} 2"#),
+        "{metrics}"
+    );
+
     sidecar.shutdown().await;
+}
+
+/// The whole HTTP/1.1 reply to a GET.
+async fn http_body(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    reply
 }
 
 #[test]

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use super::upstream::Upstream;
 use super::{Answer, Names};
+use crate::metrics::{DnsOutcome, Metrics};
 
 /// TTL of local answers: short, so a changed import is picked up quickly.
 pub const LOCAL_TTL: u32 = 5;
@@ -38,11 +39,16 @@ pub struct BindError {
 pub struct Handler {
     names: SharedNames,
     upstream: Upstream,
+    metrics: Arc<Metrics>,
 }
 
 impl Handler {
-    pub fn new(names: SharedNames, upstream: Upstream) -> Self {
-        Handler { names, upstream }
+    pub fn new(names: SharedNames, upstream: Upstream, metrics: Arc<Metrics>) -> Self {
+        Handler {
+            names,
+            upstream,
+            metrics,
+        }
     }
 }
 
@@ -77,15 +83,20 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response: R,
     ) -> ResponseInfo {
-        if !request.src().ip().is_loopback() {
-            return error(request, response, ResponseCode::Refused).await;
-        }
-        let Ok(info) = request.request_info() else {
-            return error(request, response, ResponseCode::FormErr).await;
+        let rejected = if !request.src().ip().is_loopback() {
+            Some(ResponseCode::Refused)
+        } else if request.metadata.op_code != OpCode::Query {
+            Some(ResponseCode::NotImp)
+        } else {
+            None
         };
-        if request.metadata.op_code != OpCode::Query {
-            return error(request, response, ResponseCode::NotImp).await;
-        }
+        let info = match (rejected, request.request_info()) {
+            (None, Ok(info)) => info,
+            (code, _) => {
+                self.metrics.dns_query(DnsOutcome::Rejected);
+                return error(request, response, code.unwrap_or(ResponseCode::FormErr)).await;
+            }
+        };
         let builder = MessageResponseBuilder::from_message_request(request);
         let name = info.query.name().to_string();
         let answer = self
@@ -95,6 +106,7 @@ impl RequestHandler for Handler {
             .unwrap_or(Answer::Forward);
         match answer {
             Answer::Local(ip) => {
+                self.metrics.dns_query(DnsOutcome::Local);
                 let mut metadata = Metadata::response_from_request(&request.metadata);
                 metadata.authoritative = true;
                 let record = (info.query.query_type() == RecordType::A
@@ -121,6 +133,7 @@ impl RequestHandler for Handler {
                     .and_then(|bytes| Message::from_vec(&bytes).map_err(|e| e.to_string()));
                 match forwarded {
                     Ok(upstream) => {
+                        self.metrics.dns_query(DnsOutcome::Forwarded);
                         let mut builder = builder;
                         if let Some(edns) = upstream.edns.as_ref() {
                             builder.edns(edns);
@@ -138,6 +151,7 @@ impl RequestHandler for Handler {
                             .unwrap_or_else(|_| failed(request))
                     }
                     Err(cause) => {
+                        self.metrics.dns_query(DnsOutcome::UpstreamFailed);
                         tracing::debug!(%cause, name, "upstream failed; SERVFAIL");
                         error(request, response, ResponseCode::ServFail).await
                     }
@@ -254,6 +268,7 @@ mod tests {
         let handler = Handler::new(
             Arc::new(RwLock::new(Arc::new(names))),
             Upstream::new("127.0.0.1:9".parse().unwrap(), Duration::from_secs(1)),
+            Arc::new(Metrics::default()),
         );
         let mut message = Message::new(1, MessageType::Query, OpCode::Query);
         message.add_query(Query::query(
