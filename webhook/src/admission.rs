@@ -11,10 +11,10 @@ use kube::core::{DynamicObject, GroupVersionKind};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::exports::exports_for;
-use crate::inject::{Injection, Target, inject};
+use crate::inject::Injection;
 use crate::metrics::Outcome;
 use crate::view::ClusterView;
+use crate::view::inject_in_view;
 
 const API_VERSION: &str = "admission.k8s.io/v1";
 const KIND: &str = "AdmissionReview";
@@ -132,40 +132,12 @@ pub fn review(
         .or(pod.metadata.generate_name.as_deref())
         .unwrap_or_default();
 
-    let mut warnings = Vec::new();
-    let namespace_defaults = view
-        .namespace_defaults(namespace)
-        .unwrap_or_else(|message| {
-            tracing::warn!(ns = namespace, "{message}");
-            warnings.push(message);
-            None
-        });
-    // Unknown Services (cache not synced yet): admit without exports; the reconciler adds them.
-    let exports = view.services(namespace).map(|services| {
-        let (list, export_warnings) = exports_for(
-            pod,
-            namespace,
-            services.iter().map(|s| s.as_ref()),
-            &config.cluster_name,
-        );
-        warnings.extend(export_warnings);
-        list
-    });
-    let target = Target {
-        namespace,
-        namespace_defaults: namespace_defaults.as_ref(),
-        exports: exports.as_ref(),
-    };
-    match inject(pod, &target, config) {
+    match inject_in_view(pod, namespace, config, view) {
         Ok(Injection::Skip(reason)) => {
             tracing::debug!(ns = namespace, name, reason = reason.as_str(), "skipped");
             Ok(Reviewed::new(&request.uid, Outcome::Skipped))
         }
-        Ok(Injection::Patch {
-            patch,
-            warnings: inject_warnings,
-        }) => {
-            warnings.extend(inject_warnings);
+        Ok(Injection::Patch { patch, warnings }) => {
             tracing::debug!(ns = namespace, name, "injected");
             let json =
                 serde_json::to_vec(&patch).map_err(|e| ReviewError::Encode(e.to_string()))?;

@@ -1,13 +1,19 @@
 //! The offline form of injection (like `istioctl kube-inject`): multi-document YAML in, injected
-//! YAML out. Pods and the pod templates of workloads go through [`inject`]; anything else passes
-//! through unchanged.
+//! YAML out. Pods and the pod templates of workloads go through the same injection as the
+//! webhook's; anything else passes through unchanged. Services and Namespaces in the input
+//! stand in for the webhook's caches: they give the pods' exports and namespace defaults.
 
-use k8s_openapi::api::core::v1::Pod;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::inject::{InjectError, Injection, Target, inject};
+use crate::inject::{InjectError, Injection};
+use crate::view::{ClusterView, inject_in_view, parse_namespace_defaults};
+use servicekeel_api::{ServiceList, keys};
 
 /// Where the pod template sits in each workload kind.
 const TEMPLATE_PATHS: &[(&str, &str)] = &[
@@ -65,16 +71,19 @@ pub fn inject_documents(
     let mut documents = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(input).enumerate() {
         let number = index + 1;
-        let mut value = Value::deserialize(document).map_err(|cause| OfflineError::Yaml {
+        let value = Value::deserialize(document).map_err(|cause| OfflineError::Yaml {
             document: number,
             cause,
         })?;
-        if value.is_null() {
-            continue;
+        if !value.is_null() {
+            documents.push((number, value));
         }
-        inject_object(&mut value, number, namespace, config, &mut output.notes)?;
-        documents.push(value);
     }
+    let view = InputView::new(documents.iter().map(|(_, value)| value), namespace);
+    for (number, value) in &mut documents {
+        inject_object(value, *number, namespace, config, &view, &mut output.notes)?;
+    }
+    let documents: Vec<Value> = documents.into_iter().map(|(_, value)| value).collect();
     output.yaml = documents
         .iter()
         .map(|document| serde_yaml::to_string(document).expect("JSON values serialize to YAML"))
@@ -88,12 +97,13 @@ fn inject_object(
     document: usize,
     default_namespace: &str,
     config: &Config,
+    view: &InputView,
     notes: &mut Vec<Note>,
 ) -> Result<(), OfflineError> {
     let kind = object["kind"].as_str().unwrap_or_default().to_string();
     if kind == "List" {
         for item in object["items"].as_array_mut().into_iter().flatten() {
-            inject_object(item, document, default_namespace, config, notes)?;
+            inject_object(item, document, default_namespace, config, view, notes)?;
         }
         return Ok(());
     }
@@ -107,8 +117,15 @@ fn inject_object(
         .unwrap_or(default_namespace)
         .to_string();
 
+    let at = PodAt {
+        document,
+        object: &description,
+        namespace: &namespace,
+        config,
+        view,
+    };
     if kind == "Pod" {
-        return inject_pod(object, document, &description, &namespace, config, notes);
+        return inject_pod(object, &at, notes);
     }
     let Some((_, path)) = TEMPLATE_PATHS.iter().find(|(k, _)| *k == kind) else {
         return Ok(());
@@ -123,27 +140,40 @@ fn inject_object(
         "metadata": template.get("metadata").cloned().unwrap_or_else(|| json!({})),
         "spec": template.get("spec").cloned().unwrap_or(Value::Null),
     });
-    inject_pod(&mut pod, document, &description, &namespace, config, notes)?;
+    inject_pod(&mut pod, &at, notes)?;
     template["metadata"] = pod["metadata"].take();
     template["spec"] = pod["spec"].take();
     Ok(())
 }
 
+/// Which pod is being injected, and with what.
+struct PodAt<'a> {
+    document: usize,
+    object: &'a str,
+    namespace: &'a str,
+    config: &'a Config,
+    view: &'a InputView,
+}
+
 fn inject_pod(
     value: &mut Value,
-    document: usize,
-    object: &str,
-    namespace: &str,
-    config: &Config,
+    at: &PodAt<'_>,
     notes: &mut Vec<Note>,
 ) -> Result<(), OfflineError> {
+    let &PodAt {
+        document,
+        object,
+        namespace,
+        config,
+        view,
+    } = at;
     let pod = Pod::deserialize(&*value).map_err(|error| OfflineError::NotAPod {
         document,
         object: object.to_string(),
         message: error.to_string(),
     })?;
     let injection =
-        inject(&pod, &Target::new(namespace), config).map_err(|cause| OfflineError::Refused {
+        inject_in_view(&pod, namespace, config, view).map_err(|cause| OfflineError::Refused {
             document,
             object: object.to_string(),
             cause,
@@ -166,4 +196,63 @@ fn inject_pod(
         }
     }
     Ok(())
+}
+
+/// What the input says about the cluster: its Services (for exports) and Namespaces (for
+/// default imports), as the webhook learns them from its caches.
+#[derive(Debug, Default)]
+struct InputView {
+    services: Vec<Arc<Service>>,
+    namespaces: BTreeMap<String, Option<String>>,
+}
+
+impl InputView {
+    fn new<'v>(documents: impl Iterator<Item = &'v Value>, default_namespace: &str) -> Self {
+        let mut view = InputView::default();
+        let mut objects: Vec<&Value> = documents.collect();
+        while let Some(object) = objects.pop() {
+            match object["kind"].as_str() {
+                Some("List") => objects.extend(object["items"].as_array().into_iter().flatten()),
+                Some("Service") => {
+                    if let Ok(mut service) = Service::deserialize(object) {
+                        service
+                            .metadata
+                            .namespace
+                            .get_or_insert_with(|| default_namespace.to_string());
+                        view.services.push(Arc::new(service));
+                    }
+                }
+                Some("Namespace") => {
+                    if let Some(name) = object["metadata"]["name"].as_str() {
+                        let defaults = object["metadata"]["annotations"]
+                            [keys::DEFAULT_IMPORTED_SERVICES]
+                            .as_str()
+                            .map(str::to_string);
+                        view.namespaces.insert(name.to_string(), defaults);
+                    }
+                }
+                _ => {}
+            }
+        }
+        view
+    }
+}
+
+impl ClusterView for InputView {
+    fn namespace_defaults(&self, namespace: &str) -> Result<Option<ServiceList>, String> {
+        match self.namespaces.get(namespace) {
+            Some(Some(value)) => parse_namespace_defaults(namespace, value).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn services(&self, namespace: &str) -> Option<Vec<Arc<Service>>> {
+        Some(
+            self.services
+                .iter()
+                .filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
+                .cloned()
+                .collect(),
+        )
+    }
 }

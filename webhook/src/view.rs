@@ -4,8 +4,12 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use servicekeel_api::ServiceList;
+
+use crate::config::Config;
+use crate::exports::exports_for;
+use crate::inject::{InjectError, Injection, Target, inject};
 
 pub trait ClusterView: Send + Sync + std::fmt::Debug {
     /// The namespace's `servicekeel.io/default-imported-services`: `Ok(None)` when it has none
@@ -37,5 +41,50 @@ pub fn parse_namespace_defaults(namespace: &str, value: &str) -> Result<ServiceL
             "namespace {namespace}: {}: {error}; its defaults are ignored",
             servicekeel_api::keys::DEFAULT_IMPORTED_SERVICES
         )
+    })
+}
+
+/// Injects `pod` of `namespace` with what `view` knows: the namespace's default imports and the
+/// exports computed from its Services. Problems with those (an invalid namespace default, a
+/// Service port that cannot be resolved) are warnings, never a refusal.
+pub fn inject_in_view(
+    pod: &Pod,
+    namespace: &str,
+    config: &Config,
+    view: &dyn ClusterView,
+) -> Result<Injection, InjectError> {
+    let mut warnings = Vec::new();
+    let namespace_defaults = view
+        .namespace_defaults(namespace)
+        .unwrap_or_else(|message| {
+            tracing::warn!(ns = namespace, "{message}");
+            warnings.push(message);
+            None
+        });
+    // Unknown Services (a cache not synced yet): no exports; the reconciler adds them later.
+    let exports = view.services(namespace).map(|services| {
+        let (list, export_warnings) = exports_for(
+            pod,
+            namespace,
+            services.iter().map(|s| s.as_ref()),
+            &config.cluster_name,
+        );
+        warnings.extend(export_warnings);
+        list
+    });
+    let target = Target {
+        namespace,
+        namespace_defaults: namespace_defaults.as_ref(),
+        exports: exports.as_ref(),
+    };
+    Ok(match inject(pod, &target, config)? {
+        Injection::Patch {
+            patch,
+            warnings: inject_warnings,
+        } => {
+            warnings.extend(inject_warnings);
+            Injection::Patch { patch, warnings }
+        }
+        skip => skip,
     })
 }
