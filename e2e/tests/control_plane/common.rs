@@ -143,3 +143,11 @@ pub(crate) async fn apply(shared: &Shared, ns: &str, yaml: &str) -> anyhow::Resu
     ensure!(ok, "kubectl apply failed: {stderr}");
     Ok(())
 }
+
+/// Create options for a server-side dry run.
+pub(crate) fn dry_run() -> PostParams {
+    PostParams {
+        dry_run: true,
+        ..Default::default()
+    }
+}

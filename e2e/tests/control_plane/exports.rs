@@ -55,15 +55,7 @@ spec:
     let pod: Pod = serde_yaml::from_str(WEB_POD)?;
     // The webhook's Services cache learns of the new Services asynchronously.
     eventually("both Services in a dry-run admission", || async {
-        let dry = pods
-            .create(
-                &PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                },
-                &pod,
-            )
-            .await?;
+        let dry = pods.create(&dry_run(), &pod).await?;
         Ok(exported(&dry).filter(|e| e["services"].as_array().is_some_and(|s| s.len() == 2)))
     })
     .await?;
@@ -202,15 +194,7 @@ spec:
         ("cache".to_string(), 2),
     ];
     eventually("namespace defaults applied", || async {
-        let dry = pods
-            .create(
-                &PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                },
-                &pod,
-            )
-            .await?;
+        let dry = pods.create(&dry_run(), &pod).await?;
         Ok((summary(&dry) == expected).then_some(()))
     })
     .await?;
@@ -239,15 +223,7 @@ spec:
         "namespace {bad}: servicekeel.io/default-imported-services: services[0].ports[0].port"
     );
     eventually("the invalid namespace default reported", || async {
-        let created = pods
-            .create(
-                &PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                },
-                &pod,
-            )
-            .await?;
+        let created = pods.create(&dry_run(), &pod).await?;
         ensure!(
             is_injected(&created),
             "a pod was blocked by an invalid namespace default"
