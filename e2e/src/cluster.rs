@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::control_plane::ControlPlane;
 use crate::kubernetes::{APISERVER, KubeBinaries};
 use crate::process::{Lifetime, Process, free_port, is_running, stop_pid};
-use crate::webhook::{self, WEBHOOK_BINARY};
+use crate::webhook;
 
 #[derive(Debug)]
 pub struct LocalCluster {
@@ -143,17 +143,9 @@ pub struct Component {
 }
 
 impl Component {
-    /// The program name as it appears in the process's command line.
-    fn program(&self) -> &str {
-        if self.name == WEBHOOK_BINARY {
-            WEBHOOK_BINARY
-        } else {
-            &self.name
-        }
-    }
-
+    /// Whether the process still runs (its name is in its command line).
     pub fn is_running(&self) -> bool {
-        is_running(self.pid, self.program())
+        is_running(self.pid, &self.name)
     }
 }
 
@@ -180,7 +172,7 @@ impl State {
         self.processes
             .iter()
             .rev()
-            .map(|c| (c.name.clone(), stop_pid(c.pid, c.program())))
+            .map(|c| (c.name.clone(), stop_pid(c.pid, &c.name)))
             .collect()
     }
 }

@@ -13,11 +13,8 @@ use anyhow::{Context, bail};
 use crate::paths;
 use crate::process::log_tail;
 
-/// The control plane and node commands this project builds.
+/// The Kubernetes command this project builds.
 pub const APISERVER: &str = "kube-apiserver";
-pub const CONTROLLER_MANAGER: &str = "kube-controller-manager";
-pub const SCHEDULER: &str = "kube-scheduler";
-pub const KUBELET: &str = "kubelet";
 
 #[derive(Debug, Clone)]
 pub struct KubeBinaries {
@@ -59,10 +56,6 @@ impl KubeBinaries {
             }
         }
         Ok(binaries)
-    }
-
-    pub fn version(&self) -> &str {
-        &self.version
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -79,10 +79,6 @@ impl Process {
         &self.name
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     pub fn log(&self) -> &Path {
         &self.log
     }

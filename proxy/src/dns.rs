@@ -85,14 +85,6 @@ impl Names {
         };
         found.map_or(Answer::Forward, |ip| Answer::Local(*ip))
     }
-
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
-    }
 }
 
 #[cfg(test)]

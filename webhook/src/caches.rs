@@ -60,12 +60,6 @@ impl Caches {
         };
         (caches, events)
     }
-
-    /// Waits until both caches hold a full list.
-    pub async fn wait_until_ready(&self) {
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.namespaces.wait_until_ready().await;
-    }
 }
 
 fn watch<K>(api: Api<K>) -> Store<K>

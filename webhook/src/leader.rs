@@ -24,11 +24,6 @@ impl Leadership {
     pub fn is_leader(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
-
-    /// A replica that always leads (tests, single-replica setups without a lease).
-    pub fn always() -> Self {
-        Leadership(Arc::new(AtomicBool::new(true)))
-    }
 }
 
 /// Contends for the Lease `name` in `namespace` as `identity` until `shutdown`, then releases

@@ -26,11 +26,6 @@ impl LocalRange {
     pub fn capacity(&self) -> usize {
         (1usize << (32 - self.prefix)) - 2
     }
-
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX << (32 - self.prefix);
-        u32::from(ip) & mask == u32::from(self.network)
-    }
 }
 
 impl FromStr for LocalRange {
@@ -124,8 +119,6 @@ mod tests {
         assert_eq!(hosts.len(), 254);
         assert_eq!(hosts[0], Ipv4Addr::new(127, 0, 66, 1));
         assert_eq!(hosts[253], Ipv4Addr::new(127, 0, 66, 254));
-        assert!(range.contains(Ipv4Addr::new(127, 0, 66, 200)));
-        assert!(!range.contains(Ipv4Addr::new(127, 0, 67, 1)));
         // Host bits are ignored, as in any CIDR.
         assert_eq!(
             "127.0.66.9/30".parse::<LocalRange>().unwrap().to_string(),
