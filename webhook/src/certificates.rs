@@ -262,6 +262,16 @@ fn secs(duration: Duration) -> i64 {
     i64::try_from(duration.as_secs()).unwrap_or(i64::MAX / 2)
 }
 
+/// What one pass over the Secret came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pass {
+    /// The files hold the Secret's current pair (`files_changed` if this pass wrote them), whose
+    /// CA `caBundle` must carry.
+    Serving { files_changed: bool, ca: String },
+    /// Another replica wrote the Secret first; nothing was served from this pass.
+    LostRace,
+}
+
 /// Manages the Secret, the served files and `caBundle`.
 #[derive(Clone)]
 pub struct Manager {
@@ -290,7 +300,9 @@ impl Manager {
     pub async fn ensure_until_ready(&self) {
         loop {
             match self.ensure().await {
-                Ok(_) => return,
+                Ok(Pass::Serving { .. }) => return,
+                // The winner's Secret is there now: read it again at once.
+                Ok(Pass::LostRace) => {}
                 Err(error) => {
                     tracing::warn!(%error, "serving certificate not ready yet; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -309,21 +321,27 @@ impl Manager {
         let interval = self.settings.check_interval();
         loop {
             match self.ensure().await {
-                Ok(true) => match reloader.reload_if_changed() {
-                    Ok(changed) => {
-                        metrics.certificate_reload(true);
-                        tracing::info!(changed, "serving certificate renewed");
+                Ok(Pass::Serving { files_changed, ca }) => {
+                    if files_changed {
+                        // The file-polling reload may have taken it already; count it once.
+                        match reloader.reload_if_changed() {
+                            Ok(true) => {
+                                metrics.certificate_reload(true);
+                                tracing::info!("serving certificate renewed");
+                            }
+                            Ok(false) => {}
+                            Err(error) => {
+                                metrics.certificate_reload(false);
+                                tracing::warn!(%error, "renewed certificate not loaded");
+                            }
+                        }
                     }
-                    Err(error) => {
-                        metrics.certificate_reload(false);
-                        tracing::warn!(%error, "renewed certificate not loaded");
+                    if let Err(error) = self.ensure_ca_bundle(&ca).await {
+                        tracing::warn!(%error, "cannot check caBundle");
                     }
-                },
-                Ok(false) => {}
+                }
+                Ok(Pass::LostRace) => {}
                 Err(error) => tracing::warn!(%error, "cannot manage the serving certificate"),
-            }
-            if let Err(error) = self.ensure_ca_bundle().await {
-                tracing::warn!(%error, "cannot check caBundle");
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -332,8 +350,8 @@ impl Manager {
         }
     }
 
-    /// One pass over the Secret and the files. Returns whether the files changed.
-    pub async fn ensure(&self) -> Result<bool, CertificateError> {
+    /// One pass over the Secret and the files.
+    pub async fn ensure(&self) -> Result<Pass, CertificateError> {
         let settings = &self.settings;
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &settings.namespace);
         let secret_error = |cause| CertificateError::Secret {
@@ -377,33 +395,26 @@ impl Manager {
                         next
                     }
                     // Another replica wrote first: adopt its Secret on the next pass.
-                    Err(kube::Error::Api(e)) if e.code == 409 => return Ok(false),
+                    Err(kube::Error::Api(e)) if e.code == 409 => return Ok(Pass::LostRace),
                     Err(e) => return Err(secret_error(e)),
                 }
             }
         };
         let changed_cert = write_if_changed(&settings.cert_file, &material.cert)?;
         let changed_key = write_if_changed(&settings.key_file, &material.key)?;
-        Ok(changed_cert || changed_key)
+        Ok(Pass::Serving {
+            files_changed: changed_cert || changed_key,
+            ca: material.ca_cert,
+        })
     }
 
-    /// Sets `caBundle` of every webhook in the configuration to the Secret's CA, when it differs.
-    async fn ensure_ca_bundle(&self) -> Result<(), CertificateError> {
+    /// Sets `caBundle` of every webhook in the configuration to `ca`, when it differs.
+    async fn ensure_ca_bundle(&self, ca: &str) -> Result<(), CertificateError> {
         let settings = &self.settings;
         let secret_error = |cause| CertificateError::Secret {
             namespace: settings.namespace.clone(),
             name: settings.secret.clone(),
             cause,
-        };
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &settings.namespace);
-        let Some(material) = secrets
-            .get_opt(&settings.secret)
-            .await
-            .map_err(secret_error)?
-            .as_ref()
-            .and_then(Material::from_secret)
-        else {
-            return Ok(());
         };
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         let Some(configuration) = api
@@ -414,7 +425,7 @@ impl Manager {
             tracing::debug!(name = %settings.webhook_configuration, "no MutatingWebhookConfiguration yet");
             return Ok(());
         };
-        let ca = material.ca_cert.as_bytes();
+        let ca = ca.as_bytes();
         let operations: Vec<_> = configuration
             .webhooks
             .iter()

@@ -223,13 +223,13 @@ pub(crate) async fn certificate_race(shared: Arc<Shared>) -> anyhow::Result<()> 
     // First the race to create, then (with a lifetime that forces it) the race to renew.
     for lifetime in [3600, 30] {
         let (a, b) = (manager("a", lifetime), manager("b", lifetime));
-        let _ = tokio::join!(a.ensure(), b.ensure());
-        // The loser of a race adopts the winner's Secret on its next pass.
-        eventually("both replicas serving one pair", || async {
-            let _ = tokio::join!(a.ensure(), b.ensure());
-            Ok((read("a").ok().is_some() && read("a").ok() == read("b").ok()).then_some(()))
-        })
-        .await?;
+        // As two replicas starting (or renewing) at once: each returns only once it serves a
+        // pair, and the loser of the race serves the winner's.
+        tokio::join!(a.ensure_until_ready(), b.ensure_until_ready());
+        ensure!(
+            read("a")? == read("b")?,
+            "the replicas serve different pairs"
+        );
         let secret =
             Api::<k8s_openapi::api::core::v1::Secret>::namespaced(shared.client.clone(), &ns)
                 .get("race-tls")
