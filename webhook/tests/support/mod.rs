@@ -137,6 +137,11 @@ impl TestServer {
         format!("https://127.0.0.1:{}{path}", self.addr.port())
     }
 
+    /// Starts the shutdown: no new connections; open ones may finish.
+    pub fn begin_shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
     /// Stops accepting, drains, and waits for the server to finish.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
