@@ -123,7 +123,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Serves `app` over TLS on `listener` until `shutdown` turns true, then drains in-flight
-/// connections for at most `drain`.
+/// connections for at most `drain` and returns; connections still open then are not aborted
+/// here, they end with the process.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
@@ -180,7 +181,7 @@ pub async fn serve(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain deadline passed; closing remaining connections"),
+        _ = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain deadline passed; connections still open end with the process"),
     }
 }
 
