@@ -1,12 +1,17 @@
-//! What travels in the tunnel, whatever carries it: the target a flow names, and UDP datagrams
-//! framed inside a flow.
+//! What travels in the tunnel, whatever carries it: the target a flow names, who opens it, UDP
+//! datagrams framed inside a flow, and the registration of a pod's exports ([`registration`]).
 //!
-//! A flow names `name.namespace.cluster:port` (the first label is the service, the second its
-//! namespace, the rest its cluster, which may hold dots) and its protocol. Inside a UDP flow each
-//! datagram is a 2-byte big-endian length and the payload; the decoder checks the length
-//! before buffering anything for it and takes input in pieces of any size.
+//! The transport is HTTP/2: a flow is a `CONNECT` stream whose `:authority` is
+//! `name.namespace.cluster:port` (the first label is the service, the second its namespace, the
+//! rest its cluster, which may hold dots), with the protocol, the contract's version and the
+//! source pod in the headers named here. Inside a UDP flow each datagram is a 2-byte big-endian
+//! length and the payload; the decoder checks the length before buffering anything for it and
+//! takes input in pieces of any size.
+
+pub mod registration;
 
 use std::fmt;
+use std::net::IpAddr;
 use std::str::FromStr;
 
 use crate::names::{check_dns1123_label, check_dns1123_subdomain};
@@ -17,6 +22,74 @@ pub const VERSION: u8 = 1;
 
 /// The largest UDP payload carried (IPv4's limit).
 pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Header carrying [`VERSION`] on every request.
+pub const VERSION_HEADER: &str = "servicekeel-version";
+/// Header carrying a flow's protocol, `TCP` or `UDP`.
+pub const PROTOCOL_HEADER: &str = "servicekeel-protocol";
+/// Header carrying the source pod, as [`Source`] writes it.
+pub const SOURCE_HEADER: &str = "servicekeel-source";
+/// Path of the registration request (`PUT`, body a [`registration::Registration`]).
+pub const REGISTRATION_PATH: &str = "/servicekeel/v1/registration";
+/// Largest header block a peer may send.
+pub const MAX_HEADER_BYTES: u32 = 16 * 1024;
+
+/// Whether a peer's version header is one this build speaks.
+pub fn check_version(header: Option<&str>) -> Result<(), String> {
+    match header {
+        Some(value) if value.trim() == VERSION.to_string() => Ok(()),
+        Some(value) => Err(format!(
+            "tunnel version {value:?} is not supported (this side speaks {VERSION})"
+        )),
+        None => Err(format!("{VERSION_HEADER} header missing")),
+    }
+}
+
+/// The pod a flow or a registration comes from: `namespace/name` and, when known, `@ip`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Source {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Option<IpAddr>,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if let Some(ip) = self.ip {
+            write!(f, "@{ip}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Source {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (pod, ip) = match text.split_once('@') {
+            Some((pod, ip)) => (
+                pod,
+                Some(
+                    ip.parse()
+                        .map_err(|_| format!("source {text:?}: {ip:?} is not an IP address"))?,
+                ),
+            ),
+            None => (text, None),
+        };
+        let (namespace, name) = pod
+            .split_once('/')
+            .ok_or_else(|| format!("source {text:?} is not namespace/name[@ip]"))?;
+        check_dns1123_label(namespace)
+            .map_err(|m| format!("source namespace {namespace:?} {m}"))?;
+        check_dns1123_subdomain(name).map_err(|m| format!("source name {name:?} {m}"))?;
+        Ok(Source {
+            namespace: namespace.into(),
+            name: name.into(),
+            ip,
+        })
+    }
+}
 
 /// The service, port and protocol a flow is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -204,6 +277,33 @@ mod tests {
             assert!(error.contains(expected), "{authority}: {error}");
         }
         assert!("a.b.c:80".parse::<FlowTarget>().is_err());
+    }
+
+    #[test]
+    fn sources_round_trip_and_bad_ones_say_why() {
+        for text in ["default/client-0", "edge/web-1@10.244.1.7", "a/b@fd00::1"] {
+            assert_eq!(text.parse::<Source>().unwrap().to_string(), text);
+        }
+        for (bad, expected) in [
+            ("client", "is not namespace/name[@ip]"),
+            ("Default/x", "source namespace \"Default\""),
+            ("a/b@10.0.0", "\"10.0.0\" is not an IP address"),
+            ("a/", "source name \"\""),
+        ] {
+            let error = bad.parse::<Source>().unwrap_err();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn versions_are_checked() {
+        assert_eq!(check_version(Some("1")), Ok(()));
+        assert!(
+            check_version(Some("2"))
+                .unwrap_err()
+                .contains("\"2\" is not supported")
+        );
+        assert!(check_version(None).unwrap_err().contains("missing"));
     }
 
     #[test]
