@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use servicekeel_api::addresses::{LocalRange, RouterAddr};
+use servicekeel_api::duration::parse_duration;
 use servicekeel_api::{defaults, env, names};
 
 /// Where variables come from.
@@ -59,6 +61,8 @@ pub struct SidecarConfig {
     pub pod_name: Option<String>,
     pub pod_namespace: String,
     pub pod_ip: Option<IpAddr>,
+    pub drain_timeout: Duration,
+    pub udp_idle_timeout: Duration,
 }
 
 impl SidecarConfig {
@@ -103,6 +107,9 @@ impl SidecarConfig {
                 .get(env::POD_IP)
                 .map(|v| read.parse(env::POD_IP, &v))
                 .transpose()?,
+            drain_timeout: read.duration(env::SIDECAR_DRAIN_TIMEOUT, defaults::DRAIN_TIMEOUT)?,
+            udp_idle_timeout: read
+                .duration(env::SIDECAR_UDP_IDLE_TIMEOUT, defaults::UDP_IDLE_TIMEOUT)?,
         })
     }
 }
@@ -127,6 +134,11 @@ impl<S: Source> Reader<'_, S> {
     {
         let value = self.get(name).unwrap_or_else(|| default.to_string());
         self.parse(name, &value)
+    }
+
+    fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let value = self.get(name).unwrap_or_else(|| default.to_string());
+        parse_duration(&value).map_err(|m| self.invalid(name, &value, m))
     }
 
     fn parse<T>(&self, name: &'static str, value: &str) -> Result<T, ConfigError>
@@ -182,6 +194,8 @@ mod tests {
         );
         assert_eq!(config.cluster_domain, "cluster.local");
         assert_eq!(config.pod_ip, None);
+        assert_eq!(config.drain_timeout, Duration::from_secs(20));
+        assert_eq!(config.udp_idle_timeout, Duration::from_secs(60));
     }
 
     #[test]
@@ -229,6 +243,16 @@ mod tests {
                 "SIDECAR_ADMIN_ADDR=\"15021\"",
             ),
             ("POD_IP", "not-an-ip", "POD_IP=\"not-an-ip\""),
+            (
+                "SIDECAR_DRAIN_TIMEOUT",
+                "soon",
+                "SIDECAR_DRAIN_TIMEOUT=\"soon\": \"soon\" is not a duration",
+            ),
+            (
+                "SIDECAR_UDP_IDLE_TIMEOUT",
+                "1d",
+                "SIDECAR_UDP_IDLE_TIMEOUT=\"1d\"",
+            ),
             (
                 "SERVICEKEEL_CLUSTER",
                 "Cluster_A",

@@ -8,6 +8,8 @@
 pub mod alloc;
 pub mod config;
 pub mod dns;
+pub mod listeners;
 pub mod metrics;
 pub mod podinfo;
 pub mod sidecar;
+pub mod tunnel;

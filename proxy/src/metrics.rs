@@ -1,10 +1,17 @@
 //! The sidecar's Prometheus metrics. Each part registers its own; label values come from fixed
 //! sets so cardinality stays bounded.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use servicekeel_api::Protocol;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What became of a DNS query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,25 +37,123 @@ impl DnsOutcome {
     }
 }
 
+/// What became of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowOutcome {
+    /// Carried and ended cleanly (for UDP: went idle or was ended).
+    Completed,
+    /// Opened, then broken by an error on either side.
+    Failed,
+    /// The router answered with a refusal (no endpoint, endpoint unreachable).
+    Refused,
+    /// No connection to the router.
+    Unavailable,
+}
+
+impl FlowOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            FlowOutcome::Completed => "completed",
+            FlowOutcome::Failed => "failed",
+            FlowOutcome::Refused => "refused",
+            FlowOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Why a UDP datagram from an application was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The listener already has its maximum of flows.
+    FlowLimit,
+    /// The flow's queue is full (the tunnel is slower than the application).
+    QueueFull,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FlowLabels {
+    protocol: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ByteLabels {
+    protocol: &'static str,
+    /// `sent` (application to service) or `received`.
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     dns_queries: Family<OutcomeLabels, Counter>,
+    flows: Family<FlowLabels, Counter>,
+    bytes: Family<ByteLabels, Counter>,
+    active: Family<ProtocolLabels, Gauge>,
+    dropped: Family<ReasonLabels, Counter>,
+    router_connected: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("servicekeel_sidecar");
-        let dns_queries = Family::<OutcomeLabels, Counter>::default();
-        registry.register("dns_queries", "DNS queries by outcome", dns_queries.clone());
+        let metrics = Metrics {
+            dns_queries: Family::default(),
+            flows: Family::default(),
+            bytes: Family::default(),
+            active: Family::default(),
+            dropped: Family::default(),
+            router_connected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "dns_queries",
+            "DNS queries by outcome",
+            metrics.dns_queries.clone(),
+        );
+        registry.register(
+            "flows",
+            "Flows ended, by protocol and outcome",
+            metrics.flows.clone(),
+        );
+        registry.register(
+            "flow_bytes",
+            "Payload bytes carried, by protocol and direction",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "active_flows",
+            "Flows open now, by protocol",
+            metrics.active.clone(),
+        );
+        registry.register(
+            "udp_datagrams_dropped",
+            "Datagrams from applications dropped, by reason",
+            metrics.dropped.clone(),
+        );
+        registry.register(
+            "router_connected",
+            "1 while the tunnel to the node router is up",
+            metrics.router_connected.clone(),
+        );
         Metrics {
             registry,
-            dns_queries,
+            ..metrics
         }
     }
 }
@@ -62,11 +167,110 @@ impl Metrics {
             .inc();
     }
 
+    pub fn flow_ended(&self, protocol: Protocol, outcome: FlowOutcome) {
+        self.flows
+            .get_or_create(&FlowLabels {
+                protocol: protocol.as_str(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// The active-flows gauge of `protocol`.
+    pub fn active(&self, protocol: Protocol) -> Gauge {
+        self.active
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol.as_str(),
+            })
+            .clone()
+    }
+
+    /// The byte counters of `protocol`: (sent, received).
+    pub fn bytes(&self, protocol: Protocol) -> (Counter, Counter) {
+        let counter = |direction| {
+            self.bytes
+                .get_or_create(&ByteLabels {
+                    protocol: protocol.as_str(),
+                    direction,
+                })
+                .clone()
+        };
+        (counter("sent"), counter("received"))
+    }
+
+    pub fn datagram_dropped(&self, reason: DropReason) {
+        let reason = match reason {
+            DropReason::FlowLimit => "flow_limit",
+            DropReason::QueueFull => "queue_full",
+        };
+        self.dropped.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn router_connected(&self, up: bool) {
+        self.router_connected.set(i64::from(up));
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// A stream whose reads count as sent and whose writes count as received, as they happen, so
+/// a long connection shows its traffic before it ends.
+#[derive(Debug)]
+pub struct Metered<S> {
+    inner: S,
+    sent: Counter,
+    received: Counter,
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S, (sent, received): (Counter, Counter)) -> Self {
+        Metered {
+            inner,
+            sent,
+            received,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        self.sent.inc_by((buf.filled().len() - before) as u64);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.received.inc_by(n as u64);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -1,11 +1,10 @@
-//! The sidecar process: follows the pod's imports in the annotations file, gives each a local
-//! address, serves DNS for them, and reports health and metrics. A value with its bound
-//! addresses, so tests can start one on free ports and drive its reloads.
-//!
-//! Not here yet: the listeners on the local addresses, the tunnel to the router and the
-//! registration of exports.
+//! The sidecar process: follows the pod's imports and exports in the annotations file, gives
+//! each import a local address, serves DNS for them, listens on their ports and carries each
+//! flow through the tunnel to the router, registers the exports with the router, and reports
+//! health and metrics. A value with its bound addresses, so tests can start one on free ports
+//! and drive its reloads.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -15,13 +14,18 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::sync::watch;
 
+use servicekeel_api::tunnel::registration::Registration;
+use servicekeel_api::tunnel::{FlowTarget, Source};
+
 use crate::alloc::Allocator;
 use crate::config::SidecarConfig;
 use crate::dns::server::{BindError, DnsServer, Handler, SharedNames};
 use crate::dns::upstream::Upstream;
 use crate::dns::{self, Names};
+use crate::listeners::{self, Flows, Listeners, Wanted};
 use crate::metrics::Metrics;
 use crate::podinfo::{Home, PodServices, Watcher};
+use crate::tunnel::client::Client;
 use servicekeel_api::defaults;
 
 /// How long the upstream resolver gets before a forwarded query is answered SERVFAIL.
@@ -56,7 +60,10 @@ struct State {
     watcher: Mutex<Watcher>,
     allocator: Mutex<Allocator>,
     names: SharedNames,
-    ready: AtomicBool,
+    listeners: Mutex<Listeners>,
+    flows: Arc<Flows>,
+    client: Client,
+    dns_ready: AtomicBool,
     metrics: Arc<Metrics>,
     /// The last problem logged, so one that persists is logged once.
     last_error: Mutex<Option<String>>,
@@ -90,8 +97,9 @@ impl State {
 
     fn apply(&self, services: &PodServices) {
         let mut allocator = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
-        // No listener holds connections yet, so a removed address is free at once.
-        match allocator.update(services.imported_keys(&self.home), |_| false) {
+        match allocator.update(services.imported_keys(&self.home), |ip| {
+            self.flows.in_use(ip)
+        }) {
             Ok(changes) => {
                 for (key, ip) in &changes.added {
                     tracing::info!(service = %key, %ip, "imported");
@@ -112,6 +120,70 @@ impl State {
         };
         let names = Arc::new(Names::new(allocator.assignments(), home));
         *self.names.write().unwrap_or_else(|p| p.into_inner()) = names;
+        let wanted = self.wanted_listeners(services, &allocator);
+        drop(allocator);
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(wanted);
+        self.client.set_registration(self.registration(services));
+    }
+
+    fn wanted_listeners(&self, services: &PodServices, allocator: &Allocator) -> Vec<Wanted> {
+        let mut wanted = Vec::new();
+        for service in &services.imported.services {
+            let key = service.key(&self.home.namespace, &self.home.cluster);
+            let Some(ip) = allocator.address(&key) else {
+                continue;
+            };
+            for port in &service.ports {
+                wanted.push(Wanted {
+                    addr: SocketAddrV4::new(ip, port.port),
+                    target: FlowTarget {
+                        service: key.clone(),
+                        port: port.port,
+                        protocol: port.protocol,
+                    },
+                });
+            }
+        }
+        wanted
+    }
+
+    fn registration(&self, services: &PodServices) -> Option<Registration> {
+        let Some(ip) = self.config.pod_ip else {
+            if !services.exported.is_empty() {
+                tracing::warn!("POD_IP is not set: exports are not registered with the router");
+            }
+            return None;
+        };
+        Some(Registration::new(
+            source(&self.config, Some(ip)),
+            &services.exported,
+            &self.config.cluster,
+        ))
+    }
+
+    /// Why the sidecar is not ready, if it is not.
+    fn not_ready(&self) -> Option<String> {
+        if !self.dns_ready.load(Ordering::SeqCst) {
+            return Some("DNS is not serving".into());
+        }
+        let problems = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .problems();
+        (!problems.is_empty()).then(|| format!("not listening: {}", problems.join("; ")))
+    }
+}
+
+/// This pod, as flows and registrations name it.
+fn source(config: &SidecarConfig, ip: Option<std::net::IpAddr>) -> Source {
+    Source {
+        namespace: config.pod_namespace.clone(),
+        name: config.pod_name.clone().unwrap_or_else(|| "unknown".into()),
+        ip,
     }
 }
 
@@ -122,12 +194,29 @@ impl Sidecar {
             namespace: config.pod_namespace.clone(),
             cluster: config.cluster.clone(),
         };
+        let (stop, stopped) = watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let flows = Arc::new(Flows::default());
+        let client = Client::start(
+            config.router.clone(),
+            &source(&config, config.pod_ip),
+            stopped.clone(),
+        );
+        let listeners = Listeners::new(listeners::Context {
+            client: client.clone(),
+            flows: flows.clone(),
+            metrics: metrics.clone(),
+            udp_idle: config.udp_idle_timeout,
+        });
         let state = Arc::new(State {
             watcher: Mutex::new(Watcher::new(&config.annotations_file, home.clone())),
             allocator: Mutex::new(Allocator::new(config.ip_range)),
             names: Arc::new(RwLock::new(Arc::new(Names::default()))),
-            ready: AtomicBool::new(false),
-            metrics: Arc::new(Metrics::default()),
+            listeners: Mutex::new(listeners),
+            flows,
+            client,
+            dns_ready: AtomicBool::new(false),
+            metrics,
             last_error: Mutex::new(None),
             home,
             config,
@@ -151,11 +240,13 @@ impl Sidecar {
                 addr: state.config.admin_addr,
                 cause,
             })?;
-        let (stop, stopped) = watch::channel(false);
         tokio::spawn(serve_admin(admin_listener, state.clone(), stopped.clone()));
         tokio::spawn(follow(state.clone(), stopped));
-        state.ready.store(true, Ordering::SeqCst);
-        tracing::info!(dns = %dns.local_addr(), admin = %admin_addr, "sidecar ready");
+        state.dns_ready.store(true, Ordering::SeqCst);
+        match state.not_ready() {
+            None => tracing::info!(dns = %dns.local_addr(), admin = %admin_addr, "sidecar ready"),
+            Some(reason) => tracing::warn!(%reason, "sidecar started, not ready"),
+        }
         Ok(Sidecar {
             state,
             dns,
@@ -177,11 +268,46 @@ impl Sidecar {
         self.state.reload();
     }
 
-    /// Stops everything, letting in-flight DNS queries finish.
-    pub async fn shutdown(self) {
-        self.state.ready.store(false, Ordering::SeqCst);
+    /// Whether the tunnel to the router is up.
+    pub fn router_connected(&self) -> bool {
+        self.state.client.is_up()
+    }
+
+    /// Waits up to `timeout` for the tunnel to the router; true if it is up.
+    pub async fn wait_router(&self, timeout: Duration) -> bool {
+        self.state.client.wait_up(timeout).await
+    }
+
+    /// Flows open now.
+    pub fn open_flows(&self) -> usize {
+        self.state.flows.open()
+    }
+
+    /// Drains and stops: readiness turns off, listeners stop accepting, open flows get up to
+    /// the drain timeout to finish, then the tunnel, DNS and admin server stop. Returns how many
+    /// flows were still open at the deadline.
+    pub async fn shutdown(self) -> usize {
+        self.state.dns_ready.store(false, Ordering::SeqCst);
+        self.state
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .close_all();
+        let open = self.state.flows.open();
+        if open > 0 {
+            tracing::info!(open, timeout = ?self.state.config.drain_timeout, "draining flows");
+        }
+        let left = self
+            .state
+            .flows
+            .drained(self.state.config.drain_timeout)
+            .await;
+        if left > 0 {
+            tracing::warn!(left, "drain deadline passed; cutting open flows");
+        }
         let _ = self.stop.send(true);
         self.dns.shutdown().await;
+        left
     }
 }
 
@@ -189,7 +315,11 @@ async fn follow(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
     let mut ticks = tokio::time::interval(RELOAD_INTERVAL);
     loop {
         tokio::select! {
-            _ = ticks.tick() => state.reload(),
+            _ = ticks.tick() => {
+                state.reload();
+                state.listeners.lock().unwrap_or_else(|p| p.into_inner()).retry();
+                state.metrics.router_connected(state.client.is_up());
+            }
             _ = stopped.wait_for(|stop| *stop) => return,
         }
     }
@@ -213,12 +343,11 @@ async fn serve_admin(
         .route(
             defaults::READY_PATH,
             get(move || {
-                let ready = state.ready.load(Ordering::SeqCst);
+                let not_ready = state.not_ready();
                 async move {
-                    if ready {
-                        (StatusCode::OK, "ok")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    match not_ready {
+                        None => (StatusCode::OK, "ok".to_string()),
+                        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
                     }
                 }
             }),

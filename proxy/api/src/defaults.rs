@@ -22,6 +22,10 @@ pub const ADMIN_ADDR: &str = "127.0.0.1:15021";
 pub const READY_PATH: &str = "/readyz";
 /// Liveness path of the sidecar's admin server.
 pub const HEALTH_PATH: &str = "/healthz";
+/// How long a terminating sidecar lets open flows finish.
+pub const DRAIN_TIMEOUT: &str = "20s";
+/// How long a UDP flow lives without a datagram either way.
+pub const UDP_IDLE_TIMEOUT: &str = "60s";
 /// The cluster's DNS domain.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// At most this many imported services per pod: one local IP each in a /24.

@@ -12,6 +12,10 @@ pub const SIDECAR_UPSTREAM_DNS: &str = "SIDECAR_UPSTREAM_DNS";
 pub const SIDECAR_ANNOTATIONS_FILE: &str = "SIDECAR_ANNOTATIONS_FILE";
 /// `/healthz`, `/readyz`, `/metrics` of the sidecar (`ip:port`).
 pub const SIDECAR_ADMIN_ADDR: &str = "SIDECAR_ADMIN_ADDR";
+/// How long a terminating sidecar lets open flows finish (`20s`, `500ms`, `1m`).
+pub const SIDECAR_DRAIN_TIMEOUT: &str = "SIDECAR_DRAIN_TIMEOUT";
+/// How long a UDP flow lives without a datagram either way (`60s`).
+pub const SIDECAR_UDP_IDLE_TIMEOUT: &str = "SIDECAR_UDP_IDLE_TIMEOUT";
 /// This cluster's name.
 pub const SERVICEKEEL_CLUSTER: &str = "SERVICEKEEL_CLUSTER";
 /// This cluster's DNS domain.

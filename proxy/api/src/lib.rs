@@ -9,6 +9,7 @@
 
 pub mod addresses;
 pub mod defaults;
+pub mod duration;
 pub mod env;
 pub mod keys;
 pub mod names;

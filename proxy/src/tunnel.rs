@@ -1,0 +1,43 @@
+//! The tunnel transport: many flows over one connection, as HTTP/2 `CONNECT` streams. What a
+//! flow names and how datagrams are framed is the contract in `servicekeel_api::tunnel`; this
+//! module carries it.
+//!
+//! - [`client`]: the sidecar's side, one connection to the router, reconnected with backoff,
+//!   carrying the pod's registration.
+//! - [`server`]: the router's side, serving flows and registrations for a [`server::Handler`]
+//!   that decides where each flow goes.
+//! - [`stream`]: a flow as `AsyncRead + AsyncWrite`.
+//! - [`datagrams`]: a UDP flow pumped between its framed stream and a socket.
+
+pub mod client;
+pub mod datagrams;
+pub mod server;
+pub mod stream;
+
+use std::time::Duration;
+
+pub use stream::FlowStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Anything a tunnel connection runs over: a Unix or TCP socket, later a TLS session.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+pub type BoxIo = Box<dyn Io>;
+
+/// HTTP/2 settings both sides use. Windows are sized for a local socket, where a larger window
+/// only costs memory on a stalled reader.
+pub(crate) mod settings {
+    /// Per-flow receive window.
+    pub const STREAM_WINDOW: u32 = 1024 * 1024;
+    /// Per-connection receive window, shared by all flows.
+    pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+    /// Largest frame accepted.
+    pub const MAX_FRAME: u32 = 256 * 1024;
+    /// Flows at once on one connection.
+    pub const MAX_STREAMS: u32 = 16 * 1024;
+}
+
+/// How long a UDP flow lives without a datagram either way.
+pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

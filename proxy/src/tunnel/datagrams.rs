@@ -1,0 +1,132 @@
+//! A UDP flow: datagrams from a local socket are framed into the flow's stream, frames from the
+//! stream are sent back as datagrams, until either side goes quiet for the idle timeout or ends
+//! the flow. The same pump runs in the sidecar (local side: one client of a listening socket) and
+//! in the router (local side: a socket connected to the endpoint).
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use servicekeel_api::tunnel::{DatagramDecoder, MAX_DATAGRAM, encode_datagram};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::FlowStream;
+
+/// The local end of a UDP flow.
+pub trait Datagrams: Send {
+    /// The next datagram to carry; `None` when the local side is done.
+    fn recv(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+    /// Delivers a datagram that came through the flow.
+    fn send(&mut self, datagram: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Which way bytes went, for metering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// From the local side into the flow.
+    Out,
+    /// From the flow to the local side.
+    In,
+}
+
+/// Pumps until the flow ends cleanly (either side), the idle timeout passes, or an error.
+/// `meter` sees the payload bytes of every datagram carried.
+pub async fn relay(
+    flow: FlowStream,
+    mut local: impl Datagrams,
+    idle: Duration,
+    meter: impl Fn(Way, usize) + Send,
+) -> io::Result<()> {
+    let (mut reader, mut writer) = tokio::io::split(flow);
+    let mut decoder = DatagramDecoder::default();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut frame = Vec::with_capacity(MAX_DATAGRAM + 2);
+    let deadline = tokio::time::sleep(idle);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            read = reader.read(&mut buffer) => {
+                let n = read?;
+                if n == 0 {
+                    if decoder.pending() > 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "flow ended inside a datagram",
+                        ));
+                    }
+                    break;
+                }
+                let datagrams = decoder
+                    .push(&buffer[..n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                for datagram in datagrams {
+                    local.send(&datagram).await?;
+                    meter(Way::In, datagram.len());
+                }
+                deadline.as_mut().reset(Instant::now() + idle);
+            }
+            next = local.recv() => {
+                let Some(datagram) = next? else { break };
+                frame.clear();
+                encode_datagram(&datagram, &mut frame)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                writer.write_all(&frame).await?;
+                meter(Way::Out, datagram.len());
+                deadline.as_mut().reset(Instant::now() + idle);
+            }
+            _ = &mut deadline => break,
+        }
+    }
+    writer.shutdown().await
+}
+
+/// A socket connected to one peer (the router's side: the endpoint).
+#[derive(Debug)]
+pub struct Connected {
+    socket: UdpSocket,
+    buffer: Vec<u8>,
+}
+
+impl Connected {
+    pub fn new(socket: UdpSocket) -> Self {
+        Connected {
+            socket,
+            buffer: vec![0; MAX_DATAGRAM],
+        }
+    }
+}
+
+impl Datagrams for Connected {
+    async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        let n = self.socket.recv(&mut self.buffer).await?;
+        Ok(Some(Bytes::copy_from_slice(&self.buffer[..n])))
+    }
+
+    async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
+        self.socket.send(datagram).await.map(|_| ())
+    }
+}
+
+/// One client of a shared listening socket (the sidecar's side): datagrams from that client
+/// arrive through a channel, replies go to its address.
+#[derive(Debug)]
+pub struct Client {
+    pub incoming: mpsc::Receiver<Bytes>,
+    pub socket: Arc<UdpSocket>,
+    pub peer: std::net::SocketAddr,
+}
+
+impl Datagrams for Client {
+    async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        Ok(self.incoming.recv().await)
+    }
+
+    async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
+        self.socket.send_to(datagram, self.peer).await.map(|_| ())
+    }
+}

@@ -1,0 +1,399 @@
+//! The router's end of the tunnel: accepts connections, reads each `CONNECT` as a flow request
+//! and each `PUT` of the registration path as a registration, and leaves the decisions to a
+//! [`Handler`]: where a flow goes, what a registration means, what to forget when a connection
+//! ends. The handler returns the far end of a flow already connected; this module answers the
+//! request and pipes the bytes.
+//!
+//! Bad requests (unknown version, malformed target or source, oversized registration, other
+//! methods) get a 4xx answer naming the problem; a malformed connection is dropped by HTTP/2.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
+use servicekeel_api::Protocol;
+use servicekeel_api::tunnel::registration::{MAX_REGISTRATION_BYTES, Registration};
+use servicekeel_api::tunnel::{
+    FlowTarget, MAX_HEADER_BYTES, PROTOCOL_HEADER, REGISTRATION_PATH, SOURCE_HEADER, Source,
+    VERSION_HEADER, check_version,
+};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::watch;
+
+use super::datagrams::{self, Connected};
+use super::{BoxIo, FlowStream, Io, settings};
+
+/// How long dialing an endpoint may take.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Identifies one tunnel connection, so registrations can be dropped with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkId(pub u64);
+
+impl LinkId {
+    /// A process-wide unique id.
+    pub fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        LinkId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A flow someone asked for.
+#[derive(Debug, Clone)]
+pub struct FlowRequest {
+    pub target: FlowTarget,
+    pub source: Option<Source>,
+    pub link: LinkId,
+}
+
+/// The far end of a flow, connected.
+#[derive(Debug)]
+pub enum Upstream {
+    Tcp(TcpStream),
+    /// A socket connected to the endpoint.
+    Udp(UdpSocket),
+    /// Another tunnel's flow (a peer router).
+    Flow(FlowStream),
+}
+
+/// Why a flow was not opened; sent back as the answer's status and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the router (or a test standing in for it) decides.
+pub trait Handler: Send + Sync + 'static {
+    /// Connects the far end of a flow.
+    fn open(&self, request: &FlowRequest)
+    -> impl Future<Output = Result<Upstream, Refusal>> + Send;
+    /// Takes a connection's registration, replacing its previous one.
+    fn register(&self, link: LinkId, registration: Registration) -> Result<(), String>;
+    /// The connection ended: forget its registration.
+    fn unlink(&self, link: LinkId);
+    /// A flow ended, with the bytes carried each way and how it ended.
+    fn finished(&self, _request: &FlowRequest, _outcome: &Finished) {}
+}
+
+/// How a piped flow ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// Bytes from the client towards the endpoint.
+    pub sent: u64,
+    /// Bytes from the endpoint towards the client.
+    pub received: u64,
+    pub result: io::Result<()>,
+}
+
+/// Opens a socket to an endpoint for a flow of `protocol`.
+pub async fn dial(protocol: Protocol, addr: SocketAddr) -> io::Result<Upstream> {
+    let attempt = async {
+        match protocol {
+            Protocol::Tcp => {
+                let stream = TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                Ok(Upstream::Tcp(stream))
+            }
+            Protocol::Udp => {
+                let local: SocketAddr = if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                }
+                .parse()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let socket = UdpSocket::bind(local).await?;
+                socket.connect(addr).await?;
+                Ok(Upstream::Udp(socket))
+            }
+        }
+    };
+    tokio::time::timeout(DIAL_TIMEOUT, attempt)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("dial {addr} timed out")))?
+}
+
+/// Where tunnel connections are accepted.
+#[derive(Debug)]
+pub enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    pub async fn accept(&self) -> io::Result<BoxIo> {
+        Ok(match self {
+            Listener::Unix(listener) => Box::new(listener.accept().await?.0),
+            Listener::Tcp(listener) => {
+                let (stream, _) = listener.accept().await?;
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
+        })
+    }
+}
+
+/// Accepts connections until `shutdown` turns true; each is served by [`serve_connection`].
+pub async fn serve<H: Handler>(
+    listener: Listener,
+    handler: Arc<H>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut stop = shutdown.clone();
+    loop {
+        let io = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = super::client::stopped(&mut stop) => return,
+        };
+        match io {
+            Ok(io) => {
+                tokio::spawn(serve_connection(
+                    io,
+                    handler.clone(),
+                    LinkId::next(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(error) => {
+                // Out of descriptors and the like: say so and keep accepting.
+                tracing::warn!(%error, "tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves one tunnel connection until the peer closes it; on `shutdown` it stops taking new
+/// flows (HTTP/2 GOAWAY) and ends once the open ones have.
+pub async fn serve_connection<H: Handler>(
+    io: impl Io,
+    handler: Arc<H>,
+    link: LinkId,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(settings::STREAM_WINDOW)
+        .initial_connection_window_size(settings::CONNECTION_WINDOW)
+        .max_frame_size(settings::MAX_FRAME)
+        .max_concurrent_streams(settings::MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES)
+        .handshake::<_, Bytes>(io);
+    let mut connection = match tokio::time::timeout(DIAL_TIMEOUT, handshake).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "tunnel handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("tunnel handshake timed out");
+            return;
+        }
+    };
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            _ = super::client::stopped(&mut shutdown), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+                continue;
+            }
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                tokio::spawn(serve_request(request, respond, handler.clone(), link));
+            }
+            Some(Err(error)) => {
+                tracing::debug!(%error, "tunnel connection failed");
+                break;
+            }
+            None => break,
+        }
+    }
+    handler.unlink(link);
+}
+
+type Respond = h2::server::SendResponse<Bytes>;
+
+fn answer(mut respond: Respond, status: StatusCode, text: &str) {
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .unwrap_or_default();
+    if let Ok(mut body) = respond.send_response(response, text.is_empty())
+        && !text.is_empty()
+    {
+        let _ = body.send_data(Bytes::copy_from_slice(text.as_bytes()), true);
+    }
+}
+
+async fn serve_request<H: Handler>(
+    request: Request<h2::RecvStream>,
+    respond: Respond,
+    handler: Arc<H>,
+    link: LinkId,
+) {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    if let Err(message) = check_version(header(VERSION_HEADER).as_deref()) {
+        return answer(respond, StatusCode::BAD_REQUEST, &message);
+    }
+    let source = match header(SOURCE_HEADER)
+        .map(|s| s.parse::<Source>())
+        .transpose()
+    {
+        Ok(source) => source,
+        Err(message) => return answer(respond, StatusCode::BAD_REQUEST, &message),
+    };
+    if request.method() == Method::CONNECT {
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        let protocol = header(PROTOCOL_HEADER).unwrap_or_default();
+        let target = match FlowTarget::parse(&authority, &protocol) {
+            Ok(target) => target,
+            Err(error) => return answer(respond, StatusCode::BAD_REQUEST, &error.to_string()),
+        };
+        let flow = FlowRequest {
+            target,
+            source,
+            link,
+        };
+        return open_flow(flow, request.into_body(), respond, handler).await;
+    }
+    if request.method() == Method::PUT && request.uri().path() == REGISTRATION_PATH {
+        let body = match read_limited(request.into_body(), MAX_REGISTRATION_BYTES).await {
+            Ok(body) => body,
+            Err(message) => return answer(respond, StatusCode::PAYLOAD_TOO_LARGE, &message),
+        };
+        let outcome = Registration::parse(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|registration| handler.register(link, registration));
+        return match outcome {
+            Ok(()) => answer(respond, StatusCode::OK, ""),
+            Err(message) => answer(respond, StatusCode::BAD_REQUEST, &message),
+        };
+    }
+    answer(
+        respond,
+        StatusCode::NOT_FOUND,
+        &format!(
+            "{} {} is not a tunnel request (CONNECT, or PUT {REGISTRATION_PATH})",
+            request.method(),
+            request.uri()
+        ),
+    );
+}
+
+async fn read_limited(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, String> {
+    let mut bytes = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if bytes.len() + chunk.len() > limit {
+            return Err(format!("body over the {limit}-byte limit"));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes.freeze())
+}
+
+async fn open_flow<H: Handler>(
+    request: FlowRequest,
+    body: h2::RecvStream,
+    mut respond: Respond,
+    handler: Arc<H>,
+) {
+    let upstream = match handler.open(&request).await {
+        Ok(upstream) => upstream,
+        Err(refusal) => {
+            tracing::debug!(target = %request.target, status = %refusal.status, message = %refusal.message, "flow refused");
+            return answer(respond, refusal.status, &refusal.message);
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(error) => {
+            tracing::debug!(%error, "client went away before the flow opened");
+            return;
+        }
+    };
+    let mut flow = FlowStream::new(send, body);
+    let finished = match upstream {
+        Upstream::Tcp(mut stream) => {
+            let result = tokio::io::copy_bidirectional(&mut flow, &mut stream).await;
+            if result.is_err() {
+                abort(&stream);
+            }
+            finished_copy(result)
+        }
+        Upstream::Flow(mut far) => {
+            finished_copy(tokio::io::copy_bidirectional(&mut flow, &mut far).await)
+        }
+        Upstream::Udp(socket) => {
+            let sent = AtomicU64::new(0);
+            let received = AtomicU64::new(0);
+            let result = datagrams::relay(
+                flow,
+                Connected::new(socket),
+                super::UDP_IDLE_TIMEOUT,
+                |way, n| {
+                    let counter = match way {
+                        datagrams::Way::In => &sent,
+                        datagrams::Way::Out => &received,
+                    };
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                },
+            )
+            .await;
+            Finished {
+                sent: sent.into_inner(),
+                received: received.into_inner(),
+                result,
+            }
+        }
+    };
+    handler.finished(&request, &finished);
+}
+
+fn finished_copy(result: io::Result<(u64, u64)>) -> Finished {
+    match result {
+        Ok((sent, received)) => Finished {
+            sent,
+            received,
+            result: Ok(()),
+        },
+        Err(error) => Finished {
+            sent: 0,
+            received: 0,
+            result: Err(error),
+        },
+    }
+}
+
+/// Ends a TCP connection with a reset rather than a FIN, so the peer sees the failure.
+pub fn abort(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
