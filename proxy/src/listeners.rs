@@ -24,6 +24,9 @@ use crate::tunnel::client::Client;
 
 /// Most UDP flows (distinct client addresses) one listener carries at once.
 pub const MAX_UDP_FLOWS: usize = 1024;
+/// Connections the kernel queues before the sidecar accepts them: applications opening many
+/// connections at once should not wait out SYN retries.
+const TCP_BACKLOG: u32 = 4096;
 /// Datagrams queued per UDP flow while the tunnel catches up.
 const UDP_QUEUE: usize = 256;
 
@@ -41,6 +44,8 @@ pub struct Context {
     pub flows: Arc<Flows>,
     pub metrics: Arc<Metrics>,
     pub udp_idle: Duration,
+    /// Turns true when the sidecar shuts down.
+    pub draining: watch::Receiver<bool>,
 }
 
 #[derive(Debug)]
@@ -130,9 +135,10 @@ impl Listeners {
         let context = self.context.clone();
         match want.target.protocol {
             Protocol::Tcp => {
-                let listener = std::net::TcpListener::bind(want.addr)?;
-                listener.set_nonblocking(true)?;
-                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.set_reuseaddr(true)?;
+                socket.bind(want.addr.into())?;
+                let listener = socket.listen(TCP_BACKLOG)?;
                 tokio::spawn(tcp::accept(listener, want.target.clone(), context, stopped));
             }
             Protocol::Udp => {

@@ -51,6 +51,7 @@ pub struct Sidecar {
     dns: DnsServer,
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    draining: watch::Sender<bool>,
 }
 
 #[derive(Debug)]
@@ -202,11 +203,13 @@ impl Sidecar {
             &source(&config, config.pod_ip),
             stopped.clone(),
         );
+        let (draining, draining_rx) = watch::channel(false);
         let listeners = Listeners::new(listeners::Context {
             client: client.clone(),
             flows: flows.clone(),
             metrics: metrics.clone(),
             udp_idle: config.udp_idle_timeout,
+            draining: draining_rx,
         });
         let state = Arc::new(State {
             watcher: Mutex::new(Watcher::new(&config.annotations_file, home.clone())),
@@ -252,6 +255,7 @@ impl Sidecar {
             dns,
             admin_addr,
             stop,
+            draining,
         })
     }
 
@@ -288,6 +292,7 @@ impl Sidecar {
     /// flows were still open at the deadline.
     pub async fn shutdown(self) -> usize {
         self.state.dns_ready.store(false, Ordering::SeqCst);
+        let _ = self.draining.send(true);
         self.state
             .listeners
             .lock()

@@ -1,24 +1,26 @@
 //! The sidecar process in-process, as the design example's client pod runs it: its annotations
-//! file (written the way the kubelet writes it) imports `simple-server`; the sidecar answers
-//! `simple-server.default` with a local address, reports ready, and follows a change of the
-//! annotations while running.
+//! file imports `simple-server`; the sidecar answers `simple-server.default` with a local
+//! address, listens there on 8080 and carries a connection through the tunnel to the server,
+//! reports ready, and follows a change of the annotations while running.
 
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 mod support;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
+use servicekeel_api::Protocol;
 use servicekeel_api::podinfo::format_annotations;
 use servicekeel_proxy::config::SidecarConfig;
 use servicekeel_proxy::sidecar::Sidecar;
-use support::a_records;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{RouterState, TestRouter, a_records, echo_through, http_get, tcp_echo};
 use tokio::net::UdpSocket;
 
 /// The client pod of ../shared/examples/annotations-yaml-pod.yaml.
@@ -49,14 +51,21 @@ async fn resolve(dns: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
 }
 
 async fn http_status(addr: SocketAddr, path: &str) -> String {
-    let reply = http_body(addr, path).await;
+    let reply = http_get(addr, path).await;
     reply.lines().next().unwrap_or_default().to_string()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_design_examples_client_resolves_its_import_and_follows_changes() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("annotations");
+    let socket = dir.path().join("router.sock");
+    let router = TestRouter::start(&socket, Arc::new(RouterState::default())).await;
+    router.route(
+        "simple-server.default.cluster-a.local:8080",
+        Protocol::Tcp,
+        tcp_echo().await,
+    );
     let mut annotations = design_example_annotations();
     std::fs::write(&file, format_annotations(&annotations)).unwrap();
     let env: BTreeMap<String, String> = [
@@ -66,7 +75,10 @@ async fn the_design_examples_client_resolves_its_import_and_follows_changes() {
         ("SIDECAR_IP_RANGE", "127.0.66.0/24"),
         ("SIDECAR_DNS_ADDR", "127.0.0.1:0"),
         ("SIDECAR_ADMIN_ADDR", "127.0.0.1:0"),
-        ("SIDECAR_SERVER_LISTEN", "unix:///tmp/router.sock"),
+        (
+            "SIDECAR_SERVER_LISTEN",
+            &format!("unix://{}", socket.display()),
+        ),
         ("SIDECAR_ANNOTATIONS_FILE", file.to_str().unwrap()),
     ]
     .into_iter()
@@ -92,6 +104,17 @@ async fn the_design_examples_client_resolves_its_import_and_follows_changes() {
         [local]
     );
     assert_eq!(resolve(dns, "db.default.").await, Vec::<Ipv4Addr>::new());
+
+    // The application connects where DNS sent it and reaches the server.
+    let resolved = resolve(dns, "simple-server.default.").await[0];
+    let through = echo_through(
+        SocketAddr::from((resolved, 8080)),
+        b"GET / HTTP/1.0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(through, b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(router.state.flows_opened.load(Ordering::SeqCst), 1);
 
     // A second import appears; the first keeps its address.
     annotations.insert(
@@ -119,12 +142,12 @@ async fn the_design_examples_client_resolves_its_import_and_follows_changes() {
         [Ipv4Addr::new(127, 0, 66, 2)]
     );
 
-    // Six local answers so far; `db.default` before it was imported and `example.com` were
+    // Seven local answers so far; `db.default` before it was imported and `example.com` were
     // forwarded and found no upstream.
     assert_eq!(resolve(dns, "example.com.").await, Vec::<Ipv4Addr>::new());
-    let metrics = http_body(sidecar.admin_addr(), "/metrics").await;
+    let metrics = http_get(sidecar.admin_addr(), "/metrics").await;
     assert!(
-        metrics.contains(r#"servicekeel_sidecar_dns_queries_total{outcome="local"} 6"#),
+        metrics.contains(r#"servicekeel_sidecar_dns_queries_total{outcome="local"} 7"#),
         "{metrics}"
     );
     assert!(
@@ -133,20 +156,6 @@ async fn the_design_examples_client_resolves_its_import_and_follows_changes() {
     );
 
     sidecar.shutdown().await;
-}
-
-/// The whole HTTP/1.1 reply to a GET.
-async fn http_body(addr: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await.unwrap();
-    reply
 }
 
 #[test]

@@ -62,7 +62,12 @@ pub(super) async fn serve(
                 let (queue, incoming) = mpsc::channel(UDP_QUEUE);
                 let _ = queue.try_send(datagram);
                 clients.insert(peer, queue);
-                let client = datagrams::Client { incoming, socket: socket.clone(), peer };
+                let client = datagrams::Client {
+                    incoming,
+                    socket: socket.clone(),
+                    peer,
+                    draining: context.draining.clone(),
+                };
                 tokio::spawn(flow(client, target.clone(), context.clone(), *local.ip(), ended.clone()));
             }
             Some(peer) = ended_rx.recv() => {

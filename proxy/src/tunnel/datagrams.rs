@@ -12,7 +12,7 @@ use bytes::Bytes;
 use servicekeel_api::tunnel::{DatagramDecoder, MAX_DATAGRAM, encode_datagram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::FlowStream;
@@ -112,18 +112,33 @@ impl Datagrams for Connected {
     }
 }
 
+/// How long a UDP flow may stay quiet once its side is shutting down before it ends.
+pub const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
 /// One client of a shared listening socket (the sidecar's side): datagrams from that client
-/// arrive through a channel, replies go to its address.
+/// arrive through a channel, replies go to its address. Once `draining` turns true, the flow
+/// ends after [`DRAIN_QUIET`] without a datagram from the client, rather than waiting out the
+/// idle timeout: UDP has no end of its own to wait for.
 #[derive(Debug)]
 pub struct Client {
     pub incoming: mpsc::Receiver<Bytes>,
     pub socket: Arc<UdpSocket>,
     pub peer: std::net::SocketAddr,
+    pub draining: watch::Receiver<bool>,
 }
 
 impl Datagrams for Client {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        Ok(self.incoming.recv().await)
+        if !*self.draining.borrow() {
+            tokio::select! {
+                next = self.incoming.recv() => return Ok(next),
+                _ = self.draining.wait_for(|d| *d) => {}
+            }
+        }
+        Ok(tokio::time::timeout(DRAIN_QUIET, self.incoming.recv())
+            .await
+            .ok()
+            .flatten())
     }
 
     async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {

@@ -286,7 +286,10 @@ async fn serve_request<H: Handler>(
     if request.method() == Method::PUT && request.uri().path() == REGISTRATION_PATH {
         let body = match read_limited(request.into_body(), MAX_REGISTRATION_BYTES).await {
             Ok(body) => body,
-            Err(message) => return answer(respond, StatusCode::PAYLOAD_TOO_LARGE, &message),
+            Err(Oversized { message, rest }) => {
+                answer(respond, StatusCode::PAYLOAD_TOO_LARGE, &message);
+                return discard(rest).await;
+            }
         };
         let outcome = Registration::parse(&body)
             .map_err(|e| e.to_string())
@@ -307,17 +310,42 @@ async fn serve_request<H: Handler>(
     );
 }
 
-async fn read_limited(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, String> {
+/// A body over its limit: why, and the rest of the stream.
+struct Oversized {
+    message: String,
+    rest: Option<h2::RecvStream>,
+}
+
+async fn read_limited(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, Oversized> {
     let mut bytes = BytesMut::new();
     while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
+        let chunk = chunk.map_err(|e| Oversized {
+            message: e.to_string(),
+            rest: None,
+        })?;
         let _ = body.flow_control().release_capacity(chunk.len());
         if bytes.len() + chunk.len() > limit {
-            return Err(format!("body over the {limit}-byte limit"));
+            return Err(Oversized {
+                message: format!("body over the {limit}-byte limit"),
+                rest: Some(body),
+            });
         }
         bytes.extend_from_slice(&chunk);
     }
     Ok(bytes.freeze())
+}
+
+/// Reads and drops what remains of a refused upload, for a while, so the peer finishes sending
+/// and reads the answer instead of having its stream reset under it.
+async fn discard(rest: Option<h2::RecvStream>) {
+    const PATIENCE: Duration = Duration::from_secs(5);
+    let Some(mut body) = rest else { return };
+    let _ = tokio::time::timeout(PATIENCE, async {
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+    })
+    .await;
 }
 
 async fn open_flow<H: Handler>(

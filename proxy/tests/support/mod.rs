@@ -1,10 +1,31 @@
-//! Helpers shared by the proxy's integration tests.
+//! Helpers shared by the proxy's integration tests: a DNS answer reader, a stand-in for the
+//! router's side of the tunnel, echo servers and a sidecar started on test addresses.
 
-use std::net::Ipv4Addr;
+// Each test binary uses a part of these.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::RData;
 use hickory_proto::rr::rdata::A;
+use http::StatusCode;
+use servicekeel_api::Protocol;
+use servicekeel_api::podinfo::format_annotations;
+use servicekeel_api::tunnel::registration::Registration;
+use servicekeel_proxy::config::SidecarConfig;
+use servicekeel_proxy::sidecar::Sidecar;
+use servicekeel_proxy::tunnel::server::{
+    FlowRequest, Handler, LinkId, Refusal, Upstream, dial, serve_connection,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// The addresses of the A records in an answer.
 pub fn a_records(message: &Message) -> Vec<Ipv4Addr> {
@@ -16,4 +37,266 @@ pub fn a_records(message: &Message) -> Vec<Ipv4Addr> {
             _ => None,
         })
         .collect()
+}
+
+/// What the stand-in router knows and saw.
+#[derive(Debug, Default)]
+pub struct RouterState {
+    /// `name.namespace.cluster:port` and protocol → the endpoint to dial.
+    pub endpoints: Mutex<HashMap<(String, Protocol), SocketAddr>>,
+    /// Registrations by connection.
+    pub registrations: watch::Sender<BTreeMap<LinkId, Registration>>,
+    pub flows_opened: AtomicUsize,
+    /// Sources of the flows opened, as sent.
+    pub sources: Mutex<Vec<String>>,
+}
+
+impl Handler for RouterState {
+    async fn open(&self, request: &FlowRequest) -> Result<Upstream, Refusal> {
+        let key = (request.target.authority(), request.target.protocol);
+        let endpoint = self.endpoints.lock().unwrap().get(&key).copied();
+        let Some(endpoint) = endpoint else {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no endpoint for {}", request.target),
+            ));
+        };
+        let upstream = dial(request.target.protocol, endpoint)
+            .await
+            .map_err(|e| Refusal::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+        self.flows_opened.fetch_add(1, Ordering::SeqCst);
+        self.sources.lock().unwrap().push(
+            request
+                .source
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        );
+        Ok(upstream)
+    }
+
+    fn register(&self, link: LinkId, registration: Registration) -> Result<(), String> {
+        self.registrations.send_modify(|all| {
+            all.insert(link, registration);
+        });
+        Ok(())
+    }
+
+    fn unlink(&self, link: LinkId) {
+        self.registrations.send_modify(|all| {
+            all.remove(&link);
+        });
+    }
+}
+
+/// The router's side of the tunnel on a Unix socket, with every connection in one set so
+/// [`TestRouter::crash`] can end them all at once, as a killed process would.
+#[derive(Debug)]
+pub struct TestRouter {
+    pub state: Arc<RouterState>,
+    pub path: PathBuf,
+    tasks: JoinSet<()>,
+    _stop: watch::Sender<bool>,
+}
+
+impl TestRouter {
+    pub async fn start(path: &Path, state: Arc<RouterState>) -> TestRouter {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let handler = state.clone();
+        let connections = Arc::new(Mutex::new(JoinSet::new()));
+        let held = connections.clone();
+        tasks.spawn(async move {
+            let _held = held;
+            loop {
+                let Ok((io, _)) = listener.accept().await else {
+                    return;
+                };
+                connections.lock().unwrap().spawn(serve_connection(
+                    io,
+                    handler.clone(),
+                    LinkId::next(),
+                    stopped.clone(),
+                ));
+            }
+        });
+        TestRouter {
+            state,
+            path: path.to_owned(),
+            tasks,
+            _stop: stop,
+        }
+    }
+
+    /// Ends the listener and every connection at once and removes the socket.
+    pub async fn crash(mut self) {
+        self.tasks.shutdown().await;
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    pub fn route(&self, authority: &str, protocol: Protocol, endpoint: SocketAddr) {
+        self.state
+            .endpoints
+            .lock()
+            .unwrap()
+            .insert((authority.to_string(), protocol), endpoint);
+    }
+}
+
+/// A TCP server that sends back everything it reads and closes its side after the client's
+/// FIN, so half-close is needed for a client to get all of its bytes back.
+pub async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
+                    let _ = writer.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A UDP server that sends every datagram back to its sender.
+pub async fn udp_echo() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65_536];
+        loop {
+            let Ok((n, peer)) = socket.recv_from(&mut buffer).await else {
+                return;
+            };
+            let _ = socket.send_to(&buffer[..n], peer).await;
+        }
+    });
+    addr
+}
+
+/// `len` bytes that differ with `seed` (xorshift), for checking transfers byte for byte.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Sends `data` over a new connection to `addr`, half-closes, and returns what came back.
+pub async fn echo_through(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let data = data.to_vec();
+    let sending = tokio::spawn(async move {
+        writer.write_all(&data).await?;
+        writer.shutdown().await
+    });
+    let mut back = Vec::new();
+    let read = reader.read_to_end(&mut back).await;
+    sending.await.unwrap()?;
+    read?;
+    Ok(back)
+}
+
+/// A sidecar's test environment: its own loopback range, annotations file and router socket.
+#[derive(Debug)]
+pub struct Pod {
+    pub dir: tempfile::TempDir,
+    pub env: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// A pod in `default` of `cluster-a`, its imports and exports given as annotation values,
+    /// its local addresses in `range`.
+    pub fn new(range: &str, imported: &str, exported: Option<&str>) -> Pod {
+        let dir = tempfile::tempdir().unwrap();
+        let mut annotations = BTreeMap::new();
+        annotations.insert("servicekeel.io/imported-services".into(), imported.into());
+        if let Some(exported) = exported {
+            annotations.insert("servicekeel.io/exported-services".into(), exported.into());
+        }
+        let file = dir.path().join("annotations");
+        let socket = dir.path().join("router.sock");
+        let env = [
+            ("POD_NAMESPACE", "default".to_string()),
+            ("POD_NAME", "client-0".into()),
+            ("POD_IP", "10.244.1.7".into()),
+            ("SERVICEKEEL_CLUSTER", "cluster-a".into()),
+            ("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9".into()),
+            ("SIDECAR_IP_RANGE", range.into()),
+            ("SIDECAR_DNS_ADDR", "127.0.0.1:0".into()),
+            ("SIDECAR_ADMIN_ADDR", "127.0.0.1:0".into()),
+            (
+                "SIDECAR_SERVER_LISTEN",
+                format!("unix://{}", socket.display()),
+            ),
+            ("SIDECAR_ANNOTATIONS_FILE", file.display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let pod = Pod {
+            dir,
+            env,
+            annotations,
+        };
+        pod.write_annotations();
+        pod
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("router.sock")
+    }
+
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.env.insert(key.into(), value.into());
+    }
+
+    /// Sets an annotation and rewrites the file.
+    pub fn annotate(&mut self, key: &str, value: &str) {
+        self.annotations.insert(key.into(), value.into());
+        self.write_annotations();
+    }
+
+    pub fn write_annotations(&self) {
+        std::fs::write(
+            self.dir.path().join("annotations"),
+            format_annotations(&self.annotations),
+        )
+        .unwrap();
+    }
+
+    pub async fn start(&self) -> Sidecar {
+        Sidecar::start(SidecarConfig::from_source(&self.env).unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+/// The whole HTTP/1.1 reply to a GET.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    reply
 }
