@@ -11,5 +11,7 @@ pub mod dns;
 pub mod listeners;
 pub mod metrics;
 pub mod podinfo;
+pub mod registry;
 pub mod sidecar;
+pub mod snapshot;
 pub mod tunnel;

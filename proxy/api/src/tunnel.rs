@@ -92,7 +92,7 @@ impl FromStr for Source {
 }
 
 /// The service, port and protocol a flow is for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowTarget {
     pub service: ServiceKey,
     pub port: u16,
