@@ -5,6 +5,7 @@
 //! imported service a local address ([`alloc`]), and [`dns`] decides what its DNS server
 //! answers. Names and defaults of the contract come from `servicekeel-api`.
 
+pub mod admin;
 pub mod alloc;
 pub mod config;
 pub mod dns;

@@ -9,14 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
 use tokio::sync::watch;
 
 use servicekeel_api::tunnel::registration::Registration;
 use servicekeel_api::tunnel::{FlowTarget, Source};
 
+use crate::admin::{self, Status as _};
 use crate::alloc::Allocator;
 use crate::config::SidecarConfig;
 use crate::dns::server::{BindError, DnsServer, Handler, SharedNames};
@@ -26,7 +24,6 @@ use crate::listeners::{self, Flows, Listeners, Wanted};
 use crate::metrics::Metrics;
 use crate::podinfo::{Home, PodServices, Watcher};
 use crate::tunnel::client::Client;
-use servicekeel_api::defaults;
 
 /// How long the upstream resolver gets before a forwarded query is answered SERVFAIL.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,11 +34,8 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 pub enum SidecarError {
     #[error(transparent)]
     Dns(#[from] BindError),
-    #[error("cannot bind the admin server to {addr}: {cause}")]
-    Admin {
-        addr: SocketAddr,
-        cause: std::io::Error,
-    },
+    #[error(transparent)]
+    Admin(#[from] admin::BindError),
 }
 
 /// A running sidecar.
@@ -164,6 +158,12 @@ impl State {
             &self.config.cluster,
         ))
     }
+}
+
+impl admin::Status for State {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
 
     /// Why the sidecar is not ready, if it is not.
     fn not_ready(&self) -> Option<String> {
@@ -231,19 +231,8 @@ impl Sidecar {
             state.metrics.clone(),
         );
         let dns = DnsServer::bind(state.config.dns_addr, handler).await?;
-        let admin_listener = tokio::net::TcpListener::bind(state.config.admin_addr)
-            .await
-            .map_err(|cause| SidecarError::Admin {
-                addr: state.config.admin_addr,
-                cause,
-            })?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|cause| SidecarError::Admin {
-                addr: state.config.admin_addr,
-                cause,
-            })?;
-        tokio::spawn(serve_admin(admin_listener, state.clone(), stopped.clone()));
+        let (admin_listener, admin_addr) = admin::bind(state.config.admin_addr).await?;
+        tokio::spawn(admin::serve(admin_listener, state.clone(), stopped.clone()));
         tokio::spawn(follow(state.clone(), stopped));
         state.dns_ready.store(true, Ordering::SeqCst);
         match state.not_ready() {
@@ -327,43 +316,5 @@ async fn follow(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
             }
             _ = stopped.wait_for(|stop| *stop) => return,
         }
-    }
-}
-
-async fn serve_admin(
-    listener: tokio::net::TcpListener,
-    state: Arc<State>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let metrics = state.metrics.clone();
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let text = metrics.encode();
-                async move { text }
-            }),
-        )
-        .route(defaults::HEALTH_PATH, get(|| async { "ok" }))
-        .route(
-            defaults::READY_PATH,
-            get(move || {
-                let not_ready = state.not_ready();
-                async move {
-                    match not_ready {
-                        None => (StatusCode::OK, "ok".to_string()),
-                        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
-                    }
-                }
-            }),
-        );
-    let shutdown = async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::warn!(%error, "admin server stopped");
     }
 }
