@@ -13,6 +13,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod podinfo;
 pub mod registry;
+pub mod router;
 pub mod sidecar;
 pub mod snapshot;
 pub mod tunnel;

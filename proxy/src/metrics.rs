@@ -84,13 +84,81 @@ struct FlowLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ByteLabels {
     protocol: &'static str,
-    /// `sent` (application to service) or `received`.
+    /// `sent` (client to service) or `received`.
     direction: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ProtocolLabels {
     protocol: &'static str,
+}
+
+/// The flow metrics the sidecar and the router both keep: `flows_total{protocol,outcome}`,
+/// `flow_bytes_total{protocol,direction}` and `active_flows{protocol}`.
+#[derive(Debug, Default, Clone)]
+pub struct FlowMetrics {
+    flows: Family<FlowLabels, Counter>,
+    bytes: Family<ByteLabels, Counter>,
+    active: Family<ProtocolLabels, Gauge>,
+}
+
+impl FlowMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "flows",
+            "Flows ended or refused, by protocol and outcome",
+            self.flows.clone(),
+        );
+        registry.register(
+            "flow_bytes",
+            "Payload bytes carried, by protocol and direction",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "active_flows",
+            "Flows open now, by protocol",
+            self.active.clone(),
+        );
+    }
+
+    pub fn ended(&self, protocol: Protocol, outcome: &'static str) {
+        self.flows
+            .get_or_create(&FlowLabels {
+                protocol: protocol.as_str(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// The active-flows gauge of `protocol`.
+    pub fn active(&self, protocol: Protocol) -> Gauge {
+        self.active
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol.as_str(),
+            })
+            .clone()
+    }
+
+    /// The byte counters of `protocol`: (sent, received).
+    pub fn bytes(&self, protocol: Protocol) -> (Counter, Counter) {
+        let counter = |direction| {
+            self.bytes
+                .get_or_create(&ByteLabels {
+                    protocol: protocol.as_str(),
+                    direction,
+                })
+                .clone()
+        };
+        (counter("sent"), counter("received"))
+    }
+}
+
+/// The Prometheus text exposition of `registry`.
+pub(crate) fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)
+        .expect("writing to a String cannot fail");
+    text
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -102,9 +170,7 @@ struct ReasonLabels {
 pub struct Metrics {
     registry: Registry,
     dns_queries: Family<OutcomeLabels, Counter>,
-    flows: Family<FlowLabels, Counter>,
-    bytes: Family<ByteLabels, Counter>,
-    active: Family<ProtocolLabels, Gauge>,
+    flows: FlowMetrics,
     dropped: Family<ReasonLabels, Counter>,
     router_connected: Gauge,
 }
@@ -114,9 +180,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("servicekeel_sidecar");
         let metrics = Metrics {
             dns_queries: Family::default(),
-            flows: Family::default(),
-            bytes: Family::default(),
-            active: Family::default(),
+            flows: FlowMetrics::default(),
             dropped: Family::default(),
             router_connected: Gauge::default(),
             registry: Registry::default(),
@@ -126,21 +190,7 @@ impl Default for Metrics {
             "DNS queries by outcome",
             metrics.dns_queries.clone(),
         );
-        registry.register(
-            "flows",
-            "Flows ended, by protocol and outcome",
-            metrics.flows.clone(),
-        );
-        registry.register(
-            "flow_bytes",
-            "Payload bytes carried, by protocol and direction",
-            metrics.bytes.clone(),
-        );
-        registry.register(
-            "active_flows",
-            "Flows open now, by protocol",
-            metrics.active.clone(),
-        );
+        metrics.flows.register(&mut registry);
         registry.register(
             "udp_datagrams_dropped",
             "Datagrams from applications dropped, by reason",
@@ -168,34 +218,17 @@ impl Metrics {
     }
 
     pub fn flow_ended(&self, protocol: Protocol, outcome: FlowOutcome) {
-        self.flows
-            .get_or_create(&FlowLabels {
-                protocol: protocol.as_str(),
-                outcome: outcome.as_str(),
-            })
-            .inc();
+        self.flows.ended(protocol, outcome.as_str());
     }
 
     /// The active-flows gauge of `protocol`.
     pub fn active(&self, protocol: Protocol) -> Gauge {
-        self.active
-            .get_or_create(&ProtocolLabels {
-                protocol: protocol.as_str(),
-            })
-            .clone()
+        self.flows.active(protocol)
     }
 
     /// The byte counters of `protocol`: (sent, received).
     pub fn bytes(&self, protocol: Protocol) -> (Counter, Counter) {
-        let counter = |direction| {
-            self.bytes
-                .get_or_create(&ByteLabels {
-                    protocol: protocol.as_str(),
-                    direction,
-                })
-                .clone()
-        };
-        (counter("sent"), counter("received"))
+        self.flows.bytes(protocol)
     }
 
     pub fn datagram_dropped(&self, reason: DropReason) {
@@ -212,10 +245,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)
-            .expect("writing to a String cannot fail");
-        text
+        encode(&self.registry)
     }
 }
 

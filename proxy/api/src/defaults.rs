@@ -8,6 +8,12 @@ pub const DNS_ADDR: &str = "127.0.0.2:53";
 pub const ROUTER_SOCKET_DIR: &str = "/var/run/servicekeel";
 /// The router's Unix socket, as the sidecar reaches it.
 pub const ROUTER_LISTEN: &str = "unix:///var/run/servicekeel/router.sock";
+/// The router's Unix socket on the node (the path in [`ROUTER_LISTEN`]).
+pub const ROUTER_SOCKET: &str = "/var/run/servicekeel/router.sock";
+/// Where the router keeps its registry snapshot.
+pub const ROUTER_STATE_DIR: &str = "/var/lib/servicekeel";
+/// The router's admin address (`/healthz`, `/readyz`, `/metrics`), on the node's network.
+pub const ROUTER_ADMIN_ADDR: &str = "0.0.0.0:15022";
 /// Directory of the downward-API volume in the sidecar.
 pub const PODINFO_DIR: &str = "/etc/servicekeel/podinfo";
 /// File name of the annotations inside [`PODINFO_DIR`].
@@ -45,3 +51,14 @@ pub const ADMIN_PORT_NAME: &str = "sk-admin";
 pub const UNPRIVILEGED_PORT_SYSCTL: &str = "net.ipv4.ip_unprivileged_port_start";
 /// User and group the sidecar runs as.
 pub const SIDECAR_UID: i64 = 65532;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_router_socket_is_one_path() {
+        assert_eq!(ROUTER_LISTEN, format!("unix://{ROUTER_SOCKET}"));
+        assert!(ROUTER_SOCKET.starts_with(ROUTER_SOCKET_DIR));
+    }
+}

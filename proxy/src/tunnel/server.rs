@@ -86,7 +86,8 @@ pub trait Handler: Send + Sync + 'static {
     fn register(&self, link: LinkId, registration: Registration) -> Result<(), String>;
     /// The connection ended: forget its registration.
     fn unlink(&self, link: LinkId);
-    /// A flow ended, with the bytes carried each way and how it ended.
+    /// A flow [`Handler::open`] connected has ended, with the bytes carried each way and how
+    /// it ended; called once for every successful `open`.
     fn finished(&self, _request: &FlowRequest, _outcome: &Finished) {}
 }
 
@@ -365,7 +366,12 @@ async fn open_flow<H: Handler>(
         Ok(send) => send,
         Err(error) => {
             tracing::debug!(%error, "client went away before the flow opened");
-            return;
+            let finished = Finished {
+                sent: 0,
+                received: 0,
+                result: Err(io::Error::new(io::ErrorKind::ConnectionAborted, error)),
+            };
+            return handler.finished(&request, &finished);
         }
     };
     let mut flow = FlowStream::new(send, body);

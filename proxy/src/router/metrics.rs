@@ -1,0 +1,126 @@
+//! The router's Prometheus metrics, prefix `servicekeel_router_`.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use servicekeel_api::Protocol;
+
+use crate::metrics::FlowMetrics;
+use crate::tunnel::server::{Finished, LinkId};
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Outcomes: `completed`, `failed`, `no_endpoint`, `unreachable`.
+    flows: FlowMetrics,
+    registry_entries: Gauge,
+    sidecars: Gauge,
+    registered: Mutex<BTreeSet<LinkId>>,
+    ejections: Counter,
+    ejected: Gauge,
+    snapshot_age: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("servicekeel_router");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            flows: FlowMetrics::default(),
+            registry_entries: Gauge::default(),
+            sidecars: Gauge::default(),
+            registered: Mutex::new(BTreeSet::new()),
+            ejections: Counter::default(),
+            ejected: Gauge::default(),
+            snapshot_age: Gauge::default(),
+        };
+        metrics.flows.register(&mut registry);
+        registry.register(
+            "registry_entries",
+            "(service port, endpoint) pairs known",
+            metrics.registry_entries.clone(),
+        );
+        registry.register(
+            "registered_sidecars",
+            "Sidecars with a registration on a live connection",
+            metrics.sidecars.clone(),
+        );
+        registry.register(
+            "endpoint_ejections",
+            "Endpoints taken out of rotation after a failed dial",
+            metrics.ejections.clone(),
+        );
+        registry.register(
+            "ejected_endpoints",
+            "Endpoints out of rotation now",
+            metrics.ejected.clone(),
+        );
+        registry.register(
+            "snapshot_age_seconds",
+            "Age of the registry snapshot on disk; -1 when there is none",
+            metrics.snapshot_age.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    pub fn flow_opened(&self, protocol: Protocol) {
+        self.flows.active(protocol).inc();
+    }
+
+    pub fn flow_refused(&self, protocol: Protocol, outcome: &'static str) {
+        self.flows.ended(protocol, outcome);
+    }
+
+    pub fn flow_finished(&self, protocol: Protocol, finished: &Finished) {
+        self.flows.active(protocol).dec();
+        let outcome = if finished.result.is_ok() {
+            "completed"
+        } else {
+            "failed"
+        };
+        self.flows.ended(protocol, outcome);
+        let (sent, received) = self.flows.bytes(protocol);
+        sent.inc_by(finished.sent);
+        received.inc_by(finished.received);
+    }
+
+    pub fn registry_entries(&self, n: usize) {
+        self.registry_entries.set(n as i64);
+    }
+
+    pub fn sidecar_registered(&self, link: LinkId, registered: bool) {
+        let mut all = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+        if registered {
+            all.insert(link);
+        } else {
+            all.remove(&link);
+        }
+        self.sidecars.set(all.len() as i64);
+    }
+
+    pub fn endpoint_ejected(&self) {
+        self.ejections.inc();
+    }
+
+    pub fn ejected_now(&self, n: usize) {
+        self.ejected.set(n as i64);
+    }
+
+    pub fn snapshot_age(&self, age: Option<Duration>) {
+        self.snapshot_age
+            .set(age.map_or(-1, |a| a.as_secs() as i64));
+    }
+
+    pub fn encode(&self) -> String {
+        crate::metrics::encode(&self.registry)
+    }
+}

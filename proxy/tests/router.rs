@@ -1,0 +1,235 @@
+//! The router in-process with real sidecars: one pod exports a service by registering it, another
+//! imports it and reaches it through the router; a dead endpoint is ejected without the client
+//! noticing; a restarted router routes from its snapshot; the socket is made as configured.
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use servicekeel_proxy::router::{Router, RouterConfig};
+use support::{Pod, echo_through, http_get, pattern, tcp_echo, udp_echo};
+use tokio::net::UdpSocket;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn config(dir: &Path) -> RouterConfig {
+    RouterConfig {
+        socket: dir.join("run/router.sock"),
+        socket_mode: 0o660,
+        socket_owner: None,
+        state_dir: dir.join("state"),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        node: "edge-1".into(),
+        cluster: "cluster-a".into(),
+    }
+}
+
+/// A pod whose sidecar talks to `router`.
+fn pod(router: &Router, range: &str, imported: &str, exported: Option<&str>) -> Pod {
+    let mut pod = Pod::new(range, imported, exported);
+    pod.set(
+        "SIDECAR_SERVER_LISTEN",
+        &format!("unix://{}", router.socket().display()),
+    );
+    pod.set("POD_IP", "127.0.0.1");
+    pod
+}
+
+/// Waits until the router knows `n` (target, endpoint) pairs.
+async fn registry_has(router: &Router, n: usize) -> bool {
+    for _ in 0..(PATIENCE.as_millis() / 10) {
+        if router.registry_len() == n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+fn exports(tcp: SocketAddr, udp: SocketAddr) -> String {
+    format!(
+        "services: [{{name: web, ports: [{{port: 80, targetPort: {}}}, {{port: 53, targetPort: {}, protocol: UDP}}]}}]",
+        tcp.port(),
+        udp.port()
+    )
+}
+
+const IMPORTS: &str = "services: [{name: web, ports: [{port: 80}, {port: 53, protocol: UDP}]}]";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_export_is_reached_through_the_router() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = Router::start(config(dir.path())).await.unwrap();
+    let mode = std::fs::metadata(router.socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+
+    let (tcp, udp) = (tcp_echo().await, udp_echo().await);
+    let server = pod(
+        &router,
+        "127.0.80.0/24",
+        "services: []",
+        Some(&exports(tcp, udp)),
+    );
+    let server = server.start().await;
+    assert!(registry_has(&router, 2).await, "the server pod registered");
+
+    let client = pod(&router, "127.0.81.0/24", IMPORTS, None);
+    let client = client.start().await;
+    let data = pattern(3, 8 << 20);
+    let back = echo_through("127.0.81.1:80".parse().unwrap(), &data)
+        .await
+        .unwrap();
+    assert!(back == data, "bytes differ");
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.send_to(b"query", "127.0.81.1:53").await.unwrap();
+    let mut buffer = [0u8; 64];
+    let (n, _) = tokio::time::timeout(PATIENCE, socket.recv_from(&mut buffer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buffer[..n], b"query");
+
+    let metrics = http_get(router.admin_addr(), "/metrics").await;
+    for line in [
+        // Both pods registered, the client with no exports.
+        "servicekeel_router_registered_sidecars 2",
+        "servicekeel_router_registry_entries 2",
+        r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+    // The server pod goes away: its registration goes with its connection.
+    server.shutdown().await;
+    assert!(registry_has(&router, 0).await, "registration dropped");
+    assert!(
+        echo_through("127.0.81.1:80".parse().unwrap(), b"x")
+            .await
+            .is_err()
+    );
+    client.shutdown().await;
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_is_ejected_and_flows_go_to_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = Router::start(config(dir.path())).await.unwrap();
+    let alive = tcp_echo().await;
+    // An endpoint that refuses: a port that was bound and let go.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let udp = udp_echo().await;
+    let first = pod(
+        &router,
+        "127.0.82.0/24",
+        "services: []",
+        Some(&exports(dead, udp)),
+    );
+    let second = pod(
+        &router,
+        "127.0.83.0/24",
+        "services: []",
+        Some(&exports(alive, udp)),
+    );
+    let (first, second) = (first.start().await, second.start().await);
+    assert!(registry_has(&router, 3).await, "two TCP endpoints, one UDP");
+
+    let client = pod(&router, "127.0.84.0/24", IMPORTS, None).start().await;
+    for i in 0..10u64 {
+        let data = pattern(i, 1000);
+        let back = echo_through("127.0.84.1:80".parse().unwrap(), &data)
+            .await
+            .unwrap_or_else(|e| panic!("flow {i}: {e}"));
+        assert_eq!(back, data);
+    }
+    let metrics = http_get(router.admin_addr(), "/metrics").await;
+    assert!(
+        metrics.contains("servicekeel_router_endpoint_ejections_total 1"),
+        "the dead endpoint was dialled once, then left out\n{metrics}"
+    );
+    assert!(
+        metrics.contains("servicekeel_router_ejected_endpoints 1"),
+        "{metrics}"
+    );
+    for sidecar in [first, second, client] {
+        sidecar.shutdown().await;
+    }
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_router_routes_from_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = Router::start(config(dir.path())).await.unwrap();
+    let (tcp, udp) = (tcp_echo().await, udp_echo().await);
+    let server = pod(
+        &router,
+        "127.0.85.0/24",
+        "services: []",
+        Some(&exports(tcp, udp)),
+    )
+    .start()
+    .await;
+    assert!(registry_has(&router, 2).await);
+    // The snapshot is written shortly after the change.
+    let snapshot = dir.path().join("state/registry.json");
+    let mut written = false;
+    for _ in 0..(PATIENCE.as_millis() / 20) {
+        if std::fs::read_to_string(&snapshot)
+            .is_ok_and(|t| t.contains("web.default.cluster-a:80/TCP"))
+        {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(written, "snapshot written");
+    // The router dies with the server pod's registration in its snapshot; the pod's sidecar is
+    // gone too, so only the snapshot knows the endpoint.
+    server.shutdown().await;
+    router.shutdown().await;
+
+    let router = Router::start(config(dir.path())).await.unwrap();
+    assert_eq!(router.registry_len(), 2, "loaded from the snapshot");
+    let client = pod(&router, "127.0.86.0/24", IMPORTS, None).start().await;
+    assert_eq!(
+        echo_through("127.0.86.1:80".parse().unwrap(), b"from the snapshot")
+            .await
+            .unwrap(),
+        b"from the snapshot"
+    );
+    let metrics = http_get(router.admin_addr(), "/metrics").await;
+    assert!(
+        !metrics.contains("servicekeel_router_snapshot_age_seconds -1"),
+        "{metrics}"
+    );
+    client.shutdown().await;
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_socket_replaces_a_stale_one_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Router::start(config(dir.path())).await.unwrap();
+    // Left behind by a router that did not shut down cleanly.
+    std::mem::forget(first);
+    let second = Router::start(config(dir.path())).await.unwrap();
+    second.shutdown().await;
+
+    let mut config = config(dir.path());
+    config.socket = dir.path().join("a-file");
+    std::fs::write(&config.socket, "not a socket").unwrap();
+    let error = Router::start(config).await.unwrap_err().to_string();
+    assert!(error.contains("is not a socket"), "{error}");
+}
