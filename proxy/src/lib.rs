@@ -9,6 +9,7 @@ pub mod admin;
 pub mod alloc;
 pub mod config;
 pub mod dns;
+pub mod links;
 pub mod listeners;
 pub mod metrics;
 pub mod podinfo;

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use servicekeel_api::defaults;
 use servicekeel_proxy::config::SidecarConfig;
-use servicekeel_proxy::router::{Router, RouterConfig};
+use servicekeel_proxy::router::peers::Peers;
+use servicekeel_proxy::router::{LinksConfig, Router, RouterConfig};
 use servicekeel_proxy::sidecar::Sidecar;
 use tracing_subscriber::EnvFilter;
 
@@ -29,7 +30,7 @@ enum Command {
     /// Run the sidecar, configured by the SIDECAR_* / SERVICEKEEL_* / POD_* environment.
     Sidecar,
     /// Run the node router.
-    Router(RouterArgs),
+    Router(Box<RouterArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +59,21 @@ struct RouterArgs {
     /// This cluster's name.
     #[arg(long, env = "SERVICEKEEL_CLUSTER")]
     cluster: String,
+    /// Where peer routers connect (mutual TLS); no links to other routers when unset.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
+    /// This router's certificate chain (PEM), for the identity servicekeel-router.<cluster>.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_TLS_CERT", default_value = defaults::ROUTER_TLS_CERT)]
+    tls_cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, env = "SERVICEKEEL_ROUTER_TLS_KEY", default_value = defaults::ROUTER_TLS_KEY)]
+    tls_key: PathBuf,
+    /// The CA bundle of this cluster's routers (PEM).
+    #[arg(long, env = "SERVICEKEEL_ROUTER_TLS_CA", default_value = defaults::ROUTER_TLS_CA)]
+    tls_ca: PathBuf,
+    /// The peers file: other nodes' routers and other clusters' gateways.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_PEERS")]
+    peers: Option<PathBuf>,
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -74,7 +90,24 @@ impl RouterArgs {
         if self.node.is_empty() {
             return Err("--node (NODE_NAME) must not be empty".into());
         }
+        let links = match self.peer_listen {
+            None => None,
+            Some(listen) => Some(LinksConfig {
+                listen,
+                peers: match &self.peers {
+                    Some(path) => Peers::load(path, &self.cluster).map_err(|e| e.to_string())?,
+                    None => Peers::default(),
+                },
+                certificate: self.tls_cert,
+                key: self.tls_key,
+                ca: self.tls_ca,
+            }),
+        };
+        if links.is_none() && self.peers.is_some() {
+            return Err("--peers needs --peer-listen: links are off without it".into());
+        }
         Ok(RouterConfig {
+            links,
             socket: self.socket,
             socket_mode: self.socket_mode,
             socket_owner: (self.socket_uid.is_some() || self.socket_gid.is_some())
@@ -105,7 +138,7 @@ fn main() -> ExitCode {
                 Ok(())
             },
         ),
-        Command::Router(args) => launch(args.into_config(), |config| async move {
+        Command::Router(args) => launch((*args).into_config(), |config| async move {
             let router = Router::start(config).await.map_err(|e| e.to_string())?;
             terminated().await?;
             tracing::info!("shutting down");

@@ -2,11 +2,20 @@
 //! (their registrations, plus the cluster view loaded from the snapshot), and delivers each
 //! flow to an endpoint: this node's first, round-robin among equals, a failed dial ejecting the
 //! endpoint for a while and the flow retried on the next before the client sees an error.
-//! A value with its bound addresses, like the sidecar, so tests start one on a temporary
-//! socket.
+//!
+//! With links configured it also accepts peer routers over mutual TLS ([`crate::links`]) and
+//! reaches through them: an endpoint on another node goes through that node's router when
+//! the peers file names it (otherwise it is dialled directly), a service of another cluster
+//! through that cluster's gateway. A flow from a router of this cluster is delivered on this
+//! node only; one from another cluster anywhere in this cluster, never onwards to a third.
+//!
+//! A value with its bound addresses, like the sidecar, so tests start one on temporary
+//! sockets.
 
 pub mod metrics;
+pub mod peers;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -15,16 +24,20 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 
 use http::StatusCode;
+use servicekeel_api::tunnel::Source;
 use servicekeel_api::tunnel::registration::Registration;
 use tokio::sync::{Notify, watch};
 
 use crate::admin;
-use crate::registry::{Ejections, Here, Registry};
+use crate::links::{PeerConnector, Refused, TlsError, Trust};
+use crate::registry::{Ejections, Endpoint, Here, Registry};
 use crate::snapshot;
+use crate::tunnel::client::{Client, OpenError};
 use crate::tunnel::server::{
-    self, Finished, FlowRequest, Handler, LinkId, Listener, Refusal, Upstream, dial,
+    self, Finished, FlowRequest, Handler, LinkId, Listener, Peer, Refusal, Upstream, dial,
 };
 use metrics::Metrics;
+use peers::Peers;
 
 /// Most endpoints tried for one flow before it is refused.
 pub const MAX_DIAL_ATTEMPTS: usize = 3;
@@ -42,6 +55,19 @@ pub struct RouterConfig {
     pub admin_addr: SocketAddr,
     pub node: String,
     pub cluster: String,
+    /// Links to other routers; none when `None`.
+    pub links: Option<LinksConfig>,
+}
+
+/// Where peer routers are accepted, the certificate this router shows them, and who they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinksConfig {
+    pub listen: SocketAddr,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    /// This cluster's CA bundle.
+    pub ca: PathBuf,
+    pub peers: Peers,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +84,44 @@ pub enum RouterError {
     },
     #[error(transparent)]
     Admin(#[from] admin::BindError),
+    #[error("router links: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot listen for peer routers on {addr}: {cause}")]
+    PeerListen {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+}
+
+/// Tunnels to other routers.
+#[derive(Debug, Default)]
+struct Links {
+    /// This cluster's other routers, by node.
+    nodes: BTreeMap<String, Client>,
+    /// Other clusters' gateways, by cluster.
+    clusters: BTreeMap<String, Client>,
+}
+
+impl Links {
+    fn up(&self) -> usize {
+        self.nodes
+            .values()
+            .chain(self.clusters.values())
+            .filter(|c| c.is_up())
+            .count()
+    }
+}
+
+fn refusal(error: OpenError) -> Refusal {
+    match error {
+        OpenError::Refused {
+            status, message, ..
+        } => Refusal::new(status, message),
+        OpenError::Unavailable { .. } => {
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+        }
+        OpenError::Broken { .. } => Refusal::new(StatusCode::BAD_GATEWAY, error.to_string()),
+    }
 }
 
 #[derive(Debug)]
@@ -71,6 +135,7 @@ struct Shared {
     changed: Arc<Notify>,
     snapshot_saved: watch::Sender<Option<SystemTime>>,
     listening: AtomicBool,
+    links: Links,
 }
 
 impl Shared {
@@ -95,11 +160,23 @@ impl Shared {
 impl Handler for Shared {
     async fn open(&self, request: &FlowRequest) -> Result<Upstream, Refusal> {
         let target = &request.target;
+        let source = request.source.as_ref();
+        if target.service.cluster != self.here.cluster {
+            return self.open_remote_cluster(request).await;
+        }
+        // A router of this cluster chose this node: deliver here or not at all.
+        let this_node_only = matches!(
+            &request.link.peer,
+            Peer::Router { cluster } if *cluster == self.here.cluster
+        );
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let routes = {
+        let routes: Vec<Endpoint> = {
             let ejections = self.ejections();
             self.registry()
                 .routes(target, &self.here, turn, &ejections, Instant::now())
+                .into_iter()
+                .filter(|e| !this_node_only || e.node.is_empty() || e.node == self.here.node)
+                .collect()
         };
         if routes.is_empty() {
             self.metrics.flow_refused(target.protocol, "no_endpoint");
@@ -110,7 +187,20 @@ impl Handler for Shared {
         }
         let mut failures = Vec::new();
         for endpoint in routes.iter().take(MAX_DIAL_ATTEMPTS) {
-            match dial(target.protocol, endpoint.addr).await {
+            let through = (!endpoint.node.is_empty() && endpoint.node != self.here.node)
+                .then(|| self.links.nodes.get(&endpoint.node))
+                .flatten();
+            let opened = match through {
+                Some(peer) => peer
+                    .open_as(target, source)
+                    .await
+                    .map(Upstream::Flow)
+                    .map_err(|e| e.to_string()),
+                None => dial(target.protocol, endpoint.addr)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match opened {
                 Ok(upstream) => {
                     self.ejections().succeeded(endpoint.addr);
                     self.metrics.flow_opened(target.protocol);
@@ -119,7 +209,7 @@ impl Handler for Shared {
                 Err(error) => {
                     let period = self.ejections().failed(endpoint.addr, Instant::now());
                     self.metrics.endpoint_ejected();
-                    tracing::warn!(%target, endpoint = %endpoint.addr, %error, ?period, "endpoint ejected");
+                    tracing::warn!(%target, endpoint = %endpoint.addr, node = %endpoint.node, %error, ?period, "endpoint ejected");
                     failures.push(format!("{}: {error}", endpoint.addr));
                 }
             }
@@ -156,6 +246,41 @@ impl Handler for Shared {
     }
 }
 
+impl Shared {
+    /// A flow for another cluster goes through that cluster's gateway.
+    async fn open_remote_cluster(&self, request: &FlowRequest) -> Result<Upstream, Refusal> {
+        let target = &request.target;
+        let cluster = &target.service.cluster;
+        if let Peer::Router { cluster: from } = &request.link.peer {
+            self.metrics.flow_refused(target.protocol, "no_route");
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "a router of {from} asked this cluster ({}) for {target}: flows are not passed on between clusters",
+                    self.here.cluster
+                ),
+            ));
+        }
+        let Some(gateway) = self.links.clusters.get(cluster) else {
+            self.metrics.flow_refused(target.protocol, "no_route");
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no gateway for cluster {cluster:?} (peers file)"),
+            ));
+        };
+        match gateway.open_as(target, request.source.as_ref()).await {
+            Ok(flow) => {
+                self.metrics.flow_opened(target.protocol);
+                Ok(Upstream::Flow(flow))
+            }
+            Err(error) => {
+                self.metrics.flow_refused(target.protocol, "unreachable");
+                Err(refusal(error))
+            }
+        }
+    }
+}
+
 impl admin::Status for Shared {
     fn not_ready(&self) -> Option<String> {
         (!self.listening.load(Ordering::SeqCst)).then(|| "not listening for sidecars".into())
@@ -169,6 +294,7 @@ impl admin::Status for Shared {
         self.metrics.snapshot_age(age);
         self.metrics
             .ejected_now(self.ejections().count(Instant::now()));
+        self.metrics.peers_up(self.links.up());
         self.metrics.encode()
     }
 }
@@ -179,6 +305,7 @@ pub struct Router {
     shared: Arc<Shared>,
     socket: PathBuf,
     admin_addr: SocketAddr,
+    peer_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
 }
 
@@ -207,6 +334,13 @@ impl Router {
             Err(error) => tracing::warn!(%error, "snapshot not used; starting empty"),
         }
         let (stop, stopped) = watch::channel(false);
+        let (links, trust) = match &config.links {
+            Some(links) => {
+                let (made, trust) = connect_links(&config, links, &stopped)?;
+                (made, Some(trust))
+            }
+            None => (Links::default(), None),
+        };
         let shared = Arc::new(Shared {
             here: Here {
                 node: config.node.clone(),
@@ -219,6 +353,7 @@ impl Router {
             changed: Arc::new(Notify::new()),
             snapshot_saved: watch::Sender::new(saved),
             listening: AtomicBool::new(false),
+            links,
         });
         shared.metrics.registry_entries(shared.registry().len());
         let listener = bind_socket(&config).map_err(|cause| RouterError::Listen {
@@ -239,6 +374,32 @@ impl Router {
             shared.snapshot_saved.clone(),
             stopped.clone(),
         ));
+        let mut peer_addr = None;
+        if let (Some(links), Some(trust)) = (&config.links, trust) {
+            let listener = tokio::net::TcpListener::bind(links.listen)
+                .await
+                .map_err(|cause| RouterError::PeerListen {
+                    addr: links.listen,
+                    cause,
+                })?;
+            peer_addr = listener.local_addr().ok();
+            let metrics = shared.clone();
+            let refused = Arc::new(move |reason: Refused, _addr: SocketAddr| {
+                metrics.metrics.peer_refused(reason.as_str());
+            });
+            let accepting = crate::links::accept(
+                listener,
+                Arc::new(trust),
+                shared.clone(),
+                refused,
+                stopped.clone(),
+            );
+            tokio::spawn(async move {
+                if let Err(error) = accepting.await {
+                    tracing::error!(%error, "not accepting peer routers");
+                }
+            });
+        }
         tokio::spawn(server::serve(
             Listener::Unix(listener),
             shared.clone(),
@@ -250,6 +411,7 @@ impl Router {
             shared,
             socket: config.socket,
             admin_addr,
+            peer_addr,
             stop,
         })
     }
@@ -260,6 +422,17 @@ impl Router {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Where peer routers are accepted, when links are configured.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    /// Whether the links to every configured peer are up.
+    pub fn peers_up(&self) -> bool {
+        let links = &self.shared.links;
+        links.up() == links.nodes.len() + links.clusters.len()
     }
 
     /// (target, endpoint) pairs known now.
@@ -273,6 +446,49 @@ impl Router {
         let _ = self.stop.send(true);
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// Loads the TLS material and starts a link client for every peer in the peers file.
+fn connect_links(
+    config: &RouterConfig,
+    links: &LinksConfig,
+    stopped: &watch::Receiver<bool>,
+) -> Result<(Links, Trust), RouterError> {
+    let bundles: BTreeMap<String, PathBuf> = links
+        .peers
+        .clusters
+        .iter()
+        .map(|(cluster, peer)| (cluster.clone(), peer.trust_bundle.clone()))
+        .collect();
+    let trust = Trust::load(
+        &config.cluster,
+        &links.certificate,
+        &links.key,
+        &links.ca,
+        &bundles,
+    )?;
+    // Flows passed on carry their own source; this one names the router itself.
+    let me = Source {
+        namespace: "servicekeel-system".into(),
+        name: config.node.clone(),
+        ip: None,
+    };
+    let mut made = Links::default();
+    for (node, addrs) in &links.peers.nodes {
+        let connector = PeerConnector::new(&trust, &config.cluster, addrs.clone())?;
+        made.nodes.insert(
+            node.clone(),
+            Client::start_link(connector, &me, stopped.clone()),
+        );
+    }
+    for (cluster, peer) in &links.peers.clusters {
+        let connector = PeerConnector::new(&trust, cluster, peer.gateways.clone())?;
+        made.clusters.insert(
+            cluster.clone(),
+            Client::start_link(connector, &me, stopped.clone()),
+        );
+    }
+    Ok((made, trust))
 }
 
 /// Binds the sidecars' socket: a stale socket file from an earlier run is replaced (anything

@@ -27,6 +27,7 @@ fn config(dir: &Path) -> RouterConfig {
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         node: "edge-1".into(),
         cluster: "cluster-a".into(),
+        links: None,
     }
 }
 

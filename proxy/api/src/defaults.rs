@@ -12,6 +12,12 @@ pub const ROUTER_LISTEN: &str = "unix:///var/run/servicekeel/router.sock";
 pub const ROUTER_SOCKET: &str = "/var/run/servicekeel/router.sock";
 /// Where the router keeps its registry snapshot.
 pub const ROUTER_STATE_DIR: &str = "/var/lib/servicekeel";
+/// The router's certificate for links to other routers.
+pub const ROUTER_TLS_CERT: &str = "/etc/servicekeel/router-tls/tls.crt";
+/// Its private key.
+pub const ROUTER_TLS_KEY: &str = "/etc/servicekeel/router-tls/tls.key";
+/// The CA bundle of this cluster's routers.
+pub const ROUTER_TLS_CA: &str = "/etc/servicekeel/router-tls/ca.crt";
 /// The router's admin address (`/healthz`, `/readyz`, `/metrics`), on the node's network.
 pub const ROUTER_ADMIN_ADDR: &str = "0.0.0.0:15022";
 /// Directory of the downward-API volume in the sidecar.

@@ -34,6 +34,12 @@ pub const REGISTRATION_PATH: &str = "/servicekeel/v1/registration";
 /// Largest header block a peer may send.
 pub const MAX_HEADER_BYTES: u32 = 16 * 1024;
 
+/// The name every router of `cluster` carries in its certificate (a DNS subject alternative
+/// name), and that routers of other clusters expect of it.
+pub fn router_identity(cluster: &str) -> String {
+    format!("servicekeel-router.{cluster}")
+}
+
 /// Whether a peer's version header is one this build speaks.
 pub fn check_version(header: Option<&str>) -> Result<(), String> {
     match header {

@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use servicekeel_api::Protocol;
@@ -23,6 +25,13 @@ pub struct Metrics {
     ejections: Counter,
     ejected: Gauge,
     snapshot_age: Gauge,
+    peers_up: Gauge,
+    peer_refusals: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -37,7 +46,19 @@ impl Default for Metrics {
             ejections: Counter::default(),
             ejected: Gauge::default(),
             snapshot_age: Gauge::default(),
+            peers_up: Gauge::default(),
+            peer_refusals: Family::default(),
         };
+        registry.register(
+            "peers_up",
+            "Links to peer routers and gateways that are up",
+            metrics.peers_up.clone(),
+        );
+        registry.register(
+            "peer_refusals",
+            "Connections of would-be peer routers refused, by reason",
+            metrics.peer_refusals.clone(),
+        );
         metrics.flows.register(&mut registry);
         registry.register(
             "registry_entries",
@@ -118,6 +139,18 @@ impl Metrics {
     pub fn snapshot_age(&self, age: Option<Duration>) {
         self.snapshot_age
             .set(age.map_or(-1, |a| a.as_secs() as i64));
+    }
+
+    pub fn peers_up(&self, n: usize) {
+        self.peers_up.set(n as i64);
+    }
+
+    /// `reason`: `plaintext`, `unknown_ca`, `expired`, `no_certificate`, `wrong_identity`,
+    /// `other`.
+    pub fn peer_refused(&self, reason: &'static str) {
+        self.peer_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

@@ -110,6 +110,9 @@ struct Shared {
     /// A flow found the link down and wants an attempt now.
     wake: Notify,
     registration: watch::Sender<Option<Registration>>,
+    /// Ping the peer and drop the connection when it stops answering (links between routers,
+    /// where a peer can vanish without closing the socket).
+    keepalive: bool,
 }
 
 impl fmt::Debug for Shared {
@@ -129,6 +132,25 @@ impl Client {
         source: &Source,
         stop: watch::Receiver<bool>,
     ) -> Client {
+        Self::spawn(connector, source, stop, false)
+    }
+
+    /// Like [`Client::start`], for a link to a peer router: the connection is pinged every
+    /// [`KEEPALIVE`] and dropped when the peer stops answering.
+    pub fn start_link(
+        connector: impl Connector,
+        source: &Source,
+        stop: watch::Receiver<bool>,
+    ) -> Client {
+        Self::spawn(connector, source, stop, true)
+    }
+
+    fn spawn(
+        connector: impl Connector,
+        source: &Source,
+        stop: watch::Receiver<bool>,
+        keepalive: bool,
+    ) -> Client {
         let router = connector.describe();
         let source = HeaderValue::from_str(&source.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown/unknown"));
@@ -139,6 +161,7 @@ impl Client {
             link: watch::Sender::new(Link::Connecting),
             wake: Notify::new(),
             registration: watch::Sender::new(None),
+            keepalive,
         });
         tokio::spawn(maintain(shared.clone(), stop));
         Client { shared }
@@ -167,8 +190,23 @@ impl Client {
         });
     }
 
-    /// Opens a flow to `target`.
+    /// Opens a flow to `target`, from this client's own source.
     pub async fn open(&self, target: &FlowTarget) -> Result<FlowStream, OpenError> {
+        self.open_as(target, None).await
+    }
+
+    /// Opens a flow to `target` on behalf of `source` (a router passing on a flow), or of
+    /// this client's own source.
+    pub async fn open_as(
+        &self,
+        target: &FlowTarget,
+        source: Option<&Source>,
+    ) -> Result<FlowStream, OpenError> {
+        let source = match source {
+            Some(source) => HeaderValue::from_str(&source.to_string())
+                .unwrap_or_else(|_| self.shared.source.clone()),
+            None => self.shared.source.clone(),
+        };
         let broken = |cause: String| OpenError::Broken {
             router: self.shared.router.clone(),
             target: target.to_string(),
@@ -184,7 +222,7 @@ impl Client {
             .uri(target.authority())
             .header(VERSION_HEADER, VERSION.to_string())
             .header(PROTOCOL_HEADER, target.protocol.as_str())
-            .header(SOURCE_HEADER, self.shared.source.clone())
+            .header(SOURCE_HEADER, source)
             .body(())
             .map_err(|e| broken(e.to_string()))?;
         let (response, send) = sender
@@ -272,13 +310,23 @@ async fn connect(shared: &Shared) -> Result<Connection, String> {
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))
     };
-    let (sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+    let (sender, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
         .await
         .map_err(|_| "connect timed out".to_string())??;
     let router = shared.router.clone();
+    let pings = shared.keepalive.then(|| connection.ping_pong()).flatten();
     let driver = tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%router, %error, "tunnel connection ended");
+        let ended = async {
+            if let Err(error) = connection.await {
+                tracing::debug!(%router, %error, "tunnel connection ended");
+            }
+        };
+        match pings {
+            None => ended.await,
+            Some(pings) => tokio::select! {
+                _ = ended => {}
+                _ = keepalive(pings) => tracing::warn!(%router, "peer stopped answering pings"),
+            },
         }
     });
     match sender.ready().await {
@@ -390,6 +438,20 @@ async fn maintain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+    }
+}
+
+/// Interval of keepalive pings on a link; a peer silent for two of them is dropped.
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
+
+/// Pings every [`KEEPALIVE`]; returns when a ping goes unanswered for two intervals.
+async fn keepalive(mut pings: h2::PingPong) {
+    loop {
+        tokio::time::sleep(KEEPALIVE).await;
+        match tokio::time::timeout(KEEPALIVE * 2, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return,
         }
     }
 }

@@ -43,12 +43,38 @@ impl LinkId {
     }
 }
 
+/// Who is at the other end of a tunnel connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A sidecar on this node (the Unix socket).
+    Sidecar,
+    /// Another router, authenticated as one of `cluster`.
+    Router { cluster: String },
+}
+
+/// One tunnel connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub id: LinkId,
+    pub peer: Peer,
+}
+
+impl Link {
+    /// A new link to a sidecar.
+    pub fn sidecar() -> Self {
+        Link {
+            id: LinkId::next(),
+            peer: Peer::Sidecar,
+        }
+    }
+}
+
 /// A flow someone asked for.
 #[derive(Debug, Clone)]
 pub struct FlowRequest {
     pub target: FlowTarget,
     pub source: Option<Source>,
-    pub link: LinkId,
+    pub link: Link,
 }
 
 /// The far end of a flow, connected.
@@ -149,7 +175,8 @@ impl Listener {
     }
 }
 
-/// Accepts connections until `shutdown` turns true; each is served by [`serve_connection`].
+/// Accepts sidecars' connections until `shutdown` turns true; each is served by
+/// [`serve_connection`].
 pub async fn serve<H: Handler>(
     listener: Listener,
     handler: Arc<H>,
@@ -166,7 +193,7 @@ pub async fn serve<H: Handler>(
                 tokio::spawn(serve_connection(
                     io,
                     handler.clone(),
-                    LinkId::next(),
+                    Link::sidecar(),
                     shutdown.clone(),
                 ));
             }
@@ -184,7 +211,7 @@ pub async fn serve<H: Handler>(
 pub async fn serve_connection<H: Handler>(
     io: impl Io,
     handler: Arc<H>,
-    link: LinkId,
+    link: Link,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let handshake = h2::server::Builder::new()
@@ -217,7 +244,12 @@ pub async fn serve_connection<H: Handler>(
         };
         match next {
             Some(Ok((request, respond))) => {
-                tokio::spawn(serve_request(request, respond, handler.clone(), link));
+                tokio::spawn(serve_request(
+                    request,
+                    respond,
+                    handler.clone(),
+                    link.clone(),
+                ));
             }
             Some(Err(error)) => {
                 tracing::debug!(%error, "tunnel connection failed");
@@ -226,7 +258,7 @@ pub async fn serve_connection<H: Handler>(
             None => break,
         }
     }
-    handler.unlink(link);
+    handler.unlink(link.id);
 }
 
 type Respond = h2::server::SendResponse<Bytes>;
@@ -247,7 +279,7 @@ async fn serve_request<H: Handler>(
     request: Request<h2::RecvStream>,
     respond: Respond,
     handler: Arc<H>,
-    link: LinkId,
+    link: Link,
 ) {
     let header = |name: &str| {
         request
@@ -285,6 +317,13 @@ async fn serve_request<H: Handler>(
         return open_flow(flow, request.into_body(), respond, handler).await;
     }
     if request.method() == Method::PUT && request.uri().path() == REGISTRATION_PATH {
+        if link.peer != Peer::Sidecar {
+            return answer(
+                respond,
+                StatusCode::FORBIDDEN,
+                "only sidecars register, on the node's socket",
+            );
+        }
         let body = match read_limited(request.into_body(), MAX_REGISTRATION_BYTES).await {
             Ok(body) => body,
             Err(Oversized { message, rest }) => {
@@ -294,7 +333,7 @@ async fn serve_request<H: Handler>(
         };
         let outcome = Registration::parse(&body)
             .map_err(|e| e.to_string())
-            .and_then(|registration| handler.register(link, registration));
+            .and_then(|registration| handler.register(link.id, registration));
         return match outcome {
             Ok(()) => answer(respond, StatusCode::OK, ""),
             Err(message) => answer(respond, StatusCode::BAD_REQUEST, &message),

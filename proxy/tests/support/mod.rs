@@ -20,7 +20,7 @@ use servicekeel_api::tunnel::registration::Registration;
 use servicekeel_proxy::config::SidecarConfig;
 use servicekeel_proxy::sidecar::Sidecar;
 use servicekeel_proxy::tunnel::server::{
-    FlowRequest, Handler, LinkId, Refusal, Upstream, dial, serve_connection,
+    FlowRequest, Handler, Link, LinkId, Refusal, Upstream, dial, serve_connection,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket, UnixListener};
@@ -117,7 +117,7 @@ impl TestRouter {
                 connections.lock().unwrap().spawn(serve_connection(
                     io,
                     handler.clone(),
-                    LinkId::next(),
+                    Link::sidecar(),
                     stopped.clone(),
                 ));
             }

@@ -1,0 +1,364 @@
+//! Router links: the tunnel between routers, over TCP with mutual TLS 1.3.
+//!
+//! - Every router of cluster `c` holds a certificate for the DNS name
+//!   [`router_identity`]`(c)`, issued by a CA of that cluster.
+//! - Dialing a peer, a router expects that peer's identity and trusts only the CA bundle of the
+//!   peer's cluster; accepting, it asks for a client certificate, finds which allowed cluster's
+//!   identity the certificate carries, and checks it chains to *that* cluster's bundle — so
+//!   one cluster's CA cannot speak for another.
+//! - Plaintext, an unknown CA, an expired certificate, no certificate or a wrong identity end
+//!   the connection before any request is read, and are counted by [`Refused`].
+//! - Links carry HTTP/2 pings; a peer that stops answering is dropped and redialled.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use servicekeel_api::tunnel::router_identity;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::tunnel::BoxIo;
+use crate::tunnel::client::{Connector, stopped};
+use crate::tunnel::server::{Handler, Link, LinkId, Peer, serve_connection};
+
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {cause}")]
+    Read { path: PathBuf, cause: io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Why a peer was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refused {
+    /// Not TLS at all.
+    Plaintext,
+    /// A certificate from a CA this router does not trust.
+    UnknownCa,
+    Expired,
+    NoCertificate,
+    /// A trusted certificate, but not for an identity this router accepts (or not from that
+    /// identity's own cluster CA).
+    WrongIdentity,
+    /// Anything else: timeouts, resets, other TLS failures.
+    Other,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Plaintext => "plaintext",
+            Refused::UnknownCa => "unknown_ca",
+            Refused::Expired => "expired",
+            Refused::NoCertificate => "no_certificate",
+            Refused::WrongIdentity => "wrong_identity",
+            Refused::Other => "other",
+        }
+    }
+
+    /// Classifies a failed handshake.
+    pub fn of(error: &io::Error) -> Refused {
+        use rustls::{CertificateError, Error};
+        let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+            return Refused::Other;
+        };
+        match tls {
+            Error::InvalidMessage(_) | Error::InappropriateHandshakeMessage { .. } => {
+                Refused::Plaintext
+            }
+            Error::InappropriateMessage { .. } => Refused::Plaintext,
+            Error::NoCertificatesPresented => Refused::NoCertificate,
+            Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            | Error::InvalidCertificate(CertificateError::BadSignature) => Refused::UnknownCa,
+            Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => Refused::Expired,
+            Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            ) => Refused::WrongIdentity,
+            _ => Refused::Other,
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|cause| TlsError::Read {
+        path: path.to_owned(),
+        cause,
+    })
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    if certificates.is_empty() {
+        return Err(TlsError::Invalid {
+            path: path.to_owned(),
+            message: "no PEM certificate in it".into(),
+        });
+    }
+    Ok(certificates)
+}
+
+/// A cluster's trust bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    anchors: Vec<TrustAnchor<'static>>,
+    roots: Arc<RootCertStore>,
+}
+
+impl Bundle {
+    pub fn load(path: &Path) -> Result<Bundle, TlsError> {
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        for certificate in certificates(path)? {
+            let anchor = webpki::anchor_from_trusted_cert(&certificate)
+                .map_err(|e| TlsError::Invalid {
+                    path: path.to_owned(),
+                    message: format!("not a CA certificate: {e}"),
+                })?
+                .to_owned();
+            anchors.push(anchor.clone());
+            roots.roots.push(anchor);
+        }
+        Ok(Bundle {
+            anchors,
+            roots: Arc::new(roots),
+        })
+    }
+}
+
+/// This router's certificate and the bundles it trusts, by cluster.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub cluster: String,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    /// This cluster's bundle and those of the peer clusters.
+    bundles: BTreeMap<String, Bundle>,
+}
+
+impl Trust {
+    /// Loads this router's certificate chain and key, this cluster's bundle (`ca`) and the
+    /// bundles of peer clusters.
+    pub fn load(
+        cluster: &str,
+        certificate: &Path,
+        key: &Path,
+        ca: &Path,
+        peer_bundles: &BTreeMap<String, PathBuf>,
+    ) -> Result<Trust, TlsError> {
+        let chain = certificates(certificate)?;
+        let key = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| TlsError::Invalid {
+            path: key.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut bundles = BTreeMap::new();
+        bundles.insert(cluster.to_string(), Bundle::load(ca)?);
+        for (peer, path) in peer_bundles {
+            bundles.insert(peer.clone(), Bundle::load(path)?);
+        }
+        Ok(Trust {
+            cluster: cluster.into(),
+            chain,
+            key: Arc::new(key),
+            bundles,
+        })
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// What the accepting side uses: a client certificate from any trusted bundle is required.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut all = RootCertStore::empty();
+        for bundle in self.bundles.values() {
+            all.roots.extend(bundle.anchors.iter().cloned());
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(all), Self::provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let mut config = ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// What the dialing side uses for a peer of `cluster`: only that cluster's bundle.
+    pub fn client_config(&self, cluster: &str) -> Result<Arc<ClientConfig>, TlsError> {
+        let bundle = self.bundles.get(cluster).ok_or_else(|| {
+            rustls::Error::General(format!("no trust bundle for cluster {cluster:?}"))
+        })?;
+        let mut config = ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(bundle.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// The cluster whose router presented `chain`: the one whose identity the certificate
+    /// names and whose own bundle it chains to.
+    pub fn peer_cluster(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
+        let (leaf, intermediates) = chain.split_first()?;
+        let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
+        let now = UnixTime::now();
+        self.bundles.iter().find_map(|(cluster, bundle)| {
+            let name = ServerName::try_from(router_identity(cluster)).ok()?;
+            leaf.verify_is_valid_for_subject_name(&name).ok()?;
+            leaf.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &bundle.anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .ok()?;
+            Some(cluster.clone())
+        })
+    }
+}
+
+/// Dials a peer router: the first of `addrs` that answers, verified as a router of `cluster`.
+#[derive(Debug, Clone)]
+pub struct PeerConnector {
+    pub addrs: Vec<String>,
+    pub cluster: String,
+    config: Arc<ClientConfig>,
+}
+
+impl PeerConnector {
+    pub fn new(trust: &Trust, cluster: &str, addrs: Vec<String>) -> Result<Self, TlsError> {
+        Ok(PeerConnector {
+            addrs,
+            cluster: cluster.into(),
+            config: trust.client_config(cluster)?,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Connector for PeerConnector {
+    async fn connect(&self) -> io::Result<BoxIo> {
+        let name = ServerName::try_from(router_identity(&self.cluster))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to dial");
+        for addr in &self.addrs {
+            let attempt = async {
+                let tcp = TcpStream::connect(addr.as_str()).await?;
+                tune(&tcp);
+                TlsConnector::from(self.config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
+                Ok(Ok(tls)) => return Ok(Box::new(tls)),
+                Ok(Err(error)) => last = error,
+                Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"),
+            }
+        }
+        Err(last)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} ({})",
+            router_identity(&self.cluster),
+            self.addrs.join(", ")
+        )
+    }
+}
+
+/// No Nagle delay, and TCP keepalive so a vanished peer is noticed even on a quiet link.
+fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+}
+
+/// Accepts links from peer routers until `shutdown`; refused peers are reported to `refused`.
+pub async fn accept<H: Handler>(
+    listener: TcpListener,
+    trust: Arc<Trust>,
+    handler: Arc<H>,
+    refused: Arc<dyn Fn(Refused, SocketAddr) + Send + Sync>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), TlsError> {
+    let acceptor = TlsAcceptor::from(trust.server_config()?);
+    let mut stop = shutdown.clone();
+    loop {
+        let (tcp, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return Ok(()),
+        };
+        tune(&tcp);
+        let (acceptor, trust, handler, refused, shutdown) = (
+            acceptor.clone(),
+            trust.clone(),
+            handler.clone(),
+            refused.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    let reason = Refused::of(&error);
+                    tracing::warn!(%addr, %error, reason = reason.as_str(), "peer refused");
+                    return refused(reason, addr);
+                }
+                Err(_) => return refused(Refused::Other, addr),
+            };
+            let cluster = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| trust.peer_cluster(chain));
+            let Some(cluster) = cluster else {
+                tracing::warn!(%addr, "peer refused: its certificate is not a router identity of a trusted cluster");
+                return refused(Refused::WrongIdentity, addr);
+            };
+            tracing::info!(%addr, %cluster, "peer router linked");
+            let link = Link {
+                id: LinkId::next(),
+                peer: Peer::Router { cluster },
+            };
+            serve_connection(tls, handler, link, shutdown).await;
+        });
+    }
+}
