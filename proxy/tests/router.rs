@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use servicekeel_proxy::router::{Router, RouterConfig};
-use support::{Pod, echo_through, http_get, pattern, tcp_echo, udp_echo};
+use support::{Pod, echo_through, http_get, pattern, pod_behind, tcp_echo, udp_echo};
 use tokio::net::UdpSocket;
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -29,17 +29,6 @@ fn config(dir: &Path) -> RouterConfig {
         cluster: "cluster-a".into(),
         links: None,
     }
-}
-
-/// A pod whose sidecar talks to `router`.
-fn pod(router: &Router, range: &str, imported: &str, exported: Option<&str>) -> Pod {
-    let mut pod = Pod::new(range, imported, exported);
-    pod.set(
-        "SIDECAR_SERVER_LISTEN",
-        &format!("unix://{}", router.socket().display()),
-    );
-    pod.set("POD_IP", "127.0.0.1");
-    pod
 }
 
 /// Waits until the router knows `n` (target, endpoint) pairs.
@@ -74,7 +63,7 @@ async fn a_registered_export_is_reached_through_the_router() {
     assert_eq!(mode & 0o777, 0o660);
 
     let (tcp, udp) = (tcp_echo().await, udp_echo().await);
-    let server = pod(
+    let server = pod_behind(
         &router,
         "127.0.80.0/24",
         "services: []",
@@ -83,7 +72,7 @@ async fn a_registered_export_is_reached_through_the_router() {
     let server = server.start().await;
     assert!(registry_has(&router, 2).await, "the server pod registered");
 
-    let client = pod(&router, "127.0.81.0/24", IMPORTS, None);
+    let client = pod_behind(&router, "127.0.81.0/24", IMPORTS, None);
     let client = client.start().await;
     let data = pattern(3, 8 << 20);
     let back = echo_through("127.0.81.1:80".parse().unwrap(), &data)
@@ -131,13 +120,13 @@ async fn a_dead_endpoint_is_ejected_and_flows_go_to_the_other() {
         listener.local_addr().unwrap()
     };
     let udp = udp_echo().await;
-    let first = pod(
+    let first = pod_behind(
         &router,
         "127.0.82.0/24",
         "services: []",
         Some(&exports(dead, udp)),
     );
-    let second = pod(
+    let second = pod_behind(
         &router,
         "127.0.83.0/24",
         "services: []",
@@ -146,7 +135,9 @@ async fn a_dead_endpoint_is_ejected_and_flows_go_to_the_other() {
     let (first, second) = (first.start().await, second.start().await);
     assert!(registry_has(&router, 3).await, "two TCP endpoints, one UDP");
 
-    let client = pod(&router, "127.0.84.0/24", IMPORTS, None).start().await;
+    let client = pod_behind(&router, "127.0.84.0/24", IMPORTS, None)
+        .start()
+        .await;
     for i in 0..10u64 {
         let data = pattern(i, 1000);
         let back = echo_through("127.0.84.1:80".parse().unwrap(), &data)
@@ -174,7 +165,7 @@ async fn a_restarted_router_routes_from_its_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let router = Router::start(config(dir.path())).await.unwrap();
     let (tcp, udp) = (tcp_echo().await, udp_echo().await);
-    let server = pod(
+    let server = pod_behind(
         &router,
         "127.0.85.0/24",
         "services: []",
@@ -203,7 +194,9 @@ async fn a_restarted_router_routes_from_its_snapshot() {
 
     let router = Router::start(config(dir.path())).await.unwrap();
     assert_eq!(router.registry_len(), 2, "loaded from the snapshot");
-    let client = pod(&router, "127.0.86.0/24", IMPORTS, None).start().await;
+    let client = pod_behind(&router, "127.0.86.0/24", IMPORTS, None)
+        .start()
+        .await;
     assert_eq!(
         echo_through("127.0.86.1:80".parse().unwrap(), b"from the snapshot")
             .await

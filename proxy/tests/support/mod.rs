@@ -287,6 +287,22 @@ impl Pod {
     }
 }
 
+/// A pod whose sidecar talks to `router` and registers as `127.0.0.1`.
+pub fn pod_behind(
+    router: &servicekeel_proxy::router::Router,
+    range: &str,
+    imported: &str,
+    exported: Option<&str>,
+) -> Pod {
+    let mut pod = Pod::new(range, imported, exported);
+    pod.set(
+        "SIDECAR_SERVER_LISTEN",
+        &format!("unix://{}", router.socket().display()),
+    );
+    pod.set("POD_IP", "127.0.0.1");
+    pod
+}
+
 /// The whole HTTP/1.1 reply to a GET.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -1,0 +1,449 @@
+//! Routers linked by mutual TLS, in-process on loopback: an endpoint on another node is reached
+//! through that node's router; a client of cluster-b reaches a service of cluster-a through the
+//! gateways; and would-be peers that are plaintext, from an unknown CA, expired, or carry the
+//! wrong identity are refused, counted, and get nothing delivered.
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, date_time_ymd};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use servicekeel_proxy::router::peers::{Cluster, Peers};
+use servicekeel_proxy::router::{LinksConfig, Router, RouterConfig};
+use support::{echo_through, http_get, pod_behind, tcp_echo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A CA and what it issues, written as PEM files into a directory.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// Issues a certificate for `name`; `expired` makes one whose validity ended long ago.
+    fn issue(&self, name: &str, expired: bool) -> (String, String) {
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        if expired {
+            params.not_before = date_time_ymd(2000, 1, 1);
+            params.not_after = date_time_ymd(2001, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
+        (cert, key.serialize_pem())
+    }
+}
+
+/// Writes a router's TLS files for `identity` issued by `ca` and returns the links config.
+fn links(dir: &Path, ca: &Ca, identity: &str, peers: Peers) -> LinksConfig {
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = ca.issue(identity, false);
+    std::fs::write(dir.join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.join("tls.key"), key).unwrap();
+    std::fs::write(dir.join("ca.crt"), &ca.pem).unwrap();
+    LinksConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        certificate: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+        ca: dir.join("ca.crt"),
+        peers,
+    }
+}
+
+fn router_config(dir: &Path, node: &str, cluster: &str, links: LinksConfig) -> RouterConfig {
+    RouterConfig {
+        socket: dir.join("router.sock"),
+        socket_mode: 0o660,
+        socket_owner: None,
+        state_dir: dir.join("state"),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        node: node.into(),
+        cluster: cluster.into(),
+        links: Some(links),
+    }
+}
+
+fn write_pem(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_owned()
+}
+
+async fn wait_peers(router: &Router) {
+    for _ in 0..(PATIENCE.as_millis() / 20) {
+        if router.peers_up() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("links did not come up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_in_cluster_b_reaches_a_service_of_cluster_a_through_the_gateways() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_a, ca_b) = (Ca::new("cluster-a routers"), Ca::new("cluster-b routers"));
+    let bundle_a = write_pem(&dir.path().join("a.pem"), &ca_a.pem);
+    let bundle_b = write_pem(&dir.path().join("b.pem"), &ca_b.pem);
+
+    // cluster-a's gateway knows cluster-b only to let its routers in; it has no gateway to
+    // dial there, so its peer list names an address nobody listens on.
+    let peers_of_a = Peers {
+        nodes: BTreeMap::new(),
+        clusters: BTreeMap::from([(
+            "cluster-b".to_string(),
+            Cluster {
+                gateways: vec!["127.0.0.1:9".into()],
+                trust_bundle: bundle_b,
+            },
+        )]),
+    };
+    let a_dir = dir.path().join("a");
+    let a = Router::start(router_config(
+        &a_dir,
+        "a-1",
+        "cluster-a.local",
+        links(
+            &a_dir.join("tls"),
+            &ca_a,
+            "servicekeel-router.cluster-a.local",
+            peers_of_a,
+        ),
+    ))
+    .await
+    .unwrap();
+    let echo = tcp_echo().await;
+    let mut server = pod_behind(
+        &a,
+        "127.0.90.0/24",
+        "services: []",
+        Some(&format!(
+            "services: [{{name: simple-server, ports: [{{port: 8080, targetPort: {}}}]}}]",
+            echo.port()
+        )),
+    );
+    server.set("SERVICEKEEL_CLUSTER", "cluster-a.local");
+    let server = server.start().await;
+
+    let peers_of_b = Peers {
+        nodes: BTreeMap::new(),
+        clusters: BTreeMap::from([(
+            "cluster-a.local".to_string(),
+            Cluster {
+                gateways: vec![a.peer_addr().unwrap().to_string()],
+                trust_bundle: bundle_a,
+            },
+        )]),
+    };
+    let b_dir = dir.path().join("b");
+    let b = Router::start(router_config(
+        &b_dir,
+        "b-1",
+        "cluster-b",
+        links(
+            &b_dir.join("tls"),
+            &ca_b,
+            "servicekeel-router.cluster-b",
+            peers_of_b,
+        ),
+    ))
+    .await
+    .unwrap();
+    wait_peers(&b).await;
+
+    // The design example's client, in cluster-b.
+    let mut client = pod_behind(
+        &b,
+        "127.0.91.0/24",
+        "services: [{name: simple-server, namespace: default, cluster: cluster-a.local, ports: [{port: 8080}]}]",
+        None,
+    );
+    client.set("SERVICEKEEL_CLUSTER", "cluster-b");
+    let client = client.start().await;
+    let back = echo_through("127.0.91.1:8080".parse().unwrap(), b"across clusters")
+        .await
+        .unwrap();
+    assert_eq!(back, b"across clusters");
+
+    let metrics_b = http_get(b.admin_addr(), "/metrics").await;
+    assert!(
+        metrics_b.contains("servicekeel_router_peers_up 1"),
+        "{metrics_b}"
+    );
+    let metrics_a = http_get(a.admin_addr(), "/metrics").await;
+    assert!(
+        metrics_a
+            .contains(r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#),
+        "cluster-a's gateway delivered it\n{metrics_a}"
+    );
+    for sidecar in [client, server] {
+        sidecar.shutdown().await;
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_on_another_node_is_reached_through_its_router() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cluster-a routers");
+    let identity = "servicekeel-router.cluster-a";
+    let two_dir = dir.path().join("two");
+    let two = Router::start(router_config(
+        &two_dir,
+        "edge-2",
+        "cluster-a",
+        links(&two_dir.join("tls"), &ca, identity, Peers::default()),
+    ))
+    .await
+    .unwrap();
+    let echo = tcp_echo().await;
+    let server = pod_behind(
+        &two,
+        "127.0.92.0/24",
+        "services: []",
+        Some(&format!(
+            "services: [{{name: web, ports: [{{port: 80, targetPort: {}}}]}}]",
+            echo.port()
+        )),
+    )
+    .start()
+    .await;
+
+    // edge-1 knows of the endpoint on edge-2 from its snapshot (as the API server would tell
+    // it) and of edge-2's router from its peers file.
+    let one_dir = dir.path().join("one");
+    std::fs::create_dir_all(one_dir.join("state")).unwrap();
+    std::fs::write(
+        one_dir.join("state/registry.json"),
+        format!(
+            r#"{{"format":1,"saved":0,"entries":[{{"target":"web.default.cluster-a:80/TCP","addr":"127.0.0.1:{}","node":"edge-2","ready":true}}]}}"#,
+            echo.port()
+        ),
+    )
+    .unwrap();
+    let peers = Peers {
+        nodes: BTreeMap::from([(
+            "edge-2".to_string(),
+            vec![two.peer_addr().unwrap().to_string()],
+        )]),
+        clusters: BTreeMap::new(),
+    };
+    let one = Router::start(router_config(
+        &one_dir,
+        "edge-1",
+        "cluster-a",
+        links(&one_dir.join("tls"), &ca, identity, peers),
+    ))
+    .await
+    .unwrap();
+    wait_peers(&one).await;
+    let client = pod_behind(
+        &one,
+        "127.0.93.0/24",
+        "services: [{name: web, ports: [{port: 80}]}]",
+        None,
+    )
+    .start()
+    .await;
+    assert_eq!(
+        echo_through("127.0.93.1:80".parse().unwrap(), b"via edge-2")
+            .await
+            .unwrap(),
+        b"via edge-2"
+    );
+    let metrics_two = http_get(two.admin_addr(), "/metrics").await;
+    assert!(
+        metrics_two
+            .contains(r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#),
+        "edge-2's router delivered it\n{metrics_two}"
+    );
+    for sidecar in [client, server] {
+        sidecar.shutdown().await;
+    }
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
+/// Connects to `router`'s peer port presenting `identity` (cert and key PEM, or none), trusting
+/// `server_ca`, and tries to open a flow; returns whether anything came back.
+async fn try_as_peer(router: &Router, server_ca: &str, identity: Option<(String, String)>) -> bool {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(router.peer_addr().unwrap())
+        .await
+        .unwrap();
+    let name = ServerName::try_from("servicekeel-router.cluster-a").unwrap();
+    let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+    else {
+        return false;
+    };
+    let Ok((sender, connection)) = h2::client::handshake(tls).await else {
+        return false;
+    };
+    tokio::spawn(connection);
+    let Ok(mut sender) = sender.ready().await else {
+        return false;
+    };
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("web.default.cluster-a:80")
+        .header("servicekeel-version", "1")
+        .header("servicekeel-protocol", "TCP")
+        .body(())
+        .unwrap();
+    let Ok((response, _send)) = sender.send_request(request, false) else {
+        return false;
+    };
+    matches!(tokio::time::timeout(PATIENCE, response).await, Ok(Ok(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn would_be_peers_without_the_right_certificate_are_refused_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cluster-a routers");
+    let other_cluster_ca = Ca::new("cluster-b routers");
+    let rogue = Ca::new("nobody we know");
+    let peers = Peers {
+        nodes: BTreeMap::new(),
+        clusters: BTreeMap::from([(
+            "cluster-b".to_string(),
+            Cluster {
+                gateways: vec!["127.0.0.1:9".into()],
+                trust_bundle: write_pem(&dir.path().join("b.pem"), &other_cluster_ca.pem),
+            },
+        )]),
+    };
+    // The router's snapshot knows an endpoint, so a flow let through would be delivered.
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let echo = tcp_echo().await;
+    std::fs::write(
+        state.join("registry.json"),
+        format!(
+            r#"{{"format":1,"saved":0,"entries":[{{"target":"web.default.cluster-a:80/TCP","addr":"{echo}","node":"edge-1","ready":true}}]}}"#
+        ),
+    )
+    .unwrap();
+    let router = Router::start(router_config(
+        dir.path(),
+        "edge-1",
+        "cluster-a",
+        links(
+            &dir.path().join("tls"),
+            &ca,
+            "servicekeel-router.cluster-a",
+            peers,
+        ),
+    ))
+    .await
+    .unwrap();
+
+    // A genuine peer gets through: the check below is not vacuous.
+    assert!(
+        try_as_peer(
+            &router,
+            &ca.pem,
+            Some(ca.issue("servicekeel-router.cluster-a", false))
+        )
+        .await
+    );
+
+    // Plaintext: HTTP/2 straight onto the TLS port.
+    let mut plain = tokio::net::TcpStream::connect(router.peer_addr().unwrap())
+        .await
+        .unwrap();
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = plain.read_to_end(&mut rest).await;
+    assert!(!rest.starts_with(b"\x00\x00"), "no HTTP/2 frames came back");
+
+    let refused = [
+        (
+            "unknown CA",
+            Some(rogue.issue("servicekeel-router.cluster-a", false)),
+        ),
+        (
+            "expired",
+            Some(ca.issue("servicekeel-router.cluster-a", true)),
+        ),
+        ("wrong identity", Some(ca.issue("web.default.svc", false))),
+        (
+            "another cluster's CA speaking for this one",
+            Some(other_cluster_ca.issue("servicekeel-router.cluster-a", false)),
+        ),
+        ("no certificate", None),
+    ];
+    for (what, identity) in refused {
+        assert!(
+            !try_as_peer(&router, &ca.pem, identity).await,
+            "{what} got through"
+        );
+    }
+
+    let metrics = http_get(router.admin_addr(), "/metrics").await;
+    for (reason, n) in [
+        ("plaintext", 1),
+        ("unknown_ca", 1),
+        ("expired", 1),
+        ("wrong_identity", 2),
+        ("no_certificate", 1),
+    ] {
+        let line = format!(r#"servicekeel_router_peer_refusals_total{{reason="{reason}"}} {n}"#);
+        assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
+    }
+    // Only the genuine peer's flow reached the endpoint (and ended when that peer left).
+    let flows: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("servicekeel_router_flows_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(flows, 1, "{metrics}");
+    router.shutdown().await;
+}
