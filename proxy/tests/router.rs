@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use servicekeel_proxy::router::{Router, RouterConfig};
-use support::{Pod, echo_through, http_get, pattern, pod_behind, tcp_echo, udp_echo};
+use support::{echo_through, http_get, pattern, pod_behind, tcp_echo, udp_echo};
 use tokio::net::UdpSocket;
 
 const PATIENCE: Duration = Duration::from_secs(20);
