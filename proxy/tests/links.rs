@@ -13,49 +13,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, date_time_ymd};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use servicekeel_proxy::router::peers::{Cluster, Peers};
 use servicekeel_proxy::router::{LinksConfig, Router, RouterConfig};
+use support::pki::Ca;
 use support::{echo_through, http_get, pod_behind, tcp_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// A CA and what it issues, written as PEM files into a directory.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// Issues a certificate for `name`; `expired` makes one whose validity ended long ago.
-    fn issue(&self, name: &str, expired: bool) -> (String, String) {
-        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
-        if expired {
-            params.not_before = date_time_ymd(2000, 1, 1);
-            params.not_after = date_time_ymd(2001, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
-        (cert, key.serialize_pem())
-    }
-}
 
 /// Writes a router's TLS files for `identity` issued by `ca` and returns the links config.
 fn links(dir: &Path, ca: &Ca, identity: &str, peers: Peers) -> LinksConfig {

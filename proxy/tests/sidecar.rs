@@ -10,18 +10,14 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 mod support;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query};
-use hickory_proto::rr::{Name, RecordType};
 use servicekeel_api::Protocol;
 use servicekeel_api::podinfo::format_annotations;
 use servicekeel_proxy::config::SidecarConfig;
 use servicekeel_proxy::sidecar::Sidecar;
-use support::{RouterState, TestRouter, a_records, echo_through, http_get, tcp_echo};
-use tokio::net::UdpSocket;
+use support::{RouterState, TestRouter, echo_through, http_get, resolve, tcp_echo};
 
 /// The client pod of ../shared/examples/annotations-yaml-pod.yaml.
 fn design_example_annotations() -> BTreeMap<String, String> {
@@ -32,22 +28,6 @@ fn design_example_annotations() -> BTreeMap<String, String> {
     let pod: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     serde_yaml::from_value(pod["metadata"]["annotations"].clone()).unwrap()
-}
-
-async fn resolve(dns: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
-    let mut message = Message::new(42, MessageType::Query, OpCode::Query);
-    message.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    socket
-        .send_to(&message.to_vec().unwrap(), dns)
-        .await
-        .unwrap();
-    let mut buffer = vec![0u8; 4096];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(10), socket.recv_from(&mut buffer))
-        .await
-        .unwrap()
-        .unwrap();
-    a_records(&Message::from_vec(&buffer[..n]).unwrap())
 }
 
 async fn http_status(addr: SocketAddr, path: &str) -> String {

@@ -4,11 +4,15 @@
 // Each test binary uses a part of these.
 #![allow(dead_code)]
 
+pub mod netns;
+pub mod pki;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::RData;
@@ -37,6 +41,25 @@ pub fn a_records(message: &Message) -> Vec<Ipv4Addr> {
             _ => None,
         })
         .collect()
+}
+
+/// Asks the DNS server at `dns` for the A records of `name`, over UDP.
+pub async fn resolve(dns: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
+    use hickory_proto::op::{MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut message = Message::new(42, MessageType::Query, OpCode::Query);
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket
+        .send_to(&message.to_vec().unwrap(), dns)
+        .await
+        .unwrap();
+    let mut buffer = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(20), socket.recv_from(&mut buffer))
+        .await
+        .unwrap()
+        .unwrap();
+    a_records(&Message::from_vec(&buffer[..n]).unwrap())
 }
 
 /// What the stand-in router knows and saw.
@@ -148,7 +171,12 @@ impl TestRouter {
 /// A TCP server that sends back everything it reads and closes its side after the client's
 /// FIN, so half-close is needed for a client to get all of its bytes back.
 pub async fn tcp_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tcp_echo_on(Ipv4Addr::LOCALHOST).await
+}
+
+/// [`tcp_echo`] on `ip`.
+pub async fn tcp_echo_on(ip: Ipv4Addr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -168,7 +196,12 @@ pub async fn tcp_echo() -> SocketAddr {
 
 /// A UDP server that sends every datagram back to its sender.
 pub async fn udp_echo() -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_echo_on(Ipv4Addr::LOCALHOST).await
+}
+
+/// [`udp_echo`] on `ip`.
+pub async fn udp_echo_on(ip: Ipv4Addr) -> SocketAddr {
+    let socket = UdpSocket::bind((ip, 0)).await.unwrap();
     let addr = socket.local_addr().unwrap();
     tokio::spawn(async move {
         let mut buffer = vec![0u8; 65_536];

@@ -1,0 +1,389 @@
+//! Two nodes, each its own network namespace with its own address, joined by a bridge; on
+//! each a real router process, linked by mutual TLS, and real sidecar processes. An
+//! application on node A reaches, by DNS name, a service whose endpoint is on node A and one
+//! whose endpoint is on node B, over TCP and UDP; the router on A is killed with SIGKILL
+//! under load and comes back from its snapshot (there is no API server), and the sidecars
+//! reconnect by themselves.
+//!
+//! Needs root (network namespaces) and iproute2, as the CI machine has.
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RecordType};
+use servicekeel_api::podinfo::format_annotations;
+use support::netns::{Net, Node, NodeRuntime, Process};
+use support::pki::Ca;
+use support::{echo_through, pattern, resolve, tcp_echo_on, udp_echo_on};
+use tokio::net::UdpSocket;
+
+const PROXY: &str = env!("CARGO_BIN_EXE_servicekeel-proxy");
+const PATIENCE: Duration = Duration::from_secs(20);
+const PEER_PORT: u16 = 15008;
+const ADMIN_PORT: u16 = 15022;
+
+struct Place {
+    node: Node,
+    runtime: NodeRuntime,
+    dir: PathBuf,
+}
+
+/// The router of `place`, its peers file naming the other node's router.
+fn start_router(place: &Place, name: &str, other: &Place, other_name: &str) -> Process {
+    let dir = &place.dir;
+    std::fs::write(
+        dir.join("peers.yaml"),
+        format!(
+            "nodes:\n  {other_name}: [\"{}:{PEER_PORT}\"]\n",
+            other.node.addr
+        ),
+    )
+    .unwrap();
+    let args = [
+        "router".to_string(),
+        format!("--socket={}", dir.join("router.sock").display()),
+        format!("--state-dir={}", dir.join("state").display()),
+        format!("--admin-addr={}:{ADMIN_PORT}", place.node.addr),
+        format!("--node={name}"),
+        "--cluster=cluster-a".into(),
+        format!("--peer-listen={}:{PEER_PORT}", place.node.addr),
+        format!("--tls-cert={}", dir.join("tls.crt").display()),
+        format!("--tls-key={}", dir.join("tls.key").display()),
+        format!("--tls-ca={}", dir.join("ca.crt").display()),
+        format!("--peers={}", dir.join("peers.yaml").display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    place
+        .node
+        .spawn(PROXY, &args, &[], dir.join(format!("router-{}.log", now())))
+}
+
+fn now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// A sidecar process on `place` for a pod with these annotations, its DNS on `dns` and its
+/// local addresses in `range`.
+fn start_sidecar(
+    place: &Place,
+    pod: &str,
+    dns: &str,
+    range: &str,
+    admin: u16,
+    annotations: &[(&str, String)],
+) -> Process {
+    let file = place.dir.join(format!("{pod}.annotations"));
+    let map = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    std::fs::write(&file, format_annotations(&map)).unwrap();
+    let env = [
+        ("POD_NAME", pod.to_string()),
+        ("POD_NAMESPACE", "default".into()),
+        ("POD_IP", place.node.addr.to_string()),
+        ("SERVICEKEEL_CLUSTER", "cluster-a".into()),
+        ("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9".into()),
+        ("SIDECAR_DNS_ADDR", dns.into()),
+        ("SIDECAR_IP_RANGE", range.into()),
+        ("SIDECAR_ADMIN_ADDR", format!("127.0.0.1:{admin}")),
+        (
+            "SIDECAR_SERVER_LISTEN",
+            format!("unix://{}", place.dir.join("router.sock").display()),
+        ),
+        ("SIDECAR_ANNOTATIONS_FILE", file.display().to_string()),
+    ];
+    place.node.spawn(
+        PROXY,
+        &["sidecar"],
+        &env,
+        place.dir.join(format!("{pod}.log")),
+    )
+}
+
+/// Retries a TCP round trip through `addr` until it succeeds or `limit` passes; returns how
+/// long it took.
+async fn until_through(addr: SocketAddr, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if echo_through(addr, b"ping")
+            .await
+            .is_ok_and(|b| b == b"ping")
+        {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn get(place: &Place, addr: SocketAddr, path: &'static str) -> String {
+    place.runtime.run(support::http_get(addr, path)).await
+}
+
+fn write_tls(dir: &Path, ca: &Ca) {
+    let (cert, key) = ca.issue("servicekeel-router.cluster-a", false);
+    std::fs::write(dir.join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.join("tls.key"), key).unwrap();
+    std::fs::write(dir.join("ca.crt"), &ca.pem).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_by_name_over_tcp_and_udp_and_a_router_killed_under_load() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let ca = Ca::new("cluster-a routers");
+    let place = |node: Node, name: &str| {
+        let dir = temp.path().join(name);
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        write_tls(&dir, &ca);
+        Place {
+            runtime: node.runtime(),
+            node,
+            dir,
+        }
+    };
+    let a = place(net.node("a"), "node-a");
+    let b = place(net.node("b"), "node-b");
+
+    // Servers: on A a TCP echo; on B a TCP and a UDP echo.
+    let echo_a = a.runtime.run(tcp_echo_on(a.node.addr)).await;
+    let b_addr = b.node.addr;
+    let (echo_b, udp_b) = b
+        .runtime
+        .run(async move { (tcp_echo_on(b_addr).await, udp_echo_on(b_addr).await) })
+        .await;
+
+    // A's snapshot holds B's endpoints, as the API server would have told it before it went
+    // away; B learns its own from the server pod's registration.
+    std::fs::write(
+        a.dir.join("state/registry.json"),
+        format!(
+            r#"{{"format":1,"saved":0,"entries":[
+                {{"target":"web.default.cluster-a:80/TCP","addr":"{b_addr}:{}","node":"node-b","ready":true}},
+                {{"target":"web.default.cluster-a:53/UDP","addr":"{b_addr}:{}","node":"node-b","ready":true}}]}}"#,
+            echo_b.port(),
+            udp_b.port()
+        ),
+    )
+    .unwrap();
+    let mut router_a = start_router(&a, "node-a", &b, "node-b");
+    let _router_b = start_router(&b, "node-b", &a, "node-a");
+
+    let exported = |port: u16, udp: Option<u16>, name: &str| {
+        let mut ports = format!("{{port: 80, targetPort: {port}}}");
+        if let Some(udp) = udp {
+            ports.push_str(&format!(", {{port: 53, targetPort: {udp}, protocol: UDP}}"));
+        }
+        format!("services: [{{name: {name}, ports: [{ports}]}}]")
+    };
+    let _server_b = start_sidecar(
+        &b,
+        "server-b",
+        "127.0.0.3:53",
+        "127.0.67.0/24",
+        15031,
+        &[(
+            "servicekeel.io/exported-services",
+            exported(echo_b.port(), Some(udp_b.port()), "web"),
+        )],
+    );
+    let _server_a = start_sidecar(
+        &a,
+        "server-a",
+        "127.0.0.3:53",
+        "127.0.67.0/24",
+        15031,
+        &[(
+            "servicekeel.io/exported-services",
+            exported(echo_a.port(), None, "local-web"),
+        )],
+    );
+    let client = start_sidecar(
+        &a,
+        "client",
+        "127.0.0.2:53",
+        "127.0.66.0/24",
+        15021,
+        &[(
+            "servicekeel.io/imported-services",
+            "services: [{name: web, ports: [{port: 80}, {port: 53, protocol: UDP}]}, {name: local-web, ports: [{port: 80}]}]".into(),
+        )],
+    );
+
+    // By name, through the client's DNS, over TCP to both nodes and UDP to B.
+    let dns: SocketAddr = "127.0.0.2:53".parse().unwrap();
+    let outcome = a
+        .runtime
+        .run(async move {
+            let ready = until_ready(dns).await;
+            let web =
+                SocketAddr::from((resolve(dns, "web.default.svc.cluster.local.").await[0], 80));
+            let local = SocketAddr::from((resolve(dns, "local-web.").await[0], 80));
+            let to_b = until_through(web, PATIENCE).await;
+            let to_a = until_through(local, PATIENCE).await;
+            let data = pattern(11, 16 << 20);
+            let big = echo_through(web, &data).await.map(|b| b == data);
+            let mut many = tokio::task::JoinSet::new();
+            for i in 0..64u64 {
+                many.spawn(async move {
+                    let data = pattern(i, 100_000);
+                    echo_through(SocketAddr::from((web.ip(), 80)), &data)
+                        .await
+                        .is_ok_and(|b| b == data)
+                });
+            }
+            let mut all_many = true;
+            while let Some(done) = many.join_next().await {
+                all_many &= done.unwrap();
+            }
+            let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut udp_ok = true;
+            let mut buffer = vec![0u8; 65_536];
+            for size in [1usize, 1200, 60_000] {
+                let datagram = pattern(size as u64, size);
+                socket.send_to(&datagram, (web.ip(), 53)).await.unwrap();
+                let got = tokio::time::timeout(PATIENCE, socket.recv_from(&mut buffer)).await;
+                udp_ok &= matches!(got, Ok(Ok((n, _))) if buffer[..n] == datagram[..]);
+            }
+            (ready, to_b, to_a, big, all_many, udp_ok)
+        })
+        .await;
+    let (ready, to_b, to_a, big, all_many, udp_ok) = outcome;
+    let logs = |client: &Process, router: &Process| {
+        format!(
+            "client:\n{}\nrouter a:\n{}",
+            client.output(),
+            router.output()
+        )
+    };
+    assert!(
+        ready,
+        "client DNS never answered\n{}",
+        logs(&client, &router_a)
+    );
+    assert!(
+        to_b.is_some(),
+        "node B's endpoint not reached\n{}",
+        logs(&client, &router_a)
+    );
+    assert!(
+        to_a.is_some(),
+        "node A's endpoint not reached\n{}",
+        logs(&client, &router_a)
+    );
+    assert!(big.unwrap(), "16 MiB to node B differ");
+    assert!(all_many, "a concurrent flow failed");
+    assert!(udp_ok, "UDP to node B failed");
+    let metrics_b = get(&a, (b_addr, ADMIN_PORT).into(), "/metrics").await;
+    assert!(
+        metrics_b.contains(r#"servicekeel_router_active_flows{protocol="UDP"} 1"#),
+        "node B's router carries the UDP flow\n{metrics_b}"
+    );
+
+    // SIGKILL the router on A while flows keep coming, then start it again: there is no API
+    // server; it routes from its snapshot, and the sidecars reconnect by themselves.
+    let web: SocketAddr = a
+        .runtime
+        .run(async move { SocketAddr::from((resolve(dns, "web.").await[0], 80)) })
+        .await;
+    let load = a.runtime.handle.spawn(async move {
+        let mut ok = 0u32;
+        let mut failed = 0u32;
+        let stop = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < stop {
+            match echo_through(web, b"load").await {
+                Ok(b) if b == b"load" => ok += 1,
+                _ => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    router_a.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    router_a = start_router(&a, "node-a", &b, "node-b");
+    let admin_a = SocketAddr::from((a.node.addr, ADMIN_PORT));
+    let router_ready = a.runtime.run(until_http_ok(admin_a)).await;
+    assert!(
+        router_ready,
+        "the router did not come back\n{}",
+        logs(&client, &router_a)
+    );
+    let back = a.runtime.run(until_through(web, PATIENCE)).await;
+    let (ok, failed) = load.await.unwrap();
+    let back =
+        back.unwrap_or_else(|| panic!("no flow after the restart\n{}", logs(&client, &router_a)));
+    println!(
+        "router killed and restarted: first new flow through {back:?} after it was ready \
+         ({ok} flows ok, {failed} refused while it was down)"
+    );
+    assert!(ok > 0, "flows went through before the kill");
+    let local = a
+        .runtime
+        .run(async move {
+            until_through(
+                SocketAddr::from((resolve(dns, "local-web.").await[0], 80)),
+                PATIENCE,
+            )
+            .await
+        })
+        .await;
+    assert!(
+        local.is_some(),
+        "the server on A registered again\n{}",
+        logs(&client, &router_a)
+    );
+    drop(router_a);
+}
+
+/// Waits until `/readyz` at `addr` answers 200.
+async fn until_http_ok(addr: SocketAddr) -> bool {
+    for _ in 0..(PATIENCE.as_millis() / 20) {
+        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
+            drop(stream);
+            if support::http_get(addr, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 200")
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Waits until the DNS server at `dns` answers.
+async fn until_ready(dns: SocketAddr) -> bool {
+    for _ in 0..(PATIENCE.as_millis() / 50) {
+        let message = {
+            let mut m = Message::new(1, MessageType::Query, OpCode::Query);
+            m.add_query(Query::query(
+                Name::from_ascii("web.").unwrap(),
+                RecordType::A,
+            ));
+            m.to_vec().unwrap()
+        };
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let _ = socket.send_to(&message, dns).await;
+        let mut buffer = [0u8; 512];
+        if tokio::time::timeout(Duration::from_millis(50), socket.recv_from(&mut buffer))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+    }
+    false
+}
