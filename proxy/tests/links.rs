@@ -393,16 +393,30 @@ async fn would_be_peers_without_the_right_certificate_are_refused_and_counted() 
         );
     }
 
-    let metrics = http_get(router.admin_addr(), "/metrics").await;
-    for (reason, n) in [
+    // The router counts a refusal once its side of the handshake has failed, which may be
+    // just after the peer's side gave up.
+    let expected: Vec<String> = [
         ("plaintext", 1),
         ("unknown_ca", 1),
         ("expired", 1),
         ("wrong_identity", 2),
         ("no_certificate", 1),
-    ] {
-        let line = format!(r#"servicekeel_router_peer_refusals_total{{reason="{reason}"}} {n}"#);
-        assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
+    ]
+    .iter()
+    .map(|(reason, n)| {
+        format!(r#"servicekeel_router_peer_refusals_total{{reason="{reason}"}} {n}"#)
+    })
+    .collect();
+    let mut metrics = String::new();
+    for _ in 0..(PATIENCE.as_millis() / 20) {
+        metrics = http_get(router.admin_addr(), "/metrics").await;
+        if expected.iter().all(|line| metrics.contains(line)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in &expected {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
     // Only the genuine peer's flow reached the endpoint (and ended when that peer left).
     let flows: u64 = metrics
