@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use servicekeel_api::defaults;
 use servicekeel_proxy::config::SidecarConfig;
 use servicekeel_proxy::router::peers::Peers;
-use servicekeel_proxy::router::{LinksConfig, Router, RouterConfig};
+use servicekeel_proxy::router::{Api, LinksConfig, Router, RouterConfig};
 use servicekeel_proxy::sidecar::Sidecar;
 use tracing_subscriber::EnvFilter;
 
@@ -74,6 +74,12 @@ struct RouterArgs {
     /// The peers file: other nodes' routers and other clusters' gateways.
     #[arg(long, env = "SERVICEKEEL_ROUTER_PEERS")]
     peers: Option<PathBuf>,
+    /// Kubeconfig of the API server to watch; in-cluster config (or $KUBECONFIG) when unset.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_KUBECONFIG", conflicts_with = "no_api")]
+    kubeconfig: Option<PathBuf>,
+    /// Do not watch an API server: route from registrations and the snapshot only.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_NO_API")]
+    no_api: bool,
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -106,7 +112,13 @@ impl RouterArgs {
         if links.is_none() && self.peers.is_some() {
             return Err("--peers needs --peer-listen: links are off without it".into());
         }
+        let api = match (self.no_api, self.kubeconfig) {
+            (true, _) => Api::Off,
+            (false, Some(path)) => Api::Kubeconfig(path),
+            (false, None) => Api::Infer,
+        };
         Ok(RouterConfig {
+            api,
             links,
             socket: self.socket,
             socket_mode: self.socket_mode,

@@ -14,6 +14,7 @@
 
 pub mod metrics;
 pub mod peers;
+pub mod pods;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -57,6 +58,19 @@ pub struct RouterConfig {
     pub cluster: String,
     /// Links to other routers; none when `None`.
     pub links: Option<LinksConfig>,
+    /// Where the cluster view comes from.
+    pub api: Api,
+}
+
+/// The API server the router watches for its cluster view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Api {
+    /// None: the cluster view is the snapshot's (and sidecars' registrations).
+    Off,
+    /// In-cluster config, or `$KUBECONFIG` / `~/.kube/config`.
+    Infer,
+    /// This kubeconfig file.
+    Kubeconfig(PathBuf),
 }
 
 /// Where peer routers are accepted, the certificate this router shows them, and who they are.
@@ -400,6 +414,7 @@ impl Router {
                 }
             });
         }
+        watch_api(&config, &shared, &stopped).await;
         tokio::spawn(server::serve(
             Listener::Unix(listener),
             shared.clone(),
@@ -446,6 +461,42 @@ impl Router {
         let _ = self.stop.send(true);
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// Starts the pod watch when an API server is configured. One that cannot be reached now is
+/// retried by the watch itself; only a config that cannot be read at all leaves the router on
+/// its snapshot, with a warning.
+async fn watch_api(config: &RouterConfig, shared: &Arc<Shared>, stopped: &watch::Receiver<bool>) {
+    let client_config = match &config.api {
+        Api::Off => return,
+        Api::Infer => kube::Config::infer().await.map_err(|e| e.to_string()),
+        Api::Kubeconfig(path) => match kube::config::Kubeconfig::read_from(path) {
+            Ok(kubeconfig) => kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        },
+    };
+    let client = client_config.and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string()));
+    let client = match client {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(%error, "no API server config; routing from the snapshot and registrations");
+            return;
+        }
+    };
+    let for_view = shared.clone();
+    let apply = Arc::new(move |entries: Vec<crate::registry::Entry>| {
+        tracing::info!(entries = entries.len(), "cluster view from the API server");
+        for_view.registry_mut().set_cluster(entries);
+        for_view.registry_changed();
+    });
+    tokio::spawn(pods::run(
+        client,
+        config.cluster.clone(),
+        apply,
+        stopped.clone(),
+    ));
 }
 
 /// Loads the TLS material and starts a link client for every peer in the peers file.

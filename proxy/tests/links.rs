@@ -16,7 +16,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use servicekeel_proxy::router::peers::{Cluster, Peers};
-use servicekeel_proxy::router::{LinksConfig, Router, RouterConfig};
+use servicekeel_proxy::router::{Api, LinksConfig, Router, RouterConfig};
 use support::pki::Ca;
 use support::{echo_through, http_get, pod_behind, tcp_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,6 +49,7 @@ fn router_config(dir: &Path, node: &str, cluster: &str, links: LinksConfig) -> R
         node: node.into(),
         cluster: cluster.into(),
         links: Some(links),
+        api: Api::Off,
     }
 }
 

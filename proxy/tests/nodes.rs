@@ -58,6 +58,8 @@ fn start_router(place: &Place, name: &str, other: &Place, other_name: &str) -> P
         format!("--tls-key={}", dir.join("tls.key").display()),
         format!("--tls-ca={}", dir.join("ca.crt").display()),
         format!("--peers={}", dir.join("peers.yaml").display()),
+        // No API server in this test: the routers know what registrations and snapshots say.
+        "--no-api".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     place

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use servicekeel_proxy::router::{Router, RouterConfig};
+use servicekeel_proxy::router::{Api, Router, RouterConfig};
 use support::{echo_through, http_get, pattern, pod_behind, tcp_echo, udp_echo};
 use tokio::net::UdpSocket;
 
@@ -28,6 +28,7 @@ fn config(dir: &Path) -> RouterConfig {
         node: "edge-1".into(),
         cluster: "cluster-a".into(),
         links: None,
+        api: Api::Off,
     }
 }
 

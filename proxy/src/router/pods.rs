@@ -1,0 +1,244 @@
+//! The router's view of the cluster from the API server: every running pod that carries
+//! `exported-services`, with its IP, node and Ready condition, turned into registry entries.
+//!
+//! A kube-runtime reflector keeps the pods; the view handed to the registry is recomputed from
+//! it after each change (debounced). Until the first list has come back the router keeps what
+//! its snapshot said; while the API server is unreachable the reflector retries with backoff
+//! and the last view stays in force.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use servicekeel_api::keys::Direction;
+use servicekeel_api::tunnel::FlowTarget;
+use servicekeel_api::{Protocol, ServiceList, TargetPort};
+use tokio::sync::watch as signal;
+
+use crate::registry::{Endpoint, Entry};
+
+/// Quiet time after a change before the view is recomputed.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// The entries one pod contributes; none when it has no IP or node yet, or its exports do not
+/// parse. A named target port is looked up among the pod's container ports.
+pub fn entries_from_pod(pod: &Pod, cluster: &str) -> Vec<Entry> {
+    let Some(namespace) = pod.metadata.namespace.as_deref() else {
+        return Vec::new();
+    };
+    let Some(annotations) = pod.metadata.annotations.as_ref() else {
+        return Vec::new();
+    };
+    let Some((_, value)) = Direction::Exported.find(annotations) else {
+        return Vec::new();
+    };
+    let status = pod.status.as_ref();
+    let ip: Option<IpAddr> = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok());
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let (Some(ip), Some(node)) = (ip, node) else {
+        return Vec::new();
+    };
+    let Ok(list) = ServiceList::parse(value) else {
+        tracing::debug!(pod = ?pod.metadata.name, "exported-services does not parse; skipped");
+        return Vec::new();
+    };
+    let ready = pod.metadata.deletion_timestamp.is_none()
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|conditions| {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+    let mut entries = Vec::new();
+    for service in &list.services {
+        let key = service.key(namespace, cluster);
+        for port in &service.ports {
+            let target_port = match &port.target_port {
+                None => Some(port.port),
+                Some(TargetPort::Number(n)) => Some(*n),
+                Some(TargetPort::Name(name)) => container_port(pod, name, port.protocol),
+            };
+            let Some(target_port) = target_port else {
+                continue;
+            };
+            entries.push((
+                FlowTarget {
+                    service: key.clone(),
+                    port: port.port,
+                    protocol: port.protocol,
+                },
+                Endpoint {
+                    addr: SocketAddr::new(ip, target_port),
+                    node: node.clone(),
+                    ready,
+                },
+            ));
+        }
+    }
+    entries
+}
+
+fn container_port(pod: &Pod, name: &str, protocol: Protocol) -> Option<u16> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| {
+            p.name.as_deref() == Some(name)
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_str()
+        })
+        .and_then(|p| u16::try_from(p.container_port).ok())
+}
+
+/// Every entry of the pods in `store`, sorted.
+pub fn entries(store: &Store<Pod>, cluster: &str) -> Vec<Entry> {
+    let mut all: Vec<Entry> = store
+        .state()
+        .iter()
+        .flat_map(|pod| entries_from_pod(pod, cluster))
+        .collect();
+    all.sort();
+    all
+}
+
+/// Watches running pods and hands the cluster view to `apply` after the first complete list
+/// and after every change, until `stop`.
+pub async fn run(
+    client: Client,
+    cluster: String,
+    apply: Arc<dyn Fn(Vec<Entry>) + Send + Sync>,
+    mut stop: signal::Receiver<bool>,
+) {
+    let (store, writer) = reflector::store();
+    let config = watcher::Config::default().fields("status.phase=Running");
+    let mut events = reflector(
+        writer,
+        watcher(Api::<Pod>::all(client), config).default_backoff(),
+    )
+    .boxed();
+    let mut synced = false;
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = crate::tunnel::client::stopped(&mut stop) => return,
+        };
+        let changed = match event {
+            None => return,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "pod watch failed; retrying, the last view stays");
+                false
+            }
+            Some(Ok(watcher::Event::InitDone)) => {
+                if !synced {
+                    tracing::info!(pods = store.len(), "pod watch synced");
+                }
+                synced = true;
+                true
+            }
+            Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => synced,
+            Some(Ok(_)) => false,
+        };
+        if !changed {
+            continue;
+        }
+        // Let a burst of events settle, taking what else arrives meanwhile.
+        let settle = tokio::time::sleep(DEBOUNCE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                more = events.next() => if more.is_none() { return },
+            }
+        }
+        apply(entries(&store, &cluster));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(annotation: &str, ready: &str, ip: Option<&str>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-0",
+                "namespace": "shop",
+                "annotations": {"servicekeel.io/exported-services": annotation},
+            },
+            "spec": {
+                "nodeName": "edge-2",
+                "containers": [{"name": "web", "ports": [
+                    {"name": "http", "containerPort": 8080},
+                    {"name": "dns", "containerPort": 5353, "protocol": "UDP"},
+                ]}],
+            },
+            "status": {
+                "podIP": ip,
+                "conditions": [{"type": "Ready", "status": ready}],
+            },
+        }))
+        .unwrap()
+    }
+
+    fn shown(entries: &[Entry]) -> Vec<String> {
+        entries
+            .iter()
+            .map(|(t, e)| format!("{t} {} {} {}", e.addr, e.node, e.ready))
+            .collect()
+    }
+
+    #[test]
+    fn exports_become_endpoints_with_named_ports_resolved() {
+        let exported = "services: [{name: web, ports: [{port: 80, targetPort: http}, {port: 53, targetPort: dns, protocol: UDP}, {port: 9, targetPort: nope}, {port: 443}]}]";
+        assert_eq!(
+            shown(&entries_from_pod(
+                &pod(exported, "True", Some("10.244.2.9")),
+                "edge"
+            )),
+            [
+                "web.shop.edge:80/TCP 10.244.2.9:8080 edge-2 true",
+                "web.shop.edge:53/UDP 10.244.2.9:5353 edge-2 true",
+                "web.shop.edge:443/TCP 10.244.2.9:443 edge-2 true",
+            ]
+        );
+        assert_eq!(
+            shown(&entries_from_pod(
+                &pod(
+                    "services: [{name: web, ports: [{port: 80}]}]",
+                    "False",
+                    Some("10.244.2.9")
+                ),
+                "edge"
+            )),
+            ["web.shop.edge:80/TCP 10.244.2.9:80 edge-2 false"]
+        );
+    }
+
+    #[test]
+    fn pods_without_an_ip_or_with_bad_exports_give_nothing() {
+        assert!(
+            entries_from_pod(
+                &pod("services: [{name: web, ports: [{port: 80}]}]", "True", None),
+                "edge"
+            )
+            .is_empty()
+        );
+        assert!(
+            entries_from_pod(
+                &pod("services: [{name: Web}]", "True", Some("10.0.0.1")),
+                "edge"
+            )
+            .is_empty()
+        );
+        assert!(entries_from_pod(&Pod::default(), "edge").is_empty());
+    }
+}
