@@ -33,11 +33,14 @@ mod certificates;
 mod common;
 #[path = "control_plane/exports.rs"]
 mod exports;
+#[path = "control_plane/router.rs"]
+mod router;
 
 use admission::*;
 use certificates::*;
 use common::*;
 use exports::*;
+use router::*;
 
 struct Shared {
     cluster: RwLock<LocalCluster>,
@@ -102,6 +105,9 @@ fn main() -> ExitCode {
         }),
         ("replicas_racing_for_the_certificate_agree_on_one", |s| {
             Box::pin(certificate_race(s))
+        }),
+        ("router_follows_exporting_pods_through_the_api", |s| {
+            Box::pin(router_follows_exporting_pods(s))
         }),
     ];
     if args.list {
