@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod alloc;
+pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod links;

@@ -1,7 +1,8 @@
 //! The router's cluster view from the real API server: a pod that exports a service, bound to
 //! a node and given an IP and a Ready condition through the status subresource, shows up in
 //! the router's registry (read from its snapshot file), follows the Ready condition, and goes
-//! when the pod goes.
+//! when the pod goes. The router runs with a token of its ServiceAccount from `manifests/`, so
+//! the RBAC shipped there is what it gets.
 
 use super::*;
 
@@ -32,9 +33,37 @@ fn snapshot_lines(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A kubeconfig like the admin's, authenticating as the router's ServiceAccount.
+fn router_kubeconfig(shared: &Shared, dir: &Path) -> anyhow::Result<PathBuf> {
+    let (ok, token, stderr) = kubectl(
+        &shared.kubeconfig,
+        &[
+            "create",
+            "token",
+            "servicekeel-router",
+            "-n",
+            "servicekeel-system",
+        ],
+        None,
+    )?;
+    ensure!(ok, "kubectl create token: {stderr}");
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&shared.kubeconfig)?)?;
+    let users = config["users"]
+        .as_sequence_mut()
+        .context("kubeconfig without users")?;
+    for user in users {
+        user["user"] = serde_yaml::to_value(BTreeMap::from([("token", token.trim())]))?;
+    }
+    let path = dir.join("router.kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&config)?)?;
+    Ok(path)
+}
+
 pub(crate) async fn router_follows_exporting_pods(shared: Arc<Shared>) -> anyhow::Result<()> {
     let ns = namespace(&shared.client, "router-view", false).await?;
     let dir = tempfile::tempdir()?;
+    let kubeconfig = router_kubeconfig(&shared, dir.path())?;
     let binary = paths::workspace_binary("servicekeel-proxy")?;
     let args = servicekeel_e2e::process::args([
         "router".to_string(),
@@ -43,7 +72,7 @@ pub(crate) async fn router_follows_exporting_pods(shared: Arc<Shared>) -> anyhow
         "--admin-addr=127.0.0.1:0".into(),
         "--node=edge-1".into(),
         "--cluster=e2e".into(),
-        format!("--kubeconfig={}", shared.kubeconfig.display()),
+        format!("--kubeconfig={}", kubeconfig.display()),
     ]);
     let mut router = Process::spawn(
         "router",

@@ -1,0 +1,142 @@
+//! The router as `manifests/` deploys it: the DaemonSet's arguments parse with this binary's
+//! command line, its socket and state directories are host directories mounted where the
+//! arguments point, the socket is handed to the sidecars' group, the cluster name is the
+//! webhook's, the probes hit the admin port, and its RBAC only reads pods.
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use clap::Parser;
+use serde_json::Value;
+use servicekeel_api::defaults;
+use servicekeel_proxy::cli::{Cli, Command as ProxyCommand};
+
+fn rendered() -> Vec<Value> {
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let output = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(&manifests)
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl is needed to render manifests/ (set KUBECTL): {e}"));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_yaml::Deserializer::from_str(&String::from_utf8(output.stdout).unwrap())
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .collect()
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in manifests/"))
+}
+
+#[test]
+fn the_router_daemonset_matches_the_binary() {
+    let objects = rendered();
+    let daemonset = named(&objects, "DaemonSet", "servicekeel-router");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "servicekeel-router");
+    let container = &pod["containers"][0];
+    let mut argv = vec!["servicekeel-proxy".to_string()];
+    argv.extend(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string()),
+    );
+    // NODE_NAME comes from the downward API; give the parser a value for it.
+    let cli = Cli::try_parse_from(argv.iter().chain(["--node=edge-1".to_string()].iter()))
+        .unwrap_or_else(|e| panic!("DaemonSet args do not parse: {e}"));
+    let ProxyCommand::Router(args) = cli.command else {
+        panic!("the DaemonSet must run `router`")
+    };
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"NODE_NAME"), "{env:?}");
+    let config = args.into_config().unwrap();
+
+    // The socket where sidecars look for it, on a host directory they share.
+    assert_eq!(config.socket, Path::new(defaults::ROUTER_SOCKET));
+    assert_eq!(
+        config.socket_owner,
+        Some((None, Some(defaults::SIDECAR_UID as u32)))
+    );
+    assert_eq!(config.socket_mode, 0o660);
+    let host_dir_of = |dir: &Path| -> String {
+        let mount = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| dir.starts_with(m["mountPath"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("{} is not mounted", dir.display()));
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        volume["hostPath"]["path"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        host_dir_of(config.socket.parent().unwrap()),
+        defaults::ROUTER_SOCKET_DIR
+    );
+    assert_eq!(host_dir_of(&config.state_dir), defaults::ROUTER_STATE_DIR);
+
+    // The cluster name is the one the webhook writes into sidecars.
+    let webhook_config = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["data"]["config.yaml"].is_string())
+        .unwrap();
+    let webhook: serde_yaml::Value =
+        serde_yaml::from_str(webhook_config["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        webhook["clusterName"].as_str(),
+        Some(config.cluster.as_str())
+    );
+
+    // Probes on the admin port the router serves.
+    assert_eq!(
+        container["ports"][0]["containerPort"],
+        config.admin_addr.port()
+    );
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            container[probe]["httpGet"]["port"],
+            container["ports"][0]["name"]
+        );
+    }
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"],
+        defaults::READY_PATH
+    );
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["path"],
+        defaults::HEALTH_PATH
+    );
+
+    // Only reads pods.
+    let role = named(&objects, "ClusterRole", "servicekeel-router");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}])
+    );
+    let binding = named(&objects, "ClusterRoleBinding", "servicekeel-router");
+    assert_eq!(binding["subjects"][0]["name"], "servicekeel-router");
+    assert_eq!(binding["subjects"][0]["namespace"], "servicekeel-system");
+}
