@@ -13,6 +13,7 @@
 //! sockets.
 
 pub mod metrics;
+pub mod nodes;
 pub mod peers;
 pub mod pods;
 
@@ -110,19 +111,74 @@ pub enum RouterError {
 /// Tunnels to other routers.
 #[derive(Debug, Default)]
 struct Links {
-    /// This cluster's other routers, by node.
-    nodes: BTreeMap<String, Client>,
+    /// This cluster's other routers, by node, with the addresses they were dialled at.
+    nodes: RwLock<BTreeMap<String, (Vec<String>, Client)>>,
     /// Other clusters' gateways, by cluster.
     clusters: BTreeMap<String, Client>,
+    /// What new node links are made with; `None` when links are off.
+    factory: Option<LinkFactory>,
+    /// Nodes of the peers file; they win over the API server's word.
+    file_nodes: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug)]
+struct LinkFactory {
+    trust: Trust,
+    cluster: String,
+    me: Source,
+    stopped: watch::Receiver<bool>,
 }
 
 impl Links {
-    fn up(&self) -> usize {
-        self.nodes
+    fn node(&self, name: &str) -> Option<Client> {
+        let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        nodes.get(name).map(|(_, client)| client.clone())
+    }
+
+    fn clients(&self) -> Vec<Client> {
+        let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        nodes
             .values()
-            .chain(self.clusters.values())
-            .filter(|c| c.is_up())
-            .count()
+            .map(|(_, c)| c.clone())
+            .chain(self.clusters.values().cloned())
+            .collect()
+    }
+
+    fn up(&self) -> usize {
+        self.clients().iter().filter(|c| c.is_up()).count()
+    }
+
+    /// Makes the node links those of `from_api` plus the peers file: links to nodes that are
+    /// gone or moved are closed, new ones dialled.
+    fn set_nodes(&self, from_api: BTreeMap<String, Vec<String>>) {
+        let Some(factory) = &self.factory else {
+            return;
+        };
+        let mut wanted = from_api;
+        wanted.extend(self.file_nodes.clone());
+        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        nodes.retain(|name, (addrs, client)| {
+            let keep = wanted.get(name) == Some(addrs);
+            if !keep {
+                tracing::info!(node = %name, "link closed");
+                client.close();
+            }
+            keep
+        });
+        for (name, addrs) in wanted {
+            if nodes.contains_key(&name) {
+                continue;
+            }
+            match PeerConnector::new(&factory.trust, &factory.cluster, addrs.clone()) {
+                Ok(connector) => {
+                    tracing::info!(node = %name, addrs = ?addrs, "linking");
+                    let client =
+                        Client::start_link(connector, &factory.me, factory.stopped.clone());
+                    nodes.insert(name, (addrs, client));
+                }
+                Err(error) => tracing::warn!(node = %name, %error, "cannot link"),
+            }
+        }
     }
 }
 
@@ -202,7 +258,7 @@ impl Handler for Shared {
         let mut failures = Vec::new();
         for endpoint in routes.iter().take(MAX_DIAL_ATTEMPTS) {
             let through = (!endpoint.node.is_empty() && endpoint.node != self.here.node)
-                .then(|| self.links.nodes.get(&endpoint.node))
+                .then(|| self.links.node(&endpoint.node))
                 .flatten();
             let opened = match through {
                 Some(peer) => peer
@@ -308,7 +364,8 @@ impl admin::Status for Shared {
         self.metrics.snapshot_age(age);
         self.metrics
             .ejected_now(self.ejections().count(Instant::now()));
-        self.metrics.peers_up(self.links.up());
+        self.metrics
+            .peers(self.links.clients().len(), self.links.up());
         self.metrics.encode()
     }
 }
@@ -447,7 +504,7 @@ impl Router {
     /// Whether the links to every configured peer are up.
     pub fn peers_up(&self) -> bool {
         let links = &self.shared.links;
-        links.up() == links.nodes.len() + links.clusters.len()
+        links.up() == links.clients().len()
     }
 
     /// (target, endpoint) pairs known now.
@@ -491,6 +548,17 @@ async fn watch_api(config: &RouterConfig, shared: &Arc<Shared>, stopped: &watch:
         for_view.registry_mut().set_cluster(entries);
         for_view.registry_changed();
     });
+    if let Some(links) = &config.links {
+        let for_links = shared.clone();
+        let apply = Arc::new(move |peers| for_links.links.set_nodes(peers));
+        tokio::spawn(nodes::run(
+            client.clone(),
+            config.node.clone(),
+            links.listen.port(),
+            apply,
+            stopped.clone(),
+        ));
+    }
     tokio::spawn(pods::run(
         client,
         config.cluster.clone(),
@@ -524,14 +592,10 @@ fn connect_links(
         name: config.node.clone(),
         ip: None,
     };
-    let mut made = Links::default();
-    for (node, addrs) in &links.peers.nodes {
-        let connector = PeerConnector::new(&trust, &config.cluster, addrs.clone())?;
-        made.nodes.insert(
-            node.clone(),
-            Client::start_link(connector, &me, stopped.clone()),
-        );
-    }
+    let mut made = Links {
+        file_nodes: links.peers.nodes.clone(),
+        ..Links::default()
+    };
     for (cluster, peer) in &links.peers.clusters {
         let connector = PeerConnector::new(&trust, cluster, peer.gateways.clone())?;
         made.clusters.insert(
@@ -539,6 +603,13 @@ fn connect_links(
             Client::start_link(connector, &me, stopped.clone()),
         );
     }
+    made.factory = Some(LinkFactory {
+        trust: trust.clone(),
+        cluster: config.cluster.clone(),
+        me,
+        stopped: stopped.clone(),
+    });
+    made.set_nodes(BTreeMap::new());
     Ok((made, trust))
 }
 

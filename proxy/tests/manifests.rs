@@ -1,7 +1,7 @@
 //! The router as `manifests/` deploys it: the DaemonSet's arguments parse with this binary's
 //! command line, its socket and state directories are host directories mounted where the
 //! arguments point, the socket is handed to the sidecars' group, the cluster name is the
-//! webhook's, the probes hit the admin port, and its RBAC only reads pods.
+//! webhook's, the probes hit the admin port, and its RBAC only reads pods and nodes.
 
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -130,11 +130,11 @@ fn the_router_daemonset_matches_the_binary() {
         defaults::HEALTH_PATH
     );
 
-    // Only reads pods.
+    // Only reads pods and nodes.
     let role = named(&objects, "ClusterRole", "servicekeel-router");
     assert_eq!(
         role["rules"],
-        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}])
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["list", "watch"]}])
     );
     let binding = named(&objects, "ClusterRoleBinding", "servicekeel-router");
     assert_eq!(binding["subjects"][0]["name"], "servicekeel-router");

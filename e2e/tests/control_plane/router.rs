@@ -1,8 +1,9 @@
 //! The router's cluster view from the real API server: a pod that exports a service, bound to
 //! a node and given an IP and a Ready condition through the status subresource, shows up in
 //! the router's registry (read from its snapshot file), follows the Ready condition, and goes
-//! when the pod goes. The router runs with a token of its ServiceAccount from `manifests/`, so
-//! the RBAC shipped there is what it gets.
+//! when the pod goes. With links on, every other Node becomes a peer and a deleted Node stops
+//! being one. The router runs with a token of its ServiceAccount from `manifests/`, so the RBAC
+//! shipped there is what it gets.
 
 use super::*;
 
@@ -64,15 +65,22 @@ pub(crate) async fn router_follows_exporting_pods(shared: Arc<Shared>) -> anyhow
     let ns = namespace(&shared.client, "router-view", false).await?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = router_kubeconfig(&shared, dir.path())?;
+    write_router_tls(dir.path())?;
+    let admin = format!("127.0.0.1:{}", servicekeel_e2e::process::free_port()?);
+    let peer_port = servicekeel_e2e::process::free_port()?;
     let binary = paths::workspace_binary("servicekeel-proxy")?;
     let args = servicekeel_e2e::process::args([
         "router".to_string(),
         format!("--socket={}", dir.path().join("router.sock").display()),
         format!("--state-dir={}", dir.path().join("state").display()),
-        "--admin-addr=127.0.0.1:0".into(),
+        format!("--admin-addr={admin}"),
         "--node=edge-1".into(),
         "--cluster=e2e".into(),
         format!("--kubeconfig={}", kubeconfig.display()),
+        format!("--peer-listen=127.0.0.1:{peer_port}"),
+        format!("--tls-cert={}", dir.path().join("tls.crt").display()),
+        format!("--tls-key={}", dir.path().join("tls.key").display()),
+        format!("--tls-ca={}", dir.path().join("ca.crt").display()),
     ]);
     let mut router = Process::spawn(
         "router",
@@ -162,7 +170,67 @@ pub(crate) async fn router_follows_exporting_pods(shared: Arc<Shared>) -> anyhow
         check(Vec::new())
     })
     .await?;
+
+    // Nodes: every other node becomes a peer to link to; a deleted one stops being one.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(shared.client.clone());
+    let node_name = format!("router-peer-{}", std::process::id());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": node_name}}))?,
+        )
+        .await?;
+    nodes
+        .patch_status(
+            &node_name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}}),
+            ),
+        )
+        .await?;
+    let peers = |n: usize| {
+        let admin = admin.clone();
+        async move {
+            let metrics = metrics_text(&admin).await.unwrap_or_default();
+            Ok(metrics
+                .contains(&format!("servicekeel_router_peers {n}\n"))
+                .then_some(()))
+        }
+    };
+    eventually("the new node taken as a peer", || peers(1)).await?;
+    nodes.delete(&node_name, &DeleteParams::default()).await?;
+    eventually("the deleted node dropped as a peer", || peers(0)).await?;
+
     router.check_running()?;
     router.stop();
     Ok(())
+}
+
+/// This router's TLS files: a CA and a certificate for `servicekeel-router.e2e`.
+fn write_router_tls(dir: &Path) -> anyhow::Result<()> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate()?;
+    let ca_pem = ca_params.self_signed(&ca_key)?.pem();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["servicekeel-router.e2e".to_string()])?
+        .signed_by(&key, &issuer)?;
+    std::fs::write(dir.join("ca.crt"), ca_pem)?;
+    std::fs::write(dir.join("tls.crt"), cert.pem())?;
+    std::fs::write(dir.join("tls.key"), key.serialize_pem())?;
+    Ok(())
+}
+
+/// `GET /metrics` over plain HTTP/1.1.
+async fn metrics_text(addr: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: router\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await?;
+    Ok(reply)
 }

@@ -25,6 +25,7 @@ pub struct Metrics {
     ejections: Counter,
     ejected: Gauge,
     snapshot_age: Gauge,
+    peers: Gauge,
     peers_up: Gauge,
     peer_refusals: Family<ReasonLabels, Counter>,
 }
@@ -46,9 +47,15 @@ impl Default for Metrics {
             ejections: Counter::default(),
             ejected: Gauge::default(),
             snapshot_age: Gauge::default(),
+            peers: Gauge::default(),
             peers_up: Gauge::default(),
             peer_refusals: Family::default(),
         };
+        registry.register(
+            "peers",
+            "Links to peer routers and gateways this router keeps",
+            metrics.peers.clone(),
+        );
         registry.register(
             "peers_up",
             "Links to peer routers and gateways that are up",
@@ -141,8 +148,9 @@ impl Metrics {
             .set(age.map_or(-1, |a| a.as_secs() as i64));
     }
 
-    pub fn peers_up(&self, n: usize) {
-        self.peers_up.set(n as i64);
+    pub fn peers(&self, configured: usize, up: usize) {
+        self.peers.set(configured as i64);
+        self.peers_up.set(up as i64);
     }
 
     /// `reason`: `plaintext`, `unknown_ca`, `expired`, `no_certificate`, `wrong_identity`,

@@ -113,6 +113,8 @@ struct Shared {
     /// Ping the peer and drop the connection when it stops answering (links between routers,
     /// where a peer can vanish without closing the socket).
     keepalive: bool,
+    /// Set by [`Client::close`].
+    closed: watch::Sender<bool>,
 }
 
 impl fmt::Debug for Shared {
@@ -162,9 +164,27 @@ impl Client {
             wake: Notify::new(),
             registration: watch::Sender::new(None),
             keepalive,
+            closed: watch::Sender::new(false),
         });
-        tokio::spawn(maintain(shared.clone(), stop));
+        // The connection task ends on the caller's stop or on `close`, whichever comes first.
+        let (end, ended) = watch::channel(false);
+        let mut closed = shared.closed.subscribe();
+        let mut stop = stop;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stopped(&mut stop) => {}
+                _ = stopped(&mut closed) => {}
+            }
+            let _ = end.send(true);
+        });
+        tokio::spawn(maintain(shared.clone(), ended));
         Client { shared }
+    }
+
+    /// Stops keeping the connection (a peer that is gone for good); flows already open carry on
+    /// while the connection lasts.
+    pub fn close(&self) {
+        let _ = self.shared.closed.send(true);
     }
 
     /// Whether the connection to the router is up.

@@ -1,0 +1,141 @@
+//! Where the other routers of this cluster are, from the API server's Nodes: every node but
+//! this one, at its InternalIP (else its ExternalIP) and the peer port all routers listen on.
+//! Entries of the peers file win over what the API says for the same node.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::watch as signal;
+
+/// Quiet time after a change before the peers are recomputed.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Node name → router addresses, for every node but `own`.
+pub fn peer_addresses(nodes: &[Arc<Node>], own: &str, port: u16) -> BTreeMap<String, Vec<String>> {
+    let mut peers = BTreeMap::new();
+    for node in nodes {
+        let Some(name) = node.metadata.name.as_deref() else {
+            continue;
+        };
+        if name == own {
+            continue;
+        }
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let pick = |kind: &str| addresses.iter().find(|a| a.type_ == kind);
+        let Some(address) = pick("InternalIP").or_else(|| pick("ExternalIP")) else {
+            continue;
+        };
+        let host = if address.address.contains(':') {
+            format!("[{}]", address.address)
+        } else {
+            address.address.clone()
+        };
+        peers.insert(name.to_string(), vec![format!("{host}:{port}")]);
+    }
+    peers
+}
+
+/// Watches Nodes and hands the peers to `apply` after the first full list and every change.
+pub async fn run(
+    client: Client,
+    own: String,
+    port: u16,
+    apply: Arc<dyn Fn(BTreeMap<String, Vec<String>>) + Send + Sync>,
+    mut stop: signal::Receiver<bool>,
+) {
+    let (store, writer): (Store<Node>, _) = reflector::store();
+    let mut events = reflector(
+        writer,
+        watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff(),
+    )
+    .boxed();
+    let mut synced = false;
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = crate::tunnel::client::stopped(&mut stop) => return,
+        };
+        let changed = match event {
+            None => return,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "node watch failed; retrying, the last peers stay");
+                false
+            }
+            Some(Ok(watcher::Event::InitDone)) => {
+                synced = true;
+                true
+            }
+            Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => synced,
+            Some(Ok(_)) => false,
+        };
+        if !changed {
+            continue;
+        }
+        let settle = tokio::time::sleep(DEBOUNCE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                more = events.next() => if more.is_none() { return },
+            }
+        }
+        apply(peer_addresses(&store.state(), &own, port));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, addresses: &[(&str, &str)]) -> Arc<Node> {
+        let addresses: Vec<serde_json::Value> = addresses
+            .iter()
+            .map(|(kind, address)| serde_json::json!({"type": kind, "address": address}))
+            .collect();
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "status": {"addresses": addresses},
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn every_other_node_at_its_internal_address() {
+        let nodes = [
+            node("edge-1", &[("InternalIP", "10.0.0.1")]),
+            node(
+                "edge-2",
+                &[
+                    ("Hostname", "edge-2"),
+                    ("ExternalIP", "192.0.2.2"),
+                    ("InternalIP", "10.0.0.2"),
+                ],
+            ),
+            node("edge-3", &[("ExternalIP", "192.0.2.3")]),
+            node("edge-4", &[("InternalIP", "fd00::4")]),
+            node("edge-5", &[("Hostname", "edge-5")]),
+        ];
+        let peers = peer_addresses(&nodes, "edge-1", 15008);
+        assert_eq!(
+            peers,
+            BTreeMap::from([
+                ("edge-2".to_string(), vec!["10.0.0.2:15008".to_string()]),
+                ("edge-3".to_string(), vec!["192.0.2.3:15008".to_string()]),
+                ("edge-4".to_string(), vec!["[fd00::4]:15008".to_string()]),
+            ])
+        );
+    }
+}
