@@ -12,6 +12,7 @@
 //! A value with its bound addresses, like the sidecar, so tests start one on temporary
 //! sockets.
 
+pub mod follow;
 pub mod metrics;
 pub mod nodes;
 pub mod peers;

@@ -4,17 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::reflector::{self, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::sync::watch as signal;
 
-/// Quiet time after a change before the peers are recomputed.
-const DEBOUNCE: Duration = Duration::from_millis(200);
+use super::follow::follow;
 
 /// Node name → router addresses, for every node but `own`.
 pub fn peer_addresses(nodes: &[Arc<Node>], own: &str, port: u16) -> BTreeMap<String, Vec<String>> {
@@ -52,46 +48,16 @@ pub async fn run(
     own: String,
     port: u16,
     apply: Arc<dyn Fn(BTreeMap<String, Vec<String>>) + Send + Sync>,
-    mut stop: signal::Receiver<bool>,
+    stop: signal::Receiver<bool>,
 ) {
-    let (store, writer): (Store<Node>, _) = reflector::store();
-    let mut events = reflector(
-        writer,
-        watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff(),
+    follow(
+        Api::<Node>::all(client),
+        watcher::Config::default(),
+        "nodes",
+        |store| apply(peer_addresses(&store.state(), &own, port)),
+        stop,
     )
-    .boxed();
-    let mut synced = false;
-    loop {
-        let event = tokio::select! {
-            event = events.next() => event,
-            _ = crate::tunnel::client::stopped(&mut stop) => return,
-        };
-        let changed = match event {
-            None => return,
-            Some(Err(error)) => {
-                tracing::warn!(%error, "node watch failed; retrying, the last peers stay");
-                false
-            }
-            Some(Ok(watcher::Event::InitDone)) => {
-                synced = true;
-                true
-            }
-            Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => synced,
-            Some(Ok(_)) => false,
-        };
-        if !changed {
-            continue;
-        }
-        let settle = tokio::time::sleep(DEBOUNCE);
-        tokio::pin!(settle);
-        loop {
-            tokio::select! {
-                _ = &mut settle => break,
-                more = events.next() => if more.is_none() { return },
-            }
-        }
-        apply(peer_addresses(&store.state(), &own, port));
-    }
+    .await;
 }
 
 #[cfg(test)]

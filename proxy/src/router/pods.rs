@@ -1,29 +1,24 @@
 //! The router's view of the cluster from the API server: every running pod that carries
 //! `exported-services`, with its IP, node and Ready condition, turned into registry entries.
 //!
-//! A kube-runtime reflector keeps the pods; the view handed to the registry is recomputed from
-//! it after each change (debounced). Until the first list has come back the router keeps what
-//! its snapshot said; while the API server is unreachable the reflector retries with backoff
-//! and the last view stays in force.
+//! The view handed to the registry is recomputed after each change ([`super::follow`]). Until
+//! the first list has come back the router keeps what its snapshot said; while the API server
+//! is unreachable the last view stays in force.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::{self, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use servicekeel_api::keys::Direction;
 use servicekeel_api::tunnel::FlowTarget;
 use servicekeel_api::{Protocol, ServiceList, TargetPort};
 use tokio::sync::watch as signal;
 
+use super::follow::follow;
 use crate::registry::{Endpoint, Entry};
-
-/// Quiet time after a change before the view is recomputed.
-const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// The entries one pod contributes; none when it has no IP or node yet, or its exports do not
 /// parse. A named target port is looked up among the pod's container ports.
@@ -116,51 +111,16 @@ pub async fn run(
     client: Client,
     cluster: String,
     apply: Arc<dyn Fn(Vec<Entry>) + Send + Sync>,
-    mut stop: signal::Receiver<bool>,
+    stop: signal::Receiver<bool>,
 ) {
-    let (store, writer) = reflector::store();
-    let config = watcher::Config::default().fields("status.phase=Running");
-    let mut events = reflector(
-        writer,
-        watcher(Api::<Pod>::all(client), config).default_backoff(),
+    follow(
+        Api::<Pod>::all(client),
+        watcher::Config::default().fields("status.phase=Running"),
+        "pods",
+        |store| apply(entries(store, &cluster)),
+        stop,
     )
-    .boxed();
-    let mut synced = false;
-    loop {
-        let event = tokio::select! {
-            event = events.next() => event,
-            _ = crate::tunnel::client::stopped(&mut stop) => return,
-        };
-        let changed = match event {
-            None => return,
-            Some(Err(error)) => {
-                tracing::warn!(%error, "pod watch failed; retrying, the last view stays");
-                false
-            }
-            Some(Ok(watcher::Event::InitDone)) => {
-                if !synced {
-                    tracing::info!(pods = store.len(), "pod watch synced");
-                }
-                synced = true;
-                true
-            }
-            Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => synced,
-            Some(Ok(_)) => false,
-        };
-        if !changed {
-            continue;
-        }
-        // Let a burst of events settle, taking what else arrives meanwhile.
-        let settle = tokio::time::sleep(DEBOUNCE);
-        tokio::pin!(settle);
-        loop {
-            tokio::select! {
-                _ = &mut settle => break,
-                more = events.next() => if more.is_none() { return },
-            }
-        }
-        apply(entries(&store, &cluster));
-    }
+    .await;
 }
 
 #[cfg(test)]

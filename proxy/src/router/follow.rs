@@ -1,0 +1,68 @@
+//! Following a kind of object on the API server: a kube-runtime reflector whose store is handed
+//! to a callback after the first complete list and after every change (debounced), until
+//! stopped. While the API server is unreachable the watcher retries with backoff and nothing is
+//! handed on, so the last view stays in force.
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::Api;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch as signal;
+
+/// Quiet time after a change before the callback runs.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+pub async fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    changed: impl Fn(&Store<K>) + Send,
+    mut stop: signal::Receiver<bool>,
+) where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let mut events = reflector(writer, watcher(api, config).default_backoff()).boxed();
+    let mut synced = false;
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = crate::tunnel::client::stopped(&mut stop) => return,
+        };
+        let change = match event {
+            None => return,
+            Some(Err(error)) => {
+                tracing::warn!(%error, what, "watch failed; retrying, the last view stays");
+                false
+            }
+            Some(Ok(watcher::Event::InitDone)) => {
+                if !synced {
+                    tracing::info!(what, objects = store.len(), "watch synced");
+                }
+                synced = true;
+                true
+            }
+            Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => synced,
+            Some(Ok(_)) => false,
+        };
+        if !change {
+            continue;
+        }
+        // Let a burst of events settle, taking what else arrives meanwhile.
+        let settle = tokio::time::sleep(DEBOUNCE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                more = events.next() => if more.is_none() { return },
+            }
+        }
+        changed(&store);
+    }
+}
