@@ -8,6 +8,7 @@
 # MutatingWebhookConfiguration with kubectl. Rerunning replaces the serving certificate (and the
 # CA only if DIR has none), which the webhook picks up without a restart.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 out=./servicekeel-certs
 namespace=servicekeel-system
@@ -33,26 +34,10 @@ case "$days" in ''|*[!0-9]*) echo "generate.sh: --days must be a whole number" >
 
 mkdir -p "$out"
 umask 077
-if [ ! -s "$out/ca.key" ] || [ ! -s "$out/ca.crt" ]; then
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-    -keyout "$out/ca.key" -out "$out/ca.crt" -days "$((days * 3))" \
-    -subj "/CN=servicekeel-webhook-ca" \
-    -addext "basicConstraints=critical,CA:TRUE" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-fi
-
+make_ca "$out" servicekeel-webhook-ca "$((days * 3))"
 dns="$service.$namespace.svc"
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-  -keyout "$out/tls.key.new" -out "$out/tls.csr" -subj "/CN=$dns" 2>/dev/null
-openssl x509 -req -in "$out/tls.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" -CAcreateserial \
-  -out "$out/tls.crt.new" -days "$days" \
-  -extfile <(printf 'subjectAltName=DNS:%s,DNS:%s.%s,DNS:%s,DNS:%s.cluster.local\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' \
-    "$service" "$service" "$namespace" "$dns" "$dns") 2>/dev/null
-# PKCS#8 key, then both files replaced at once.
-openssl pkcs8 -topk8 -nocrypt -in "$out/tls.key.new" -out "$out/tls.key.p8"
-mv "$out/tls.key.p8" "$out/tls.key"
-mv "$out/tls.crt.new" "$out/tls.crt"
-rm -f "$out/tls.key.new" "$out/tls.csr"
+issue "$out" "$dns" "DNS:$service,DNS:$service.$namespace,DNS:$dns,DNS:$dns.cluster.local" \
+  serverAuth "$days"
 
 ca_bundle=$(base64 -w0 < "$out/ca.crt")
 secret=$(cat <<YAML

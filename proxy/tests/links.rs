@@ -428,3 +428,51 @@ async fn would_be_peers_without_the_right_certificate_are_refused_and_counted() 
     assert_eq!(flows, 1, "{metrics}");
     router.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_made_by_certs_router_sh_link_routers() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../certs/router.sh");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .args(["--cluster", "cluster-a", "--out"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let secret = String::from_utf8(output.stdout).unwrap();
+    assert!(secret.contains("name: servicekeel-router-tls"), "{secret}");
+    let links = LinksConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        certificate: certs.join("tls.crt"),
+        key: certs.join("tls.key"),
+        ca: certs.join("ca.crt"),
+        peers: Peers::default(),
+    };
+    let router = Router::start(router_config(dir.path(), "edge-1", "cluster-a", links))
+        .await
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(certs.join(name)).unwrap();
+    // Another router of the cluster, holding the same certificate, gets in.
+    assert!(
+        try_as_peer(
+            &router,
+            &read("ca.crt"),
+            Some((read("tls.crt"), read("tls.key")))
+        )
+        .await
+    );
+    // A wrong --cluster is refused by the script.
+    let bad = std::process::Command::new("bash")
+        .arg(&script)
+        .args(["--cluster", "Cluster_A"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    router.shutdown().await;
+}

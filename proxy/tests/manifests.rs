@@ -12,10 +12,11 @@ use std::process::Command;
 use clap::Parser;
 use serde_json::Value;
 use servicekeel_api::defaults;
-use servicekeel_proxy::cli::{Cli, Command as ProxyCommand};
+use servicekeel_proxy::cli::{Cli, Command as ProxyCommand, RouterArgs};
+use servicekeel_proxy::router::peers::Peers;
 
-fn rendered() -> Vec<Value> {
-    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+fn rendered(dir: &str) -> Vec<Value> {
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
     let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
     let output = Command::new(kubectl)
         .arg("kustomize")
@@ -32,21 +33,8 @@ fn rendered() -> Vec<Value> {
         .collect()
 }
 
-fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    objects
-        .iter()
-        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} in manifests/"))
-}
-
-#[test]
-fn the_router_daemonset_matches_the_binary() {
-    let objects = rendered();
-    let daemonset = named(&objects, "DaemonSet", "servicekeel-router");
-    let pod = &daemonset["spec"]["template"]["spec"];
-    assert_eq!(pod["hostNetwork"], true);
-    assert_eq!(pod["serviceAccountName"], "servicekeel-router");
-    let container = &pod["containers"][0];
+/// The router container's arguments, parsed by the real command line.
+fn router_args(container: &Value) -> RouterArgs {
     let mut argv = vec!["servicekeel-proxy".to_string()];
     argv.extend(
         container["args"]
@@ -56,11 +44,48 @@ fn the_router_daemonset_matches_the_binary() {
             .map(|a| a.as_str().unwrap().to_string()),
     );
     // NODE_NAME comes from the downward API; give the parser a value for it.
-    let cli = Cli::try_parse_from(argv.iter().chain(["--node=edge-1".to_string()].iter()))
-        .unwrap_or_else(|e| panic!("DaemonSet args do not parse: {e}"));
+    argv.push("--node=edge-1".into());
+    let cli =
+        Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("DaemonSet args do not parse: {e}"));
     let ProxyCommand::Router(args) = cli.command else {
         panic!("the DaemonSet must run `router`")
     };
+    *args
+}
+
+/// The volume mounted at the directory holding `file`.
+fn volume_of<'a>(pod: &'a Value, file: &Path) -> &'a Value {
+    let container = &pod["containers"][0];
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| file.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} is not mounted", file.display()));
+    pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap()
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in manifests/"))
+}
+
+#[test]
+fn the_router_daemonset_matches_the_binary() {
+    let objects = rendered("manifests");
+    let daemonset = named(&objects, "DaemonSet", "servicekeel-router");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "servicekeel-router");
+    let container = &pod["containers"][0];
+    let args = router_args(container);
     let env: Vec<&str> = container["env"]
         .as_array()
         .unwrap()
@@ -77,20 +102,12 @@ fn the_router_daemonset_matches_the_binary() {
         Some((None, Some(defaults::SIDECAR_UID as u32)))
     );
     assert_eq!(config.socket_mode, 0o660);
-    let host_dir_of = |dir: &Path| -> String {
-        let mount = container["volumeMounts"]
-            .as_array()
+    assert_eq!(config.links, None, "links are off in the base");
+    let host_dir_of = |dir: &Path| {
+        volume_of(pod, dir)["hostPath"]["path"]
+            .as_str()
             .unwrap()
-            .iter()
-            .find(|m| dir.starts_with(m["mountPath"].as_str().unwrap()))
-            .unwrap_or_else(|| panic!("{} is not mounted", dir.display()));
-        let volume = pod["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == mount["name"])
-            .unwrap();
-        volume["hostPath"]["path"].as_str().unwrap().to_string()
+            .to_string()
     };
     assert_eq!(
         host_dir_of(config.socket.parent().unwrap()),
@@ -139,4 +156,45 @@ fn the_router_daemonset_matches_the_binary() {
     let binding = named(&objects, "ClusterRoleBinding", "servicekeel-router");
     assert_eq!(binding["subjects"][0]["name"], "servicekeel-router");
     assert_eq!(binding["subjects"][0]["namespace"], "servicekeel-system");
+}
+
+#[test]
+fn the_links_overlay_turns_links_on_with_its_secret_and_peers() {
+    let objects = rendered("manifests/router-links");
+    let daemonset = named(&objects, "DaemonSet", "servicekeel-router");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args = router_args(container);
+    let listen = args.peer_listen.expect("--peer-listen is set");
+    let peers_port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "peers")
+        .unwrap();
+    assert_eq!(peers_port["containerPort"], listen.port());
+    for file in [&args.tls_cert, &args.tls_key, &args.tls_ca] {
+        assert_eq!(
+            volume_of(pod, file)["secret"]["secretName"],
+            "servicekeel-router-tls",
+            "{}",
+            file.display()
+        );
+    }
+    let peers_file = args.peers.expect("--peers is set");
+    let config_map_name = volume_of(pod, &peers_file)["configMap"]["name"].clone();
+    let config_map = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == config_map_name)
+        .unwrap();
+    let file_name = peers_file.file_name().unwrap().to_str().unwrap();
+    let text = config_map["data"][file_name].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(file_name), text).unwrap();
+    let peers = Peers::load(&dir.path().join(file_name), &args.cluster).unwrap();
+    assert_eq!(
+        peers,
+        Peers::default(),
+        "the shipped peers file is the empty example"
+    );
 }
