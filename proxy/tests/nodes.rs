@@ -35,24 +35,17 @@ struct Place {
     dir: PathBuf,
 }
 
-/// The router of `place`, its peers file naming the other node's router.
-fn start_router(place: &Place, name: &str, other: &Place, other_name: &str) -> Process {
+/// The router of `place`, node `name` of `cluster`, with the peers file `peers`.
+fn start_router(place: &Place, name: &str, cluster: &str, peers: &str) -> Process {
     let dir = &place.dir;
-    std::fs::write(
-        dir.join("peers.yaml"),
-        format!(
-            "nodes:\n  {other_name}: [\"{}:{PEER_PORT}\"]\n",
-            other.node.addr
-        ),
-    )
-    .unwrap();
+    std::fs::write(dir.join("peers.yaml"), peers).unwrap();
     let args = [
         "router".to_string(),
         format!("--socket={}", dir.join("router.sock").display()),
         format!("--state-dir={}", dir.join("state").display()),
         format!("--admin-addr={}:{ADMIN_PORT}", place.node.addr),
         format!("--node={name}"),
-        "--cluster=cluster-a".into(),
+        format!("--cluster={cluster}"),
         format!("--peer-listen={}:{PEER_PORT}", place.node.addr),
         format!("--tls-cert={}", dir.join("tls.crt").display()),
         format!("--tls-key={}", dir.join("tls.key").display()),
@@ -74,10 +67,39 @@ fn now() -> u128 {
         .as_nanos()
 }
 
-/// A sidecar process on `place` for a pod with these annotations, its DNS on `dns` and its
-/// local addresses in `range`.
+/// The client pod's sidecar on `place`: DNS on 127.0.0.2:53, local addresses in 127.0.66.0/24.
+fn start_client(place: &Place, cluster: &str, imported: &str) -> Process {
+    let imports = [("servicekeel.io/imported-services", imported.to_string())];
+    start_sidecar(
+        place,
+        cluster,
+        "client",
+        "127.0.0.2:53",
+        "127.0.66.0/24",
+        15021,
+        &imports,
+    )
+}
+
+/// A server pod's sidecar on `place`, beside the client's: its own DNS and admin ports.
+fn start_server(place: &Place, cluster: &str, pod: &str, exported: String) -> Process {
+    let exports = [("servicekeel.io/exported-services", exported)];
+    start_sidecar(
+        place,
+        cluster,
+        pod,
+        "127.0.0.3:53",
+        "127.0.67.0/24",
+        15031,
+        &exports,
+    )
+}
+
+/// A sidecar process on `place` for a pod of `cluster` with these annotations, its DNS on
+/// `dns` and its local addresses in `range`.
 fn start_sidecar(
     place: &Place,
+    cluster: &str,
     pod: &str,
     dns: &str,
     range: &str,
@@ -94,7 +116,7 @@ fn start_sidecar(
         ("POD_NAME", pod.to_string()),
         ("POD_NAMESPACE", "default".into()),
         ("POD_IP", place.node.addr.to_string()),
-        ("SERVICEKEEL_CLUSTER", "cluster-a".into()),
+        ("SERVICEKEEL_CLUSTER", cluster.into()),
         ("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9".into()),
         ("SIDECAR_DNS_ADDR", dns.into()),
         ("SIDECAR_IP_RANGE", range.into()),
@@ -133,8 +155,20 @@ async fn get(place: &Place, addr: SocketAddr, path: &'static str) -> String {
     place.runtime.run(support::http_get(addr, path)).await
 }
 
-fn write_tls(dir: &Path, ca: &Ca) {
-    let (cert, key) = ca.issue("servicekeel-router.cluster-a", false);
+/// A node with its own directory and a router certificate of `cluster` issued by `ca`.
+fn place(temp: &Path, node: Node, name: &str, ca: &Ca, cluster: &str) -> Place {
+    let dir = temp.join(name);
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    write_tls(&dir, ca, cluster);
+    Place {
+        runtime: node.runtime(),
+        node,
+        dir,
+    }
+}
+
+fn write_tls(dir: &Path, ca: &Ca, cluster: &str) {
+    let (cert, key) = ca.issue(&format!("servicekeel-router.{cluster}"), false);
     std::fs::write(dir.join("tls.crt"), cert).unwrap();
     std::fs::write(dir.join("tls.key"), key).unwrap();
     std::fs::write(dir.join("ca.crt"), &ca.pem).unwrap();
@@ -145,18 +179,8 @@ async fn two_nodes_by_name_over_tcp_and_udp_and_a_router_killed_under_load() {
     let temp = tempfile::tempdir().unwrap();
     let mut net = Net::new();
     let ca = Ca::new("cluster-a routers");
-    let place = |node: Node, name: &str| {
-        let dir = temp.path().join(name);
-        std::fs::create_dir_all(dir.join("state")).unwrap();
-        write_tls(&dir, &ca);
-        Place {
-            runtime: node.runtime(),
-            node,
-            dir,
-        }
-    };
-    let a = place(net.node("a"), "node-a");
-    let b = place(net.node("b"), "node-b");
+    let a = place(temp.path(), net.node("a"), "node-a", &ca, "cluster-a");
+    let b = place(temp.path(), net.node("b"), "node-b", &ca, "cluster-a");
 
     // Servers: on A a TCP echo; on B a TCP and a UDP echo.
     let echo_a = a.runtime.run(tcp_echo_on(a.node.addr)).await;
@@ -179,8 +203,12 @@ async fn two_nodes_by_name_over_tcp_and_udp_and_a_router_killed_under_load() {
         ),
     )
     .unwrap();
-    let mut router_a = start_router(&a, "node-a", &b, "node-b");
-    let _router_b = start_router(&b, "node-b", &a, "node-a");
+    let peers = |other: &Place, name: &str| {
+        format!("nodes:\n  {name}: [\"{}:{PEER_PORT}\"]\n", other.node.addr)
+    };
+    let peers_of_a = peers(&b, "node-b");
+    let mut router_a = start_router(&a, "node-a", "cluster-a", &peers_of_a);
+    let _router_b = start_router(&b, "node-b", "cluster-a", &peers(&a, "node-a"));
 
     let exported = |port: u16, udp: Option<u16>, name: &str| {
         let mut ports = format!("{{port: 80, targetPort: {port}}}");
@@ -189,38 +217,22 @@ async fn two_nodes_by_name_over_tcp_and_udp_and_a_router_killed_under_load() {
         }
         format!("services: [{{name: {name}, ports: [{ports}]}}]")
     };
-    let _server_b = start_sidecar(
+    let _server_b = start_server(
         &b,
+        "cluster-a",
         "server-b",
-        "127.0.0.3:53",
-        "127.0.67.0/24",
-        15031,
-        &[(
-            "servicekeel.io/exported-services",
-            exported(echo_b.port(), Some(udp_b.port()), "web"),
-        )],
+        exported(echo_b.port(), Some(udp_b.port()), "web"),
     );
-    let _server_a = start_sidecar(
+    let _server_a = start_server(
         &a,
+        "cluster-a",
         "server-a",
-        "127.0.0.3:53",
-        "127.0.67.0/24",
-        15031,
-        &[(
-            "servicekeel.io/exported-services",
-            exported(echo_a.port(), None, "local-web"),
-        )],
+        exported(echo_a.port(), None, "local-web"),
     );
-    let client = start_sidecar(
+    let client = start_client(
         &a,
-        "client",
-        "127.0.0.2:53",
-        "127.0.66.0/24",
-        15021,
-        &[(
-            "servicekeel.io/imported-services",
-            "services: [{name: web, ports: [{port: 80}, {port: 53, protocol: UDP}]}, {name: local-web, ports: [{port: 80}]}]".into(),
-        )],
+        "cluster-a",
+        "services: [{name: web, ports: [{port: 80}, {port: 53, protocol: UDP}]}, {name: local-web, ports: [{port: 80}]}]",
     );
 
     // By name, through the client's DNS, over TCP to both nodes and UDP to B.
@@ -314,7 +326,7 @@ async fn two_nodes_by_name_over_tcp_and_udp_and_a_router_killed_under_load() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     router_a.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    router_a = start_router(&a, "node-a", &b, "node-b");
+    router_a = start_router(&a, "node-a", "cluster-a", &peers_of_a);
     let admin_a = SocketAddr::from((a.node.addr, ADMIN_PORT));
     let router_ready = a.runtime.run(until_http_ok(admin_a)).await;
     assert!(
@@ -388,4 +400,77 @@ async fn until_ready(dns: SocketAddr) -> bool {
         }
     }
     false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_in_cluster_b_reaches_cluster_a_only_through_the_gateways() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let (ca_a, ca_b) = (Ca::new("cluster-a routers"), Ca::new("cluster-b routers"));
+    let a = place(
+        temp.path(),
+        net.node("a"),
+        "gateway-a",
+        &ca_a,
+        "cluster-a.local",
+    );
+    let b = place(temp.path(), net.node("b"), "gateway-b", &ca_b, "cluster-b");
+    std::fs::write(a.dir.join("cluster-b.crt"), &ca_b.pem).unwrap();
+    std::fs::write(b.dir.join("cluster-a.crt"), &ca_a.pem).unwrap();
+    // Each gateway trusts the other cluster's CA bundle only for that cluster.
+    let peers_of_a = format!(
+        "clusters:\n  cluster-b:\n    gateways: [\"{}:{PEER_PORT}\"]\n    trustBundle: {}\n",
+        b.node.addr,
+        a.dir.join("cluster-b.crt").display()
+    );
+    let peers_of_b = format!(
+        "clusters:\n  cluster-a.local:\n    gateways: [\"{}:{PEER_PORT}\"]\n    trustBundle: {}\n",
+        a.node.addr,
+        b.dir.join("cluster-a.crt").display()
+    );
+    let _router_a = start_router(&a, "gateway-a", "cluster-a.local", &peers_of_a);
+    let router_b = start_router(&b, "gateway-b", "cluster-b", &peers_of_b);
+
+    // The design example: simple-server in cluster-a.local, a client in cluster-b importing it.
+    let a_addr = a.node.addr;
+    let echo = a.runtime.run(tcp_echo_on(a_addr)).await;
+    let _server = start_server(
+        &a,
+        "cluster-a.local",
+        "simple-server-0",
+        format!(
+            "services: [{{name: simple-server, ports: [{{name: tcp, port: 8080, targetport: {}}}]}}]",
+            echo.port()
+        ),
+    );
+    let client = start_client(
+        &b,
+        "cluster-b",
+        "services:\n  - cluster: cluster-a.local\n    name: simple-server\n    namespace: default\n    ports:\n      - {name: tcp, port: 8080, protocol: TCP, targetport: 8080}\n",
+    );
+    let dns: SocketAddr = "127.0.0.2:53".parse().unwrap();
+    let (ready, through) = b
+        .runtime
+        .run(async move {
+            let ready = until_ready(dns).await;
+            let ip = resolve(dns, "simple-server.default.cluster-a.local.").await;
+            let through = match ip.first() {
+                Some(ip) => until_through(SocketAddr::from((*ip, 8080)), PATIENCE).await,
+                None => None,
+            };
+            (ready, through)
+        })
+        .await;
+    assert!(ready, "client DNS never answered\n{}", client.output());
+    assert!(
+        through.is_some(),
+        "cluster-a's simple-server not reached from cluster-b\nclient:\n{}\nrouter b:\n{}",
+        client.output(),
+        router_b.output()
+    );
+    let metrics_a = get(&b, (a_addr, ADMIN_PORT).into(), "/metrics").await;
+    assert!(
+        metrics_a.contains(r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"}"#),
+        "cluster-a's gateway delivered it\n{metrics_a}"
+    );
 }
