@@ -10,14 +10,11 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use servicekeel_proxy::router::peers::{Cluster, Peers};
 use servicekeel_proxy::router::{Api, LinksConfig, Router, RouterConfig};
-use support::pki::Ca;
+use support::pki::{Ca, assert_metrics_reach, matrix_refusals};
 use support::{echo_through, http_get, pod_behind, tcp_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -254,58 +251,16 @@ async fn an_endpoint_on_another_node_is_reached_through_its_router() {
     two.shutdown().await;
 }
 
-/// Connects to `router`'s peer port presenting `identity` (cert and key PEM, or none), trusting
-/// `server_ca`, and tries to open a flow; returns whether anything came back.
+/// [`support::pki::try_as_peer`] against `router`, as a router of cluster-a would.
 async fn try_as_peer(router: &Router, server_ca: &str, identity: Option<(String, String)>) -> bool {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut config = match identity {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(router.peer_addr().unwrap())
-        .await
-        .unwrap();
-    let name = ServerName::try_from("servicekeel-router.cluster-a").unwrap();
-    let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-    else {
-        return false;
-    };
-    let Ok((sender, connection)) = h2::client::handshake(tls).await else {
-        return false;
-    };
-    tokio::spawn(connection);
-    let Ok(mut sender) = sender.ready().await else {
-        return false;
-    };
-    let request = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri("web.default.cluster-a:80")
-        .header("servicekeel-version", "1")
-        .header("servicekeel-protocol", "TCP")
-        .body(())
-        .unwrap();
-    let Ok((response, _send)) = sender.send_request(request, false) else {
-        return false;
-    };
-    matches!(tokio::time::timeout(PATIENCE, response).await, Ok(Ok(_)))
+    support::pki::try_as_peer(
+        router.peer_addr().unwrap(),
+        "cluster-a",
+        "web.default.cluster-a:80",
+        server_ca,
+        identity,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,31 +349,9 @@ async fn would_be_peers_without_the_right_certificate_are_refused_and_counted() 
         );
     }
 
-    // The router counts a refusal once its side of the handshake has failed, which may be
-    // just after the peer's side gave up.
-    let expected: Vec<String> = [
-        ("plaintext", 1),
-        ("unknown_ca", 1),
-        ("expired", 1),
-        ("wrong_identity", 2),
-        ("no_certificate", 1),
-    ]
-    .iter()
-    .map(|(reason, n)| {
-        format!(r#"servicekeel_router_peer_refusals_total{{reason="{reason}"}} {n}"#)
-    })
-    .collect();
-    let mut metrics = String::new();
-    for _ in 0..(PATIENCE.as_millis() / 20) {
-        metrics = http_get(router.admin_addr(), "/metrics").await;
-        if expected.iter().all(|line| metrics.contains(line)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for line in &expected {
-        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
-    }
+    let admin = router.admin_addr();
+    assert_metrics_reach(|| http_get(admin, "/metrics"), &matrix_refusals()).await;
+    let metrics = http_get(admin, "/metrics").await;
     // Only the genuine peer's flow reached the endpoint (and ended when that peer left).
     let flows: u64 = metrics
         .lines()

@@ -20,7 +20,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use servicekeel_api::podinfo::format_annotations;
 use support::netns::{Net, Node, NodeRuntime, Process};
-use support::pki::Ca;
+use support::pki::{Ca, assert_metrics_reach, matrix_refusals, try_as_peer};
 use support::{echo_through, pattern, resolve, tcp_echo_on, udp_echo_on};
 use tokio::net::UdpSocket;
 
@@ -473,4 +473,77 @@ async fn a_client_in_cluster_b_reaches_cluster_a_only_through_the_gateways() {
         metrics_a.contains(r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"}"#),
         "cluster-a's gateway delivered it\n{metrics_a}"
     );
+
+    // From cluster-b's node, would-be peers of cluster-a's gateway without the right
+    // certificate get nothing; the genuine cluster-b identity does.
+    let rogue = Ca::new("nobody we know");
+    let attempts = [
+        (
+            "cluster-b's own identity",
+            Some(ca_b.issue("servicekeel-router.cluster-b", false)),
+            true,
+        ),
+        (
+            "unknown CA",
+            Some(rogue.issue("servicekeel-router.cluster-b", false)),
+            false,
+        ),
+        (
+            "expired",
+            Some(ca_b.issue("servicekeel-router.cluster-b", true)),
+            false,
+        ),
+        (
+            "wrong identity",
+            Some(ca_b.issue("simple-server.default.svc", false)),
+            false,
+        ),
+        (
+            "cluster-b's CA claiming cluster-a",
+            Some(ca_b.issue("servicekeel-router.cluster-a.local", false)),
+            false,
+        ),
+        ("no certificate", None, false),
+    ];
+    let gateway_a = SocketAddr::from((a_addr, PEER_PORT));
+    for (what, identity, expected) in attempts {
+        let ca_pem = ca_a.pem.clone();
+        let got = b
+            .runtime
+            .run(async move {
+                try_as_peer(
+                    gateway_a,
+                    "cluster-a.local",
+                    "simple-server.default.cluster-a.local:8080",
+                    &ca_pem,
+                    identity,
+                )
+                .await
+            })
+            .await;
+        assert_eq!(got, expected, "{what}");
+    }
+    let plain = b
+        .runtime
+        .run(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(gateway_a).await.unwrap();
+            stream
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest).await;
+            rest
+        })
+        .await;
+    assert!(
+        !plain.starts_with(b"\x00\x00"),
+        "no HTTP/2 frames for plaintext"
+    );
+    assert_metrics_reach(
+        || get(&b, (a_addr, ADMIN_PORT).into(), "/metrics"),
+        &matrix_refusals(),
+    )
+    .await;
 }
