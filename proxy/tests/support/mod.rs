@@ -176,13 +176,36 @@ pub async fn tcp_echo() -> SocketAddr {
 
 /// [`tcp_echo`] on `ip`.
 pub async fn tcp_echo_on(ip: Ipv4Addr) -> SocketAddr {
+    tcp_echo_server(ip).await.addr
+}
+
+/// A [`tcp_echo`] that counts the connections it accepted and can be killed.
+#[derive(Debug)]
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    /// Stops accepting and closes the listening socket: new connections are refused.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+pub async fn tcp_echo_server(ip: Ipv4Addr) -> EchoServer {
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let task = tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
                 return;
             };
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let (mut reader, mut writer) = stream.split();
                 if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
@@ -191,7 +214,11 @@ pub async fn tcp_echo_on(ip: Ipv4Addr) -> SocketAddr {
             });
         }
     });
-    addr
+    EchoServer {
+        addr,
+        accepted,
+        task,
+    }
 }
 
 /// A UDP server that sends every datagram back to its sender.
