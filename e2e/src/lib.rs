@@ -5,6 +5,7 @@
 //! together for the tests and for the `servicekeel-e2e` command; [`process`] makes sure no
 //! child outlives its owner unless asked to.
 
+pub mod bench;
 pub mod cluster;
 pub mod control_plane;
 pub mod kubernetes;

@@ -1,0 +1,369 @@
+//! The data-path benchmarks: the same load through ServiceKeel (client sidecar → router over
+//! its Unix socket → server) and straight to the server, interleaved (baseline, candidate,
+//! baseline, …) so both see the same machine, with wall time and the CPU time every process
+//! involved spent, read from `/proc`. `servicekeel-bench` runs them and writes `BENCHMARKS.md`.
+//!
+//! The sidecars and the router are the release binaries, run as processes; the load
+//! generator and the servers run in this process on loopback.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::{paths, process};
+
+/// One measurement of one side.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub wall: Duration,
+    /// CPU time of this process and the proxies together.
+    pub cpu: Duration,
+    /// Units of work done (bytes, connections, requests).
+    pub units: u64,
+    /// Latencies' 50th and 99th percentiles, when the load measures them.
+    pub p50: Option<Duration>,
+    pub p99: Option<Duration>,
+}
+
+impl Sample {
+    pub fn rate(&self) -> f64 {
+        self.units as f64 / self.wall.as_secs_f64()
+    }
+
+    /// CPU time per unit, in microseconds.
+    pub fn cpu_per_unit_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.units as f64
+    }
+}
+
+/// CPU time (user + system) of process `pid`.
+pub fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; fields count from after its closing parenthesis.
+    let rest = stat
+        .rsplit_once(')')
+        .context("unexpected /proc/PID/stat")?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let per_second = rustix::param::clock_ticks_per_second();
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The proxies of the benchmark: a router, a server pod's sidecar registering the servers, a
+/// client pod's sidecar importing them.
+#[derive(Debug)]
+pub struct Proxies {
+    processes: Vec<Running>,
+    /// Where the client reaches the TCP server through its sidecar.
+    pub tcp: SocketAddr,
+    /// Where the client reaches the UDP server through its sidecar.
+    pub udp: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxies {
+    /// Starts them for a TCP server at `tcp` and a UDP server at `udp` (both on loopback).
+    pub async fn start(tcp: SocketAddr, udp: SocketAddr) -> anyhow::Result<Proxies> {
+        let binary = paths::workspace_binary("servicekeel-proxy")?;
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("router.sock");
+        let log = |name: &str| -> anyhow::Result<Stdio> {
+            Ok(std::fs::File::create(dir.path().join(name))?.into())
+        };
+        let router = Command::new(&binary)
+            .args(["router", "--no-api", "--node=bench", "--cluster=bench"])
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!(
+                "--state-dir={}",
+                dir.path().join("state").display()
+            ))
+            .arg(format!("--admin-addr=127.0.0.1:{}", process::free_port()?))
+            .env("RUST_LOG", "warn")
+            .stdout(log("router.log")?)
+            .stderr(log("router.err")?)
+            .spawn()
+            .context("cannot start the router")?;
+        let mut processes = vec![Running(router)];
+        wait_for(|| socket.exists(), "the router's socket").await?;
+        let sidecar = |name: &str, range: &str, annotations: String| -> anyhow::Result<Running> {
+            let file = dir.path().join(format!("{name}.annotations"));
+            std::fs::write(&file, annotations)?;
+            let child = Command::new(&binary)
+                .arg("sidecar")
+                .env("RUST_LOG", "warn")
+                .env("POD_NAME", name)
+                .env("POD_NAMESPACE", "default")
+                .env("POD_IP", "127.0.0.1")
+                .env("SERVICEKEEL_CLUSTER", "bench")
+                .env("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9")
+                .env(
+                    "SIDECAR_DNS_ADDR",
+                    format!("127.0.0.1:{}", process::free_port()?),
+                )
+                .env(
+                    "SIDECAR_ADMIN_ADDR",
+                    format!("127.0.0.1:{}", process::free_port()?),
+                )
+                .env("SIDECAR_IP_RANGE", range)
+                .env(
+                    "SIDECAR_SERVER_LISTEN",
+                    format!("unix://{}", socket.display()),
+                )
+                .env("SIDECAR_ANNOTATIONS_FILE", &file)
+                .stdout(log(&format!("{name}.log"))?)
+                .stderr(log(&format!("{name}.err"))?)
+                .spawn()
+                .with_context(|| format!("cannot start the {name} sidecar"))?;
+            Ok(Running(child))
+        };
+        let exported = format!(
+            "services: [{{name: sink, ports: [{{port: 9000, targetPort: {}}}, {{port: 9001, targetPort: {}, protocol: UDP}}]}}]",
+            tcp.port(),
+            udp.port()
+        );
+        processes.push(sidecar(
+            "server",
+            "127.0.78.0/24",
+            format!("servicekeel.io/exported-services={exported:?}\n"),
+        )?);
+        let imported =
+            "services: [{name: sink, ports: [{port: 9000}, {port: 9001, protocol: UDP}]}]";
+        processes.push(sidecar(
+            "client",
+            "127.0.79.0/24",
+            format!("servicekeel.io/imported-services={imported:?}\n"),
+        )?);
+        let proxies = Proxies {
+            processes,
+            tcp: (Ipv4Addr::new(127, 0, 79, 1), 9000).into(),
+            udp: (Ipv4Addr::new(127, 0, 79, 1), 9001).into(),
+            _dir: dir,
+        };
+        // Ready when a request goes through.
+        let started = Instant::now();
+        loop {
+            if tcp_requests(proxies.tcp, 1).await.is_ok() {
+                return Ok(proxies);
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("no flow through the proxies after 20 s (logs in the benchmark's directory)");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// CPU time of the proxies so far.
+    pub fn cpu(&self) -> anyhow::Result<Duration> {
+        self.processes.iter().map(|p| cpu_of(p.0.id())).sum()
+    }
+}
+
+async fn wait_for(ready: impl Fn() -> bool, what: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while !ready() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what} did not appear"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// The servers: a TCP sink that answers the byte count after the client's FIN (or echoes one
+/// byte per byte when asked for requests), and a UDP echo.
+pub async fn servers() -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let tcp = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_tcp(stream));
+        }
+    });
+    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let udp = socket.local_addr()?;
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65_536];
+        while let Ok((n, peer)) = socket.recv_from(&mut buffer).await {
+            let _ = socket.send_to(&buffer[..n], peer).await;
+        }
+    });
+    Ok((tcp, udp))
+}
+
+/// First byte `b'S'`: a sink (read to EOF, answer the count). Otherwise: echo, for requests.
+async fn serve_tcp(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buffer = vec![0u8; 256 * 1024];
+    let Ok(n) = stream.read(&mut buffer).await else {
+        return;
+    };
+    if n == 0 {
+        return;
+    }
+    if buffer[0] == b'S' {
+        let mut total = n as u64;
+        while let Ok(n) = stream.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        let _ = stream.write_all(&total.to_be_bytes()).await;
+        return;
+    }
+    let mut pending = &buffer[..n];
+    loop {
+        if stream.write_all(pending).await.is_err() {
+            return;
+        }
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => pending = &buffer[..n],
+        }
+    }
+}
+
+/// Sends `bytes` through `addr` to the sink and waits for its count.
+pub async fn tcp_bulk(addr: SocketAddr, bytes: u64) -> anyhow::Result<u64> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut chunk = vec![0x5au8; 256 * 1024];
+    chunk[0] = b'S';
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.len().min((bytes - sent) as usize);
+        stream.write_all(&chunk[..n]).await?;
+        chunk[0] = 0x5a;
+        sent += n as u64;
+    }
+    stream.shutdown().await?;
+    let mut count = [0u8; 8];
+    stream.read_exact(&mut count).await?;
+    let counted = u64::from_be_bytes(count);
+    ensure!(
+        counted == bytes,
+        "the sink counted {counted} of {bytes} bytes"
+    );
+    Ok(bytes)
+}
+
+/// `count` new connections, each one 1-byte request and its answer, 16 at a time.
+pub async fn tcp_connections(addr: SocketAddr, count: u64) -> anyhow::Result<u64> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let share = count / 16 + u64::from(worker < count % 16);
+        tasks.spawn(async move {
+            for _ in 0..share {
+                tcp_requests(addr, 1).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(count)
+}
+
+/// One connection, `count` 64-byte requests answered in turn; returns the latencies.
+pub async fn tcp_requests(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Duration>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let request = [b'R'; 64];
+    let mut answer = [0u8; 64];
+    let mut latencies = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let started = Instant::now();
+        stream.write_all(&request).await?;
+        stream.read_exact(&mut answer).await?;
+        latencies.push(started.elapsed());
+    }
+    Ok(latencies)
+}
+
+/// Requests at a fixed `rate` per second for `count` requests on one connection.
+pub async fn tcp_paced(addr: SocketAddr, count: u64, rate: u64) -> anyhow::Result<Vec<Duration>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let request = [b'R'; 64];
+    let mut answer = [0u8; 64];
+    let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate as u32);
+    let mut latencies = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        ticks.tick().await;
+        let started = Instant::now();
+        stream.write_all(&request).await?;
+        stream.read_exact(&mut answer).await?;
+        latencies.push(started.elapsed());
+    }
+    Ok(latencies)
+}
+
+/// `count` 512-byte datagrams echoed in turn from one socket; returns the latencies.
+pub async fn udp_echo(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Duration>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let datagram = [7u8; 512];
+    let mut buffer = [0u8; 2048];
+    let mut latencies = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let started = Instant::now();
+        socket.send_to(&datagram, addr).await?;
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buffer))
+            .await
+            .context("a datagram was lost")??;
+        ensure!(n == datagram.len(), "short echo");
+        latencies.push(started.elapsed());
+    }
+    Ok(latencies)
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index]
+}
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The machine, for the report: CPU model and count, kernel.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+/// Where the report goes: `BENCHMARKS.md` at the top of the repository.
+pub fn report_path() -> PathBuf {
+    paths::repo().join("BENCHMARKS.md")
+}

@@ -1,0 +1,254 @@
+//! `servicekeel-bench`: the data path through ServiceKeel next to the direct path, interleaved
+//! on the same machine in the same run; prints the table and writes `BENCHMARKS.md`.
+//!
+//! Run it with the release build: `cargo run --release -p servicekeel-e2e --bin servicekeel-bench`.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use servicekeel_e2e::bench::{self, Proxies, Sample};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "servicekeel-bench",
+    about = "ServiceKeel's data path against the direct path"
+)]
+struct Cli {
+    /// Baseline/candidate pairs per row (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pairs: usize,
+    /// Where to write the report (default: BENCHMARKS.md at the top of the repository).
+    #[arg(long)]
+    output: Option<std::path::PathBuf>,
+}
+
+/// One row: what was measured, how the figures are shown, and the goal.
+struct Row {
+    what: &'static str,
+    unit: &'static str,
+    /// Rate per second is shown divided by this (e.g. 1e6 for MB/s).
+    scale: f64,
+    goal: &'static str,
+    /// Whether the goal is met, from (baseline, candidate) medians of rate, p50, p99.
+    met: fn(&Medians) -> bool,
+    base: Vec<Sample>,
+    cand: Vec<Sample>,
+}
+
+#[derive(Debug, Default)]
+struct Medians {
+    rate: (f64, f64),
+    p50: (f64, f64),
+    p99: (f64, f64),
+    cpu: (f64, f64),
+}
+
+impl Row {
+    fn medians(&self) -> Medians {
+        let pick = |samples: &[Sample], f: &dyn Fn(&Sample) -> f64| {
+            let mut values: Vec<f64> = samples.iter().map(f).collect();
+            bench::median(&mut values)
+        };
+        let both = |f: &dyn Fn(&Sample) -> f64| (pick(&self.base, f), pick(&self.cand, f));
+        Medians {
+            rate: both(&|s| s.rate()),
+            p50: both(&|s| s.p50.map_or(0.0, |d| d.as_secs_f64() * 1e6)),
+            p99: both(&|s| s.p99.map_or(0.0, |d| d.as_secs_f64() * 1e6)),
+            cpu: both(&|s| s.cpu_per_unit_us()),
+        }
+    }
+}
+
+async fn sample<F, Fut>(proxies: &Proxies, load: F) -> anyhow::Result<Sample>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<(u64, Vec<Duration>)>>,
+{
+    let cpu =
+        || -> anyhow::Result<Duration> { Ok(bench::cpu_of(std::process::id())? + proxies.cpu()?) };
+    let cpu_before = cpu()?;
+    let started = Instant::now();
+    let (units, mut latencies) = load().await?;
+    let wall = started.elapsed();
+    let cpu_spent = cpu()?.saturating_sub(cpu_before);
+    latencies.sort();
+    let has = !latencies.is_empty();
+    Ok(Sample {
+        wall,
+        cpu: cpu_spent,
+        units,
+        p50: has.then(|| bench::percentile(&latencies, 0.5)),
+        p99: has.then(|| bench::percentile(&latencies, 0.99)),
+    })
+}
+
+/// Baseline and candidate `pairs` times, alternating.
+async fn pairs<F, Fut>(
+    proxies: &Proxies,
+    pairs: usize,
+    direct: SocketAddr,
+    through: SocketAddr,
+    load: F,
+) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = anyhow::Result<(u64, Vec<Duration>)>>,
+{
+    let (mut base, mut cand) = (Vec::new(), Vec::new());
+    for _ in 0..pairs {
+        base.push(sample(proxies, || load(direct)).await?);
+        cand.push(sample(proxies, || load(through)).await?);
+    }
+    Ok((base, cand))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("servicekeel-bench: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("servicekeel-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (tcp, udp) = bench::servers().await?;
+    let proxies = Proxies::start(tcp, udp).await?;
+    let n = cli.pairs.max(1);
+    const BULK: u64 = 256 << 20;
+    let mut rows = Vec::new();
+
+    let (base, cand) = pairs(&proxies, n, tcp, proxies.tcp, |addr| async move {
+        Ok((bench::tcp_bulk(addr, BULK).await?, Vec::new()))
+    })
+    .await?;
+    rows.push(Row {
+        what: "TCP bulk throughput (256 MiB per run)",
+        unit: "MB/s",
+        scale: 1e6,
+        goal: "≥ 0.6× direct",
+        met: |m| m.rate.1 >= 0.6 * m.rate.0,
+        base,
+        cand,
+    });
+
+    let (base, cand) = pairs(&proxies, n, tcp, proxies.tcp, |addr| async move {
+        Ok((bench::tcp_connections(addr, 2000).await?, Vec::new()))
+    })
+    .await?;
+    rows.push(Row {
+        what: "new TCP connections (1-byte request each, 16 at a time)",
+        unit: "conn/s",
+        scale: 1.0,
+        goal: "≥ 0.3× direct",
+        met: |m| m.rate.1 >= 0.3 * m.rate.0,
+        base,
+        cand,
+    });
+
+    let (base, cand) = pairs(&proxies, n, tcp, proxies.tcp, |addr| async move {
+        let latencies = bench::tcp_paced(addr, 1000, 1000).await?;
+        Ok((latencies.len() as u64, latencies))
+    })
+    .await?;
+    rows.push(Row {
+        what: "64-byte requests at 1k req/s on one connection",
+        unit: "req/s",
+        scale: 1.0,
+        goal: "≤ +60 µs p50, ≤ +200 µs p99",
+        met: |m| m.p50.1 - m.p50.0 <= 60.0 && m.p99.1 - m.p99.0 <= 200.0,
+        base,
+        cand,
+    });
+
+    let (base, cand) = pairs(&proxies, n, udp, proxies.udp, |addr| async move {
+        let latencies = bench::udp_echo(addr, 5000).await?;
+        Ok((latencies.len() as u64, latencies))
+    })
+    .await?;
+    rows.push(Row {
+        what: "UDP echo, 512-byte datagrams one at a time",
+        unit: "dgram/s",
+        scale: 1.0,
+        goal: "≥ 0.5× direct",
+        met: |m| m.rate.1 >= 0.5 * m.rate.0,
+        base,
+        cand,
+    });
+
+    let report = render(&rows, n);
+    print!("{report}");
+    let path = cli.output.unwrap_or_else(bench::report_path);
+    std::fs::write(&path, report)?;
+    eprintln!("written to {}", path.display());
+    Ok(())
+}
+
+fn render(rows: &[Row], pairs: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Measured by `cargo run --release -p servicekeel-e2e --bin servicekeel-bench` on {}. \
+         Direct (baseline) and through ServiceKeel (client sidecar → router over its Unix \
+         socket → server; candidate) alternate, {pairs} pairs per row; medians shown. The load \
+         generator and the servers share the machine with the proxies; CPU is the time this \
+         process, both sidecars and the router spent, per unit of work.\n",
+        bench::machine()
+    );
+    let _ = writeln!(
+        out,
+        "| what | direct | through ServiceKeel | ratio | p50 direct → through | p99 direct → through | CPU per unit direct → through | goal | met |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let m = row.medians();
+        let latency = |(a, b): (f64, f64)| {
+            if a == 0.0 && b == 0.0 {
+                "—".to_string()
+            } else {
+                format!("{a:.0} → {b:.0} µs (+{:.0})", b - a)
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} {unit} | {:.0} {unit} | {:.2}× | {} | {} | {:.2} → {:.2} µs | {} | {} |",
+            row.what,
+            m.rate.0 / row.scale,
+            m.rate.1 / row.scale,
+            m.rate.1 / m.rate.0,
+            latency(m.p50),
+            latency(m.p99),
+            m.cpu.0,
+            m.cpu.1,
+            row.goal,
+            if (row.met)(&m) { "yes" } else { "**no**" },
+            unit = row.unit,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nNot measured yet: webhook throughput against a do-nothing axum handler, pod creation \
+         through the apiserver with and without the webhook, the mTLS hop between routers, the \
+         `socat` and `dnsmasq`/`dnsperf` baselines, sidecar memory at 1,000 open connections. \
+         Sidecar start-to-ready and idle memory: `cargo bench -p servicekeel-proxy --bench startup`."
+    );
+    out
+}
