@@ -39,5 +39,19 @@ pub(crate) mod settings {
     pub const MAX_STREAMS: u32 = 16 * 1024;
 }
 
+/// Buffer of each direction when a flow is piped to a socket or another flow: large enough
+/// that a bulk transfer moves in few, large HTTP/2 frames and syscalls.
+pub const PIPE_BUFFER: usize = 64 * 1024;
+
+/// Pipes `a` and `b` both ways until both directions end (half-closes carried over); returns
+/// the bytes moved from `a` to `b` and from `b` to `a`.
+pub async fn pipe<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, PIPE_BUFFER, PIPE_BUFFER).await
+}
+
 /// How long a UDP flow lives without a datagram either way.
 pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -416,15 +416,13 @@ async fn open_flow<H: Handler>(
     let mut flow = FlowStream::new(send, body);
     let finished = match upstream {
         Upstream::Tcp(mut stream) => {
-            let result = tokio::io::copy_bidirectional(&mut flow, &mut stream).await;
+            let result = super::pipe(&mut flow, &mut stream).await;
             if result.is_err() {
                 abort(&stream);
             }
             finished_copy(result)
         }
-        Upstream::Flow(mut far) => {
-            finished_copy(tokio::io::copy_bidirectional(&mut flow, &mut far).await)
-        }
+        Upstream::Flow(mut far) => finished_copy(super::pipe(&mut flow, &mut far).await),
         Upstream::Udp(socket) => {
             let sent = AtomicU64::new(0);
             let received = AtomicU64::new(0);
