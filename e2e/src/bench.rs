@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::{paths, process};
 
+pub mod webhook;
+
 /// One measurement of one side.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
