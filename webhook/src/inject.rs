@@ -230,7 +230,7 @@ pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injecti
         );
     }
 
-    let container = to_json(&sidecar::container(config, mode, dns.upstream));
+    let sidecar::Rendered { container, volumes } = sidecar::rendered(config, mode, dns.upstream);
     match mode {
         SidecarMode::Native => patch.prepend(
             &["spec", "initContainers"],
@@ -239,11 +239,7 @@ pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injecti
         ),
         SidecarMode::Classic => patch.prepend(&["spec", "containers"], true, container),
     }
-    patch.append(
-        &["spec", "volumes"],
-        spec.volumes.is_some(),
-        sidecar::volumes(config).iter().map(to_json).collect(),
-    );
+    patch.append(&["spec", "volumes"], spec.volumes.is_some(), volumes);
     patch.set(&["spec", "dnsPolicy"], json!("None"));
     patch.set(&["spec", "dnsConfig"], to_json(&dns.config));
     unprivileged_port_sysctl(spec, config, &mut patch);

@@ -3,6 +3,7 @@
 //! its own settings imply.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
@@ -11,6 +12,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use servicekeel_api::{defaults, env};
+
+use serde_json::Value;
 
 use crate::config::Config;
 
@@ -40,6 +43,41 @@ impl SidecarMode {
             _ => None,
         }
     }
+}
+
+/// The container and the volumes, as JSON.
+#[derive(Debug, Clone)]
+pub(super) struct Rendered {
+    pub container: Value,
+    pub volumes: Vec<Value>,
+}
+
+/// How many (config, mode, upstream) renderings are remembered: a webhook has one config and
+/// a mode or two, and pods with their own nameserver bring a few upstreams.
+const REMEMBERED: usize = 8;
+
+/// [`container`] and [`volumes`] rendered to JSON, remembered for the last configurations
+/// seen: building and serialising them was most of an injection's cost, and they change only
+/// with the config, the mode and the upstream.
+pub(super) fn rendered(config: &Config, mode: SidecarMode, upstream: SocketAddr) -> Rendered {
+    type Entry = (Config, SidecarMode, SocketAddr, Rendered);
+    static RECENT: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((.., found)) = recent
+        .iter()
+        .find(|(c, m, u, _)| *m == mode && *u == upstream && c == config)
+    {
+        return found.clone();
+    }
+    let made = Rendered {
+        container: super::to_json(&container(config, mode, upstream)),
+        volumes: volumes(config).iter().map(super::to_json).collect(),
+    };
+    if recent.len() == REMEMBERED {
+        recent.remove(0);
+    }
+    recent.push((config.clone(), mode, upstream, made.clone()));
+    made
 }
 
 /// How often the kubelet asks a starting sidecar whether it is ready, and for how long.
