@@ -236,3 +236,44 @@ async fn the_socket_replaces_a_stale_one_and_nothing_else() {
     let error = Router::start(config).await.unwrap_err().to_string();
     assert!(error.contains("is not a socket"), "{error}");
 }
+
+/// Whether a process running as `uid`/`gid` (no other groups) can connect to `socket`.
+fn connects_as(uid: u32, gid: u32, socket: &Path) -> bool {
+    let status = std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+            // The system interpreter: one under /root would be out of reach of these users.
+            "/usr/bin/python3",
+            "-c",
+            "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+        ])
+        .arg(socket)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("setpriv and /usr/bin/python3 are needed");
+    status.success()
+}
+
+#[tokio::test]
+async fn only_the_sidecars_group_may_use_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    // Anyone may look up the path; the socket's own mode decides.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = config(dir.path());
+    config.socket = dir.path().join("router.sock");
+    config.socket_owner = Some((None, Some(65532)));
+    let router = Router::start(config).await.unwrap();
+    let socket = router.socket().to_owned();
+    assert!(
+        connects_as(65532, 65532, &socket),
+        "the sidecars' group gets in"
+    );
+    assert!(
+        !connects_as(4242, 4242, &socket),
+        "another group is refused"
+    );
+    router.shutdown().await;
+}
