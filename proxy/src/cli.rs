@@ -74,6 +74,9 @@ pub struct RouterArgs {
     /// Kubeconfig of the API server to watch; in-cluster config (or $KUBECONFIG) when unset.
     #[arg(long, env = "SERVICEKEEL_ROUTER_KUBECONFIG", conflicts_with = "no_api")]
     pub kubeconfig: Option<PathBuf>,
+    /// How long a terminating router lets open flows finish (500ms, 20s, 1m).
+    #[arg(long, env = "SERVICEKEEL_ROUTER_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = servicekeel_api::duration::parse_duration)]
+    pub drain_timeout: std::time::Duration,
     /// Do not watch an API server: route from registrations and the snapshot only.
     #[arg(long, env = "SERVICEKEEL_ROUTER_NO_API")]
     pub no_api: bool,
@@ -115,6 +118,7 @@ impl RouterArgs {
             (false, None) => Api::Infer,
         };
         Ok(RouterConfig {
+            drain_timeout: self.drain_timeout,
             api,
             links,
             socket: self.socket,

@@ -62,6 +62,8 @@ pub struct RouterConfig {
     pub links: Option<LinksConfig>,
     /// Where the cluster view comes from.
     pub api: Api,
+    /// How long a terminating router lets open flows finish.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// The API server the router watches for its cluster view.
@@ -207,6 +209,8 @@ struct Shared {
     snapshot_saved: watch::Sender<Option<SystemTime>>,
     listening: AtomicBool,
     links: Links,
+    /// Flows open now, for draining.
+    open_flows: watch::Sender<usize>,
 }
 
 impl Shared {
@@ -274,7 +278,7 @@ impl Handler for Shared {
             match opened {
                 Ok(upstream) => {
                     self.ejections().succeeded(endpoint.addr);
-                    self.metrics.flow_opened(target.protocol);
+                    self.flow_began(target.protocol);
                     return Ok(upstream);
                 }
                 Err(error) => {
@@ -314,10 +318,16 @@ impl Handler for Shared {
     fn finished(&self, request: &FlowRequest, finished: &Finished) {
         self.metrics
             .flow_finished(request.target.protocol, finished);
+        self.open_flows.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
 impl Shared {
+    fn flow_began(&self, protocol: servicekeel_api::Protocol) {
+        self.metrics.flow_opened(protocol);
+        self.open_flows.send_modify(|n| *n += 1);
+    }
+
     /// A flow for another cluster goes through that cluster's gateway.
     async fn open_remote_cluster(&self, request: &FlowRequest) -> Result<Upstream, Refusal> {
         let target = &request.target;
@@ -341,7 +351,7 @@ impl Shared {
         };
         match gateway.open_as(target, request.source.as_ref()).await {
             Ok(flow) => {
-                self.metrics.flow_opened(target.protocol);
+                self.flow_began(target.protocol);
                 Ok(Upstream::Flow(flow))
             }
             Err(error) => {
@@ -379,6 +389,7 @@ pub struct Router {
     admin_addr: SocketAddr,
     peer_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
+    drain_timeout: std::time::Duration,
 }
 
 impl Router {
@@ -426,6 +437,7 @@ impl Router {
             snapshot_saved: watch::Sender::new(saved),
             listening: AtomicBool::new(false),
             links,
+            open_flows: watch::Sender::new(0),
         });
         shared.metrics.registry_entries(shared.registry().len());
         let listener = bind_socket(&config).map_err(|cause| RouterError::Listen {
@@ -486,6 +498,7 @@ impl Router {
             admin_addr,
             peer_addr,
             stop,
+            drain_timeout: config.drain_timeout,
         })
     }
 
@@ -513,11 +526,25 @@ impl Router {
         self.shared.registry().len()
     }
 
-    /// Stops accepting, asks connections to finish (HTTP/2 GOAWAY) and removes the socket.
-    pub async fn shutdown(self) {
+    /// Flows open now.
+    pub fn open_flows(&self) -> usize {
+        *self.shared.open_flows.borrow()
+    }
+
+    /// Drains and stops: no new connections (the socket goes), HTTP/2 GOAWAY on the open ones,
+    /// and open flows get up to the drain timeout to finish. Returns how many were still open
+    /// at the deadline.
+    pub async fn shutdown(self) -> usize {
         self.shared.listening.store(false, Ordering::SeqCst);
         let _ = self.stop.send(true);
         let _ = std::fs::remove_file(&self.socket);
+        let mut open = self.shared.open_flows.subscribe();
+        let _ = tokio::time::timeout(self.drain_timeout, open.wait_for(|n| *n == 0)).await;
+        let left = *open.borrow();
+        if left > 0 {
+            tracing::warn!(left, "drain deadline passed; cutting open flows");
+        }
+        left
     }
 }
 

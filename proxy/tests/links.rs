@@ -47,6 +47,7 @@ fn router_config(dir: &Path, node: &str, cluster: &str, links: LinksConfig) -> R
         cluster: cluster.into(),
         links: Some(links),
         api: Api::Off,
+        drain_timeout: std::time::Duration::from_secs(20),
     }
 }
 

@@ -32,6 +32,7 @@ fn config(dir: &Path) -> RouterConfig {
         cluster: "cluster-a".into(),
         links: None,
         api: Api::Off,
+        drain_timeout: std::time::Duration::from_secs(20),
     }
 }
 
@@ -276,4 +277,57 @@ async fn only_the_sidecars_group_may_use_the_socket() {
         "another group is refused"
     );
     router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_open_flows_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let router = Router::start(config(dir.path())).await.unwrap();
+    let (tcp, udp) = (tcp_echo().await, udp_echo().await);
+    let server = pod_behind(
+        &router,
+        "127.0.87.0/24",
+        "services: []",
+        Some(&exports(tcp, udp)),
+    )
+    .start()
+    .await;
+    assert!(registry_has(&router, 2).await);
+    let client = pod_behind(&router, "127.0.88.0/24", IMPORTS, None)
+        .start()
+        .await;
+    let mut live = tokio::net::TcpStream::connect("127.0.88.1:80")
+        .await
+        .unwrap();
+    live.write_all(b"one").await.unwrap();
+    let mut three = [0u8; 3];
+    live.read_exact(&mut three).await.unwrap();
+    assert_eq!(router.open_flows(), 1);
+
+    let socket = router.socket().to_owned();
+    let draining = tokio::spawn(router.shutdown());
+    for _ in 0..500 {
+        if !socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!socket.exists(), "no new sidecar connections once draining");
+    assert!(!draining.is_finished(), "waits for the open flow");
+    live.write_all(b"two").await.unwrap();
+    live.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    live.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"two", "the open flow carried on to its end");
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, draining)
+            .await
+            .unwrap()
+            .unwrap(),
+        0
+    );
+    for sidecar in [client, server] {
+        sidecar.shutdown().await;
+    }
 }
