@@ -16,9 +16,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use servicekeel_api::TargetPort;
 use servicekeel_api::tunnel::FlowTarget;
 use servicekeel_api::tunnel::registration::Registration;
-use servicekeel_api::{Protocol, ServiceKey, TargetPort};
 
 use crate::tunnel::server::LinkId;
 
@@ -221,28 +221,9 @@ impl Ejections {
     }
 }
 
-/// A flow target from its parts, for tests and sources.
-pub fn target(
-    name: &str,
-    namespace: &str,
-    cluster: &str,
-    port: u16,
-    protocol: Protocol,
-) -> FlowTarget {
-    FlowTarget {
-        service: ServiceKey {
-            name: name.into(),
-            namespace: namespace.into(),
-            cluster: cluster.into(),
-        },
-        port,
-        protocol,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use servicekeel_api::ServiceList;
+    use servicekeel_api::{Protocol, ServiceList};
 
     use super::*;
 
@@ -254,7 +235,7 @@ mod tests {
     }
 
     fn web() -> FlowTarget {
-        target("web", "default", "cluster-a", 80, Protocol::Tcp)
+        FlowTarget::new("web", "default", "cluster-a", 80, Protocol::Tcp)
     }
 
     fn endpoint(addr: &str, node: &str, ready: bool) -> Endpoint {

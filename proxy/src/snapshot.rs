@@ -133,13 +133,12 @@ pub async fn keep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::target;
     use servicekeel_api::Protocol;
 
     fn entries() -> Vec<Entry> {
         vec![
             (
-                target("web", "default", "cluster-a.local", 80, Protocol::Tcp),
+                FlowTarget::new("web", "default", "cluster-a.local", 80, Protocol::Tcp),
                 Endpoint {
                     addr: "10.244.1.7:8080".parse().unwrap(),
                     node: "edge-1".into(),
@@ -147,7 +146,7 @@ mod tests {
                 },
             ),
             (
-                target("dns", "kube-system", "cluster-a.local", 53, Protocol::Udp),
+                FlowTarget::new("dns", "kube-system", "cluster-a.local", 53, Protocol::Udp),
                 Endpoint {
                     addr: "[fd00::7]:53".parse().unwrap(),
                     node: String::new(),

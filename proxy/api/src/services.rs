@@ -62,6 +62,17 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// `TCP` or `UDP`, in any case.
+    pub fn parse(text: &str) -> Option<Protocol> {
+        if text.eq_ignore_ascii_case("tcp") {
+            Some(Protocol::Tcp)
+        } else if text.eq_ignore_ascii_case("udp") {
+            Some(Protocol::Udp)
+        } else {
+            None
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "TCP",

@@ -134,14 +134,14 @@ impl FlowTarget {
         check_dns1123_label(name).map_err(|m| bad(format!("service {name:?} {m}")))?;
         check_dns1123_label(namespace).map_err(|m| bad(format!("namespace {namespace:?} {m}")))?;
         check_dns1123_subdomain(cluster).map_err(|m| bad(format!("cluster {cluster:?} {m}")))?;
-        let protocol = if protocol.eq_ignore_ascii_case("tcp") {
-            Protocol::Tcp
-        } else if protocol.eq_ignore_ascii_case("udp") {
-            Protocol::Udp
-        } else {
-            return Err(bad(format!("protocol {protocol:?} is not TCP or UDP")));
-        };
-        Ok(FlowTarget {
+        let protocol = Protocol::parse(protocol)
+            .ok_or_else(|| bad(format!("protocol {protocol:?} is not TCP or UDP")))?;
+        Ok(FlowTarget::new(name, namespace, cluster, port, protocol))
+    }
+
+    /// A target from its parts, as they are (no checks).
+    pub fn new(name: &str, namespace: &str, cluster: &str, port: u16, protocol: Protocol) -> Self {
+        FlowTarget {
             service: ServiceKey {
                 name: name.into(),
                 namespace: namespace.into(),
@@ -149,7 +149,7 @@ impl FlowTarget {
             },
             port,
             protocol,
-        })
+        }
     }
 }
 

@@ -174,14 +174,15 @@ impl Walk {
     fn protocol(&mut self, path: &str, value: Option<&Value>) -> Option<Protocol> {
         match value {
             None | Some(Value::Null) => Some(Protocol::default()),
-            Some(Value::String(text)) if text.eq_ignore_ascii_case("tcp") => Some(Protocol::Tcp),
-            Some(Value::String(text)) if text.eq_ignore_ascii_case("udp") => Some(Protocol::Udp),
             Some(other) => {
-                self.error(
-                    format!("{path}.protocol"),
-                    format!("{} is not supported (TCP or UDP)", describe(other)),
-                );
-                None
+                let parsed = other.as_str().and_then(Protocol::parse);
+                if parsed.is_none() {
+                    self.error(
+                        format!("{path}.protocol"),
+                        format!("{} is not supported (TCP or UDP)", describe(other)),
+                    );
+                }
+                parsed
             }
         }
     }
