@@ -66,7 +66,7 @@ pub async fn serve(
             }),
         );
     let shutdown = async move {
-        crate::tunnel::client::stopped(&mut stopped).await;
+        crate::shutdown::stopped(&mut stopped).await;
     };
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +25,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::shutdown::stopped;
 use crate::tunnel::BoxIo;
-use crate::tunnel::client::{Connector, stopped};
+use crate::tunnel::client::Connector;
 use crate::tunnel::server::{Handler, Link, LinkId, Peer, serve_connection};
 
 /// How long a TLS handshake may take.
@@ -309,7 +309,7 @@ pub async fn accept<H: Handler>(
     listener: TcpListener,
     trust: Arc<Trust>,
     handler: Arc<H>,
-    refused: Arc<dyn Fn(Refused, SocketAddr) + Send + Sync>,
+    refused: Arc<dyn Fn(Refused) + Send + Sync>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), TlsError> {
     let acceptor = TlsAcceptor::from(trust.server_config()?);
@@ -340,9 +340,9 @@ pub async fn accept<H: Handler>(
                 Ok(Err(error)) => {
                     let reason = Refused::of(&error);
                     tracing::warn!(%addr, %error, reason = reason.as_str(), "peer refused");
-                    return refused(reason, addr);
+                    return refused(reason);
                 }
-                Err(_) => return refused(Refused::Other, addr),
+                Err(_) => return refused(Refused::Other),
             };
             let cluster = tls
                 .get_ref()
@@ -351,7 +351,7 @@ pub async fn accept<H: Handler>(
                 .and_then(|chain| trust.peer_cluster(chain));
             let Some(cluster) = cluster else {
                 tracing::warn!(%addr, "peer refused: its certificate is not a router identity of a trusted cluster");
-                return refused(Refused::WrongIdentity, addr);
+                return refused(Refused::WrongIdentity);
             };
             tracing::info!(%addr, %cluster, "peer router linked");
             let link = Link {

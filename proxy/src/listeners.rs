@@ -19,8 +19,8 @@ use servicekeel_api::Protocol;
 use servicekeel_api::tunnel::FlowTarget;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
-use crate::tunnel::client::Client;
+use crate::metrics::{FlowOutcome, Metrics};
+use crate::tunnel::client::{Client, OpenError};
 
 /// Most UDP flows (distinct client addresses) one listener carries at once.
 pub const MAX_UDP_FLOWS: usize = 1024;
@@ -152,6 +152,15 @@ impl Listeners {
             target: want.target.clone(),
             stop,
         })
+    }
+}
+
+/// What a flow that could not be opened counts as.
+fn outcome_of(error: &OpenError) -> FlowOutcome {
+    match error {
+        OpenError::Unavailable { .. } => FlowOutcome::Unavailable,
+        OpenError::Refused { .. } => FlowOutcome::Refused,
+        OpenError::Broken { .. } => FlowOutcome::Failed,
     }
 }
 

@@ -37,7 +37,7 @@ use crate::registry::{Ejections, Endpoint, Here, Registry};
 use crate::snapshot;
 use crate::tunnel::client::{Client, OpenError};
 use crate::tunnel::server::{
-    self, Finished, FlowRequest, Handler, LinkId, Listener, Peer, Refusal, Upstream, dial,
+    self, Finished, FlowRequest, Handler, LinkId, Peer, Refusal, Upstream, dial,
 };
 use metrics::Metrics;
 use peers::Peers;
@@ -468,7 +468,7 @@ impl Router {
                 })?;
             peer_addr = listener.local_addr().ok();
             let metrics = shared.clone();
-            let refused = Arc::new(move |reason: Refused, _addr: SocketAddr| {
+            let refused = Arc::new(move |reason: Refused| {
                 metrics.metrics.peer_refused(reason.as_str());
             });
             let accepting = crate::links::accept(
@@ -485,11 +485,7 @@ impl Router {
             });
         }
         watch_api(&config, &shared, &stopped).await;
-        tokio::spawn(server::serve(
-            Listener::Unix(listener),
-            shared.clone(),
-            stopped,
-        ));
+        tokio::spawn(server::serve(listener, shared.clone(), stopped));
         shared.listening.store(true, Ordering::SeqCst);
         tracing::info!(socket = %config.socket.display(), admin = %admin_addr, node = %config.node, "router ready");
         Ok(Router {

@@ -314,7 +314,7 @@ async fn follow(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
                 state.listeners.lock().unwrap_or_else(|p| p.into_inner()).retry();
                 state.metrics.router_connected(state.client.is_up());
             }
-            _ = stopped.wait_for(|stop| *stop) => return,
+            _ = crate::shutdown::stopped(&mut stopped) => return,
         }
     }
 }

@@ -116,7 +116,7 @@ pub async fn keep(
     loop {
         tokio::select! {
             _ = changed.notified() => {}
-            _ = crate::tunnel::client::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         }
         // Let a burst of changes settle, then write once.
         tokio::time::sleep(DEBOUNCE).await;

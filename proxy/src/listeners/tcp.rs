@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::Context;
 use crate::metrics::{FlowOutcome, Metered};
-use crate::tunnel::client::{OpenError, stopped};
+use crate::shutdown::stopped;
 use crate::tunnel::server::abort;
 
 pub(super) async fn accept(
@@ -46,7 +46,7 @@ async fn flow(stream: TcpStream, target: FlowTarget, context: Context) {
         Err(error) => {
             tracing::debug!(%error, "flow not opened");
             abort(&stream);
-            outcome_of(&error)
+            super::outcome_of(&error)
         }
         Ok(mut tunnel) => {
             let mut app = Metered::new(stream, context.metrics.bytes(Protocol::Tcp));
@@ -61,12 +61,4 @@ async fn flow(stream: TcpStream, target: FlowTarget, context: Context) {
         }
     };
     context.metrics.flow_ended(Protocol::Tcp, outcome);
-}
-
-pub(super) fn outcome_of(error: &OpenError) -> FlowOutcome {
-    match error {
-        OpenError::Unavailable { .. } => FlowOutcome::Unavailable,
-        OpenError::Refused { .. } => FlowOutcome::Refused,
-        OpenError::Broken { .. } => FlowOutcome::Failed,
-    }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Context, MAX_UDP_FLOWS, UDP_QUEUE};
 use crate::metrics::{DropReason, FlowOutcome};
-use crate::tunnel::client::stopped;
+use crate::shutdown::stopped;
 use crate::tunnel::datagrams::{self, Way};
 
 pub(super) async fn serve(
@@ -97,7 +97,7 @@ async fn flow(
             tracing::debug!(%error, "flow not opened");
             // Its queued datagrams are lost, as UDP allows; the next one tries again.
             drop(client);
-            super::tcp::outcome_of(&error)
+            super::outcome_of(&error)
         }
         Ok(tunnel) => {
             let (sent, received) = context.metrics.bytes(Protocol::Udp);

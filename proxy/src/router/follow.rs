@@ -33,7 +33,7 @@ pub async fn follow<K>(
     loop {
         let event = tokio::select! {
             event = events.next() => event,
-            _ = crate::tunnel::client::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         };
         let change = match event {
             None => return,

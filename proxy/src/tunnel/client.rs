@@ -22,6 +22,8 @@ use servicekeel_api::tunnel::{
 };
 use tokio::sync::{Notify, watch};
 
+use crate::shutdown::stopped;
+
 use super::{BoxIo, FlowStream, settings};
 
 /// First retry delay after the router went away.
@@ -474,9 +476,4 @@ async fn keepalive(mut pings: h2::PingPong) {
             Ok(Err(_)) | Err(_) => return,
         }
     }
-}
-
-/// Resolves once `stop` turns true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }

@@ -26,7 +26,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 
 use super::datagrams::{self, Connected};
-use super::{BoxIo, FlowStream, Io, settings};
+use super::{FlowStream, Io, settings};
 
 /// How long dialing an endpoint may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -155,38 +155,18 @@ pub async fn dial(protocol: Protocol, addr: SocketAddr) -> io::Result<Upstream> 
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("dial {addr} timed out")))?
 }
 
-/// Where tunnel connections are accepted.
-#[derive(Debug)]
-pub enum Listener {
-    Unix(tokio::net::UnixListener),
-    Tcp(tokio::net::TcpListener),
-}
-
-impl Listener {
-    pub async fn accept(&self) -> io::Result<BoxIo> {
-        Ok(match self {
-            Listener::Unix(listener) => Box::new(listener.accept().await?.0),
-            Listener::Tcp(listener) => {
-                let (stream, _) = listener.accept().await?;
-                stream.set_nodelay(true)?;
-                Box::new(stream)
-            }
-        })
-    }
-}
-
 /// Accepts sidecars' connections until `shutdown` turns true; each is served by
 /// [`serve_connection`].
 pub async fn serve<H: Handler>(
-    listener: Listener,
+    listener: tokio::net::UnixListener,
     handler: Arc<H>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop = shutdown.clone();
     loop {
         let io = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = super::client::stopped(&mut stop) => return,
+            accepted = listener.accept() => accepted.map(|(io, _)| io),
+            _ = crate::shutdown::stopped(&mut stop) => return,
         };
         match io {
             Ok(io) => {
@@ -236,7 +216,7 @@ pub async fn serve_connection<H: Handler>(
     loop {
         let next = tokio::select! {
             next = connection.accept() => next,
-            _ = super::client::stopped(&mut shutdown), if !draining => {
+            _ = crate::shutdown::stopped(&mut shutdown), if !draining => {
                 draining = true;
                 connection.graceful_shutdown();
                 continue;
