@@ -47,6 +47,9 @@ pub type Entry = (FlowTarget, Endpoint);
 pub struct Registry {
     local: BTreeMap<LinkId, Vec<Entry>>,
     cluster: HashMap<FlowTarget, BTreeSet<Endpoint>>,
+    /// Both sources merged per target (local first, each address once): rebuilt when a
+    /// source changes, which is rare, so that a flow's lookup is one hash probe.
+    merged: HashMap<FlowTarget, Vec<Endpoint>>,
 }
 
 /// Why a registration entry was left out.
@@ -67,7 +70,7 @@ impl Registry {
     ) -> Vec<Skipped> {
         let mut skipped = Vec::new();
         let Some(ip) = registration.pod.ip else {
-            self.local.remove(&link);
+            self.unlink(link);
             return skipped;
         };
         let mut entries = Vec::new();
@@ -88,12 +91,15 @@ impl Registry {
             }
         }
         self.local.insert(link, entries);
+        self.merge();
         skipped
     }
 
     /// Forgets what connection `link` registered.
     pub fn unlink(&mut self, link: LinkId) {
-        self.local.remove(&link);
+        if self.local.remove(&link).is_some() {
+            self.merge();
+        }
     }
 
     /// Replaces everything known about the cluster.
@@ -103,32 +109,36 @@ impl Registry {
             cluster.entry(target).or_default().insert(endpoint);
         }
         self.cluster = cluster;
+        self.merge();
+    }
+
+    fn merge(&mut self) {
+        let mut merged: HashMap<FlowTarget, Vec<Endpoint>> = HashMap::new();
+        let local = self.local.values().flatten().map(|(t, e)| (t, e));
+        let cluster = self
+            .cluster
+            .iter()
+            .flat_map(|(t, endpoints)| endpoints.iter().map(move |e| (t, e)));
+        for (target, endpoint) in local.chain(cluster) {
+            let known = merged.entry(target.clone()).or_default();
+            if !known.iter().any(|e| e.addr == endpoint.addr) {
+                known.push(endpoint.clone());
+            }
+        }
+        self.merged = merged;
     }
 
     /// Every endpoint of `target`, local registrations first, without repeats.
-    pub fn endpoints(&self, target: &FlowTarget) -> Vec<Endpoint> {
-        let mut seen = BTreeSet::new();
-        let local = self
-            .local
-            .values()
-            .flatten()
-            .filter(|(t, _)| t == target)
-            .map(|(_, e)| e);
-        let cluster = self.cluster.get(target).into_iter().flatten();
-        local
-            .chain(cluster)
-            .filter(|e| seen.insert(e.addr))
-            .cloned()
-            .collect()
+    pub fn endpoints(&self, target: &FlowTarget) -> &[Endpoint] {
+        self.merged.get(target).map_or(&[], Vec::as_slice)
     }
 
     /// Everything known, merged, for the snapshot: sorted, each (target, address) once.
     pub fn entries(&self) -> Vec<Entry> {
-        let mut targets: BTreeSet<&FlowTarget> = self.cluster.keys().collect();
-        targets.extend(self.local.values().flatten().map(|(t, _)| t));
-        let mut entries: Vec<Entry> = targets
-            .into_iter()
-            .flat_map(|t| self.endpoints(t).into_iter().map(move |e| (t.clone(), e)))
+        let mut entries: Vec<Entry> = self
+            .merged
+            .iter()
+            .flat_map(|(t, endpoints)| endpoints.iter().map(move |e| (t.clone(), e.clone())))
             .collect();
         entries.sort();
         entries
@@ -136,11 +146,11 @@ impl Registry {
 
     /// How many (target, endpoint) pairs are known.
     pub fn len(&self) -> usize {
-        self.entries().len()
+        self.merged.values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.local.values().all(Vec::is_empty) && self.cluster.is_empty()
+        self.merged.is_empty()
     }
 
     /// The endpoints to try for `target`, best first: ready before not ready, this node before
@@ -153,7 +163,7 @@ impl Registry {
         ejected: &Ejections,
         now: Instant,
     ) -> Vec<Endpoint> {
-        let endpoints = self.endpoints(target);
+        let endpoints = self.endpoints(target).iter().cloned();
         let tier = |e: &Endpoint| -> u8 {
             let ejected = ejected.is_ejected(e.addr, now);
             match (ejected, e.ready, e.node == here.node) {
