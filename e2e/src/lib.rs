@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod control_plane;
+pub mod images;
 pub mod kubernetes;
 pub mod paths;
 pub mod pki;
