@@ -1,15 +1,20 @@
-//! The local cluster as a whole: control plane plus the webhook, started together, and the
-//! state file through which `servicekeel-e2e up`, `status` and `down` find a running cluster.
+//! The local cluster as a whole: control plane plus the webhook as a process beside it
+//! ([`LocalCluster`]), or control plane, a real node and ServiceKeel installed from `manifests/`
+//! ([`NodeCluster`]); and the state file through which `servicekeel-e2e up`, `status` and `down` find a running cluster.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use kube::Api;
 use serde::{Deserialize, Serialize};
 
-use crate::control_plane::ControlPlane;
-use crate::kubernetes::{APISERVER, KubeBinaries};
-use crate::process::{Lifetime, Process, free_port, is_running, stop_pid};
-use crate::webhook;
+use crate::control_plane::{ControlPlane, Setup};
+use crate::kubernetes::{APISERVER, CONTROLLER_MANAGER, KUBELET, KubeBinaries, SCHEDULER};
+use crate::node::{self, Host, Node};
+use crate::process::{Lifetime, Process, free_port, is_running, stop_pid, wait_ready};
+use crate::{paths, webhook};
 
 #[derive(Debug)]
 pub struct LocalCluster {
@@ -26,7 +31,7 @@ impl LocalCluster {
     /// webhook; returns once pods are being injected.
     pub async fn start(dir: &Path, lifetime: Lifetime) -> anyhow::Result<LocalCluster> {
         let binaries = KubeBinaries::ensure(&[APISERVER])?;
-        let control_plane = ControlPlane::start(dir, &binaries, lifetime).await?;
+        let control_plane = ControlPlane::start(dir, &binaries, lifetime, Setup::Loopback).await?;
         let webhook_port = free_port()?;
         let server = format!("https://127.0.0.1:{}", control_plane.api_port);
         let webhook_kubeconfig =
@@ -119,10 +124,183 @@ impl LocalCluster {
             kubeconfig,
             api_port,
             processes,
+            node: false,
         };
-        std::fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
+        state.save(&dir)?;
         Ok(state)
     }
+}
+
+/// How long ServiceKeel's own workloads get to become ready after `kubectl apply -k`.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The local cluster with a real node: control plane, controller-manager, scheduler, and a
+/// kubelet with containerd; ServiceKeel installed with `kubectl apply -k manifests/`, its
+/// webhook and router running as the pods the manifests describe.
+#[derive(Debug)]
+pub struct NodeCluster {
+    // Dropped in this order: the node, the controllers, the control plane, then the host is
+    // swept (containers, mounts, network, cgroups).
+    pub node: Node,
+    pub controllers: Vec<Process>,
+    pub control_plane: ControlPlane,
+    host: Host,
+}
+
+impl NodeCluster {
+    /// Builds what is missing, starts everything, installs ServiceKeel, and returns once the
+    /// webhook injects pods and the router serves the node.
+    pub async fn start(dir: &Path, lifetime: Lifetime) -> anyhow::Result<NodeCluster> {
+        let host = Host::claim(dir, lifetime)?;
+        let binaries = KubeBinaries::ensure(&[APISERVER, CONTROLLER_MANAGER, SCHEDULER, KUBELET])?;
+        let control_plane =
+            ControlPlane::start(host.dir(), &binaries, lifetime, Setup::WithNode).await?;
+        let controllers = control_plane.start_controllers(&binaries, lifetime)?;
+        let client = control_plane.client().await?;
+        let node = Node::start(
+            &host,
+            &binaries,
+            &control_plane.pki,
+            &control_plane.server,
+            &client,
+            lifetime,
+        )
+        .await?;
+        let mut cluster = NodeCluster {
+            node,
+            controllers,
+            control_plane,
+            host,
+        };
+        cluster.install_servicekeel().await?;
+        Ok(cluster)
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.control_plane.kubeconfig
+    }
+
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        self.control_plane.client().await
+    }
+
+    /// `kubectl apply -k manifests/`, as a user installs ServiceKeel, then waits for the
+    /// webhook Deployment, the router DaemonSet and the webhook's first injection.
+    async fn install_servicekeel(&mut self) -> anyhow::Result<()> {
+        let manifests = paths::repo().join("manifests");
+        webhook::kubectl(
+            self.kubeconfig(),
+            &["apply", "-k", &manifests.to_string_lossy()],
+            None,
+        )?;
+        let client = self.client().await?;
+        self.wait_for_workloads(&client, INSTALL_TIMEOUT).await?;
+        webhook::wait_until_called(&client).await
+    }
+
+    /// Waits until the webhook Deployment is available and the router DaemonSet ready.
+    pub async fn wait_for_workloads(
+        &mut self,
+        client: &kube::Client,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deployments: Api<Deployment> =
+            Api::namespaced(client.clone(), webhook::SYSTEM_NAMESPACE);
+        let daemon_sets: Api<DaemonSet> =
+            Api::namespaced(client.clone(), webhook::SYSTEM_NAMESPACE);
+        let kubeconfig = self.kubeconfig().to_owned();
+        let Node {
+            kubelet,
+            containerd,
+            ..
+        } = &mut self.node;
+        let result = wait_ready(
+            "ServiceKeel's webhook and router",
+            &mut [kubelet, containerd],
+            timeout,
+            || async {
+                let webhook = deployments
+                    .get(WEBHOOK_DEPLOYMENT)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let wanted = webhook.spec.and_then(|s| s.replicas).unwrap_or(1);
+                let available = webhook
+                    .status
+                    .and_then(|s| s.available_replicas)
+                    .unwrap_or(0);
+                let router = daemon_sets
+                    .get(ROUTER_DAEMON_SET)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = router.status.unwrap_or_default();
+                if available >= wanted
+                    && status.desired_number_scheduled > 0
+                    && status.number_ready == status.desired_number_scheduled
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "webhook {available}/{wanted} available, router {}/{} ready",
+                        status.number_ready, status.desired_number_scheduled
+                    ))
+                }
+            },
+        )
+        .await;
+        result.map_err(|error| error.context(pods_report(&kubeconfig)))
+    }
+
+    /// Leaves everything running for `servicekeel-e2e down` to stop; records it in the state
+    /// file.
+    pub fn detach(self) -> anyhow::Result<State> {
+        let NodeCluster {
+            node,
+            controllers,
+            control_plane,
+            host,
+        } = self;
+        let dir = host.keep();
+        let kubeconfig = control_plane.kubeconfig.clone();
+        let api_port = control_plane.api_port;
+        let processes = [control_plane.etcd, control_plane.apiserver]
+            .into_iter()
+            .chain(controllers)
+            .chain(node.into_processes())
+            .filter_map(|process| {
+                let name = process.name().to_string();
+                let log = process.log().to_owned();
+                process.detach().map(|pid| Component { name, pid, log })
+            })
+            .collect();
+        let state = State {
+            kubeconfig,
+            api_port,
+            processes,
+            node: true,
+        };
+        state.save(&dir)?;
+        Ok(state)
+    }
+}
+
+pub const WEBHOOK_DEPLOYMENT: &str = "servicekeel-webhook";
+pub const ROUTER_DAEMON_SET: &str = "servicekeel-router";
+
+/// What runs where, for an error message: `kubectl get pods -A -o wide` and recent events.
+pub fn pods_report(kubeconfig: &Path) -> String {
+    let pods = webhook::kubectl(kubeconfig, &["get", "pods", "-A", "-o", "wide"], None)
+        .unwrap_or_else(|e| e.to_string());
+    let events = webhook::kubectl(
+        kubeconfig,
+        &["get", "events", "-A", "--sort-by=.lastTimestamp"],
+        None,
+    )
+    .unwrap_or_else(|e| e.to_string());
+    let events: Vec<&str> = events.lines().collect();
+    format!(
+        "pods:\n{pods}\nlatest events:\n{}",
+        events[events.len().saturating_sub(25)..].join("\n")
+    )
 }
 
 const STATE_FILE: &str = "state.json";
@@ -133,6 +311,9 @@ pub struct State {
     pub kubeconfig: PathBuf,
     pub api_port: u16,
     pub processes: Vec<Component>,
+    /// Whether a node runs: `down` then also gives the host back ([`node::sweep`]).
+    #[serde(default)]
+    pub node: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,16 +344,27 @@ impl State {
         }
     }
 
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+
     pub fn all_running(&self) -> bool {
         self.processes.iter().all(Component::is_running)
     }
 
-    /// Stops every recorded process (the webhook first, etcd last).
-    pub fn stop_all(&self) -> Vec<(String, bool)> {
-        self.processes
+    /// Stops every recorded process, in the reverse order of their start (etcd last); with
+    /// a node, then gives the host back.
+    pub fn stop_all(&self, dir: &Path) -> Vec<(String, bool)> {
+        let stopped = self
+            .processes
             .iter()
             .rev()
             .map(|c| (c.name.clone(), stop_pid(c.pid, &c.name)))
-            .collect()
+            .collect();
+        if self.node {
+            node::sweep(dir);
+        }
+        stopped
     }
 }

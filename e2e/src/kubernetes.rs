@@ -13,8 +13,11 @@ use anyhow::{Context, bail};
 use crate::paths;
 use crate::process::log_tail;
 
-/// The Kubernetes command this project builds.
+/// The Kubernetes commands this project builds.
 pub const APISERVER: &str = "kube-apiserver";
+pub const CONTROLLER_MANAGER: &str = "kube-controller-manager";
+pub const SCHEDULER: &str = "kube-scheduler";
+pub const KUBELET: &str = "kubelet";
 
 #[derive(Debug, Clone)]
 pub struct KubeBinaries {

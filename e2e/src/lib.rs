@@ -8,8 +8,10 @@
 pub mod bench;
 pub mod cluster;
 pub mod control_plane;
+pub mod demo;
 pub mod images;
 pub mod kubernetes;
+pub mod node;
 pub mod paths;
 pub mod pki;
 pub mod process;

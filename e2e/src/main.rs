@@ -1,14 +1,15 @@
 //! `servicekeel-e2e`: a local real cluster with ServiceKeel. `up` starts it (and builds the
-//! Kubernetes binaries on first use), `status` says what runs, `down` stops it and cleans up.
+//! Kubernetes binaries on first use), `demo` adds the demo workload and shows it working,
+//! `status` says what runs, `down` stops it and cleans up.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use servicekeel_e2e::cluster::{LocalCluster, State};
-use servicekeel_e2e::paths;
+use servicekeel_e2e::cluster::{LocalCluster, NodeCluster, State};
 use servicekeel_e2e::process::Lifetime;
+use servicekeel_e2e::{demo, paths};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -27,8 +28,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start etcd, kube-apiserver and the webhook; print the KUBECONFIG to use.
-    Up,
+    /// Start the control plane and a real node (kubelet, containerd) with ServiceKeel installed
+    /// from manifests/; print the KUBECONFIG to use.
+    Up {
+        /// Only etcd, kube-apiserver and the webhook as a process beside them (no root needed,
+        /// pods are stored but never run).
+        #[arg(long)]
+        control_plane_only: bool,
+    },
+    /// Bring the cluster up if needed, install the demo workload of manifests/examples/, and
+    /// show a client pod reaching the echo service through ServiceKeel.
+    Demo,
     /// Say which components run.
     Status,
     /// Stop everything and remove the cluster's state.
@@ -64,33 +74,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => paths::cache_dir()?.join("cluster"),
     };
     match cli.command {
-        Command::Up => up(&dir).await,
+        Command::Up { control_plane_only } => {
+            let state = up(&dir, !control_plane_only).await?;
+            print_export(&state);
+            Ok(())
+        }
+        Command::Demo => demo(&dir).await,
         Command::Status => status(&dir),
         Command::Down => down(&dir),
     }
 }
 
-async fn up(dir: &std::path::Path) -> anyhow::Result<()> {
+async fn up(dir: &std::path::Path, with_node: bool) -> anyhow::Result<State> {
     if let Some(state) = State::load(dir)? {
-        if state.all_running() {
+        if state.all_running() && state.node == with_node {
             tracing::info!("already up");
-            print_export(&state);
-            return Ok(());
+            return Ok(state);
         }
-        tracing::info!("a previous cluster is partly running; stopping it first");
-        state.stop_all();
+        tracing::info!(
+            "a previous cluster is partly running or of another kind; stopping it first"
+        );
+        state.stop_all(dir);
     }
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clean {}", dir.display()))?;
     }
     // Ctrl-C while starting stops what was started: the processes are dropped with the future.
-    let cluster = tokio::select! {
-        cluster = LocalCluster::start(dir, Lifetime::Detached) => cluster?,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; everything started was stopped"),
+    let state = if with_node {
+        let cluster = tokio::select! {
+            cluster = NodeCluster::start(dir, Lifetime::Detached) => cluster?,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; everything started was stopped"),
+        };
+        cluster.detach()?
+    } else {
+        let cluster = tokio::select! {
+            cluster = LocalCluster::start(dir, Lifetime::Detached) => cluster?,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; everything started was stopped"),
+        };
+        cluster.detach()?
     };
-    let state = cluster.detach()?;
-    tracing::info!(dir = %dir.display(), "up: etcd, kube-apiserver and servicekeel-webhook are running");
-    print_export(&state);
+    let running: Vec<&str> = state.processes.iter().map(|c| c.name.as_str()).collect();
+    tracing::info!(dir = %dir.display(), "up: {} running", running.join(", "));
+    Ok(state)
+}
+
+async fn demo(dir: &std::path::Path) -> anyhow::Result<()> {
+    let state = up(dir, true).await?;
+    tracing::info!("installing the demo workload of manifests/examples/");
+    demo::install(&state.kubeconfig)?;
+    let client = servicekeel_e2e::control_plane::client(&state.kubeconfig).await?;
+    let report = demo::show(&state.kubeconfig, &client).await?;
+    let words = format!("\n{report}\n\n{}\n", demo::closing_words(&state.kubeconfig));
+    std::io::Write::write_all(&mut std::io::stdout(), words.as_bytes())?;
     Ok(())
 }
 
@@ -130,7 +165,7 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
 
 fn down(dir: &std::path::Path) -> anyhow::Result<()> {
     if let Some(state) = State::load(dir)? {
-        for (name, was_running) in state.stop_all() {
+        for (name, was_running) in state.stop_all(dir) {
             tracing::info!(component = %name, stopped = was_running, "down");
         }
     }

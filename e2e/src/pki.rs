@@ -1,12 +1,14 @@
 //! The local cluster's certificates, made with rcgen: a CA, the apiserver's serving
-//! certificate, an admin client certificate (`system:masters`) and the service-account signing
-//! keys. (The webhook makes its own serving certificate, as it does when installed.) Files are
-//! written under the cluster's directory, private keys readable by the owner only.
+//! certificate, client certificates (admin in `system:masters`, the node, the controller-manager,
+//! the scheduler, the apiserver's kubelet client) and the service-account signing keys. (The
+//! webhook makes its own serving certificate, as it does when installed.) Files are written under
+//! the cluster's directory, private keys readable by the owner only.
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::node::NODE_NAME;
 use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -75,6 +77,25 @@ impl Pki {
             false,
         )?;
 
+        // The clients of a cluster with a node: the apiserver calling kubelets, the kubelet
+        // (its node identity, for the Node authorizer), the controller-manager, the scheduler.
+        for (name, common_name, organization) in [
+            (
+                "apiserver-kubelet-client",
+                "kube-apiserver-kubelet-client",
+                Some("system:masters"),
+            ),
+            (
+                "node",
+                &*format!("system:node:{NODE_NAME}"),
+                Some("system:nodes"),
+            ),
+            ("controller-manager", "system:kube-controller-manager", None),
+            ("scheduler", "system:kube-scheduler", None),
+        ] {
+            issue(dir, name, &issuer, common_name, organization, vec![], false)?;
+        }
+
         let service_accounts = KeyPair::generate()?;
         write(&dir.join("sa.key"), &service_accounts.serialize_pem(), true)?;
         write(
@@ -107,7 +128,12 @@ impl Pki {
 
     /// A kubeconfig for the admin user (client certificate) against `server`.
     pub fn kubeconfig(&self, server: &str) -> anyhow::Result<String> {
-        let admin = self.pair("admin");
+        self.client_kubeconfig("admin", server)
+    }
+
+    /// A kubeconfig authenticating with the client certificate `pair` (see [`Pki::create`]).
+    pub fn client_kubeconfig(&self, pair: &str, server: &str) -> anyhow::Result<String> {
+        let admin = self.pair(pair);
         let read = |path: &Path| -> anyhow::Result<String> {
             Ok(BASE64.encode(std::fs::read(path).with_context(|| path.display().to_string())?))
         };

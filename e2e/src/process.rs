@@ -32,6 +32,9 @@ pub struct Process {
     name: String,
     child: Option<Child>,
     log: PathBuf,
+    program: PathBuf,
+    args: Vec<OsString>,
+    lifetime: Lifetime,
 }
 
 impl Process {
@@ -43,36 +46,33 @@ impl Process {
         lifetime: Lifetime,
     ) -> anyhow::Result<Process> {
         let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-        let err = out.try_clone()?;
-        let mut command = match lifetime {
-            // The parent-death signal fires when the spawning *thread* ends, so tied children are
-            // spawned from one thread that lives as long as the process.
-            Lifetime::TiedToThisProcess => {
-                let mut command = Command::new("setpriv");
-                command.args(["--pdeathsig", "KILL", "--"]).arg(program);
-                command
-            }
-            Lifetime::Detached => {
-                let mut command = Command::new(program);
-                command.process_group(0);
-                command
-            }
-        };
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = match lifetime {
-            Lifetime::TiedToThisProcess => spawn_from_keeper(command),
-            Lifetime::Detached => command.spawn(),
-        }
-        .with_context(|| format!("cannot start {name} ({})", program.display()))?;
+        let child = launch(name, program, args, out, lifetime)?;
         Ok(Process {
             name: name.to_string(),
             child: Some(child),
             log: log.to_owned(),
+            program: program.to_owned(),
+            args: args.to_vec(),
+            lifetime,
         })
+    }
+
+    /// Starts the process again with the same command line (stopping it first if it runs); its
+    /// output goes on at the end of the same log.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let out = File::options()
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        self.child = Some(launch(
+            &self.name,
+            &self.program,
+            &self.args,
+            out,
+            self.lifetime,
+        )?);
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -128,6 +128,40 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn launch(
+    name: &str,
+    program: &Path,
+    args: &[OsString],
+    out: File,
+    lifetime: Lifetime,
+) -> anyhow::Result<Child> {
+    let err = out.try_clone()?;
+    let mut command = match lifetime {
+        // The parent-death signal fires when the spawning *thread* ends, so tied children are
+        // spawned from one thread that lives as long as the process.
+        Lifetime::TiedToThisProcess => {
+            let mut command = Command::new("setpriv");
+            command.args(["--pdeathsig", "KILL", "--"]).arg(program);
+            command
+        }
+        Lifetime::Detached => {
+            let mut command = Command::new(program);
+            command.process_group(0);
+            command
+        }
+    };
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    match lifetime {
+        Lifetime::TiedToThisProcess => spawn_from_keeper(command),
+        Lifetime::Detached => command.spawn(),
+    }
+    .with_context(|| format!("cannot start {name} ({})", program.display()))
 }
 
 /// Stops a process started by an earlier `servicekeel-e2e up`, if `pid` is still the program

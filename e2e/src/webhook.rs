@@ -233,7 +233,7 @@ pub async fn register(client: &kube::Client, url: &str) -> anyhow::Result<()> {
 
 /// Dry-run pod creations in a labelled namespace until one comes back injected: the apiserver
 /// picks up a new webhook configuration asynchronously.
-async fn wait_until_called(client: &kube::Client) -> anyhow::Result<()> {
+pub async fn wait_until_called(client: &kube::Client) -> anyhow::Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let namespace = Namespace {
         metadata: ObjectMeta {

@@ -288,7 +288,7 @@ pub(crate) async fn kubectl_apply_injects(shared: Arc<Shared>) -> anyhow::Result
             .unwrap(),
     )?;
     ensure!(
-        imported["services"][0]["name"] == "simple-server",
+        imported["services"][0]["name"] == "echo",
         "imports: {imported}"
     );
     Ok(())
