@@ -180,6 +180,11 @@ impl NodeCluster {
         &self.control_plane.kubeconfig
     }
 
+    /// Where the cluster keeps its state and logs.
+    pub fn dir(&self) -> &Path {
+        self.host.dir()
+    }
+
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         self.control_plane.client().await
     }

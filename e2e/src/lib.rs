@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cluster;
 pub mod control_plane;
 pub mod demo;
+pub mod harness;
 pub mod images;
 pub mod kubernetes;
 pub mod node;

@@ -463,6 +463,9 @@ failSwapOn: false
 clusterDomain: {CLUSTER_DOMAIN}
 clusterDNS: [{DNS_ADDRESS}]
 resolvConf: "{resolv}"
+podLogsDir: "{logs}"
+# Pod updates (an annotation read through the downward API) reach the pod within seconds.
+syncFrequency: 10s
 # A test machine's disk is nobody's to evict pods for.
 evictionHard: {{memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}}
 imageGCHighThresholdPercent: 100
@@ -475,6 +478,7 @@ shutdownGracePeriod: 0s
             ca = pki.ca().display(),
             socket = containerd_socket.display(),
             resolv = resolv.display(),
+            logs = dir.join("pod-logs").display(),
         ),
     )?;
     Process::spawn(
@@ -514,6 +518,7 @@ pub fn sweep(dir: &Path) {
             && cmdline.contains(&dir_text)
     });
     unmount_under(&node_dir);
+    remove_links_into("/var/log/containers", &node_dir);
     remove_pod_network_namespaces();
     let _ = ip(&["link", "del", BRIDGE]);
     for address in [API_ADDRESS, DNS_ADDRESS] {
@@ -528,6 +533,39 @@ pub fn sweep(dir: &Path) {
     }
 }
 
+/// Removes the symbolic links in `dir` that point under `target` (the kubelet links every
+/// container's log from a fixed directory).
+fn remove_links_into(dir: &str, target: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if std::fs::read_link(entry.path()).is_ok_and(|to| to.starts_with(target)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The log of a container of the node's pods (`<namespace>_<pod>_<uid>/<container>/<n>.log`).
+pub fn container_logs(dir: &Path, namespace: &str, pod: &str, container: &str) -> Vec<PathBuf> {
+    let prefix = format!("{namespace}_{pod}_");
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir.join("node/pod-logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .flat_map(|e| {
+            std::fs::read_dir(e.path().join(container))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.path())
+        .collect();
+    logs.sort();
+    logs
+}
+
 /// SIGTERM (SIGKILL after the grace period) to every process whose command line matches.
 fn stop_matching(matches: &dyn Fn(&str) -> bool) {
     for (pid, cmdline) in processes() {
@@ -539,7 +577,7 @@ fn stop_matching(matches: &dyn Fn(&str) -> bool) {
 }
 
 /// Every process with its command line (arguments joined by spaces).
-fn processes() -> Vec<(u32, String)> {
+pub fn processes() -> Vec<(u32, String)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -690,4 +728,26 @@ fn ip(arguments: &[&str]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The pid of a process of the pod with `pod_uid` whose command line contains `program`.
+pub fn pod_process(pod_uid: &str, program: &str) -> Option<u32> {
+    let cgroup = format!("pod{pod_uid}");
+    processes().into_iter().find_map(|(pid, cmdline)| {
+        let in_pod = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|text| text.contains(&cgroup));
+        (in_pod && cmdline.contains(program)).then_some(pid)
+    })
+}
+
+/// A command running `arguments` inside the namespaces of process `pid` (mount, network, UTS,
+/// IPC, PID): what runs there sees the container's files, resolver and network, and needs no
+/// API server (unlike `kubectl exec`).
+pub fn in_container(pid: u32, arguments: &[&str]) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--target={pid}"))
+        .args(["--mount", "--net", "--uts", "--ipc", "--pid", "--"])
+        .args(arguments);
+    command
 }

@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, ObjectMeta, PostParams};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
 use serde_json::{Value, json};
 use servicekeel_e2e::cluster::LocalCluster;
+use servicekeel_e2e::harness::{self, Test};
 use servicekeel_e2e::paths;
 use servicekeel_e2e::process::Lifetime;
 use servicekeel_e2e::webhook::is_injected;
@@ -46,20 +47,12 @@ struct Shared {
     cluster: RwLock<LocalCluster>,
     client: kube::Client,
     kubeconfig: PathBuf,
-    runtime: tokio::runtime::Handle,
 }
-
-type TestFn = fn(Arc<Shared>) -> futures_lite::BoxedFuture;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            "warn,servicekeel_e2e=info,kube_client=off",
-        ))
-        .with_test_writer()
-        .init();
-    let tests: Vec<(&str, TestFn)> = vec![
+    harness::init_logging();
+    let tests: Vec<Test<Shared>> = vec![
         (
             "injected_pods_are_stored_as_offline_injection_predicts",
             |s| Box::pin(golden_pods_are_stored_as_predicted(s)),
@@ -110,12 +103,8 @@ fn main() -> ExitCode {
             Box::pin(router_follows_exporting_pods(s))
         }),
     ];
-    if args.list {
-        let trials = tests
-            .into_iter()
-            .map(|(name, _)| Trial::test(name, || Ok(())))
-            .collect();
-        return libtest_mimic::run(&args, trials).exit_code();
+    if let Some(listed) = harness::list_only(&args, &tests) {
+        return listed.exit_code();
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -139,30 +128,11 @@ fn main() -> ExitCode {
         kubeconfig: cluster.kubeconfig().to_owned(),
         cluster: RwLock::new(cluster),
         client,
-        runtime: runtime.handle().clone(),
     });
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            let shared = shared.clone();
-            Trial::test(name, move || {
-                let handle = shared.runtime.clone();
-                handle
-                    .block_on(test(shared.clone()))
-                    .map_err(|error| Failed::from(format!("{error:#}")))
-            })
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
+    let conclusion = harness::run(&args, tests, &shared, runtime.handle(), |_| String::new());
     // Stop the control plane before the runtime goes, then remove its files.
     drop(shared);
     drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
     conclusion.exit_code()
-}
-
-/// Boxed futures without pulling in a futures crate.
-mod futures_lite {
-    pub type BoxedFuture =
-        std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 }

@@ -5,9 +5,9 @@
 //! ```text
 //! servicekeel-demo serve [--tcp-echo PORT] [--udp-echo PORT] [--name PORT]
 //! servicekeel-demo resolve NAME
-//! servicekeel-demo tcp HOST:PORT [--bytes N]
+//! servicekeel-demo tcp HOST:PORT [--bytes N] [--count C] [--retries R]
 //! servicekeel-demo udp HOST:PORT [--bytes N]
-//! servicekeel-demo name HOST:PORT
+//! servicekeel-demo name HOST:PORT [--count C]
 //! servicekeel-demo hold HOST:PORT --seconds S
 //! servicekeel-demo sleep
 //! ```
@@ -26,9 +26,9 @@ use signal_hook::iterator::Signals;
 const USAGE: &str =
     "usage: servicekeel-demo serve [--tcp-echo PORT] [--udp-echo PORT] [--name PORT]
        servicekeel-demo resolve NAME
-       servicekeel-demo tcp HOST:PORT [--bytes N]
+       servicekeel-demo tcp HOST:PORT [--bytes N] [--count C] [--retries R]
        servicekeel-demo udp HOST:PORT [--bytes N]
-       servicekeel-demo name HOST:PORT
+       servicekeel-demo name HOST:PORT [--count C]
        servicekeel-demo hold HOST:PORT --seconds S
        servicekeel-demo sleep";
 
@@ -71,8 +71,14 @@ fn run(args: &[String]) -> Result<String, String> {
         }
         "tcp" => {
             let bytes = options.number("--bytes", 4096)?;
+            let count = options.number("--count", 1)?;
+            let retries = options.number("--retries", 0)?;
             let target = options.target()?;
-            Box::new(move || tcp_round_trip(&target, bytes))
+            if count == 1 && retries == 0 {
+                Box::new(move || tcp_round_trip(&target, bytes))
+            } else {
+                Box::new(move || tcp_connections(&target, bytes, count, retries))
+            }
         }
         "udp" => {
             let bytes = options.number("--bytes", 512)?;
@@ -80,8 +86,14 @@ fn run(args: &[String]) -> Result<String, String> {
             Box::new(move || udp_round_trip(&target, bytes))
         }
         "name" => {
+            let count = options.number("--count", 1)?;
             let target = options.target()?;
-            Box::new(move || name(&target))
+            Box::new(move || {
+                let names = (0..count)
+                    .map(|_| name(&target))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(names.join("\n"))
+            })
         }
         "hold" => {
             let seconds = options.number("--seconds", 10)?;
@@ -340,6 +352,42 @@ fn tcp_round_trip(target: &str, bytes: usize) -> Result<String, String> {
     Ok(format!(
         "tcp {target} ({address}): {bytes} bytes echoed byte-exact in {:.1} ms",
         started.elapsed().as_secs_f64() * 1000.0
+    ))
+}
+
+/// `count` connections one after another, each a full round trip; a failed one is tried again
+/// up to `retries` times. Fails on the first connection that fails every try.
+fn tcp_connections(
+    target: &str,
+    bytes: usize,
+    count: usize,
+    retries: usize,
+) -> Result<String, String> {
+    let started = Instant::now();
+    let mut retried = 0;
+    for index in 0..count {
+        let mut attempt = 0;
+        loop {
+            match tcp_round_trip(target, bytes) {
+                Ok(_) => break,
+                Err(error) if attempt < retries => {
+                    eprintln!("servicekeel-demo: connection {index}: {error}; trying again");
+                    attempt += 1;
+                    retried += 1;
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "connection {index} of {count} failed {} time(s): {error}",
+                        attempt + 1
+                    ));
+                }
+            }
+        }
+    }
+    Ok(format!(
+        "tcp {target}: {count} connections of {bytes} bytes echoed byte-exact in {:.1} s, \
+         {retried} retried, 0 failed",
+        started.elapsed().as_secs_f64()
     ))
 }
 

@@ -1,0 +1,625 @@
+//! ServiceKeel on a real node, installed from `manifests/` the way users install it: the
+//! kubelet runs the webhook, the router and the pods the webhook injected, with containerd.
+//! One cluster serves every test, in order (the last one stops the API server); the demo
+//! workload of `manifests/examples/` is their subject, and checks run inside its client pod
+//! (`kubectl exec`, or the pod's namespaces directly while the API server is down).
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams};
+use libtest_mimic::Arguments;
+use serde_json::{Value, json};
+use servicekeel_api::{defaults, keys};
+use servicekeel_e2e::cluster::{NodeCluster, pods_report};
+use servicekeel_e2e::demo::{self, CLIENT, NAMESPACE};
+use servicekeel_e2e::harness::{self, Test};
+use servicekeel_e2e::node::{self, NODE_NAME};
+use servicekeel_e2e::process::Lifetime;
+use servicekeel_e2e::{paths, webhook};
+use tokio::sync::Mutex;
+
+struct Shared {
+    cluster: Mutex<NodeCluster>,
+    client: kube::Client,
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // One node, one demo workload, tests that scale it and stop the API server: in order.
+    args.test_threads = Some(1);
+    harness::init_logging();
+    let tests: Vec<Test<Shared>> = vec![
+        (
+            "a_deployments_pods_run_the_native_sidecar_and_export_their_service",
+            |s| Box::pin(native_sidecar_and_exports(s)),
+        ),
+        (
+            "the_client_resolves_its_imports_and_other_names_and_round_trips_byte_exact",
+            |s| Box::pin(client_round_trips(s)),
+        ),
+        (
+            "an_added_import_takes_effect_live_without_breaking_a_connection",
+            |s| Box::pin(import_added_live(s)),
+        ),
+        ("a_job_completes_while_its_native_sidecar_runs", |s| {
+            Box::pin(job_completes(s))
+        }),
+        (
+            "connections_spread_over_replicas_and_a_deleted_one_costs_at_most_a_retry",
+            |s| Box::pin(replicas_spread_and_deletion(s)),
+        ),
+        (
+            "traffic_flows_with_the_api_server_down_and_a_router_restarted_from_its_snapshot",
+            |s| Box::pin(edge_autonomy(s)),
+        ),
+    ];
+    if let Some(listed) = harness::list_only(&args, &tests) {
+        return listed.exit_code();
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = paths::run_dir("servicekeel-e2e-node");
+    let started = runtime.block_on(async {
+        let cluster = NodeCluster::start(&dir, Lifetime::TiedToThisProcess).await?;
+        demo::install(cluster.kubeconfig())?;
+        let client = cluster.client().await?;
+        Ok::<_, anyhow::Error>((cluster, client))
+    });
+    let (cluster, client) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            eprintln!("cannot start the cluster with a node: {error:#}");
+            // Whatever started is stopped, and the host given back, as the cluster drops.
+            return ExitCode::FAILURE;
+        }
+    };
+    let shared = Arc::new(Shared {
+        kubeconfig: cluster.kubeconfig().to_owned(),
+        dir: cluster.dir().to_owned(),
+        cluster: Mutex::new(cluster),
+        client,
+    });
+    let conclusion = harness::run(&args, tests, &shared, runtime.handle(), |shared| {
+        pods_report(&shared.kubeconfig)
+    });
+    // Stop everything (and give the host back) before the runtime goes, then remove the files.
+    drop(shared);
+    drop(runtime);
+    let _ = std::fs::remove_dir_all(&dir);
+    conclusion.exit_code()
+}
+
+impl Shared {
+    fn kubectl(&self, arguments: &[&str]) -> anyhow::Result<String> {
+        webhook::kubectl(&self.kubeconfig, arguments, None)
+    }
+
+    fn apply(&self, manifest: &Value) -> anyhow::Result<()> {
+        webhook::kubectl(
+            &self.kubeconfig,
+            &["apply", "-f", "-"],
+            Some(&serde_json::to_string(manifest)?),
+        )
+        .map(drop)
+    }
+
+    /// `servicekeel-demo ARGS` in the client pod, through `kubectl exec`.
+    fn in_client(&self, arguments: &[&str]) -> anyhow::Result<String> {
+        demo::exec(&self.kubeconfig, NAMESPACE, CLIENT, CLIENT, arguments)
+    }
+
+    /// The same, left running in the background.
+    fn in_client_background(&self, arguments: &[&str]) -> anyhow::Result<Child> {
+        let mut command = std::process::Command::new(paths::kubectl());
+        command
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args([
+                "exec",
+                "-n",
+                NAMESPACE,
+                CLIENT,
+                "-c",
+                CLIENT,
+                "--",
+                "servicekeel-demo",
+            ])
+            .args(arguments)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(command.spawn()?)
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), NAMESPACE)
+    }
+
+    async fn echo_pods(&self) -> anyhow::Result<Vec<Pod>> {
+        Ok(self
+            .pods()
+            .list(&ListParams::default().labels("app=echo"))
+            .await?
+            .items)
+    }
+}
+
+/// What a background command printed, once it has ended; an error if it failed.
+fn finished(child: Child, what: &str) -> anyhow::Result<String> {
+    let output = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    ensure!(
+        output.status.success(),
+        "{what} failed ({}): {stderr} {stdout}",
+        output.status
+    );
+    Ok(stdout)
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(error) if Instant::now() > deadline => {
+                return Err(error.context(format!("{what}: not within {timeout:?}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn annotation(pod: &Pod, key: &str) -> Option<Value> {
+    let text = pod.metadata.annotations.as_ref()?.get(key)?;
+    serde_json::from_str(text).ok()
+}
+
+/// Restart counts of every container of the pod, sidecar included.
+fn restarts(pod: &Pod) -> Vec<(String, i32)> {
+    let status = pod.status.clone().unwrap_or_default();
+    status
+        .init_container_statuses
+        .unwrap_or_default()
+        .into_iter()
+        .chain(status.container_statuses.unwrap_or_default())
+        .map(|c| (c.name, c.restart_count))
+        .collect()
+}
+
+async fn native_sidecar_and_exports(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let pods = shared.echo_pods().await?;
+    ensure!(!pods.is_empty(), "the echo Deployment has no pods");
+    for pod in &pods {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let spec = pod.spec.as_ref().context("no spec")?;
+        let sidecar = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == defaults::SIDECAR_CONTAINER)
+            .with_context(|| format!("{name} has no sidecar among its init containers"))?;
+        ensure!(
+            sidecar.restart_policy.as_deref() == Some("Always"),
+            "{name}: the sidecar is not a native sidecar (restartPolicy {:?})",
+            sidecar.restart_policy
+        );
+        ensure!(is_ready(pod), "{name} is not Ready");
+        let started = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .and_then(|s| s.iter().find(|c| c.name == defaults::SIDECAR_CONTAINER))
+            .is_some_and(|c| c.ready && c.started == Some(true));
+        ensure!(started, "{name}: the sidecar is not started and ready");
+        let exported = annotation(pod, keys::EXPORTED_SERVICES)
+            .with_context(|| format!("{name} has no {}", keys::EXPORTED_SERVICES))?;
+        let service = &exported["services"][0];
+        ensure!(
+            service["name"] == "echo" && service["namespace"] == NAMESPACE,
+            "{name} exports {exported}"
+        );
+        let ports: BTreeSet<(u64, String)> = service["ports"]
+            .as_array()
+            .context("no ports")?
+            .iter()
+            .map(|p| {
+                (
+                    p["port"].as_u64().unwrap_or_default(),
+                    p["protocol"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let expected: BTreeSet<(u64, String)> = [(7000, "TCP"), (7001, "UDP"), (7002, "TCP")]
+            .into_iter()
+            .map(|(p, proto)| (p, proto.to_string()))
+            .collect();
+        ensure!(ports == expected, "{name} exports ports {ports:?}");
+    }
+    Ok(())
+}
+
+async fn client_round_trips(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let resolved = shared.in_client(&["resolve", "echo"])?;
+    let addresses: Vec<&str> = resolved
+        .split_once(" resolves to ")
+        .map(|(_, list)| list.split(' ').collect())
+        .unwrap_or_default();
+    ensure!(
+        !addresses.is_empty() && addresses.iter().all(|a| a.starts_with("127.0.66.")),
+        "echo should resolve to the sidecar's 127.0.66.x: {resolved}"
+    );
+    let upstream = shared.in_client(&["resolve", "kubernetes.default.svc.cluster.local"])?;
+    ensure!(
+        upstream.ends_with(&format!(" {}", node::API_ADDRESS)),
+        "a name that is not imported should come from the cluster DNS: {upstream}"
+    );
+    let unknown = shared.in_client(&["resolve", "nothing-here.demo.svc.cluster.local"]);
+    ensure!(
+        unknown.is_err(),
+        "a name neither imported nor known upstream resolved: {unknown:?}"
+    );
+    let tcp = shared.in_client(&["tcp", "echo:7000", "--bytes", "1048576"])?;
+    ensure!(tcp.contains("1048576 bytes echoed byte-exact"), "{tcp}");
+    let udp = shared.in_client(&["udp", "echo:7001", "--bytes", "1200"])?;
+    ensure!(udp.contains("1200 bytes echoed byte-exact"), "{udp}");
+    Ok(())
+}
+
+async fn import_added_live(shared: Arc<Shared>) -> anyhow::Result<()> {
+    // A second Service over the echo pods, not imported by the client yet.
+    shared.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "greeter", "namespace": NAMESPACE},
+        "spec": {
+            "selector": {"app": "echo"},
+            "ports": [{"name": "greet", "port": 7100, "targetPort": "tcp-echo"}],
+        },
+    }))?;
+    ensure!(
+        shared.in_client(&["resolve", "greeter"]).is_err(),
+        "greeter resolves before it is imported"
+    );
+    let before = shared.pods().get(CLIENT).await?;
+    let uid = before.metadata.uid.clone();
+    let live = shared.in_client_background(&["hold", "echo:7000", "--seconds", "20"])?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut imports = annotation(&before, keys::IMPORTED_SERVICES).context("no imports")?;
+    imports["services"]
+        .as_array_mut()
+        .context("services is not a list")?
+        .push(json!({"name": "greeter", "ports": [{"port": 7100}]}));
+    shared.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "-n",
+        NAMESPACE,
+        &format!("pod/{CLIENT}"),
+        &format!("{}={imports}", keys::IMPORTED_SERVICES),
+    ])?;
+    let started = Instant::now();
+    let reached = eventually(
+        "the added import carries traffic",
+        Duration::from_secs(90),
+        || async { shared.in_client(&["tcp", "greeter:7100", "--bytes", "10000"]) },
+    )
+    .await?;
+    let took = started.elapsed();
+    ensure!(reached.contains("byte-exact"), "{reached}");
+
+    let held = finished(live, "the live connection")?;
+    ensure!(held.contains("none failed"), "{held}");
+    let after = shared.pods().get(CLIENT).await?;
+    ensure!(after.metadata.uid == uid, "the client pod was replaced");
+    ensure!(
+        restarts(&after) == restarts(&before),
+        "containers restarted: {:?} -> {:?}",
+        restarts(&before),
+        restarts(&after)
+    );
+    eprintln!("import added: traffic after {took:?}; live connection: {held}");
+    Ok(())
+}
+
+async fn job_completes(shared: Arc<Shared>) -> anyhow::Result<()> {
+    shared.apply(&json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "once", "namespace": NAMESPACE},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"annotations": {
+                    keys::IMPORTED_SERVICES: r#"{"services":[{"name":"echo","ports":[{"port":7000}]}]}"#,
+                }},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532},
+                    "containers": [{
+                        "name": "once",
+                        "image": "servicekeel/demo:0.1.0",
+                        "imagePullPolicy": "IfNotPresent",
+                        "args": ["tcp", "echo:7000", "--retries", "3"],
+                    }],
+                },
+            },
+        },
+    }))?;
+    let jobs: Api<Job> = Api::namespaced(shared.client.clone(), NAMESPACE);
+    let job = eventually("the job completes", Duration::from_secs(90), || async {
+        let job = jobs.get("once").await?;
+        let status = job.status.clone().unwrap_or_default();
+        if status.failed.unwrap_or(0) > 0 {
+            bail!("the job failed: {status:?}");
+        }
+        ensure!(status.succeeded == Some(1), "not complete yet: {status:?}");
+        Ok(job)
+    })
+    .await?;
+    let complete = job
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Complete" && c.status == "True");
+    ensure!(complete, "no Complete condition");
+    let pods = shared
+        .pods()
+        .list(&ListParams::default().labels("job-name=once"))
+        .await?;
+    let pod = pods.items.first().context("the job's pod is gone")?;
+    ensure!(webhook::is_injected(pod), "the job's pod has no sidecar");
+    let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+    ensure!(phase.as_deref() == Some("Succeeded"), "pod phase {phase:?}");
+    let logs = shared.kubectl(&["logs", "-n", NAMESPACE, "job/once", "-c", "once"])?;
+    ensure!(logs.contains("byte-exact"), "the job said: {logs}");
+    Ok(())
+}
+
+async fn replicas_spread_and_deletion(shared: Arc<Shared>) -> anyhow::Result<()> {
+    shared.kubectl(&["scale", "-n", NAMESPACE, "deployment/echo", "--replicas=3"])?;
+    shared.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        NAMESPACE,
+        "deployment/echo",
+        "--timeout=120s",
+    ])?;
+    let names: BTreeSet<String> = shared
+        .echo_pods()
+        .await?
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    ensure!(names.len() == 3, "echo pods: {names:?}");
+    let seen = eventually(
+        "new connections reach every replica",
+        Duration::from_secs(60),
+        || async {
+            let answered = shared.in_client(&["name", "echo:7002", "--count", "30"])?;
+            let seen: BTreeSet<String> = answered.lines().map(str::to_string).collect();
+            ensure!(
+                seen == names,
+                "30 connections reached {seen:?} of {names:?}"
+            );
+            Ok(seen)
+        },
+    )
+    .await?;
+    eprintln!("30 new connections reached {} replicas", seen.len());
+
+    let started = Instant::now();
+    let load = shared.in_client_background(&[
+        "tcp",
+        "echo:7000",
+        "--count",
+        "3000",
+        "--bytes",
+        "1024",
+        "--retries",
+        "1",
+    ])?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let victim = names.iter().next().unwrap().clone();
+    shared.kubectl(&["delete", "pod", "-n", NAMESPACE, &victim, "--wait=false"])?;
+    let deleted_after = started.elapsed();
+    let result = finished(load, "connections while a replica was deleted")?;
+    ensure!(result.contains(", 0 failed"), "{result}");
+    let ran_for = result
+        .split_once(" in ")
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|seconds| seconds.parse::<f64>().ok())
+        .context("no duration in the report")?;
+    ensure!(
+        Duration::from_secs_f64(ran_for) > deleted_after,
+        "the connections ended ({ran_for} s) before the replica was deleted ({deleted_after:?})"
+    );
+    eprintln!("while {victim} was deleted: {result}");
+    shared.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        NAMESPACE,
+        "deployment/echo",
+        "--timeout=120s",
+    ])?;
+    Ok(())
+}
+
+/// Runs `servicekeel-demo ARGS` inside the client container's namespaces: no API server needed.
+fn in_client_namespaces(pid: u32, arguments: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["/servicekeel-demo"];
+    all.extend_from_slice(arguments);
+    let output = node::in_container(pid, &all).output()?;
+    ensure!(
+        output.status.success(),
+        "`servicekeel-demo {}` in the client pod failed: {}",
+        arguments.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+fn router_pid() -> Option<u32> {
+    node::processes()
+        .into_iter()
+        .find(|(_, cmdline)| cmdline.contains("servicekeel-proxy router"))
+        .map(|(pid, _)| pid)
+}
+
+async fn router_ready() -> anyhow::Result<()> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", 15022)).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await?;
+    ensure!(
+        reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+        "{reply}"
+    );
+    Ok(())
+}
+
+async fn edge_autonomy(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let client_pod = shared.pods().get(CLIENT).await?;
+    let uid = client_pod.metadata.uid.clone().context("no uid")?;
+    let pid = node::pod_process(&uid, "servicekeel-demo sleep")
+        .context("no client process on the node")?;
+    let live = node::in_container(
+        pid,
+        &["/servicekeel-demo", "hold", "echo:7000", "--seconds", "15"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let routers = Api::<Pod>::namespaced(shared.client.clone(), webhook::SYSTEM_NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-router"))
+        .await?;
+    let router_pod = routers
+        .items
+        .first()
+        .and_then(|p| p.metadata.name.clone())
+        .context("no router pod")?;
+
+    let mut cluster = shared.cluster.lock().await;
+    cluster.control_plane.stop();
+    let nodes: Api<Node> = Api::all(shared.client.clone());
+    ensure!(
+        nodes.get(NODE_NAME).await.is_err(),
+        "the API server still answers"
+    );
+    // New connections and lookups, with no API server.
+    for arguments in [
+        &["resolve", "echo"][..],
+        &["tcp", "echo:7000", "--bytes", "100000"],
+        &["udp", "echo:7001"],
+    ] {
+        let said = in_client_namespaces(pid, arguments)?;
+        eprintln!("API server down: {said}");
+    }
+    let held = finished(live, "a connection open since before the outage")?;
+    ensure!(held.contains("none failed"), "{held}");
+
+    // The router's process dies; the kubelet starts it again, and it routes from its snapshot.
+    let old = router_pid().context("no router process")?;
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(old as i32).context("bad pid")?,
+        rustix::process::Signal::KILL,
+    );
+    eventually(
+        "the kubelet restarts the router",
+        Duration::from_secs(60),
+        || async {
+            let new = router_pid().context("no router process yet")?;
+            ensure!(new != old, "still the old router");
+            router_ready().await
+        },
+    )
+    .await?;
+    let logs = node::container_logs(
+        &shared.dir,
+        webhook::SYSTEM_NAMESPACE,
+        &router_pod,
+        "router",
+    );
+    let restarted = logs.last().context("no router log")?;
+    let text = std::fs::read_to_string(restarted)?;
+    ensure!(
+        text.contains("routing from the snapshot"),
+        "the restarted router did not load its snapshot ({}):\n{text}",
+        restarted.display()
+    );
+    let said = eventually(
+        "new connections through the restarted router",
+        Duration::from_secs(30),
+        || async { in_client_namespaces(pid, &["tcp", "echo:7000", "--bytes", "100000"]) },
+    )
+    .await?;
+    eprintln!("router restarted with the API server down: {said}");
+    in_client_namespaces(pid, &["udp", "echo:7001"])?;
+
+    // The API server comes back and everything converges.
+    cluster.control_plane.restart().await?;
+    let client = shared.client.clone();
+    eventually(
+        "the node is Ready again",
+        Duration::from_secs(90),
+        || async {
+            let node = nodes.get(NODE_NAME).await?;
+            let ready = node
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ensure!(ready, "not Ready");
+            Ok(())
+        },
+    )
+    .await?;
+    cluster
+        .wait_for_workloads(&client, Duration::from_secs(120))
+        .await?;
+    drop(cluster);
+    webhook::wait_until_called(&client).await?;
+    let said = eventually(
+        "traffic through kubectl exec",
+        Duration::from_secs(30),
+        || async { shared.in_client(&["tcp", "echo:7000"]) },
+    )
+    .await?;
+    eprintln!("API server back: {said}");
+    Ok(())
+}
