@@ -53,10 +53,13 @@ impl KubeBinaries {
         let lock = File::create(binaries.dir.join(".lock"))?;
         lock.lock()
             .context("cannot lock the Kubernetes build directory")?;
-        for name in names {
-            if !binaries.path(name).exists() {
-                binaries.build(name)?;
-            }
+        let missing: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|name| !binaries.path(name).exists())
+            .collect();
+        if !missing.is_empty() {
+            binaries.build(&missing)?;
         }
         Ok(binaries)
     }
@@ -65,11 +68,16 @@ impl KubeBinaries {
         self.dir.join(name)
     }
 
-    fn build(&self, name: &str) -> anyhow::Result<()> {
+    /// Builds `names` in one `go build`, so that the packages they share compile once.
+    fn build(&self, names: &[&str]) -> anyhow::Result<()> {
         let go = which_go()?;
-        let log_path = self.dir.join(format!("{name}.build.log"));
+        let log_path = self.dir.join("build.log");
         let log = File::create(&log_path)?;
-        let partial = self.dir.join(format!("{name}.partial"));
+        let partial = self.dir.join("partial");
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)?;
+        }
+        std::fs::create_dir_all(&partial)?;
         let minor = self
             .version
             .trim_start_matches('v')
@@ -88,31 +96,43 @@ impl KubeBinaries {
             ldflags.push(format!("-X {package}.gitTreeState=clean"));
         }
         tracing::info!(
-            binary = name,
+            binaries = names.join(", "),
             version = %self.version,
             log = %log_path.display(),
             "building from the Kubernetes Go modules (the first build takes several minutes)"
         );
+        let mut output_dir = partial.clone().into_os_string();
+        // With several packages, `-o` names a directory when it ends in a slash.
+        output_dir.push("/");
         let status = Command::new(&go)
             .current_dir(paths::kube_module())
             .env("CGO_ENABLED", "0")
             .env("GOFLAGS", "-mod=readonly")
             .args(["build", "-trimpath", "-ldflags", &ldflags.join(" "), "-o"])
-            .arg(&partial)
-            .arg(format!("k8s.io/kubernetes/cmd/{name}"))
+            .arg(&output_dir)
+            .args(
+                names
+                    .iter()
+                    .map(|name| format!("k8s.io/kubernetes/cmd/{name}")),
+            )
             .stdout(log.try_clone()?)
             .stderr(log)
             .status()
             .with_context(|| format!("cannot run {}", go.display()))?;
         if !status.success() {
             bail!(
-                "building {name} {} failed ({status}); the end of {}:\n{}",
+                "building {} {} failed ({status}); the end of {}:\n{}",
+                names.join(", "),
                 self.version,
                 log_path.display(),
                 log_tail(&log_path, 30)
             );
         }
-        std::fs::rename(&partial, self.path(name))?;
+        for name in names {
+            std::fs::rename(partial.join(name), self.path(name))
+                .with_context(|| format!("go build made no {name}"))?;
+        }
+        std::fs::remove_dir_all(&partial)?;
         Ok(())
     }
 }
