@@ -138,6 +138,13 @@ fn print_export(state: &State) {
 fn status(dir: &std::path::Path) -> anyhow::Result<()> {
     let Some(state) = State::load(dir)? else {
         tracing::info!(dir = %dir.display(), "down: no cluster");
+        let left = servicekeel_e2e::node::leftovers(dir);
+        if !left.is_empty() {
+            tracing::warn!(
+                "left on this host by a node that was not stopped (`down` removes it):\n  {}",
+                left.join("\n  ")
+            );
+        }
         return Ok(());
     };
     let mut report = String::new();
@@ -168,6 +175,13 @@ fn down(dir: &std::path::Path) -> anyhow::Result<()> {
         for (name, was_running) in state.stop_all(dir) {
             tracing::info!(component = %name, stopped = was_running, "down");
         }
+    }
+    let left = servicekeel_e2e::node::release(dir);
+    if !left.is_empty() {
+        anyhow::bail!(
+            "down: could not remove everything of the node:\n  {}",
+            left.join("\n  ")
+        );
     }
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;

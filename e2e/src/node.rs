@@ -500,15 +500,20 @@ shutdownGracePeriod: 0s
 
 /// Gives the host back: stops the node's processes and every container (also those a killed
 /// run left), unmounts what they mounted under `dir`, removes their network namespaces, the
-/// bridge, the Service addresses, the cgroups and the router's host paths. Best effort: each
-/// step goes on when another fails, and says what it could not do.
+/// bridge, the Service addresses, the cgroups and the router's host paths; the host-wide parts
+/// only when no other running cluster holds the host. Best effort: each step goes on when
+/// another fails, and says what it could not do.
 pub fn sweep(dir: &Path) {
     let node_dir = dir.join("node");
+    // The host-wide parts belong to another cluster while that one runs.
+    let host_is_ours = !read_claim().is_some_and(|claim| claim.dir != dir && claim_is_live(&claim));
     // The kubelet first, so that it restarts nothing; then every container; then containerd.
     stop_matching(&|cmdline| {
         cmdline.contains(KUBELET) && cmdline.contains(&node_dir.to_string_lossy().into_owned())
     });
-    kill_cgroup_processes();
+    if host_is_ours {
+        kill_cgroup_processes();
+    }
     let socket = node_dir.join("containerd/containerd.sock");
     let socket = socket.to_string_lossy().into_owned();
     stop_matching(&|cmdline| cmdline.contains("containerd-shim") && cmdline.contains(&socket));
@@ -519,6 +524,9 @@ pub fn sweep(dir: &Path) {
     });
     unmount_under(&node_dir);
     remove_links_into("/var/log/containers", &node_dir);
+    if !host_is_ours {
+        return;
+    }
     remove_pod_network_namespaces();
     let _ = ip(&["link", "del", BRIDGE]);
     for address in [API_ADDRESS, DNS_ADDRESS] {
@@ -531,6 +539,80 @@ pub fn sweep(dir: &Path) {
     if read_claim().is_some_and(|claim| claim.dir == dir) {
         let _ = std::fs::remove_file(CLAIM);
     }
+}
+
+/// Gives the host back from the node with state in `dir`, and from a node that claimed it
+/// and is gone (a killed run), but never from one that still runs. Returns what is left.
+pub fn release(dir: &Path) -> Vec<String> {
+    if let Some(claim) = read_claim()
+        && claim.dir != dir
+        && !claim_is_live(&claim)
+    {
+        sweep(&claim.dir);
+        if claim.pid != 0 {
+            // A killed test run's own directory: nobody else will remove it.
+            let _ = std::fs::remove_dir_all(&claim.dir);
+        }
+    }
+    sweep(dir);
+    leftovers(dir)
+}
+
+/// What of a node with state in `dir` is still on the host (empty once [`sweep`] has run):
+/// processes, cgroups, mounts, network interfaces, addresses, the claim.
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    let node_dir = dir.join("node");
+    let mut node_dirs = vec![node_dir.to_string_lossy().into_owned()];
+    if let Some(claim) = read_claim() {
+        node_dirs.push(claim.dir.join("node").to_string_lossy().into_owned());
+    }
+    let mut found: Vec<String> = processes()
+        .into_iter()
+        .filter(|(_, cmdline)| node_dirs.iter().any(|d| cmdline.contains(d.as_str())))
+        .map(|(pid, cmdline)| format!("process {pid}: {cmdline}"))
+        .collect();
+    for cgroup in node_cgroups() {
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        found.push(format!(
+            "cgroup {} ({} processes)",
+            cgroup.display(),
+            procs.lines().count()
+        ));
+    }
+    if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
+        found.extend(
+            mountinfo
+                .lines()
+                .filter_map(|line| line.split(' ').nth(4))
+                .filter(|point| Path::new(point).starts_with(&node_dir))
+                .map(|point| format!("mount {point}")),
+        );
+    }
+    if ip(&["link", "show", BRIDGE]).is_ok() {
+        found.push(format!("bridge {BRIDGE}"));
+    }
+    let lo = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", "lo"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    for address in [API_ADDRESS, DNS_ADDRESS] {
+        if lo.contains(&format!("inet {address}/")) {
+            found.push(format!("address {address} on lo"));
+        }
+    }
+    if let Some(claim) = read_claim() {
+        let live = if claim_is_live(&claim) {
+            "running"
+        } else {
+            "gone"
+        };
+        found.push(format!(
+            "{CLAIM}: the host is claimed by the cluster in {} ({live})",
+            claim.dir.display()
+        ));
+    }
+    found
 }
 
 /// Removes the symbolic links in `dir` that point under `target` (the kubelet links every

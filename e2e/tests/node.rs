@@ -98,9 +98,18 @@ fn main() -> ExitCode {
         pods_report(&shared.kubeconfig)
     });
     // Stop everything (and give the host back) before the runtime goes, then remove the files.
+    let node_dir = shared.dir.clone();
     drop(shared);
     drop(runtime);
+    let left = node::leftovers(&node_dir);
     let _ = std::fs::remove_dir_all(&dir);
+    if !left.is_empty() {
+        eprintln!(
+            "the node was not given back after the tests; still there:\n  {}",
+            left.join("\n  ")
+        );
+        return ExitCode::FAILURE;
+    }
     conclusion.exit_code()
 }
 
