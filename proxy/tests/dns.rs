@@ -216,3 +216,167 @@ async fn garbage_does_not_stop_the_server() {
     assert_eq!(a_records(&answer), [Ipv4Addr::new(127, 0, 66, 1)]);
     server.shutdown().await;
 }
+
+/// A 12-byte header: id 0x5151, RD set, the given opcode and counts.
+fn header(opcode: u8, qd: u16, an: u16, ns: u16, ar: u16) -> Vec<u8> {
+    let mut bytes = vec![0x51, 0x51, 0x01 | (opcode << 3), 0x00];
+    for count in [qd, an, ns, ar] {
+        bytes.extend_from_slice(&count.to_be_bytes());
+    }
+    bytes
+}
+
+/// Malformed requests of the kinds resolvers meet in the wild, each with what it is.
+fn malformed_corpus() -> Vec<(&'static str, Vec<u8>)> {
+    let question_tail = [0x00, 0x01, 0x00, 0x01];
+    let with = |head: Vec<u8>, body: &[u8]| [head, body.to_vec()].concat();
+    let long_label: Vec<u8> = [&[64u8][..], &[b'a'; 64], &[0], &question_tail].concat();
+    let mut long_name = Vec::new();
+    for _ in 0..5 {
+        long_name.push(63);
+        long_name.extend_from_slice(&[b'b'; 63]);
+    }
+    long_name.push(0);
+    long_name.extend_from_slice(&question_tail);
+    vec![
+        ("empty", Vec::new()),
+        ("truncated header", vec![0x51, 0x51, 0x01, 0x00, 0x00]),
+        (
+            "compression pointer to itself",
+            with(header(0, 1, 0, 0, 0), &[0xc0, 0x0c, 0, 1, 0, 1]),
+        ),
+        (
+            "two compression pointers in a loop",
+            with(header(0, 1, 0, 0, 0), &[0xc0, 0x0e, 0xc0, 0x0c, 0, 1, 0, 1]),
+        ),
+        (
+            "compression pointer past the end",
+            with(header(0, 1, 0, 0, 0), &[0xc3, 0xff, 0, 1, 0, 1]),
+        ),
+        (
+            "label of 64 bytes",
+            with(header(0, 1, 0, 0, 0), &long_label),
+        ),
+        ("name of 320 bytes", with(header(0, 1, 0, 0, 0), &long_name)),
+        (
+            "reserved label type",
+            with(header(0, 1, 0, 0, 0), &[0x41, b'x', 0, 0, 1, 0, 1]),
+        ),
+        (
+            "question cut in the name",
+            with(header(0, 1, 0, 0, 0), &[7, b'e', b'x', b'a']),
+        ),
+        (
+            "question without type and class",
+            with(header(0, 1, 0, 0, 0), &[4, b'e', b'c', b'h', b'o', 0]),
+        ),
+        (
+            "huge counts, no records",
+            header(0, 0xffff, 0xffff, 0xffff, 0xffff),
+        ),
+        (
+            "one question, then claims of 65535 answers",
+            with(
+                header(0, 1, 0xffff, 0, 0),
+                &[4, b'e', b'c', b'h', b'o', 0, 0, 1, 0, 1],
+            ),
+        ),
+        (
+            "two questions",
+            with(
+                header(0, 2, 0, 0, 0),
+                &[
+                    4, b'e', b'c', b'h', b'o', 0, 0, 1, 0, 1, 4, b'e', b'c', b'h', b'o', 0, 0, 1,
+                    0, 1,
+                ],
+            ),
+        ),
+        (
+            "an UPDATE",
+            with(
+                header(5, 1, 0, 0, 0),
+                &[4, b'e', b'c', b'h', b'o', 0, 0, 6, 0, 1],
+            ),
+        ),
+        (
+            "OPT record cut short",
+            with(
+                header(0, 1, 0, 0, 1),
+                &[4, b'e', b'c', b'h', b'o', 0, 0, 1, 0, 1, 0, 0, 41, 0xff],
+            ),
+        ),
+        ("64 KiB of 0xff", vec![0xff; 65_000]),
+    ]
+}
+
+/// Every malformed request is answered with an error or dropped, never answered as if it were a
+/// question, and the server answers a real query right after each one, over UDP and TCP.
+#[tokio::test]
+async fn malformed_requests_are_refused_or_dropped_and_the_server_keeps_answering() {
+    let server = start(fake_upstream().await).await;
+    let addr = server.local_addr();
+    for (what, packet) in malformed_corpus() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let started = std::time::Instant::now();
+        if packet.len() <= 65_507 {
+            socket.send_to(&packet, addr).await.unwrap();
+        }
+        let mut buffer = vec![0u8; 65_535];
+        let reply =
+            tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buffer)).await;
+        match reply {
+            Ok(Ok((n, _))) => {
+                // A reply must be a well-formed error, never local addresses for garbage.
+                let message = Message::from_vec(&buffer[..n])
+                    .unwrap_or_else(|e| panic!("{what}: the reply does not parse: {e}"));
+                assert_ne!(
+                    message.metadata.response_code,
+                    ResponseCode::NoError,
+                    "{what}: answered as a good question: {message:?}"
+                );
+                eprintln!(
+                    "{what}: {:?} in {:?}",
+                    message.metadata.response_code,
+                    started.elapsed()
+                );
+            }
+            Ok(Err(error)) => panic!("{what}: {error}"),
+            Err(_) => eprintln!("{what}: dropped"),
+        }
+        let answer = over_udp(addr, &query(9, "simple-server.", RecordType::A)).await;
+        assert_eq!(
+            a_records(&answer),
+            [Ipv4Addr::new(127, 0, 66, 1)],
+            "after {what}"
+        );
+
+        // The same bytes over TCP (length-prefixed): a reply or a closed connection.
+        if packet.len() <= usize::from(u16::MAX) {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut framed = (packet.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&packet);
+            stream.write_all(&framed).await.unwrap();
+            let mut prefix = [0u8; 2];
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut prefix)).await;
+            if let Ok(Ok(_)) = read {
+                let mut body = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
+                stream.read_exact(&mut body).await.unwrap();
+                let message = Message::from_vec(&body)
+                    .unwrap_or_else(|e| panic!("{what} over TCP: the reply does not parse: {e}"));
+                assert_ne!(
+                    message.metadata.response_code,
+                    ResponseCode::NoError,
+                    "{what} over TCP: answered as a good question"
+                );
+            }
+        }
+        let answer = over_tcp(addr, &query(10, "simple-server.", RecordType::A)).await;
+        assert_eq!(
+            a_records(&answer),
+            [Ipv4Addr::new(127, 0, 66, 1)],
+            "after {what} over TCP"
+        );
+    }
+    server.shutdown().await;
+}
