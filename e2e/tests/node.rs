@@ -61,6 +61,10 @@ fn main() -> ExitCode {
             |s| Box::pin(replicas_spread_and_deletion(s)),
         ),
         (
+            "pod_creations_all_succeed_while_a_webhook_replica_is_killed",
+            |s| Box::pin(webhook_replica_killed(s)),
+        ),
+        (
             "traffic_flows_with_the_api_server_down_and_a_router_restarted_from_its_snapshot",
             |s| Box::pin(edge_autonomy(s)),
         ),
@@ -154,7 +158,11 @@ impl Shared {
     }
 
     fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), NAMESPACE)
+        self.pods_in(NAMESPACE)
+    }
+
+    fn pods_in(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
     }
 
     async fn echo_pods(&self) -> anyhow::Result<Vec<Pod>> {
@@ -480,6 +488,97 @@ async fn replicas_spread_and_deletion(shared: Arc<Shared>) -> anyhow::Result<()>
         "deployment/echo",
         "--timeout=120s",
     ])?;
+    Ok(())
+}
+
+/// Pods created (server-side dry run: admitted, injected, not stored) without pause by two
+/// clients while one of the two webhook replicas is killed with SIGKILL: every creation must
+/// succeed, injected.
+async fn webhook_replica_killed(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let webhooks = Api::<Pod>::namespaced(shared.client.clone(), webhook::SYSTEM_NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
+        .await?;
+    ensure!(
+        webhooks.items.len() >= 2,
+        "the manifests run {} webhook replicas; this test needs 2",
+        webhooks.items.len()
+    );
+    let victim = &webhooks.items[0];
+    let victim_name = victim.metadata.name.clone().unwrap_or_default();
+    let uid = victim.metadata.uid.clone().context("no uid")?;
+    let pid = node::pod_process(&uid, "servicekeel-webhook").context("no webhook process")?;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut creators = Vec::new();
+    for creator in 0..2 {
+        let pods = shared.pods();
+        let stop = stop.clone();
+        creators.push(tokio::spawn(async move {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"generateName": format!("created-{creator}-")},
+                "spec": {"containers": [{"name": "app", "image": "servicekeel/demo:0.1.0"}]},
+            }))
+            .unwrap();
+            let params = kube::api::PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            let (mut created, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match pods.create(&params, &pod).await {
+                    Ok(stored) if webhook::is_injected(&stored) => created += 1,
+                    Ok(_) => failures.push("admitted without the sidecar".to_string()),
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            (created, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).context("bad pid")?,
+        rustix::process::Signal::KILL,
+    )?;
+    let killed_at = Instant::now();
+    // Until the killed replica runs again (the kubelet restarts it), and a few seconds more.
+    eventually(
+        "the kubelet restarts the killed webhook",
+        Duration::from_secs(60),
+        || async {
+            let pod = shared
+                .pods_in(webhook::SYSTEM_NAMESPACE)
+                .get(&victim_name)
+                .await?;
+            ensure!(
+                restarts(&pod).iter().any(|(_, n)| *n > 0),
+                "not restarted yet"
+            );
+            ensure!(is_ready(&pod), "restarted, not ready yet");
+            Ok(())
+        },
+    )
+    .await?;
+    let back_after = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut created, mut failures) = (0, Vec::new());
+    for creator in creators {
+        let (n, failed) = creator.await?;
+        created += n;
+        failures.extend(failed);
+    }
+    eprintln!(
+        "{created} pods created injected, {} failed; the killed replica was back after {back_after:?}",
+        failures.len()
+    );
+    ensure!(
+        failures.is_empty(),
+        "{} of {} creations failed, first: {}",
+        failures.len(),
+        created as usize + failures.len(),
+        failures[0]
+    );
+    ensure!(created > 0, "no pod was created");
     Ok(())
 }
 
