@@ -6,7 +6,7 @@
 //!   peer's cluster; accepting, it asks for a client certificate, finds which allowed cluster's
 //!   identity the certificate carries, and checks it chains to *that* cluster's bundle — so
 //!   one cluster's CA cannot speak for another.
-//! - Plaintext, an unknown CA, an expired certificate, no certificate or a wrong identity end
+//! - Plaintext, an unknown CA, an expired or not yet valid certificate, no certificate or a wrong identity end
 //!   the connection before any request is read, and are counted by [`Refused`].
 //! - Links carry HTTP/2 pings; a peer that stops answering is dropped and redialled.
 
@@ -51,6 +51,8 @@ pub enum Refused {
     /// A certificate from a CA this router does not trust.
     UnknownCa,
     Expired,
+    /// A certificate whose validity has not begun.
+    NotYetValid,
     NoCertificate,
     /// A trusted certificate, but not for an identity this router accepts (or not from that
     /// identity's own cluster CA).
@@ -65,6 +67,7 @@ impl Refused {
             Refused::Plaintext => "plaintext",
             Refused::UnknownCa => "unknown_ca",
             Refused::Expired => "expired",
+            Refused::NotYetValid => "not_yet_valid",
             Refused::NoCertificate => "no_certificate",
             Refused::WrongIdentity => "wrong_identity",
             Refused::Other => "other",
@@ -88,6 +91,9 @@ impl Refused {
             Error::InvalidCertificate(
                 CertificateError::Expired | CertificateError::ExpiredContext { .. },
             ) => Refused::Expired,
+            Error::InvalidCertificate(
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+            ) => Refused::NotYetValid,
             Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             ) => Refused::WrongIdentity,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use servicekeel_proxy::router::peers::{Cluster, Peers};
 use servicekeel_proxy::router::{Api, LinksConfig, Router, RouterConfig};
-use support::pki::{Ca, assert_metrics_reach, matrix_refusals};
+use support::pki::{Ca, Validity, assert_metrics_reach, matrix_refusals};
 use support::{echo_through, http_get, pod_behind, tcp_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,7 +23,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// Writes a router's TLS files for `identity` issued by `ca` and returns the links config.
 fn links(dir: &Path, ca: &Ca, identity: &str, peers: Peers) -> LinksConfig {
     std::fs::create_dir_all(dir).unwrap();
-    let (cert, key) = ca.issue(identity, false);
+    let (cert, key) = ca.issue(identity, Validity::Current);
     std::fs::write(dir.join("tls.crt"), cert).unwrap();
     std::fs::write(dir.join("tls.key"), key).unwrap();
     std::fs::write(dir.join("ca.crt"), &ca.pem).unwrap();
@@ -310,7 +310,7 @@ async fn would_be_peers_without_the_right_certificate_are_refused_and_counted() 
         try_as_peer(
             &router,
             &ca.pem,
-            Some(ca.issue("servicekeel-router.cluster-a", false))
+            Some(ca.issue("servicekeel-router.cluster-a", Validity::Current))
         )
         .await
     );
@@ -330,28 +330,51 @@ async fn would_be_peers_without_the_right_certificate_are_refused_and_counted() 
     let refused = [
         (
             "unknown CA",
-            Some(rogue.issue("servicekeel-router.cluster-a", false)),
+            Some(rogue.issue("servicekeel-router.cluster-a", Validity::Current)),
         ),
         (
             "expired",
-            Some(ca.issue("servicekeel-router.cluster-a", true)),
+            Some(ca.issue("servicekeel-router.cluster-a", Validity::Expired)),
         ),
-        ("wrong identity", Some(ca.issue("web.default.svc", false))),
+        (
+            "not yet valid",
+            Some(ca.issue("servicekeel-router.cluster-a", Validity::NotYetValid)),
+        ),
+        (
+            "wrong identity",
+            Some(ca.issue("web.default.svc", Validity::Current)),
+        ),
         (
             "another cluster's CA speaking for this one",
-            Some(other_cluster_ca.issue("servicekeel-router.cluster-a", false)),
+            Some(other_cluster_ca.issue("servicekeel-router.cluster-a", Validity::Current)),
         ),
         ("no certificate", None),
     ];
+    // Each case many times over (`SERVICEKEEL_REFUSAL_ATTEMPTS`, 20 by default; RELIABILITY.md
+    // gives a run of 1000), eight handshakes at a time: not one may get through.
+    let attempts: usize = std::env::var("SERVICEKEEL_REFUSAL_ATTEMPTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20);
     for (what, identity) in refused {
-        assert!(
-            !try_as_peer(&router, &ca.pem, identity).await,
-            "{what} got through"
-        );
+        let mut accepted = 0;
+        let mut left = attempts;
+        while left > 0 {
+            let batch = left.min(8);
+            left -= batch;
+            let tries = (0..batch).map(|_| try_as_peer(&router, &ca.pem, identity.clone()));
+            accepted += futures::future::join_all(tries)
+                .await
+                .into_iter()
+                .filter(|got_through| *got_through)
+                .count();
+        }
+        assert_eq!(accepted, 0, "{what}: {accepted} of {attempts} got through");
     }
+    eprintln!("rejection matrix: {attempts} attempts per case, 0 accepted");
 
     let admin = router.admin_addr();
-    assert_metrics_reach(|| http_get(admin, "/metrics"), &matrix_refusals()).await;
+    assert_metrics_reach(|| http_get(admin, "/metrics"), &matrix_refusals(attempts)).await;
     let metrics = http_get(admin, "/metrics").await;
     // Only the genuine peer's flow reached the endpoint (and ended when that peer left).
     let flows: u64 = metrics

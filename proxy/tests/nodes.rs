@@ -20,7 +20,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use servicekeel_api::podinfo::format_annotations;
 use support::netns::{Net, Node, NodeRuntime, Process};
-use support::pki::{Ca, assert_metrics_reach, matrix_refusals, try_as_peer};
+use support::pki::{Ca, Validity, assert_metrics_reach, matrix_refusals, try_as_peer};
 use support::{echo_through, pattern, resolve, tcp_echo_on, udp_echo_on};
 use tokio::net::UdpSocket;
 
@@ -168,7 +168,7 @@ fn place(temp: &Path, node: Node, name: &str, ca: &Ca, cluster: &str) -> Place {
 }
 
 fn write_tls(dir: &Path, ca: &Ca, cluster: &str) {
-    let (cert, key) = ca.issue(&format!("servicekeel-router.{cluster}"), false);
+    let (cert, key) = ca.issue(&format!("servicekeel-router.{cluster}"), Validity::Current);
     std::fs::write(dir.join("tls.crt"), cert).unwrap();
     std::fs::write(dir.join("tls.key"), key).unwrap();
     std::fs::write(dir.join("ca.crt"), &ca.pem).unwrap();
@@ -480,27 +480,32 @@ async fn a_client_in_cluster_b_reaches_cluster_a_only_through_the_gateways() {
     let attempts = [
         (
             "cluster-b's own identity",
-            Some(ca_b.issue("servicekeel-router.cluster-b", false)),
+            Some(ca_b.issue("servicekeel-router.cluster-b", Validity::Current)),
             true,
         ),
         (
             "unknown CA",
-            Some(rogue.issue("servicekeel-router.cluster-b", false)),
+            Some(rogue.issue("servicekeel-router.cluster-b", Validity::Current)),
             false,
         ),
         (
             "expired",
-            Some(ca_b.issue("servicekeel-router.cluster-b", true)),
+            Some(ca_b.issue("servicekeel-router.cluster-b", Validity::Expired)),
+            false,
+        ),
+        (
+            "not yet valid",
+            Some(ca_b.issue("servicekeel-router.cluster-b", Validity::NotYetValid)),
             false,
         ),
         (
             "wrong identity",
-            Some(ca_b.issue("simple-server.default.svc", false)),
+            Some(ca_b.issue("simple-server.default.svc", Validity::Current)),
             false,
         ),
         (
             "cluster-b's CA claiming cluster-a",
-            Some(ca_b.issue("servicekeel-router.cluster-a.local", false)),
+            Some(ca_b.issue("servicekeel-router.cluster-a.local", Validity::Current)),
             false,
         ),
         ("no certificate", None, false),
@@ -543,7 +548,7 @@ async fn a_client_in_cluster_b_reaches_cluster_a_only_through_the_gateways() {
     );
     assert_metrics_reach(
         || get(&b, (a_addr, ADMIN_PORT).into(), "/metrics"),
-        &matrix_refusals(),
+        &matrix_refusals(1),
     )
     .await;
 }

@@ -30,17 +30,33 @@ impl Ca {
         }
     }
 
-    /// Issues a certificate for `name`; `expired` makes one whose validity ended long ago.
-    pub fn issue(&self, name: &str, expired: bool) -> (String, String) {
+    /// Issues a certificate for `name`, valid now or outside its validity.
+    pub fn issue(&self, name: &str, validity: Validity) -> (String, String) {
         let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
-        if expired {
-            params.not_before = date_time_ymd(2000, 1, 1);
-            params.not_after = date_time_ymd(2001, 1, 1);
+        match validity {
+            Validity::Current => {}
+            Validity::Expired => {
+                params.not_before = date_time_ymd(2000, 1, 1);
+                params.not_after = date_time_ymd(2001, 1, 1);
+            }
+            Validity::NotYetValid => {
+                params.not_before = date_time_ymd(2090, 1, 1);
+                params.not_after = date_time_ymd(2091, 1, 1);
+            }
         }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
         (cert, key.serialize_pem())
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    Current,
+    /// Its validity ended long ago.
+    Expired,
+    /// Its validity begins decades from now.
+    NotYetValid,
 }
 
 /// Connects to the peer port at `addr`, expecting a router of `cluster` trusted through
@@ -109,13 +125,16 @@ pub async fn try_as_peer(
 
 /// The refusals the matrix of would-be peers leaves on the router's metrics: one each for
 /// plaintext, an unknown CA, an expired certificate and none at all, two wrong identities.
-pub fn matrix_refusals() -> Vec<String> {
+/// The refusal counters after the rejection matrix ran `attempts` times over (plaintext once):
+/// two of its cases are wrong identities.
+pub fn matrix_refusals(attempts: usize) -> Vec<String> {
     [
         ("plaintext", 1),
-        ("unknown_ca", 1),
-        ("expired", 1),
-        ("wrong_identity", 2),
-        ("no_certificate", 1),
+        ("unknown_ca", attempts),
+        ("expired", attempts),
+        ("not_yet_valid", attempts),
+        ("wrong_identity", 2 * attempts),
+        ("no_certificate", attempts),
     ]
     .iter()
     .map(|(reason, n)| {
