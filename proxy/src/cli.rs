@@ -77,9 +77,19 @@ pub struct RouterArgs {
     /// How long a terminating router lets open flows finish (500ms, 20s, 1m).
     #[arg(long, env = "SERVICEKEEL_ROUTER_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = servicekeel_api::duration::parse_duration)]
     pub drain_timeout: std::time::Duration,
+    /// Most flows carried at once; past it, new flows are refused (503).
+    #[arg(long, env = "SERVICEKEEL_ROUTER_MAX_FLOWS", default_value_t = defaults::ROUTER_MAX_FLOWS, value_parser = parse_limit)]
+    pub max_flows: usize,
     /// Do not watch an API server: route from registrations and the snapshot only.
     #[arg(long, env = "SERVICEKEEL_ROUTER_NO_API")]
     pub no_api: bool,
+}
+
+fn parse_limit(text: &str) -> Result<usize, String> {
+    text.parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a positive number"))
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -119,6 +129,7 @@ impl RouterArgs {
         };
         Ok(RouterConfig {
             drain_timeout: self.drain_timeout,
+            max_flows: self.max_flows,
             api,
             links,
             socket: self.socket,

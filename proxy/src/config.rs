@@ -63,6 +63,8 @@ pub struct SidecarConfig {
     pub pod_ip: Option<IpAddr>,
     pub drain_timeout: Duration,
     pub udp_idle_timeout: Duration,
+    /// Most flows carried at once.
+    pub max_flows: usize,
 }
 
 impl SidecarConfig {
@@ -110,6 +112,10 @@ impl SidecarConfig {
             drain_timeout: read.duration(env::SIDECAR_DRAIN_TIMEOUT, defaults::DRAIN_TIMEOUT)?,
             udp_idle_timeout: read
                 .duration(env::SIDECAR_UDP_IDLE_TIMEOUT, defaults::UDP_IDLE_TIMEOUT)?,
+            max_flows: read.parsed(
+                env::SIDECAR_MAX_FLOWS,
+                &defaults::SIDECAR_MAX_FLOWS.to_string(),
+            )?,
         })
     }
 }
@@ -188,6 +194,7 @@ mod tests {
             RouterAddr::Unix("/var/run/servicekeel/router.sock".into())
         );
         assert_eq!(config.admin_addr.to_string(), "127.0.0.1:15021");
+        assert_eq!(config.max_flows, 4096);
         assert_eq!(
             config.annotations_file,
             PathBuf::from("/etc/servicekeel/podinfo/annotations")
@@ -253,6 +260,7 @@ mod tests {
                 "1d",
                 "SIDECAR_UDP_IDLE_TIMEOUT=\"1d\"",
             ),
+            ("SIDECAR_MAX_FLOWS", "lots", "SIDECAR_MAX_FLOWS=\"lots\""),
             (
                 "SERVICEKEEL_CLUSTER",
                 "Cluster_A",

@@ -164,11 +164,24 @@ fn outcome_of(error: &OpenError) -> FlowOutcome {
     }
 }
 
-/// Open flows, per local address.
-#[derive(Debug, Default)]
+/// Open flows, per local address, up to a limit for all of them.
+#[derive(Debug)]
 pub struct Flows {
     per_address: Mutex<HashMap<Ipv4Addr, usize>>,
     total: watch::Sender<usize>,
+    limit: usize,
+}
+
+/// A flow refused because `limit` flows are open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AtLimit {
+    pub limit: usize,
+}
+
+impl Default for Flows {
+    fn default() -> Self {
+        Flows::with_limit(servicekeel_api::defaults::SIDECAR_MAX_FLOWS)
+    }
 }
 
 /// One open flow; dropping it ends the count.
@@ -180,26 +193,35 @@ pub struct FlowGuard {
 }
 
 impl Flows {
+    pub fn with_limit(limit: usize) -> Self {
+        Flows {
+            per_address: Mutex::default(),
+            total: watch::Sender::new(0),
+            limit,
+        }
+    }
+
+    /// Counts a new flow to `ip`, unless `limit` flows are open already.
     pub fn begin(
         self: &Arc<Self>,
         ip: Ipv4Addr,
         metrics: &Metrics,
         protocol: Protocol,
-    ) -> FlowGuard {
-        *self
-            .per_address
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(ip)
-            .or_default() += 1;
+    ) -> Result<FlowGuard, AtLimit> {
+        let mut per_address = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        if *self.total.borrow() >= self.limit {
+            return Err(AtLimit { limit: self.limit });
+        }
+        *per_address.entry(ip).or_default() += 1;
         self.total.send_modify(|n| *n += 1);
+        drop(per_address);
         let active = metrics.active(protocol);
         active.inc();
-        FlowGuard {
+        Ok(FlowGuard {
             flows: self.clone(),
             ip,
             active,
-        }
+        })
     }
 
     /// Whether flows to `ip` are open.

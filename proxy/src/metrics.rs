@@ -48,6 +48,8 @@ pub enum FlowOutcome {
     Refused,
     /// No connection to the router.
     Unavailable,
+    /// Not carried: the sidecar's flow limit was reached.
+    Limited,
 }
 
 impl FlowOutcome {
@@ -57,6 +59,7 @@ impl FlowOutcome {
             FlowOutcome::Failed => "failed",
             FlowOutcome::Refused => "refused",
             FlowOutcome::Unavailable => "unavailable",
+            FlowOutcome::Limited => "limit",
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct RouterConfig {
     pub api: Api,
     /// How long a terminating router lets open flows finish.
     pub drain_timeout: std::time::Duration,
+    /// Most flows carried at once; past it new flows are refused (503).
+    pub max_flows: usize,
 }
 
 /// The API server the router watches for its cluster view.
@@ -211,6 +213,9 @@ struct Shared {
     links: Links,
     /// Flows open now, for draining.
     open_flows: watch::Sender<usize>,
+    /// Flows open or being opened, against `max_flows`.
+    slots: AtomicUsize,
+    max_flows: usize,
 }
 
 impl Shared {
@@ -234,6 +239,68 @@ impl Shared {
 
 impl Handler for Shared {
     async fn open(&self, request: &FlowRequest) -> Result<Upstream, Refusal> {
+        let slot = self.reserve(request.target.protocol)?;
+        let opened = self.open_reserved(request).await;
+        if opened.is_ok() {
+            // Given back when the flow finishes.
+            slot.keep();
+        }
+        opened
+    }
+
+    fn register(&self, link: LinkId, registration: Registration) -> Result<(), String> {
+        self.register_pod(link, registration)
+    }
+
+    fn unlink(&self, link: LinkId) {
+        self.unlink_pod(link)
+    }
+
+    fn finished(&self, request: &FlowRequest, finished: &Finished) {
+        self.metrics
+            .flow_finished(request.target.protocol, finished);
+        self.open_flows.send_modify(|n| *n = n.saturating_sub(1));
+        self.slots.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A place among the router's `max_flows`, given back when dropped unless kept.
+struct Slot<'a> {
+    slots: &'a AtomicUsize,
+    kept: bool,
+}
+
+impl Slot<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.slots.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Shared {
+    fn reserve(&self, protocol: servicekeel_api::Protocol) -> Result<Slot<'_>, Refusal> {
+        let slot = Slot {
+            slots: &self.slots,
+            kept: false,
+        };
+        if self.slots.fetch_add(1, Ordering::SeqCst) >= self.max_flows {
+            self.metrics.flow_refused(protocol, "limit");
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("flow limit reached: {} flows open", self.max_flows),
+            ));
+        }
+        Ok(slot)
+    }
+
+    async fn open_reserved(&self, request: &FlowRequest) -> Result<Upstream, Refusal> {
         let target = &request.target;
         let source = request.source.as_ref();
         if target.service.cluster != self.here.cluster {
@@ -296,7 +363,7 @@ impl Handler for Shared {
         ))
     }
 
-    fn register(&self, link: LinkId, registration: Registration) -> Result<(), String> {
+    fn register_pod(&self, link: LinkId, registration: Registration) -> Result<(), String> {
         let skipped = self
             .registry_mut()
             .register(link, &registration, &self.here);
@@ -309,20 +376,12 @@ impl Handler for Shared {
         Ok(())
     }
 
-    fn unlink(&self, link: LinkId) {
+    fn unlink_pod(&self, link: LinkId) {
         self.registry_mut().unlink(link);
         self.metrics.sidecar_registered(link, false);
         self.registry_changed();
     }
 
-    fn finished(&self, request: &FlowRequest, finished: &Finished) {
-        self.metrics
-            .flow_finished(request.target.protocol, finished);
-        self.open_flows.send_modify(|n| *n = n.saturating_sub(1));
-    }
-}
-
-impl Shared {
     fn flow_began(&self, protocol: servicekeel_api::Protocol) {
         self.metrics.flow_opened(protocol);
         self.open_flows.send_modify(|n| *n += 1);
@@ -438,6 +497,8 @@ impl Router {
             listening: AtomicBool::new(false),
             links,
             open_flows: watch::Sender::new(0),
+            slots: AtomicUsize::new(0),
+            max_flows: config.max_flows,
         });
         shared.metrics.registry_entries(shared.registry().len());
         let listener = bind_socket(&config).map_err(|cause| RouterError::Listen {

@@ -197,7 +197,7 @@ impl Sidecar {
         };
         let (stop, stopped) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
-        let flows = Arc::new(Flows::default());
+        let flows = Arc::new(Flows::with_limit(config.max_flows));
         let client = Client::start(
             config.router.clone(),
             &source(&config, config.pod_ip),

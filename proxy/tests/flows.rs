@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use servicekeel_api::Protocol;
 use servicekeel_proxy::sidecar::Sidecar;
-use support::{Pod, RouterState, TestRouter, echo_through, http_get, pattern, tcp_echo, udp_echo};
+use support::{
+    Pod, RouterState, TestRouter, cut_at_once, echo_through, echoes_again, http_get, pattern,
+    tcp_echo, udp_echo,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -464,4 +467,39 @@ async fn shutdown_cuts_flows_still_open_at_the_deadline() {
     let mut one = [0u8; 1];
     live.read_exact(&mut one).await.unwrap();
     assert_eq!(within("drain", sidecar.shutdown()).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_flow_limit_the_sidecar_resets_new_connections_and_counts_them() {
+    let (_pod, _router, sidecar, local) =
+        echo_pod(78, Protocol::Tcp, &[("SIDECAR_MAX_FLOWS", "2")]).await;
+    // Two connections held open, each proven live by a round trip.
+    let mut held = Vec::new();
+    for n in 0..2u8 {
+        let mut stream = TcpStream::connect(local).await.unwrap();
+        stream.write_all(&[n; 3]).await.unwrap();
+        let mut back = [0u8; 3];
+        within("a held connection", stream.read_exact(&mut back))
+            .await
+            .unwrap();
+        assert_eq!(back, [n; 3]);
+        held.push(stream);
+    }
+    // The third is cut at once, and counted as refused for the limit.
+    assert!(cut_at_once(local).await, "a third flow was carried");
+    let metrics = http_get(sidecar.admin_addr(), "/metrics").await;
+    let line = r#"servicekeel_sidecar_flows_total{protocol="TCP",outcome="limit"} 1"#;
+    assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    // The held ones still work; once one closes, a new connection is carried again.
+    held[0].write_all(b"still").await.unwrap();
+    let mut back = [0u8; 5];
+    held[0].read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still");
+    drop(held.pop());
+    assert!(
+        echoes_again(local).await,
+        "no flow carried after one closed"
+    );
+    drop(held);
+    sidecar.shutdown().await;
 }

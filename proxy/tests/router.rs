@@ -16,7 +16,10 @@ use servicekeel_proxy::router::{Api, Router, RouterConfig};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 
-use support::{echo_through, http_get, pattern, pod_behind, tcp_echo, tcp_echo_server, udp_echo};
+use support::{
+    cut_at_once, echo_through, echoes_again, http_get, pattern, pod_behind, tcp_echo,
+    tcp_echo_server, udp_echo,
+};
 use tokio::net::UdpSocket;
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -33,6 +36,7 @@ fn config(dir: &Path) -> RouterConfig {
         links: None,
         api: Api::Off,
         drain_timeout: std::time::Duration::from_secs(20),
+        max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
     }
 }
 
@@ -330,4 +334,53 @@ async fn shutdown_lets_open_flows_finish() {
     for sidecar in [client, server] {
         sidecar.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_flow_limit_the_router_refuses_new_flows_and_counts_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let router = Router::start(RouterConfig {
+        max_flows: 1,
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    let (tcp, udp) = (tcp_echo().await, udp_echo().await);
+    let server = pod_behind(
+        &router,
+        "127.0.88.0/24",
+        "services: []",
+        Some(&exports(tcp, udp)),
+    )
+    .start()
+    .await;
+    assert!(registry_has(&router, 2).await, "the server pod registered");
+    let client = pod_behind(&router, "127.0.89.0/24", IMPORTS, None)
+        .start()
+        .await;
+    let local: SocketAddr = "127.0.89.1:80".parse().unwrap();
+
+    let mut held = tokio::net::TcpStream::connect(local).await.unwrap();
+    held.write_all(b"one").await.unwrap();
+    let mut back = [0u8; 3];
+    tokio::time::timeout(PATIENCE, held.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"one");
+    assert!(cut_at_once(local).await, "a second flow was carried");
+    let metrics = http_get(router.admin_addr(), "/metrics").await;
+    let line = r#"servicekeel_router_flows_total{protocol="TCP",outcome="limit"} 1"#;
+    assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+
+    drop(held);
+    assert!(
+        echoes_again(local).await,
+        "no flow carried after the first closed"
+    );
+    assert_eq!(router.open_flows(), 0);
+    client.shutdown().await;
+    server.shutdown().await;
+    router.shutdown().await;
 }

@@ -38,6 +38,11 @@ pub const HEALTH_PATH: &str = "/healthz";
 pub const DRAIN_TIMEOUT: &str = "20s";
 /// How long a UDP flow lives without a datagram either way.
 pub const UDP_IDLE_TIMEOUT: &str = "60s";
+/// Most flows (TCP connections and UDP clients) one sidecar carries at once; past it, new
+/// connections are reset and new UDP clients' datagrams dropped.
+pub const SIDECAR_MAX_FLOWS: usize = 4096;
+/// Most flows one router carries at once; past it, new flows are refused (503).
+pub const ROUTER_MAX_FLOWS: usize = 65536;
 /// The cluster's DNS domain.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// At most this many imported services per pod: one local IP each in a /24.

@@ -16,6 +16,8 @@ pub const SIDECAR_ADMIN_ADDR: &str = "SIDECAR_ADMIN_ADDR";
 pub const SIDECAR_DRAIN_TIMEOUT: &str = "SIDECAR_DRAIN_TIMEOUT";
 /// How long a UDP flow lives without a datagram either way (`60s`).
 pub const SIDECAR_UDP_IDLE_TIMEOUT: &str = "SIDECAR_UDP_IDLE_TIMEOUT";
+/// Most flows the sidecar carries at once (`4096`).
+pub const SIDECAR_MAX_FLOWS: &str = "SIDECAR_MAX_FLOWS";
 /// This cluster's name.
 pub const SERVICEKEEL_CLUSTER: &str = "SERVICEKEEL_CLUSTER";
 /// This cluster's DNS domain.

@@ -40,7 +40,17 @@ async fn flow(stream: TcpStream, target: FlowTarget, context: Context) {
         Ok(std::net::SocketAddr::V4(addr)) => *addr.ip(),
         _ => return,
     };
-    let _guard = context.flows.begin(ip, &context.metrics, Protocol::Tcp);
+    let _guard = match context.flows.begin(ip, &context.metrics, Protocol::Tcp) {
+        Ok(guard) => guard,
+        Err(at_limit) => {
+            tracing::debug!(%target, limit = at_limit.limit, "flow limit reached; connection reset");
+            abort(&stream);
+            context
+                .metrics
+                .flow_ended(Protocol::Tcp, FlowOutcome::Limited);
+            return;
+        }
+    };
     let _ = stream.set_nodelay(true);
     let outcome = match context.client.open(&target).await {
         Err(error) => {

@@ -91,7 +91,19 @@ async fn flow(
     ended: mpsc::UnboundedSender<SocketAddr>,
 ) {
     let peer = client.peer;
-    let guard = context.flows.begin(ip, &context.metrics, Protocol::Udp);
+    let guard = match context.flows.begin(ip, &context.metrics, Protocol::Udp) {
+        Ok(guard) => guard,
+        Err(at_limit) => {
+            // Its datagrams are dropped, as UDP allows; a later one tries again.
+            tracing::debug!(%target, limit = at_limit.limit, "flow limit reached; datagrams dropped");
+            drop(client);
+            context
+                .metrics
+                .flow_ended(Protocol::Udp, FlowOutcome::Limited);
+            let _ = ended.send(peer);
+            return;
+        }
+    };
     let outcome = match context.client.open(&target).await {
         Err(error) => {
             tracing::debug!(%error, "flow not opened");

@@ -376,3 +376,27 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut reply).await.unwrap();
     reply
 }
+
+/// Whether a connection to `addr` is reset or closed before any byte comes back.
+pub async fn cut_at_once(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return true;
+    };
+    let _ = stream.write_all(b"anyone?").await;
+    let mut buffer = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Whether a round trip through `addr` succeeds within two seconds of trying.
+pub async fn echoes_again(addr: SocketAddr) -> bool {
+    for _ in 0..100 {
+        if echo_through(addr, b"again").await.ok().as_deref() == Some(&b"again"[..]) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
