@@ -5,7 +5,7 @@
 //! ```text
 //! servicekeel-demo serve [--tcp-echo PORT] [--udp-echo PORT] [--name PORT]
 //! servicekeel-demo resolve NAME
-//! servicekeel-demo tcp HOST:PORT [--bytes N] [--count C] [--retries R]
+//! servicekeel-demo tcp HOST:PORT [--bytes N] [--count C | --for SECONDS] [--retries R]
 //! servicekeel-demo udp HOST:PORT [--bytes N]
 //! servicekeel-demo name HOST:PORT [--count C]
 //! servicekeel-demo hold HOST:PORT --seconds S
@@ -26,7 +26,7 @@ use signal_hook::iterator::Signals;
 const USAGE: &str =
     "usage: servicekeel-demo serve [--tcp-echo PORT] [--udp-echo PORT] [--name PORT]
        servicekeel-demo resolve NAME
-       servicekeel-demo tcp HOST:PORT [--bytes N] [--count C] [--retries R]
+       servicekeel-demo tcp HOST:PORT [--bytes N] [--count C | --for SECONDS] [--retries R]
        servicekeel-demo udp HOST:PORT [--bytes N]
        servicekeel-demo name HOST:PORT [--count C]
        servicekeel-demo hold HOST:PORT --seconds S
@@ -72,12 +72,18 @@ fn run(args: &[String]) -> Result<String, String> {
         "tcp" => {
             let bytes = options.number("--bytes", 4096)?;
             let count = options.number("--count", 1)?;
+            let seconds = options.number("--for", 0)?;
             let retries = options.number("--retries", 0)?;
             let target = options.target()?;
-            if count == 1 && retries == 0 {
+            let until = match (count, seconds) {
+                (_, 0) => Until::Count(count),
+                (1, seconds) => Until::Elapsed(Duration::from_secs(seconds as u64)),
+                _ => return Err("--count and --for do not go together".into()),
+            };
+            if until == Until::Count(1) && retries == 0 {
                 Box::new(move || tcp_round_trip(&target, bytes))
             } else {
-                Box::new(move || tcp_connections(&target, bytes, count, retries))
+                Box::new(move || tcp_connections(&target, bytes, until, retries))
             }
         }
         "udp" => {
@@ -355,17 +361,33 @@ fn tcp_round_trip(target: &str, bytes: usize) -> Result<String, String> {
     ))
 }
 
-/// `count` connections one after another, each a full round trip; a failed one is tried again
-/// up to `retries` times. Fails on the first connection that fails every try.
+/// How many connections `tcp` makes: a number, or as many as fit in a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    Count(usize),
+    Elapsed(Duration),
+}
+
+/// Connections one after another, each a full round trip, until `until`; a failed one is tried
+/// again up to `retries` times. Fails on the first connection that fails every try.
 fn tcp_connections(
     target: &str,
     bytes: usize,
-    count: usize,
+    until: Until,
     retries: usize,
 ) -> Result<String, String> {
     let started = Instant::now();
     let mut retried = 0;
-    for index in 0..count {
+    let mut index = 0;
+    loop {
+        let done = match until {
+            Until::Count(count) => index >= count,
+            Until::Elapsed(duration) => started.elapsed() >= duration,
+        };
+        if done {
+            break;
+        }
+        index += 1;
         let mut attempt = 0;
         loop {
             match tcp_round_trip(target, bytes) {
@@ -377,15 +399,16 @@ fn tcp_connections(
                 }
                 Err(error) => {
                     return Err(format!(
-                        "connection {index} of {count} failed {} time(s): {error}",
-                        attempt + 1
+                        "connection {index} failed {} time(s) after {:.1} s: {error}",
+                        attempt + 1,
+                        started.elapsed().as_secs_f64()
                     ));
                 }
             }
         }
     }
     Ok(format!(
-        "tcp {target}: {count} connections of {bytes} bytes echoed byte-exact in {:.1} s, \
+        "tcp {target}: {index} connections of {bytes} bytes echoed byte-exact in {:.1} s, \
          {retried} retried, 0 failed",
         started.elapsed().as_secs_f64()
     ))
