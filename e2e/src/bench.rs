@@ -171,6 +171,15 @@ impl Proxies {
         }
     }
 
+    /// The proxies' processes by role: the router, the server pod's and the client pod's
+    /// sidecars.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        ["router", "server sidecar", "client sidecar"]
+            .into_iter()
+            .zip(self.processes.iter().map(|p| p.0.id()))
+            .collect()
+    }
+
     /// CPU time of the proxies so far.
     pub fn cpu(&self) -> anyhow::Result<Duration> {
         self.processes.iter().map(|p| cpu_of(p.0.id())).sum()
@@ -334,6 +343,18 @@ pub async fn udp_echo(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Durati
         latencies.push(started.elapsed());
     }
     Ok(latencies)
+}
+
+/// Resident memory of a process, in bytes (`VmRSS`).
+pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS for process {pid}"))?;
+    Ok(kib * 1024)
 }
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {

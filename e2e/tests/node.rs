@@ -596,11 +596,9 @@ fn in_client_namespaces(pid: u32, arguments: &[&str]) -> anyhow::Result<String> 
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
-fn router_pid() -> Option<u32> {
-    node::processes()
-        .into_iter()
-        .find(|(_, cmdline)| cmdline.contains("servicekeel-proxy router"))
-        .map(|(pid, _)| pid)
+/// The router process of the node's router pod (not any router on this machine).
+fn router_pid(pod_uid: &str) -> Option<u32> {
+    node::pod_process(pod_uid, "servicekeel-proxy router")
 }
 
 async fn router_ready() -> anyhow::Result<()> {
@@ -653,11 +651,9 @@ async fn edge_autonomy(shared: Arc<Shared>) -> anyhow::Result<()> {
     let routers = Api::<Pod>::namespaced(shared.client.clone(), webhook::SYSTEM_NAMESPACE)
         .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-router"))
         .await?;
-    let router_pod = routers
-        .items
-        .first()
-        .and_then(|p| p.metadata.name.clone())
-        .context("no router pod")?;
+    let router = routers.items.first().context("no router pod")?;
+    let router_pod = router.metadata.name.clone().context("no name")?;
+    let router_uid = router.metadata.uid.clone().context("no uid")?;
 
     let mut cluster = shared.cluster.lock().await;
     let down_at = Instant::now();
@@ -686,7 +682,7 @@ async fn edge_autonomy(shared: Arc<Shared>) -> anyhow::Result<()> {
     );
 
     // The router's process dies; the kubelet starts it again, and it routes from its snapshot.
-    let old = router_pid().context("no router process")?;
+    let old = router_pid(&router_uid).context("no router process")?;
     let _ = rustix::process::kill_process(
         rustix::process::Pid::from_raw(old as i32).context("bad pid")?,
         rustix::process::Signal::KILL,
@@ -695,7 +691,7 @@ async fn edge_autonomy(shared: Arc<Shared>) -> anyhow::Result<()> {
         "the kubelet restarts the router",
         Duration::from_secs(60),
         || async {
-            let new = router_pid().context("no router process yet")?;
+            let new = router_pid(&router_uid).context("no router process yet")?;
             ensure!(new != old, "still the old router");
             router_ready().await
         },
