@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::{paths, process};
 
+pub mod pods;
 pub mod webhook;
 
 /// One measurement of one side.
@@ -40,6 +41,19 @@ impl Sample {
     /// CPU time per unit, in microseconds.
     pub fn cpu_per_unit_us(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / self.units as f64
+    }
+
+    /// A sample of one unit per latency, over `wall`, with no CPU measured.
+    pub fn of_latencies(mut latencies: Vec<Duration>, wall: Duration) -> Sample {
+        latencies.sort();
+        let has = !latencies.is_empty();
+        Sample {
+            wall,
+            cpu: Duration::ZERO,
+            units: latencies.len() as u64,
+            p50: has.then(|| percentile(&latencies, 0.50)),
+            p99: has.then(|| percentile(&latencies, 0.99)),
+        }
     }
 }
 
