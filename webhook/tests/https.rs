@@ -455,3 +455,85 @@ async fn shutdown_lets_an_open_connection_finish_its_request() {
     assert!(reply.contains(r#""allowed":true"#), "{reply}");
     server.shutdown().await;
 }
+
+/// Whether the server closes `stream` within `limit` (reads end or fail).
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 256];
+    let read = async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.is_ok()
+}
+
+/// Slow-loris: 100 connections that never start the TLS handshake and 20 that finish it but
+/// dribble their request line a byte every half second hold nothing for good: the handshake
+/// and header timeouts close them all, and an honest client is answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_by_timeouts_while_others_are_served() {
+    use servicekeel_webhook::server::{HANDSHAKE_TIMEOUT, HEADER_READ_TIMEOUT};
+    use tokio::io::AsyncWriteExt;
+    let Started { server, ca, .. } = start().await;
+    let addr = server.addr;
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        stalled.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(ca.client_config()));
+    let mut dribblers = Vec::new();
+    for _ in 0..20 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        dribblers.push(tokio::spawn(async move {
+            for byte in b"POST /mutate HTTP/1.1\r\nHost: webhook\r\n".iter().cycle() {
+                if tls.write_all(&[*byte]).await.is_err() || tls.flush().await.is_err() {
+                    // Cut by the server.
+                    return started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            unreachable!("the cycle never ends")
+        }));
+    }
+    // An honest client is served while all of them hang on.
+    let client = ca.http_client(false);
+    for _ in 0..5 {
+        let (status, body) = post(
+            &client,
+            &server,
+            serde_json::to_vec(&review_fixture()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let limit = HANDSHAKE_TIMEOUT.max(HEADER_READ_TIMEOUT) + Duration::from_secs(10);
+    for (index, stream) in stalled.iter_mut().enumerate() {
+        assert!(
+            closed_within(stream, limit).await,
+            "stalled handshake {index} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    for dribbler in dribblers {
+        let cut_after = tokio::time::timeout(limit, dribbler)
+            .await
+            .expect("a dribbling client was never cut")
+            .unwrap();
+        assert!(
+            cut_after >= HEADER_READ_TIMEOUT / 2,
+            "cut after {cut_after:?}, before any timeout could have fired"
+        );
+    }
+    eprintln!(
+        "100 stalled handshakes and 20 dribbling clients cut within {:?}",
+        started.elapsed()
+    );
+}
