@@ -306,6 +306,14 @@ fn malformed_corpus() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         ("64 KiB of 0xff", vec![0xff; 65_000]),
+        (
+            "question name pointing into the header",
+            with(header(0, 1, 0, 0, 0), &[0xc0, 0x00, 0, 1, 0, 1]),
+        ),
+        (
+            "question name pointing forward",
+            with(header(0, 1, 0, 0, 0), &[1, b'a', 0xc0, 0x20, 0, 1, 0, 1]),
+        ),
     ]
 }
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 use hickory_proto::op::{Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinDecoder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo, Server};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use tokio::net::{TcpListener, UdpSocket};
 
 use super::upstream::Upstream;
@@ -62,14 +63,19 @@ fn failed(request: &Request) -> ResponseInfo {
     })
 }
 
-/// Answers with `code` and no records.
+/// Answers with `code` and no records. A FORMERR does not repeat the question: what could not
+/// be understood is not echoed back.
 async fn error<R: ResponseHandler>(
     request: &Request,
     mut response: R,
     code: ResponseCode,
 ) -> ResponseInfo {
-    let message =
-        MessageResponseBuilder::from_message_request(request).error_msg(&request.metadata, code);
+    let no_question = Queries::read(&mut BinDecoder::new(&[]), 0);
+    let builder = match (&no_question, code) {
+        (Ok(empty), ResponseCode::FormErr) => MessageResponseBuilder::new(empty, None),
+        _ => MessageResponseBuilder::from_message_request(request),
+    };
+    let message = builder.error_msg(&request.metadata, code);
     response
         .send_response(message)
         .await
@@ -87,6 +93,10 @@ impl RequestHandler for Handler {
             Some(ResponseCode::Refused)
         } else if request.metadata.op_code != OpCode::Query {
             Some(ResponseCode::NotImp)
+        } else if question_points_outside_itself(request.as_slice()) {
+            // The question is echoed in the answer as it came; a pointer out of the question
+            // section would point at different bytes there and make the answer unreadable.
+            Some(ResponseCode::FormErr)
         } else {
             None
         };
@@ -159,6 +169,33 @@ impl RequestHandler for Handler {
             }
         }
     }
+}
+
+/// Whether the first question's name, as sent, uses a compression pointer to anywhere but an
+/// earlier byte of that same name's question section (only the header precedes it). Malformed
+/// names are left to the decoder.
+fn question_points_outside_itself(message: &[u8]) -> bool {
+    const HEADER: usize = 12;
+    let mut at = HEADER;
+    // Each step moves forward; a name is at most 255 bytes.
+    for _ in 0..256 {
+        let Some(&length) = message.get(at) else {
+            return false;
+        };
+        match length {
+            0 => return false,
+            1..=63 => at += 1 + usize::from(length),
+            0xc0..=0xff => {
+                let Some(&low) = message.get(at + 1) else {
+                    return false;
+                };
+                let target = usize::from(u16::from_be_bytes([length & 0x3f, low]));
+                return target < HEADER || target >= at;
+            }
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// The DNS server, bound: UDP and TCP on one address.
@@ -294,5 +331,36 @@ mod tests {
         assert_eq!(answer_code("[::1]:5353").await, ResponseCode::NoError);
         assert_eq!(answer_code("10.1.2.3:5353").await, ResponseCode::Refused);
         assert_eq!(answer_code("[fd00::1]:5353").await, ResponseCode::Refused);
+    }
+}
+
+#[cfg(test)]
+mod question_pointer_tests {
+    use super::question_points_outside_itself;
+
+    fn message(question: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0x51, 0x51, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        bytes.extend_from_slice(question);
+        bytes
+    }
+
+    #[test]
+    fn pointers_out_of_the_question_are_found() {
+        // Plain names, and names cut short, are not this check's business.
+        assert!(!question_points_outside_itself(&message(
+            b"\x04echo\x00\x00\x01\x00\x01"
+        )));
+        assert!(!question_points_outside_itself(&message(b"\x04ech")));
+        assert!(!question_points_outside_itself(&message(b"")));
+        // Into the header, at itself, forward.
+        assert!(question_points_outside_itself(&message(
+            b"\xc0\x00\x00\x01\x00\x01"
+        )));
+        assert!(question_points_outside_itself(&message(
+            b"\xc0\x0c\x00\x01\x00\x01"
+        )));
+        assert!(question_points_outside_itself(&message(b"\x01a\xc0\x20")));
+        // Back to an earlier label of the same name.
+        assert!(!question_points_outside_itself(&message(b"\x01a\xc0\x0c")));
     }
 }
