@@ -311,6 +311,13 @@ fn malformed_corpus() -> Vec<(&'static str, Vec<u8>)> {
             with(header(0, 1, 0, 0, 0), &[0xc0, 0x00, 0, 1, 0, 1]),
         ),
         (
+            "a NOTIFY whose questions point into the header",
+            with(
+                header(4, 2, 0, 0, 0),
+                &[0xc0, 0x00, 0, 1, 0, 1, 0xc0, 0x02, 0, 1, 0, 1],
+            ),
+        ),
+        (
             "question name pointing forward",
             with(header(0, 1, 0, 0, 0), &[1, b'a', 0xc0, 0x20, 0, 1, 0, 1]),
         ),

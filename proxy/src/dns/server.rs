@@ -63,16 +63,19 @@ fn failed(request: &Request) -> ResponseInfo {
     })
 }
 
-/// Answers with `code` and no records. A FORMERR does not repeat the question: what could not
-/// be understood is not echoed back.
+/// Answers with `code` and no records. The question is repeated (as resolvers expect) only when
+/// it is one question whose name stays within itself: the question goes back as it came, and
+/// pointers out of it would point at other bytes in the answer and make it unreadable.
 async fn error<R: ResponseHandler>(
     request: &Request,
     mut response: R,
     code: ResponseCode,
 ) -> ResponseInfo {
+    let echo =
+        request.request_info().is_ok() && !question_points_outside_itself(request.as_slice());
     let no_question = Queries::read(&mut BinDecoder::new(&[]), 0);
-    let builder = match (&no_question, code) {
-        (Ok(empty), ResponseCode::FormErr) => MessageResponseBuilder::new(empty, None),
+    let builder = match &no_question {
+        Ok(empty) if !echo => MessageResponseBuilder::new(empty, None),
         _ => MessageResponseBuilder::from_message_request(request),
     };
     let message = builder.error_msg(&request.metadata, code);
