@@ -256,7 +256,7 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<()> {
         }
     }
     rows.push(Row {
-        what: "pod creation through the real apiserver, one create call at a time, 20 per run (baseline: unlabelled namespace, same pod)",
+        what: "pod creation through the real apiserver, one create call at a time, 20 per run, pods left Pending (baseline: unlabelled namespace, same pod)",
         unit: "pods/s",
         scale: 1.0,
         cpu_per: None,
