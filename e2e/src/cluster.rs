@@ -105,29 +105,14 @@ impl LocalCluster {
         let kubeconfig = control_plane.kubeconfig.clone();
         let dir = control_plane.dir.clone();
         let api_port = control_plane.api_port;
-        let mut processes = Vec::new();
-        for process in [
+        let processes = [
             Some(control_plane.etcd),
             Some(control_plane.apiserver),
             webhook,
         ]
         .into_iter()
-        .flatten()
-        {
-            let name = process.name().to_string();
-            let log = process.log().to_owned();
-            if let Some(pid) = process.detach() {
-                processes.push(Component { name, pid, log });
-            }
-        }
-        let state = State {
-            kubeconfig,
-            api_port,
-            processes,
-            node: false,
-        };
-        state.save(&dir)?;
-        Ok(state)
+        .flatten();
+        State::record(&dir, kubeconfig, api_port, processes, false)
     }
 }
 
@@ -270,21 +255,8 @@ impl NodeCluster {
         let processes = [control_plane.etcd, control_plane.apiserver]
             .into_iter()
             .chain(controllers)
-            .chain(node.into_processes())
-            .filter_map(|process| {
-                let name = process.name().to_string();
-                let log = process.log().to_owned();
-                process.detach().map(|pid| Component { name, pid, log })
-            })
-            .collect();
-        let state = State {
-            kubeconfig,
-            api_port,
-            processes,
-            node: true,
-        };
-        state.save(&dir)?;
-        Ok(state)
+            .chain(node.into_processes());
+        State::record(&dir, kubeconfig, api_port, processes, true)
     }
 }
 
@@ -349,9 +321,30 @@ impl State {
         }
     }
 
-    fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        std::fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(self)?)?;
-        Ok(())
+    /// Leaves `processes` running, forgetting them here, and records them in `dir`.
+    fn record(
+        dir: &Path,
+        kubeconfig: PathBuf,
+        api_port: u16,
+        processes: impl IntoIterator<Item = Process>,
+        node: bool,
+    ) -> anyhow::Result<State> {
+        let processes = processes
+            .into_iter()
+            .filter_map(|process| {
+                let name = process.name().to_string();
+                let log = process.log().to_owned();
+                process.detach().map(|pid| Component { name, pid, log })
+            })
+            .collect();
+        let state = State {
+            kubeconfig,
+            api_port,
+            processes,
+            node,
+        };
+        std::fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
+        Ok(state)
     }
 
     pub fn all_running(&self) -> bool {

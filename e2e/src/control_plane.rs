@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::kubernetes::{APISERVER, CONTROLLER_MANAGER, KubeBinaries, SCHEDULER};
 use crate::node;
 use crate::pki::Pki;
-use crate::process::{Lifetime, Process, args, free_port, wait_ready};
+use crate::process::{Lifetime, Process, args, free_port, http_get, wait_ready};
 
 const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const APISERVER_READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -250,19 +249,9 @@ async fn start_etcd(dir: &Path, lifetime: Lifetime) -> anyhow::Result<(Process, 
 }
 
 async fn etcd_healthy(port: u16) -> bool {
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream
-            .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).await?;
-        Ok::<_, std::io::Error>(reply.contains(r#""health":"true""#))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), attempt).await,
-        Ok(Ok(true))
-    )
+    http_get(([127, 0, 0, 1], port).into(), "/health")
+        .await
+        .is_ok_and(|reply| reply.contains(r#""health":"true""#))
 }
 
 async fn wait_for_apiserver(

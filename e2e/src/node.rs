@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::Node as NodeObject;
+use k8s_openapi::api::core::v1::{Node as NodeObject, Pod};
 use kube::Api;
 use serde::{Deserialize, Serialize};
 
@@ -254,22 +254,7 @@ impl Node {
             NODE_READY_TIMEOUT,
             || async {
                 let node = nodes.get_opt(NODE_NAME).await.map_err(|e| e.to_string())?;
-                let node = node.ok_or("not registered yet")?;
-                let ready = node
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .find(|c| c.type_ == "Ready");
-                match ready {
-                    Some(c) if c.status == "True" => Ok(()),
-                    Some(c) => Err(format!(
-                        "Ready={}: {}",
-                        c.status,
-                        c.message.unwrap_or_default()
-                    )),
-                    None => Err("no Ready condition yet".into()),
-                }
+                node_ready(&node.ok_or("not registered yet")?)
             },
         )
         .await
@@ -279,6 +264,32 @@ impl Node {
     pub fn into_processes(self) -> Vec<Process> {
         vec![self.dns, self.containerd, self.kubelet]
     }
+}
+
+/// Whether the node says it is Ready; if not, what its Ready condition says.
+pub fn node_ready(node: &NodeObject) -> Result<(), String> {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    match ready {
+        Some(c) if c.status == "True" => Ok(()),
+        Some(c) => Err(format!(
+            "Ready={}: {}",
+            c.status,
+            c.message.clone().unwrap_or_default()
+        )),
+        None => Err("no Ready condition yet".into()),
+    }
+}
+
+/// Whether the pod's Ready condition is True.
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn start_dns(dir: &Path, lifetime: Lifetime) -> anyhow::Result<Process> {

@@ -24,7 +24,7 @@ use servicekeel_e2e::cluster::{NodeCluster, pods_report};
 use servicekeel_e2e::demo::{self, CLIENT, NAMESPACE};
 use servicekeel_e2e::harness::{self, Test};
 use servicekeel_e2e::node::{self, NODE_NAME};
-use servicekeel_e2e::process::Lifetime;
+use servicekeel_e2e::process::{Lifetime, http_get};
 use servicekeel_e2e::{paths, webhook};
 use tokio::sync::Mutex;
 
@@ -204,13 +204,6 @@ where
     }
 }
 
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn annotation(pod: &Pod, key: &str) -> Option<Value> {
     let text = pod.metadata.annotations.as_ref()?.get(key)?;
     serde_json::from_str(text).ok()
@@ -245,7 +238,7 @@ async fn native_sidecar_and_exports(shared: Arc<Shared>) -> anyhow::Result<()> {
             "{name}: the sidecar is not a native sidecar (restartPolicy {:?})",
             sidecar.restart_policy
         );
-        ensure!(is_ready(pod), "{name} is not Ready");
+        ensure!(node::pod_ready(pod), "{name} is not Ready");
         let started = pod
             .status
             .as_ref()
@@ -553,7 +546,7 @@ async fn webhook_replica_killed(shared: Arc<Shared>) -> anyhow::Result<()> {
                 restarts(&pod).iter().any(|(_, n)| *n > 0),
                 "not restarted yet"
             );
-            ensure!(is_ready(&pod), "restarted, not ready yet");
+            ensure!(node::pod_ready(&pod), "restarted, not ready yet");
             Ok(())
         },
     )
@@ -584,16 +577,21 @@ async fn webhook_replica_killed(shared: Arc<Shared>) -> anyhow::Result<()> {
 
 /// Runs `servicekeel-demo ARGS` inside the client container's namespaces: no API server needed.
 fn in_client_namespaces(pid: u32, arguments: &[&str]) -> anyhow::Result<String> {
+    let what = format!(
+        "`servicekeel-demo {}` in the client pod",
+        arguments.join(" ")
+    );
+    finished(spawn_in_client_namespaces(pid, arguments)?, &what)
+}
+
+/// The same, left running in the background.
+fn spawn_in_client_namespaces(pid: u32, arguments: &[&str]) -> std::io::Result<Child> {
     let mut all = vec!["/servicekeel-demo"];
     all.extend_from_slice(arguments);
-    let output = node::in_container(pid, &all).output()?;
-    ensure!(
-        output.status.success(),
-        "`servicekeel-demo {}` in the client pod failed: {}",
-        arguments.join(" "),
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    node::in_container(pid, &all)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
 }
 
 /// The router process of the node's router pod (not any router on this machine).
@@ -602,13 +600,7 @@ fn router_pid(pod_uid: &str) -> Option<u32> {
 }
 
 async fn router_ready() -> anyhow::Result<()> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", 15022)).await?;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await?;
+    let reply = http_get(([127, 0, 0, 1], 15022).into(), "/readyz").await?;
     ensure!(
         reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
         "{reply}"
@@ -627,14 +619,7 @@ async fn edge_autonomy(shared: Arc<Shared>) -> anyhow::Result<()> {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(20);
-    let spawn = |arguments: &[&str]| {
-        let mut all = vec!["/servicekeel-demo"];
-        all.extend_from_slice(arguments);
-        node::in_container(pid, &all)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-    };
+    let spawn = |arguments: &[&str]| spawn_in_client_namespaces(pid, arguments);
     // One connection held across the outage, and new connections one after another through it,
     // none retried.
     let live = spawn(&["hold", "echo:7000", "--seconds", &(outage + 2).to_string()])?;
@@ -727,14 +712,7 @@ async fn edge_autonomy(shared: Arc<Shared>) -> anyhow::Result<()> {
         Duration::from_secs(90),
         || async {
             let node = nodes.get(NODE_NAME).await?;
-            let ready = node
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ensure!(ready, "not Ready");
-            Ok(())
+            node::node_ready(&node).map_err(anyhow::Error::msg)
         },
     )
     .await?;

@@ -13,9 +13,9 @@ use serde_json::json;
 use servicekeel_api::keys;
 
 use crate::cluster::NodeCluster;
-use crate::paths;
 use crate::process::Lifetime;
 use crate::webhook::is_injected;
+use crate::{node, paths};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -161,14 +161,7 @@ impl PodBench {
             let started = Instant::now();
             pods.create(&PostParams::default(), &pod).await?;
             loop {
-                let pod = pods.get(&name).await?;
-                let ready = pod
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                if ready {
+                if node::pod_ready(&pods.get(&name).await?) {
                     break;
                 }
                 if started.elapsed() > READY_TIMEOUT {
