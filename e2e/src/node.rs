@@ -305,8 +305,6 @@ fn start_dns(dir: &Path, lifetime: Lifetime) -> anyhow::Result<Process> {
             "--no-hosts".into(),
             "--bind-interfaces".into(),
             format!("--listen-address={DNS_ADDRESS}"),
-            "--except-interface=*".into(),
-            "--interface=lo".into(),
             "--port=53".into(),
             "--user=root".into(),
             format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
