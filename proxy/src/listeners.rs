@@ -178,12 +178,6 @@ pub struct AtLimit {
     pub limit: usize,
 }
 
-impl Default for Flows {
-    fn default() -> Self {
-        Flows::with_limit(servicekeel_api::defaults::SIDECAR_MAX_FLOWS)
-    }
-}
-
 /// One open flow; dropping it ends the count.
 #[derive(Debug)]
 pub struct FlowGuard {

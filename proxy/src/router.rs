@@ -211,10 +211,8 @@ struct Shared {
     snapshot_saved: watch::Sender<Option<SystemTime>>,
     listening: AtomicBool,
     links: Links,
-    /// Flows open now, for draining.
+    /// Flows open or being opened: held against `max_flows`, waited for when draining.
     open_flows: watch::Sender<usize>,
-    /// Flows open or being opened, against `max_flows`.
-    slots: AtomicUsize,
     max_flows: usize,
 }
 
@@ -260,13 +258,12 @@ impl Handler for Shared {
         self.metrics
             .flow_finished(request.target.protocol, finished);
         self.open_flows.send_modify(|n| *n = n.saturating_sub(1));
-        self.slots.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// A place among the router's `max_flows`, given back when dropped unless kept.
 struct Slot<'a> {
-    slots: &'a AtomicUsize,
+    open_flows: &'a watch::Sender<usize>,
     kept: bool,
 }
 
@@ -279,25 +276,31 @@ impl Slot<'_> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if !self.kept {
-            self.slots.fetch_sub(1, Ordering::SeqCst);
+            self.open_flows.send_modify(|n| *n = n.saturating_sub(1));
         }
     }
 }
 
 impl Shared {
     fn reserve(&self, protocol: servicekeel_api::Protocol) -> Result<Slot<'_>, Refusal> {
-        let slot = Slot {
-            slots: &self.slots,
-            kept: false,
-        };
-        if self.slots.fetch_add(1, Ordering::SeqCst) >= self.max_flows {
+        let taken = self.open_flows.send_if_modified(|n| {
+            let room = *n < self.max_flows;
+            if room {
+                *n += 1;
+            }
+            room
+        });
+        if !taken {
             self.metrics.flow_refused(protocol, "limit");
             return Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("flow limit reached: {} flows open", self.max_flows),
             ));
         }
-        Ok(slot)
+        Ok(Slot {
+            open_flows: &self.open_flows,
+            kept: false,
+        })
     }
 
     async fn open_reserved(&self, request: &FlowRequest) -> Result<Upstream, Refusal> {
@@ -384,7 +387,6 @@ impl Shared {
 
     fn flow_began(&self, protocol: servicekeel_api::Protocol) {
         self.metrics.flow_opened(protocol);
-        self.open_flows.send_modify(|n| *n += 1);
     }
 
     /// A flow for another cluster goes through that cluster's gateway.
@@ -497,7 +499,6 @@ impl Router {
             listening: AtomicBool::new(false),
             links,
             open_flows: watch::Sender::new(0),
-            slots: AtomicUsize::new(0),
             max_flows: config.max_flows,
         });
         shared.metrics.registry_entries(shared.registry().len());
@@ -583,7 +584,7 @@ impl Router {
         self.shared.registry().len()
     }
 
-    /// Flows open now.
+    /// Flows open now (and those being opened).
     pub fn open_flows(&self) -> usize {
         *self.shared.open_flows.borrow()
     }
