@@ -33,7 +33,7 @@ impl LocalCluster {
         let binaries = KubeBinaries::ensure(&[APISERVER])?;
         let control_plane = ControlPlane::start(dir, &binaries, lifetime, Setup::Loopback).await?;
         let webhook_port = free_port()?;
-        let server = format!("https://127.0.0.1:{}", control_plane.api_port);
+        let server = control_plane.server.clone();
         let webhook_kubeconfig =
             webhook::install_access(&control_plane.kubeconfig, &control_plane.pki, &server, dir)?;
         let mut cluster = LocalCluster {
@@ -104,7 +104,7 @@ impl LocalCluster {
         } = self;
         let kubeconfig = control_plane.kubeconfig.clone();
         let dir = control_plane.dir.clone();
-        let api_port = control_plane.api_port;
+        let server = control_plane.server.clone();
         let processes = [
             Some(control_plane.etcd),
             Some(control_plane.apiserver),
@@ -112,7 +112,7 @@ impl LocalCluster {
         ]
         .into_iter()
         .flatten();
-        State::record(&dir, kubeconfig, api_port, processes, false)
+        State::record(&dir, kubeconfig, server, processes, false)
     }
 }
 
@@ -251,12 +251,12 @@ impl NodeCluster {
         } = self;
         let dir = host.keep();
         let kubeconfig = control_plane.kubeconfig.clone();
-        let api_port = control_plane.api_port;
+        let server = control_plane.server.clone();
         let processes = [control_plane.etcd, control_plane.apiserver]
             .into_iter()
             .chain(controllers)
             .chain(node.into_processes());
-        State::record(&dir, kubeconfig, api_port, processes, true)
+        State::record(&dir, kubeconfig, server, processes, true)
     }
 }
 
@@ -286,7 +286,9 @@ const STATE_FILE: &str = "state.json";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
     pub kubeconfig: PathBuf,
-    pub api_port: u16,
+    /// The apiserver, `https://<address>:<port>` (empty in a state file of an older `up`).
+    #[serde(default)]
+    pub server: String,
     pub processes: Vec<Component>,
     /// Whether a node runs: `down` then also gives the host back ([`node::sweep`]).
     #[serde(default)]
@@ -325,7 +327,7 @@ impl State {
     fn record(
         dir: &Path,
         kubeconfig: PathBuf,
-        api_port: u16,
+        server: String,
         processes: impl IntoIterator<Item = Process>,
         node: bool,
     ) -> anyhow::Result<State> {
@@ -339,7 +341,7 @@ impl State {
             .collect();
         let state = State {
             kubeconfig,
-            api_port,
+            server,
             processes,
             node,
         };

@@ -162,8 +162,8 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
         ));
     }
     report.push_str(&format!(
-        "apiserver https://127.0.0.1:{}\nexport KUBECONFIG={}\n",
-        state.api_port,
+        "apiserver {}\nexport KUBECONFIG={}\n",
+        state.server,
         state.kubeconfig.display()
     ));
     std::io::Write::write_all(&mut std::io::stdout(), report.as_bytes())?;
