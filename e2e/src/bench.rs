@@ -359,6 +359,21 @@ pub async fn udp_echo(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Durati
     Ok(latencies)
 }
 
+/// `count` connections held open, each having carried one 64-byte request and its answer (so
+/// every proxy on the way holds the flow).
+pub async fn open_connections(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<TcpStream>> {
+    let mut open = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut answer = [0u8; 64];
+        stream.write_all(&[b'R'; 64]).await?;
+        stream.read_exact(&mut answer).await?;
+        open.push(stream);
+    }
+    Ok(open)
+}
+
 /// Resident memory of a process, in bytes (`VmRSS`).
 pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))

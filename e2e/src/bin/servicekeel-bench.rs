@@ -141,6 +141,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let proxies = Proxies::start(tcp, udp).await?;
     let n = cli.pairs.max(1);
     const BULK: u64 = 256 << 20;
+    // Memory first, while the proxies are fresh.
+    let memory = memory(&proxies, OPEN_CONNECTIONS).await?;
     let mut rows = Vec::new();
 
     let (base, cand) = pairs(&proxies, n, tcp, proxies.tcp, |addr| async move {
@@ -232,12 +234,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.node {
         pod_rows(&mut rows, n).await?;
     }
-    let report = render(&rows, n, cli.node);
+    let report = render(&rows, &memory, n, cli.node);
     print!("{report}");
     let path = cli.output.unwrap_or_else(bench::report_path);
     std::fs::write(&path, report)?;
     eprintln!("written to {}", path.display());
     Ok(())
+}
+
+/// Connections held open for the memory figures.
+const OPEN_CONNECTIONS: usize = 1000;
+
+/// Resident memory of each proxy (bytes): idle, with `count` connections open through them, and
+/// once those closed.
+struct Memory {
+    count: usize,
+    rows: Vec<(&'static str, u64, u64, u64)>,
+}
+
+async fn memory(proxies: &Proxies, count: usize) -> anyhow::Result<Memory> {
+    let rss = || -> anyhow::Result<Vec<(&'static str, u64)>> {
+        proxies
+            .pids()
+            .into_iter()
+            .map(|(role, pid)| Ok((role, bench::rss_of(pid)?)))
+            .collect()
+    };
+    let idle = rss()?;
+    let open = bench::open_connections(proxies.tcp, count).await?;
+    let loaded = rss()?;
+    drop(open);
+    // The proxies see the closes and end the flows.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss()?;
+    let rows = idle
+        .iter()
+        .zip(&loaded)
+        .zip(&after)
+        .map(|((&(role, idle), &(_, loaded)), &(_, after))| (role, idle, loaded, after))
+        .collect();
+    Ok(Memory { count, rows })
 }
 
 /// Pods through the real apiserver: labelled namespace (candidate) against an unlabelled one.
@@ -286,7 +322,7 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render(rows: &[Row], pairs: usize, node: bool) -> String {
+fn render(rows: &[Row], memory: &Memory, pairs: usize, node: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
@@ -336,11 +372,42 @@ fn render(rows: &[Row], pairs: usize, node: bool) -> String {
             unit = row.unit,
         );
     }
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    let _ = writeln!(
+        out,
+        "\nResident memory (VmRSS) of each proxy, measured first, while fresh: idle, with {} \
+         TCP connections open through them (each carried one 64-byte request), and 2 s after \
+         they closed.\n",
+        memory.count
+    );
+    let _ = writeln!(
+        out,
+        "| process | idle | {} open connections | per connection | after they closed | goal | met |",
+        memory.count
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for &(role, idle, loaded, after) in &memory.rows {
+        // Only the client's sidecar, the one the connections' pod runs, has a goal.
+        let (goal, met) = if role == "client sidecar" {
+            let met = mb(idle) <= 10.0 && mb(loaded) <= 20.0;
+            ("≤ 10 MB idle, ≤ 20 MB at 1k", if met { "yes" } else { "**no**" })
+        } else {
+            ("—", "—")
+        };
+        let _ = writeln!(
+            out,
+            "| {role} | {:.1} MB | {:.1} MB | {:.1} kB | {:.1} MB | {goal} | {met} |",
+            mb(idle),
+            mb(loaded),
+            loaded.saturating_sub(idle) as f64 / 1e3 / memory.count as f64,
+            mb(after),
+        );
+    }
     let _ = writeln!(
         out,
         "\nLatencies are observed by the client (an upper bound on the server's share). \
          Not measured yet: {}the mTLS hop between routers, the \
-         `socat` and `dnsmasq`/`dnsperf` baselines, sidecar memory at 1,000 open connections. \
+         `socat` and `dnsmasq`/`dnsperf` baselines. \
          Sidecar start-to-ready and idle memory: `cargo bench -p servicekeel-proxy --bench startup`.",
         if node {
             ""
