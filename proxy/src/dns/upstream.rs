@@ -153,11 +153,23 @@ mod tests {
         serve.await.unwrap();
     }
 
+    /// A UDP socket and a TCP listener on the same loopback port: the UDP port is picked by the
+    /// system, and another one taken when its TCP twin is in use (an ephemeral port of some
+    /// other connection).
+    async fn udp_and_tcp_on_one_port() -> (UdpSocket, tokio::net::TcpListener, SocketAddr) {
+        for _ in 0..100 {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
+                return (udp, tcp, addr);
+            }
+        }
+        panic!("no loopback port free for both UDP and TCP in 100 tries");
+    }
+
     #[tokio::test]
     async fn a_truncated_answer_is_asked_for_again_over_tcp() {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (udp, tcp, addr) = udp_and_tcp_on_one_port().await;
         let full = answer(&query(), QR, &vec![0xab; 3000]);
         let expected = full.clone();
         let serve = tokio::spawn(async move {
