@@ -7,15 +7,18 @@
 //! - [`server`]: the router's side, serving flows and registrations for a [`server::Handler`]
 //!   that decides where each flow goes.
 //! - [`stream`]: a flow as `AsyncRead + AsyncWrite`.
+//! - [`pipe`]: a flow piped to a socket or another flow, both ways.
 //! - [`datagrams`]: a UDP flow pumped between its framed stream and a socket.
 
 pub mod client;
 pub mod datagrams;
+pub mod pipe;
 pub mod server;
 pub mod stream;
 
 use std::time::Duration;
 
+pub use pipe::{pipe, pipe_flows};
 pub use stream::FlowStream;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -37,20 +40,6 @@ pub(crate) mod settings {
     pub const MAX_FRAME: u32 = 256 * 1024;
     /// Flows at once on one connection.
     pub const MAX_STREAMS: u32 = 16 * 1024;
-}
-
-/// Buffer of each direction when a flow is piped to a socket or another flow: large enough
-/// that a bulk transfer moves in few, large HTTP/2 frames and syscalls.
-pub const PIPE_BUFFER: usize = 64 * 1024;
-
-/// Pipes `a` and `b` both ways until both directions end (half-closes carried over); returns
-/// the bytes moved from `a` to `b` and from `b` to `a`.
-pub async fn pipe<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, PIPE_BUFFER, PIPE_BUFFER).await
 }
 
 /// How long a UDP flow lives without a datagram either way.

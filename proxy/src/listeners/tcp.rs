@@ -60,7 +60,7 @@ async fn flow(stream: TcpStream, target: FlowTarget, context: Context) {
         }
         Ok(mut tunnel) => {
             let mut app = Metered::new(stream, context.metrics.bytes(Protocol::Tcp));
-            match crate::tunnel::pipe(&mut app, &mut tunnel).await {
+            match crate::tunnel::pipe(&mut tunnel, &mut app).await {
                 Ok(_) => FlowOutcome::Completed,
                 Err(error) => {
                     tracing::debug!(%error, %target, "flow broken");

@@ -3,6 +3,7 @@
 //! the flow. The same pump runs in the sidecar (local side: one client of a listening socket) and
 //! in the router (local side: a socket connected to the endpoint).
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -10,12 +11,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use servicekeel_api::tunnel::{DatagramDecoder, MAX_DATAGRAM, encode_datagram};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::FlowStream;
+use super::pipe::Source;
 
 /// The local end of a UDP flow.
 pub trait Datagrams: Send {
@@ -37,22 +39,20 @@ pub enum Way {
 /// Pumps until the flow ends cleanly (either side), the idle timeout passes, or an error.
 /// `meter` sees the payload bytes of every datagram carried.
 pub async fn relay(
-    flow: FlowStream,
+    mut flow: FlowStream,
     mut local: impl Datagrams,
     idle: Duration,
     meter: impl Fn(Way, usize) + Send,
 ) -> io::Result<()> {
-    let (mut reader, mut writer) = tokio::io::split(flow);
     let mut decoder = DatagramDecoder::default();
-    let mut buffer = vec![0u8; 64 * 1024];
-    let mut frame = Vec::with_capacity(MAX_DATAGRAM + 2);
+    // Grows to the largest datagram carried, not to the largest possible one.
+    let mut frame = Vec::new();
     let deadline = tokio::time::sleep(idle);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            read = reader.read(&mut buffer) => {
-                let n = read?;
-                if n == 0 {
+            chunk = std::future::poll_fn(|cx| flow.poll_chunk(cx)) => {
+                let Some(chunk) = chunk? else {
                     if decoder.pending() > 0 {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -60,14 +60,16 @@ pub async fn relay(
                         ));
                     }
                     break;
-                }
+                };
                 let datagrams = decoder
-                    .push(&buffer[..n])
+                    .push(&chunk)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 for datagram in datagrams {
                     local.send(&datagram).await?;
                     meter(Way::In, datagram.len());
                 }
+                // Credit goes back once the datagrams are delivered.
+                flow.consumed(chunk.len());
                 deadline.as_mut().reset(Instant::now() + idle);
             }
             next = local.recv() => {
@@ -75,36 +77,50 @@ pub async fn relay(
                 frame.clear();
                 encode_datagram(&datagram, &mut frame)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                writer.write_all(&frame).await?;
+                flow.write_all(&frame).await?;
                 meter(Way::Out, datagram.len());
                 deadline.as_mut().reset(Instant::now() + idle);
             }
             _ = &mut deadline => break,
         }
     }
-    writer.shutdown().await
+    flow.shutdown().await
 }
 
 /// A socket connected to one peer (the router's side: the endpoint).
 #[derive(Debug)]
 pub struct Connected {
     socket: UdpSocket,
-    buffer: Vec<u8>,
 }
 
 impl Connected {
     pub fn new(socket: UdpSocket) -> Self {
-        Connected {
-            socket,
-            buffer: vec![0; MAX_DATAGRAM],
-        }
+        Connected { socket }
     }
+}
+
+thread_local! {
+    /// Where datagrams are received before being copied out at their size: one buffer of the
+    /// largest datagram per thread, not one per flow.
+    static RECEIVED: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
 }
 
 impl Datagrams for Connected {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        let n = self.socket.recv(&mut self.buffer).await?;
-        Ok(Some(Bytes::copy_from_slice(&self.buffer[..n])))
+        loop {
+            self.socket.readable().await?;
+            // No await while the buffer is borrowed: receiving and copying out is one step.
+            let received = RECEIVED.with_borrow_mut(|buffer| {
+                self.socket
+                    .try_recv(buffer)
+                    .map(|n| Bytes::copy_from_slice(&buffer[..n]))
+            });
+            match received {
+                Ok(datagram) => return Ok(Some(datagram)),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {

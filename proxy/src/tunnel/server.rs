@@ -402,7 +402,7 @@ async fn open_flow<H: Handler>(
             }
             finished_copy(result)
         }
-        Upstream::Flow(mut far) => finished_copy(super::pipe(&mut flow, &mut far).await),
+        Upstream::Flow(mut far) => finished_copy(super::pipe_flows(&mut flow, &mut far).await),
         Upstream::Udp(socket) => {
             let sent = AtomicU64::new(0);
             let received = AtomicU64::new(0);

@@ -15,6 +15,8 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::pipe::{Sink, Source};
+
 /// Largest piece handed to HTTP/2 at once; bounds the copy made of each write.
 const MAX_WRITE: usize = 64 * 1024;
 
@@ -73,28 +75,18 @@ impl AsyncRead for FlowStream {
     }
 }
 
-impl AsyncWrite for FlowStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
+impl FlowStream {
+    /// Waits for send credit for up to `wanted` bytes; returns how many may be sent now, at
+    /// least 1.
+    fn poll_credit(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<io::Result<usize>> {
         if self.send_ended {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        let wanted = buf.len().min(MAX_WRITE);
         self.send.reserve_capacity(wanted);
         loop {
             let granted = self.send.capacity();
             if granted > 0 {
-                let n = granted.min(wanted);
-                self.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(to_io)?;
-                return Poll::Ready(Ok(n));
+                return Poll::Ready(Ok(granted.min(wanted)));
             }
             match ready!(self.send.poll_capacity(cx)) {
                 Some(Ok(_)) => {}
@@ -104,18 +96,75 @@ impl AsyncWrite for FlowStream {
         }
     }
 
+    fn end_send(&mut self) -> io::Result<()> {
+        if !self.send_ended {
+            self.send_ended = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+        }
+        Ok(())
+    }
+}
+
+impl Source for FlowStream {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.unread.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.unread))));
+        }
+        match ready!(self.recv.poll_data(cx)) {
+            None => Poll::Ready(Ok(None)),
+            Some(Ok(data)) => Poll::Ready(Ok(Some(data))),
+            Some(Err(error)) => Poll::Ready(Err(to_io(error))),
+        }
+    }
+
+    fn consumed(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+}
+
+impl Sink for FlowStream {
+    fn poll_send(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<usize>> {
+        let n = ready!(self.poll_credit(cx, chunk.len()))?;
+        // Handed over as it is: no copy.
+        self.send
+            .send_data(chunk.split_to(n), false)
+            .map_err(to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.end_send())
+    }
+}
+
+impl AsyncWrite for FlowStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_credit(cx, buf.len().min(MAX_WRITE)))?;
+        self.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // HTTP/2 frames are written by the connection task; nothing is held here.
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.send_ended {
-            self.send_ended = true;
-            self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
-        }
-        Poll::Ready(Ok(()))
+        Poll::Ready(self.end_send())
     }
 }
 
