@@ -19,9 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::FlowStream;
 
 /// Smallest and largest socket read. Small reads keep request/response flows cheap; large ones
-/// move a bulk transfer in few syscalls and few, large HTTP/2 frames.
+/// move a bulk transfer in few syscalls. 64 KiB rather than 256: a bulk transfer through the
+/// proxies went from ~930 to ~1030 MB/s (larger buffers are fresh pages the kernel faults in).
 const MIN_READ: usize = 4 * 1024;
-const MAX_READ: usize = 256 * 1024;
+const MAX_READ: usize = 64 * 1024;
 
 /// One side of a pipe, as the source of the chunks it produces.
 pub(crate) trait Source {
