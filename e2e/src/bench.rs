@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::{paths, process};
 
+pub mod baselines;
 pub mod pods;
 pub mod webhook;
 
@@ -59,14 +60,28 @@ impl Sample {
 
 /// CPU time (user + system) of process `pid`.
 pub fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
+    cpu_ticks(pid, 2)
+}
+
+/// The same, with that of its children it has reaped.
+pub fn cpu_with_children_of(pid: u32) -> anyhow::Result<Duration> {
+    cpu_ticks(pid, 4)
+}
+
+/// The first `fields` of utime, stime, cutime, cstime of process `pid`, summed.
+fn cpu_ticks(pid: u32, fields: usize) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may hold spaces; fields count from after its closing parenthesis.
     let rest = stat
         .rsplit_once(')')
         .context("unexpected /proc/PID/stat")?
         .1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(fields)
+        .map(|field| field.parse::<u64>())
+        .sum::<Result<_, _>>()?;
     let per_second = rustix::param::clock_ticks_per_second();
     Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
@@ -82,6 +97,9 @@ impl Drop for Running {
     }
 }
 
+/// The address the client's sidecar gives the imported service (the first of its range).
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 79, 1);
+
 /// The proxies of the benchmark: a router, a server pod's sidecar registering the servers, a
 /// client pod's sidecar importing them.
 #[derive(Debug)]
@@ -91,6 +109,8 @@ pub struct Proxies {
     pub tcp: SocketAddr,
     /// Where the client reaches the UDP server through its sidecar.
     pub udp: SocketAddr,
+    /// The client sidecar's DNS server.
+    pub dns: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -118,7 +138,12 @@ impl Proxies {
             .context("cannot start the router")?;
         let mut processes = vec![Running(router)];
         wait_for(|| socket.exists(), "the router's socket").await?;
-        let sidecar = |name: &str, range: &str, annotations: String| -> anyhow::Result<Running> {
+        let client_dns = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
+        let sidecar = |name: &str,
+                       range: &str,
+                       dns: SocketAddr,
+                       annotations: String|
+         -> anyhow::Result<Running> {
             let file = dir.path().join(format!("{name}.annotations"));
             std::fs::write(&file, annotations)?;
             let child = Command::new(&binary)
@@ -129,10 +154,7 @@ impl Proxies {
                 .env("POD_IP", "127.0.0.1")
                 .env("SERVICEKEEL_CLUSTER", "bench")
                 .env("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9")
-                .env(
-                    "SIDECAR_DNS_ADDR",
-                    format!("127.0.0.1:{}", process::free_port()?),
-                )
+                .env("SIDECAR_DNS_ADDR", dns.to_string())
                 .env(
                     "SIDECAR_ADMIN_ADDR",
                     format!("127.0.0.1:{}", process::free_port()?),
@@ -154,9 +176,11 @@ impl Proxies {
             tcp.port(),
             udp.port()
         );
+        let server_dns = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
         processes.push(sidecar(
             "server",
             "127.0.78.0/24",
+            server_dns,
             format!("servicekeel.io/exported-services={exported:?}\n"),
         )?);
         let imported =
@@ -164,12 +188,14 @@ impl Proxies {
         processes.push(sidecar(
             "client",
             "127.0.79.0/24",
+            client_dns,
             format!("servicekeel.io/imported-services={imported:?}\n"),
         )?);
         let proxies = Proxies {
             processes,
-            tcp: (Ipv4Addr::new(127, 0, 79, 1), 9000).into(),
-            udp: (Ipv4Addr::new(127, 0, 79, 1), 9001).into(),
+            tcp: (SERVICE_IP, 9000).into(),
+            udp: (SERVICE_IP, 9001).into(),
+            dns: client_dns,
             _dir: dir,
         };
         // Ready when a request goes through.
@@ -192,6 +218,11 @@ impl Proxies {
             .into_iter()
             .zip(self.processes.iter().map(|p| p.0.id()))
             .collect()
+    }
+
+    /// The client pod's sidecar, the one the loads go through.
+    pub fn client_sidecar(&self) -> u32 {
+        self.processes[2].0.id()
     }
 
     /// CPU time of the proxies so far.

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use servicekeel_e2e::bench::baselines::SocatHops;
 use servicekeel_e2e::bench::{self, Proxies, Sample};
 
 #[derive(Debug, Parser)]
@@ -71,13 +72,14 @@ impl Row {
     }
 }
 
-async fn sample<F, Fut>(proxies: &Proxies, load: F) -> anyhow::Result<Sample>
+/// CPU time spent so far by every process of the benchmark.
+type Cpu<'a> = &'a dyn Fn() -> anyhow::Result<Duration>;
+
+async fn sample<F, Fut>(cpu: Cpu<'_>, load: F) -> anyhow::Result<Sample>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<(u64, Vec<Duration>)>>,
 {
-    let cpu =
-        || -> anyhow::Result<Duration> { Ok(bench::cpu_of(std::process::id())? + proxies.cpu()?) };
     let cpu_before = cpu()?;
     let started = Instant::now();
     let (units, mut latencies) = load().await?;
@@ -96,7 +98,7 @@ where
 
 /// Baseline and candidate `pairs` times, alternating.
 async fn pairs<F, Fut>(
-    proxies: &Proxies,
+    cpu: Cpu<'_>,
     pairs: usize,
     direct: SocketAddr,
     through: SocketAddr,
@@ -108,8 +110,8 @@ where
 {
     let (mut base, mut cand) = (Vec::new(), Vec::new());
     for _ in 0..pairs {
-        base.push(sample(proxies, || load(direct)).await?);
-        cand.push(sample(proxies, || load(through)).await?);
+        base.push(sample(cpu, || load(direct)).await?);
+        cand.push(sample(cpu, || load(through)).await?);
     }
     Ok((base, cand))
 }
@@ -141,14 +143,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let proxies = Proxies::start(tcp, udp).await?;
     let n = cli.pairs.max(1);
     const BULK: u64 = 256 << 20;
+    bench::baselines::install()?;
+    let socat = SocatHops::start(tcp).await?;
+    let cpu = &|| -> anyhow::Result<Duration> {
+        Ok(bench::cpu_of(std::process::id())? + proxies.cpu()? + socat.cpu()?)
+    };
     // Memory first, while the proxies are fresh.
     let memory = memory(&proxies, OPEN_CONNECTIONS).await?;
     let mut rows = Vec::new();
 
-    let (base, cand) = pairs(&proxies, n, tcp, proxies.tcp, |addr| async move {
-        Ok((bench::tcp_bulk(addr, BULK).await?, Vec::new()))
-    })
-    .await?;
+    let bulk = |addr| async move { Ok((bench::tcp_bulk(addr, BULK).await?, Vec::new())) };
+    let paced = |addr| async move {
+        let latencies = bench::tcp_paced(addr, 1000, 1000).await?;
+        Ok((latencies.len() as u64, latencies))
+    };
+    let (base, cand) = pairs(cpu, n, tcp, proxies.tcp, bulk).await?;
     rows.push(Row {
         what: "TCP bulk throughput (256 MiB per run)",
         unit: "MB/s",
@@ -160,7 +169,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cand,
     });
 
-    let (base, cand) = pairs(&proxies, n, tcp, proxies.tcp, |addr| async move {
+    let (base, cand) = pairs(cpu, n, socat.addr, proxies.tcp, bulk).await?;
+    rows.push(Row {
+        what: "TCP bulk throughput (256 MiB per run), baseline: `socat` doing the same two hops (TCP → Unix socket → TCP, 64 KiB buffers)",
+        unit: "MB/s",
+        scale: 1e6,
+        cpu_per: Some((1048576.0, "MiB")),
+        goal: "≥ 1.2× socat",
+        met: Some(|m| m.rate.1 >= 1.2 * m.rate.0),
+        base,
+        cand,
+    });
+
+    let (base, cand) = pairs(cpu, n, tcp, proxies.tcp, |addr| async move {
         Ok((bench::tcp_connections(addr, 2000).await?, Vec::new()))
     })
     .await?;
@@ -175,11 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cand,
     });
 
-    let (base, cand) = pairs(&proxies, n, tcp, proxies.tcp, |addr| async move {
-        let latencies = bench::tcp_paced(addr, 1000, 1000).await?;
-        Ok((latencies.len() as u64, latencies))
-    })
-    .await?;
+    let (base, cand) = pairs(cpu, n, tcp, proxies.tcp, paced).await?;
     rows.push(Row {
         what: "64-byte requests at 1k req/s on one connection",
         unit: "req/s",
@@ -191,7 +208,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cand,
     });
 
-    let (base, cand) = pairs(&proxies, n, udp, proxies.udp, |addr| async move {
+    let (base, cand) = pairs(cpu, n, socat.addr, proxies.tcp, paced).await?;
+    rows.push(Row {
+        what: "64-byte requests at 1k req/s on one connection, baseline: `socat` doing the same two hops",
+        unit: "req/s",
+        scale: 1.0,
+        cpu_per: Some((1.0, "req")),
+        goal: "no goal set (what two plain relay hops cost)",
+        met: None,
+        base,
+        cand,
+    });
+
+    let (base, cand) = pairs(cpu, n, udp, proxies.udp, |addr| async move {
         let latencies = bench::udp_echo(addr, 5000).await?;
         Ok((latencies.len() as u64, latencies))
     })
@@ -207,10 +236,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cand,
     });
 
+    dns_rows(&mut rows, &proxies, n).await?;
+
     let webhooks = bench::webhook::Webhooks::start().await?;
     let webhooks = &webhooks;
     let (base, cand) = pairs(
-        &proxies,
+        cpu,
         n,
         webhooks.baseline,
         webhooks.real,
@@ -274,6 +305,49 @@ async fn memory(proxies: &Proxies, count: usize) -> anyhow::Result<Memory> {
         .map(|((&(role, idle), &(_, loaded)), &(_, after))| (role, idle, loaded, after))
         .collect();
     Ok(Memory { count, rows })
+}
+
+/// The name the client sidecar imports, as its pod's resolver asks for it.
+const IMPORTED_NAME: &str = "sink.default.svc.cluster.local";
+
+/// The sidecar's DNS against dnsmasq answering the same name, loaded by dnsperf.
+async fn dns_rows(rows: &mut Vec<Row>, proxies: &Proxies, pairs: usize) -> anyhow::Result<()> {
+    use bench::baselines::{Dnsmasq, Load, dnsperf, measured};
+    let dnsmasq = Dnsmasq::start(IMPORTED_NAME, bench::SERVICE_IP).await?;
+    let sidecar = proxies.client_sidecar();
+    let names = [IMPORTED_NAME];
+    for (load, what, goal, met) in [
+        (
+            Load::Flat(Duration::from_secs(3)),
+            "DNS queries/s for an imported name, `dnsperf` flat out for 3 s (baseline: `dnsmasq` answering the same name); CPU of the DNS server",
+            "≥ 1.5× dnsmasq qps, 0 lost",
+            (|m: &Medians| m.rate.1 >= 1.5 * m.rate.0) as fn(&Medians) -> bool,
+        ),
+        (
+            Load::Paced(10_000, Duration::from_secs(3)),
+            "DNS latency for an imported name at 10k queries/s for 3 s (`dnsperf`; baseline: `dnsmasq`); CPU of the DNS server",
+            "p99 ≤ 1 ms at 10k qps, 0 lost",
+            |m: &Medians| m.p99.1 <= 1000.0,
+        ),
+    ] {
+        let (mut base, mut cand) = (Vec::new(), Vec::new());
+        for _ in 0..pairs {
+            // A lost query fails the run: "0 lost" is part of every goal here.
+            base.push(measured(dnsmasq.pid(), || dnsperf(dnsmasq.addr, &names, load)).await?);
+            cand.push(measured(sidecar, || dnsperf(proxies.dns, &names, load)).await?);
+        }
+        rows.push(Row {
+            what,
+            unit: "q/s",
+            scale: 1.0,
+            cpu_per: Some((1.0, "query")),
+            goal,
+            met: Some(met),
+            base,
+            cand,
+        });
+    }
+    Ok(())
 }
 
 /// Pods through the real apiserver: labelled namespace (candidate) against an unlabelled one.
@@ -390,7 +464,10 @@ fn render(rows: &[Row], memory: &Memory, pairs: usize, node: bool) -> String {
         // Only the client's sidecar, the one the connections' pod runs, has a goal.
         let (goal, met) = if role == "client sidecar" {
             let met = mb(idle) <= 10.0 && mb(loaded) <= 20.0;
-            ("≤ 10 MB idle, ≤ 20 MB at 1k", if met { "yes" } else { "**no**" })
+            (
+                "≤ 10 MB idle, ≤ 20 MB at 1k",
+                if met { "yes" } else { "**no**" },
+            )
         } else {
             ("—", "—")
         };
@@ -406,8 +483,7 @@ fn render(rows: &[Row], memory: &Memory, pairs: usize, node: bool) -> String {
     let _ = writeln!(
         out,
         "\nLatencies are observed by the client (an upper bound on the server's share). \
-         Not measured yet: {}the mTLS hop between routers, the \
-         `socat` and `dnsmasq`/`dnsperf` baselines. \
+         Not measured yet: {}the mTLS hop between routers (and `socat` with OpenSSL on it). \
          Sidecar start-to-ready and idle memory: `cargo bench -p servicekeel-proxy --bench startup`.",
         if node {
             ""
