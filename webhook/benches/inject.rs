@@ -13,6 +13,10 @@ use servicekeel_webhook::config::Config;
 use servicekeel_webhook::inject::{Target, inject};
 use servicekeel_webhook::view::NoCluster;
 
+/// The allocator the webhook binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn fixture() -> Vec<u8> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -1,12 +1,16 @@
 //! The webhook row: keep-alive HTTPS reviews of a typical pod to the real `/mutate`, against a
-//! do-nothing axum handler served by the same TLS and HTTP stack on the same payload.
+//! do-nothing axum handler served by the same TLS and HTTP stack on the same payload. Latencies
+//! are taken server-side, around each server's whole router (body read, handler, response built),
+//! so they leave out the client's share and its queueing on the shared cores.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
 use axum::routing::post;
 use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -25,6 +29,8 @@ pub struct Webhooks {
     pub baseline: SocketAddr,
     pub client: reqwest::Client,
     pub review: Bytes,
+    /// Server-side latencies of the requests served since the last run.
+    served: Arc<Mutex<Vec<Duration>>>,
     _stop: watch::Sender<bool>,
 }
 
@@ -60,8 +66,20 @@ impl Webhooks {
         state.set_ready(true);
         let baseline_app = Router::new().route("/mutate", post(|_body: Bytes| async { ALLOWED }));
         let (stop, stopped) = watch::channel(false);
+        let served = Arc::new(Mutex::new(Vec::new()));
         let mut addrs = Vec::new();
         for router in [app(state), baseline_app] {
+            let timings = served.clone();
+            let router = router.layer(middleware::from_fn(move |request: Request, next: Next| {
+                let timings = timings.clone();
+                async move {
+                    let started = Instant::now();
+                    let response = next.run(request).await;
+                    let took = started.elapsed();
+                    timings.lock().expect("not poisoned").push(took);
+                    response
+                }
+            }));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             addrs.push(listener.local_addr()?);
             tokio::spawn(serve(
@@ -91,21 +109,22 @@ impl Webhooks {
             baseline: addrs[1],
             client,
             review: Bytes::from(review),
+            served,
             _stop: stop,
         })
     }
 
-    /// `count` reviews to the server at `addr`, 8 connections at a time; the latencies.
+    /// `count` reviews to the server at `addr`, 8 connections at a time; the server-side
+    /// latencies.
     pub async fn reviews(&self, addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Duration>> {
+        self.served.lock().expect("not poisoned").clear();
         let url = format!("https://{addr}/mutate");
         let mut tasks = tokio::task::JoinSet::new();
         for worker in 0..8u64 {
             let share = count / 8 + u64::from(worker < count % 8);
             let (client, url, review) = (self.client.clone(), url.clone(), self.review.clone());
             tasks.spawn(async move {
-                let mut latencies = Vec::with_capacity(share as usize);
                 for _ in 0..share {
-                    let started = Instant::now();
                     let response = client
                         .post(&url)
                         .header("content-type", "application/json")
@@ -114,15 +133,19 @@ impl Webhooks {
                         .await?;
                     ensure!(response.status().is_success(), "{}", response.status());
                     let _ = response.bytes().await?;
-                    latencies.push(started.elapsed());
                 }
-                Ok::<_, anyhow::Error>(latencies)
+                Ok::<_, anyhow::Error>(())
             });
         }
-        let mut all = Vec::with_capacity(count as usize);
         while let Some(done) = tasks.join_next().await {
-            all.extend(done??);
+            done??;
         }
-        Ok(all)
+        let served = std::mem::take(&mut *self.served.lock().expect("not poisoned"));
+        ensure!(
+            served.len() as u64 == count,
+            "{} requests served for {count} reviews sent",
+            served.len()
+        );
+        Ok(served)
     }
 }
