@@ -97,14 +97,24 @@ impl Drop for Running {
     }
 }
 
-/// The address the client's sidecar gives the imported service (the first of its range).
+/// The address the client's sidecar gives the imported service with [`Layout::OneNode`] (the
+/// first of its range).
 pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 79, 1);
 
-/// The proxies of the benchmark: a router, a server pod's sidecar registering the servers, a
-/// client pod's sidecar importing them.
+/// Where the server pod runs: beside the client pod, or on another node, reached through the
+/// client node's router, a mutual-TLS link and the server node's router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    OneNode,
+    TwoNodes,
+}
+
+/// The proxies of the benchmark: a router (two with [`Layout::TwoNodes`]), a server pod's
+/// sidecar registering the servers, a client pod's sidecar importing them.
 #[derive(Debug)]
 pub struct Proxies {
-    processes: Vec<Running>,
+    /// By role, the client pod's sidecar last.
+    processes: Vec<(&'static str, Running)>,
     /// Where the client reaches the TCP server through its sidecar.
     pub tcp: SocketAddr,
     /// Where the client reaches the UDP server through its sidecar.
@@ -114,34 +124,90 @@ pub struct Proxies {
     _dir: tempfile::TempDir,
 }
 
+/// The cluster of the benchmark's routers and pods.
+const CLUSTER: &str = "bench";
+
 impl Proxies {
     /// Starts them for a TCP server at `tcp` and a UDP server at `udp` (both on loopback).
-    pub async fn start(tcp: SocketAddr, udp: SocketAddr) -> anyhow::Result<Proxies> {
+    pub async fn start(
+        tcp: SocketAddr,
+        udp: SocketAddr,
+        layout: Layout,
+    ) -> anyhow::Result<Proxies> {
         let binary = paths::workspace_binary("servicekeel-proxy")?;
         let dir = tempfile::tempdir()?;
-        let socket = dir.path().join("router.sock");
         let log = |name: &str| -> anyhow::Result<Stdio> {
             Ok(std::fs::File::create(dir.path().join(name))?.into())
         };
-        let router = Command::new(&binary)
-            .args(["router", "--no-api", "--node=bench", "--cluster=bench"])
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!(
-                "--state-dir={}",
-                dir.path().join("state").display()
-            ))
-            .arg(format!("--admin-addr=127.0.0.1:{}", process::free_port()?))
-            .env("RUST_LOG", "warn")
-            .stdout(log("router.log")?)
-            .stderr(log("router.err")?)
-            .spawn()
-            .context("cannot start the router")?;
-        let mut processes = vec![Running(router)];
-        wait_for(|| socket.exists(), "the router's socket").await?;
+        let router = |node: &str, links: &[String]| -> anyhow::Result<(Running, PathBuf)> {
+            let socket = dir.path().join(format!("{node}.sock"));
+            let child = Command::new(&binary)
+                .args(["router", "--no-api", &format!("--cluster={CLUSTER}")])
+                .arg(format!("--node={node}"))
+                .arg(format!("--socket={}", socket.display()))
+                .arg(format!(
+                    "--state-dir={}",
+                    dir.path().join(node).join("state").display()
+                ))
+                .arg(format!("--admin-addr=127.0.0.1:{}", process::free_port()?))
+                .args(links)
+                .env("RUST_LOG", "warn")
+                .stdout(log(&format!("router-{node}.log"))?)
+                .stderr(log(&format!("router-{node}.err"))?)
+                .spawn()
+                .context("cannot start the router")?;
+            Ok((Running(child), socket))
+        };
+        let exported = format!(
+            "services: [{{name: sink, ports: [{{port: 9000, targetPort: {}}}, {{port: 9001, targetPort: {}, protocol: UDP}}]}}]",
+            tcp.port(),
+            udp.port()
+        );
+        let mut processes = Vec::new();
+        let (server_socket, client_socket) = match layout {
+            Layout::OneNode => {
+                let (running, socket) = router("bench", &[])?;
+                processes.push(("router", running));
+                (socket.clone(), socket)
+            }
+            Layout::TwoNodes => {
+                let tls = RouterTls::create(&dir.path().join("tls"))?;
+                let far_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
+                let (running, far_socket) = router("far", &tls.args(far_peer, None))?;
+                processes.push(("server node's router", running));
+                // The near router knows of the endpoints on the far node from its snapshot (as
+                // the API server would tell it) and of the far router from its peers file.
+                let peers = dir.path().join("peers.yaml");
+                std::fs::write(&peers, format!("nodes:\n  far: [\"{far_peer}\"]\n"))?;
+                let state = dir.path().join("near").join("state");
+                std::fs::create_dir_all(&state)?;
+                let entry = |port: u16, protocol: &str, addr: SocketAddr| {
+                    format!(
+                        r#"{{"target":"sink.default.{CLUSTER}:{port}/{protocol}","addr":"{addr}","node":"far","ready":true}}"#
+                    )
+                };
+                std::fs::write(
+                    state.join("registry.json"),
+                    format!(
+                        r#"{{"format":1,"saved":0,"entries":[{},{}]}}"#,
+                        entry(9000, "TCP", tcp),
+                        entry(9001, "UDP", udp)
+                    ),
+                )?;
+                let near_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
+                let (running, near_socket) = router("near", &tls.args(near_peer, Some(&peers)))?;
+                processes.push(("client node's router", running));
+                (far_socket, near_socket)
+            }
+        };
+        for socket in [&server_socket, &client_socket] {
+            wait_for(|| socket.exists(), "the router's socket").await?;
+        }
         let client_dns = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
         let sidecar = |name: &str,
                        range: &str,
                        dns: SocketAddr,
+                       socket: &PathBuf,
                        annotations: String|
          -> anyhow::Result<Running> {
             let file = dir.path().join(format!("{name}.annotations"));
@@ -152,7 +218,7 @@ impl Proxies {
                 .env("POD_NAME", name)
                 .env("POD_NAMESPACE", "default")
                 .env("POD_IP", "127.0.0.1")
-                .env("SERVICEKEEL_CLUSTER", "bench")
+                .env("SERVICEKEEL_CLUSTER", CLUSTER)
                 .env("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9")
                 .env("SIDECAR_DNS_ADDR", dns.to_string())
                 .env(
@@ -171,36 +237,49 @@ impl Proxies {
                 .with_context(|| format!("cannot start the {name} sidecar"))?;
             Ok(Running(child))
         };
-        let exported = format!(
-            "services: [{{name: sink, ports: [{{port: 9000, targetPort: {}}}, {{port: 9001, targetPort: {}, protocol: UDP}}]}}]",
-            tcp.port(),
-            udp.port()
-        );
         let server_dns = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
-        processes.push(sidecar(
-            "server",
-            "127.0.78.0/24",
-            server_dns,
-            format!("servicekeel.io/exported-services={exported:?}\n"),
-        )?);
+        processes.push((
+            "server sidecar",
+            sidecar(
+                "server",
+                "127.0.78.0/24",
+                server_dns,
+                &server_socket,
+                format!("servicekeel.io/exported-services={exported:?}\n"),
+            )?,
+        ));
         let imported =
             "services: [{name: sink, ports: [{port: 9000}, {port: 9001, protocol: UDP}]}]";
-        processes.push(sidecar(
-            "client",
-            "127.0.79.0/24",
-            client_dns,
-            format!("servicekeel.io/imported-services={imported:?}\n"),
-        )?);
-        let proxies = Proxies {
+        // Each layout's client has its own addresses, so both can run at once.
+        let (range, service_ip) = match layout {
+            Layout::OneNode => ("127.0.79.0/24", SERVICE_IP),
+            Layout::TwoNodes => ("127.0.89.0/24", Ipv4Addr::new(127, 0, 89, 1)),
+        };
+        processes.push((
+            "client sidecar",
+            sidecar(
+                "client",
+                range,
+                client_dns,
+                &client_socket,
+                format!("servicekeel.io/imported-services={imported:?}\n"),
+            )?,
+        ));
+        let mut proxies = Proxies {
             processes,
-            tcp: (SERVICE_IP, 9000).into(),
-            udp: (SERVICE_IP, 9001).into(),
+            tcp: (service_ip, 9000).into(),
+            udp: (service_ip, 9001).into(),
             dns: client_dns,
             _dir: dir,
         };
         // Ready when a request goes through.
         let started = Instant::now();
         loop {
+            for (role, running) in &mut proxies.processes {
+                if let Some(status) = running.0.try_wait()? {
+                    bail!("the {role} exited ({status}; logs in the benchmark's directory)");
+                }
+            }
             if tcp_requests(proxies.tcp, 1).await.is_ok() {
                 return Ok(proxies);
             }
@@ -211,23 +290,77 @@ impl Proxies {
         }
     }
 
-    /// The proxies' processes by role: the router, the server pod's and the client pod's
-    /// sidecars.
+    /// The proxies' processes by role: the router or routers, the server pod's and the client
+    /// pod's sidecars.
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
-        ["router", "server sidecar", "client sidecar"]
-            .into_iter()
-            .zip(self.processes.iter().map(|p| p.0.id()))
+        self.processes
+            .iter()
+            .map(|(role, running)| (*role, running.0.id()))
             .collect()
     }
 
     /// The client pod's sidecar, the one the loads go through.
     pub fn client_sidecar(&self) -> u32 {
-        self.processes[2].0.id()
+        self.processes.last().expect("the client sidecar").1.0.id()
     }
 
     /// CPU time of the proxies so far.
     pub fn cpu(&self) -> anyhow::Result<Duration> {
-        self.processes.iter().map(|p| cpu_of(p.0.id())).sum()
+        self.processes.iter().map(|(_, p)| cpu_of(p.0.id())).sum()
+    }
+}
+
+/// A CA of the benchmark's cluster and one router certificate it issued, shared by both routers
+/// (the identity is the cluster's), as PEM files.
+#[derive(Debug)]
+struct RouterTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+impl RouterTls {
+    fn create(dir: &std::path::Path) -> anyhow::Result<RouterTls> {
+        std::fs::create_dir_all(dir)?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "bench routers");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate()?;
+        let ca_pem = ca_params.self_signed(&ca_key)?.pem();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let mut params =
+            rcgen::CertificateParams::new(vec![servicekeel_api::tunnel::router_identity(CLUSTER)])?;
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let cert_pem = params.signed_by(&key, &issuer)?.pem();
+        let tls = RouterTls {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            ca: dir.join("ca.crt"),
+        };
+        std::fs::write(&tls.cert, cert_pem)?;
+        std::fs::write(&tls.key, key.serialize_pem())?;
+        std::fs::write(&tls.ca, ca_pem)?;
+        Ok(tls)
+    }
+
+    /// The router flags that turn its links on at `listen`, with `peers` when given.
+    fn args(&self, listen: SocketAddr, peers: Option<&std::path::Path>) -> Vec<String> {
+        let mut args = vec![
+            format!("--peer-listen={listen}"),
+            format!("--tls-cert={}", self.cert.display()),
+            format!("--tls-key={}", self.key.display()),
+            format!("--tls-ca={}", self.ca.display()),
+        ];
+        if let Some(peers) = peers {
+            args.push(format!("--peers={}", peers.display()));
+        }
+        args
     }
 }
 

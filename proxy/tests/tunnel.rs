@@ -216,3 +216,71 @@ async fn garbage_costs_only_its_own_connection() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "still serving");
 }
+
+/// Sends `GET /` with one extra header of `size` bytes; the status, or the error that ended it.
+async fn ask_with_header_of(
+    sender: &h2::client::SendRequest<Bytes>,
+    size: usize,
+) -> Result<StatusCode, h2::Error> {
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri("http://router/")
+        .header("servicekeel-version", "1")
+        .header("x-padding", "a".repeat(size))
+        .body(())
+        .unwrap();
+    let mut sender = sender.clone().ready().await?;
+    let (response, _) = sender.send_request(request, true)?;
+    Ok(response.await?.status())
+}
+
+#[tokio::test]
+async fn request_headers_over_the_limit_are_refused_and_cost_no_one_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let router =
+        TestRouter::start(&dir.path().join("r.sock"), Arc::new(RouterState::default())).await;
+    let limit = servicekeel_api::tunnel::MAX_HEADER_BYTES as usize;
+    let sender = connect(&router).await;
+    assert_eq!(
+        ask_with_header_of(&sender, limit / 2).await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "under the limit: an ordinary answer"
+    );
+
+    // Over the limit: that request alone is refused (431, or reset before an answer), unread.
+    match ask_with_header_of(&sender, limit + 1024).await {
+        Ok(status) => assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(error) => assert_eq!(
+            error.reason(),
+            Some(h2::Reason::REFUSED_STREAM),
+            "refused, not failed: {error}"
+        ),
+    }
+    assert_eq!(
+        ask_with_header_of(&sender, 16).await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "the same connection still serves"
+    );
+
+    // Far over it (16 times): the router stops reading the block and drops the connection,
+    // holding no more of it than the limit allows.
+    let abusive = connect(&router).await;
+    let refused = ask_with_header_of(&abusive, 16 * limit).await;
+    assert!(
+        refused.is_err(),
+        "a 256 KiB header list is not served: {refused:?}"
+    );
+    let (status, _) = ask(
+        &connect(&router).await,
+        Method::GET,
+        "http://router/",
+        &[("servicekeel-version", "1")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "other connections still served"
+    );
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 
-use super::{Running, Sample, cpu_of, percentile, wait_for};
+use super::{RouterTls, Running, Sample, cpu_of, percentile, wait_for};
 use crate::{paths, process};
 
 /// Installs what is missing (`e2e/bench/install.sh`; root, Debian's packages).
@@ -25,7 +25,9 @@ pub fn install() -> anyhow::Result<()> {
 
 /// Two `socat`s in a row, the way the sidecar and the router carry a flow: one takes TCP
 /// connections and carries each over a Unix socket, the other takes those and connects to the
-/// server over TCP. Each forks a process per connection, as socat does.
+/// server over TCP. Each forks a process per connection, as socat does. With a TLS hop, a third
+/// stands for the other node's router: the second carries the flow to it over mutual TLS
+/// (OpenSSL, the routers' certificates), and it connects to the server.
 #[derive(Debug)]
 pub struct SocatHops {
     processes: Vec<Running>,
@@ -36,14 +38,53 @@ pub struct SocatHops {
 
 impl SocatHops {
     pub async fn start(server: SocketAddr) -> anyhow::Result<SocatHops> {
+        Self::start_with(server, false).await
+    }
+
+    /// Three hops, the last two over mutual TLS with certificates like the routers'.
+    pub async fn with_tls_hop(server: SocketAddr) -> anyhow::Result<SocatHops> {
+        Self::start_with(server, true).await
+    }
+
+    async fn start_with(server: SocketAddr, with_tls: bool) -> anyhow::Result<SocatHops> {
         let dir = tempfile::tempdir()?;
+        let tls = match with_tls {
+            true => Some(RouterTls::create(&dir.path().join("tls"))?),
+            false => None,
+        };
         let socket = dir.path().join("hop.sock");
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
+        let mut processes = Vec::new();
+        let towards_server = match &tls {
+            None => format!("TCP:{server},nodelay"),
+            Some(tls) => {
+                let port = process::free_port()?;
+                let certs = format!(
+                    "cert={},key={},cafile={},verify=1",
+                    tls.cert.display(),
+                    tls.key.display(),
+                    tls.ca.display()
+                );
+                processes.push(socat(&[
+                    &format!("OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay,{certs}"),
+                    &format!("TCP:{server},nodelay"),
+                ])?);
+                wait_for(
+                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                    "socat's TLS port",
+                )
+                .await?;
+                format!(
+                    "OPENSSL:127.0.0.1:{port},nodelay,{certs},commonname={}",
+                    servicekeel_api::tunnel::router_identity(super::CLUSTER)
+                )
+            }
+        };
         // 64 KiB copy buffers, as the sidecar's and router's largest reads.
-        let far = socat(&[
+        processes.push(socat(&[
             &format!("UNIX-LISTEN:{},fork", socket.display()),
-            &format!("TCP:{server},nodelay"),
-        ])?;
+            &towards_server,
+        ])?);
         wait_for(|| socket.exists(), "socat's Unix socket").await?;
         let near = socat(&[
             &format!(
@@ -52,8 +93,9 @@ impl SocatHops {
             ),
             &format!("UNIX-CONNECT:{}", socket.display()),
         ])?;
+        processes.push(near);
         let hops = SocatHops {
-            processes: vec![far, near],
+            processes,
             addr,
             _dir: dir,
         };

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use servicekeel_e2e::bench::{self, Proxies};
+use servicekeel_e2e::bench::{self, Layout, Proxies};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,7 +110,7 @@ async fn paced<F, Fut>(
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let (tcp, udp) = bench::servers().await?;
-    let proxies = Proxies::start(tcp, udp).await?;
+    let proxies = Proxies::start(tcp, udp, Layout::OneNode).await?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(cli.minutes * 60);
     let (connections, requests, datagrams) = (
