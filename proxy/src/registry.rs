@@ -154,23 +154,28 @@ impl Registry {
     }
 
     /// The endpoints to try for `target`, best first: ready before not ready, this node before
-    /// others, each tier rotated by `turn` for round-robin, ejected ones after all others.
+    /// others, then those on nodes whose link is down (`link_up` says which are up), each tier
+    /// rotated by `turn` for round-robin, ejected ones after all others.
     pub fn routes(
         &self,
         target: &FlowTarget,
         here: &Here,
         turn: usize,
         ejected: &Ejections,
+        link_up: &dyn Fn(&str) -> bool,
         now: Instant,
     ) -> Vec<Endpoint> {
         let endpoints = self.endpoints(target).iter().cloned();
         let tier = |e: &Endpoint| -> u8 {
             let ejected = ejected.is_ejected(e.addr, now);
-            match (ejected, e.ready, e.node == here.node) {
-                (false, true, true) => 0,
-                (false, true, false) => 1,
-                (false, false, _) => 2,
-                (true, _, _) => 3,
+            let here = e.node == here.node;
+            let reachable = here || e.node.is_empty() || link_up(&e.node);
+            match (ejected, reachable, e.ready, here) {
+                (false, true, true, true) => 0,
+                (false, true, true, false) => 1,
+                (false, true, false, _) => 2,
+                (false, false, _, _) => 3,
+                (true, _, _, _) => 4,
             }
         };
         let mut tiers: BTreeMap<u8, Vec<Endpoint>> = BTreeMap::new();
@@ -323,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn routes_prefer_this_node_then_ready_then_not_ejected_and_rotate() {
+    fn routes_prefer_this_node_then_ready_then_linked_then_not_ejected_and_rotate() {
         let mut registry = Registry::default();
         registry.set_cluster([
             (web(), endpoint("10.0.0.1:80", "edge-2", true)),
@@ -334,13 +339,15 @@ mod tests {
         ]);
         let now = Instant::now();
         let none = Ejections::default();
-        let order = |turn, ejections: &Ejections| -> Vec<String> {
+        let all_up = |_: &str| true;
+        let order_with = |turn, ejections: &Ejections, link_up: &dyn Fn(&str) -> bool| {
             registry
-                .routes(&web(), &here(), turn, ejections, now)
+                .routes(&web(), &here(), turn, ejections, link_up, now)
                 .iter()
                 .map(|e| e.addr.ip().to_string())
-                .collect()
+                .collect::<Vec<String>>()
         };
+        let order = |turn, ejections: &Ejections| order_with(turn, ejections, &all_up);
         assert_eq!(
             order(0, &none),
             ["10.0.0.2", "10.0.0.3", "10.0.0.1", "10.0.0.5", "10.0.0.4"]
@@ -357,6 +364,18 @@ mod tests {
         assert_eq!(
             order(0, &ejections),
             ["10.0.0.3", "10.0.0.1", "10.0.0.5", "10.0.0.4", "10.0.0.2"]
+        );
+        // edge-2's link is down: its endpoint goes after those of nodes that are linked, even
+        // those not ready, but before the ejected; this node needs no link.
+        let edge_2_down = |node: &str| node != "edge-2";
+        assert_eq!(
+            order_with(0, &none, &edge_2_down),
+            ["10.0.0.2", "10.0.0.3", "10.0.0.5", "10.0.0.4", "10.0.0.1"]
+        );
+        assert_eq!(
+            order_with(0, &ejections, &|node: &str| node == "edge-1"),
+            ["10.0.0.3", "10.0.0.1", "10.0.0.4", "10.0.0.5", "10.0.0.2"],
+            "ready or not, all unlinked ones alike, and the ejected after them"
         );
         assert_eq!(ejections.count(now), 1);
         assert_eq!(

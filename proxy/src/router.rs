@@ -315,10 +315,18 @@ impl Shared {
             Peer::Router { cluster } if *cluster == self.here.cluster
         );
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let link_up = |node: &str| self.links.node(node).is_none_or(|peer| peer.is_up());
         let routes: Vec<Endpoint> = {
             let ejections = self.ejections();
             self.registry()
-                .routes(target, &self.here, turn, &ejections, Instant::now())
+                .routes(
+                    target,
+                    &self.here,
+                    turn,
+                    &ejections,
+                    &link_up,
+                    Instant::now(),
+                )
                 .into_iter()
                 .filter(|e| !this_node_only || e.node.is_empty() || e.node == self.here.node)
                 .collect()
@@ -335,7 +343,7 @@ impl Shared {
             let through = (!endpoint.node.is_empty() && endpoint.node != self.here.node)
                 .then(|| self.links.node(&endpoint.node))
                 .flatten();
-            let opened = match through {
+            let opened = match &through {
                 Some(peer) => peer
                     .open_as(target, source)
                     .await
@@ -350,6 +358,12 @@ impl Shared {
                     self.ejections().succeeded(endpoint.addr);
                     self.flow_began(target.protocol);
                     return Ok(upstream);
+                }
+                Err(error) if through.as_ref().is_some_and(|peer| !peer.is_up()) => {
+                    // The link to its node is down: the link's own redialling decides when the
+                    // node's endpoints come back, so none is ejected for longer meanwhile.
+                    tracing::warn!(%target, endpoint = %endpoint.addr, node = %endpoint.node, %error, "link to the endpoint's node is down");
+                    failures.push(format!("{}: {error}", endpoint.addr));
                 }
                 Err(error) => {
                     let period = self.ejections().failed(endpoint.addr, Instant::now());

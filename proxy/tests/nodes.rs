@@ -3,7 +3,7 @@
 //! application on node A reaches, by DNS name, a service whose endpoint is on node A and one
 //! whose endpoint is on node B, over TCP and UDP; the router on A is killed with SIGKILL
 //! under load and comes back from its snapshot (there is no API server), and the sidecars
-//! reconnect by themselves.
+//! reconnect by themselves. With a third node, a node's link is cut and restored under load.
 //!
 //! Needs root (network namespaces) and iproute2, as the CI machine has.
 
@@ -21,7 +21,7 @@ use hickory_proto::rr::{Name, RecordType};
 use servicekeel_api::podinfo::format_annotations;
 use support::netns::{Net, Node, NodeRuntime, Process};
 use support::pki::{Ca, Validity, assert_metrics_reach, matrix_refusals, try_as_peer};
-use support::{echo_through, pattern, resolve, tcp_echo_on, udp_echo_on};
+use support::{echo_through, pattern, resolve, tcp_echo_on, tcp_echo_server, udp_echo_on};
 use tokio::net::UdpSocket;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_servicekeel-proxy");
@@ -551,4 +551,180 @@ async fn a_client_in_cluster_b_reaches_cluster_a_only_through_the_gateways() {
         &matrix_refusals(1),
     )
     .await;
+}
+
+/// Router A's count of linked peers, from its metrics.
+async fn peers_up(place: &Place) -> Option<u32> {
+    let metrics = get(place, (place.node.addr, ADMIN_PORT).into(), "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("servicekeel_router_peers_up "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Polls `place`'s router until it counts `wanted` linked peers or `limit` passes; how long.
+async fn until_peers_up(place: &Place, wanted: u32, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if peers_up(place).await == Some(wanted) {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// One flow of the load: when it began, how long it took, whether its bytes came back.
+struct Flow {
+    began: Instant,
+    took: Duration,
+    ok: bool,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_is_noticed_flows_go_to_the_other_node_and_it_comes_back() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let ca = Ca::new("cluster-a routers");
+    let a = place(temp.path(), net.node("a"), "node-a", &ca, "cluster-a");
+    let b = place(temp.path(), net.node("b"), "node-b", &ca, "cluster-a");
+    let c = place(temp.path(), net.node("c"), "node-c", &ca, "cluster-a");
+    let (b_addr, c_addr) = (b.node.addr, c.node.addr);
+    let echo_b = b.runtime.run(tcp_echo_server(b_addr)).await;
+    let echo_c = c.runtime.run(tcp_echo_server(c_addr)).await;
+
+    // `web` has an endpoint on B and one on C; A knows both from its snapshot.
+    let entry = |addr: SocketAddr, node: &str| {
+        format!(
+            r#"{{"target":"web.default.cluster-a:80/TCP","addr":"{addr}","node":"{node}","ready":true}}"#
+        )
+    };
+    std::fs::write(
+        a.dir.join("state/registry.json"),
+        format!(
+            r#"{{"format":1,"saved":0,"entries":[{},{}]}}"#,
+            entry(echo_b.addr, "node-b"),
+            entry(echo_c.addr, "node-c")
+        ),
+    )
+    .unwrap();
+    let peer =
+        |other: &Place, name: &str| format!("  {name}: [\"{}:{PEER_PORT}\"]\n", other.node.addr);
+    let router_a = start_router(
+        &a,
+        "node-a",
+        "cluster-a",
+        &format!("nodes:\n{}{}", peer(&b, "node-b"), peer(&c, "node-c")),
+    );
+    let to_a = format!("nodes:\n{}", peer(&a, "node-a"));
+    let _router_b = start_router(&b, "node-b", "cluster-a", &to_a);
+    let _router_c = start_router(&c, "node-c", "cluster-a", &to_a);
+    let exported =
+        |port: u16| format!("services: [{{name: web, ports: [{{port: 80, targetPort: {port}}}]}}]");
+    let _server_b = start_server(&b, "cluster-a", "server-b", exported(echo_b.addr.port()));
+    let _server_c = start_server(&c, "cluster-a", "server-c", exported(echo_c.addr.port()));
+    let client = start_client(
+        &a,
+        "cluster-a",
+        "services: [{name: web, ports: [{port: 80}]}]",
+    );
+    let dns: SocketAddr = "127.0.0.2:53".parse().unwrap();
+    let web = a
+        .runtime
+        .run(async move {
+            assert!(until_ready(dns).await, "client DNS never answered");
+            let web = SocketAddr::from((resolve(dns, "web.").await[0], 80));
+            (until_through(web, PATIENCE).await.is_some()).then_some(web)
+        })
+        .await
+        .unwrap_or_else(|| panic!("web not reached\n{}", router_a.output()));
+    assert!(
+        until_peers_up(&a, 2, PATIENCE).await.is_some(),
+        "A links to B and C\n{}",
+        router_a.output()
+    );
+
+    // Flows one after another, each given 20 s, until told to stop.
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let load = a.runtime.handle.spawn(async move {
+        let mut flows = Vec::new();
+        while !*stopped.borrow_and_update() {
+            let began = Instant::now();
+            let data = pattern(flows.len() as u64, 1000);
+            let ok = tokio::time::timeout(PATIENCE, echo_through(web, &data))
+                .await
+                .is_ok_and(|r| r.is_ok_and(|b| b == data));
+            flows.push(Flow {
+                began,
+                took: began.elapsed(),
+                ok,
+            });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        flows
+    });
+    let accepted =
+        |echo: &support::EchoServer| echo.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        accepted(&echo_b) > 0 && accepted(&echo_c) > 0,
+        "both nodes serve while linked"
+    );
+
+    // Cut B off. A's router must notice, and flows go to C.
+    net.set_link(&b.node, false);
+    let cut = Instant::now();
+    let noticed = until_peers_up(&a, 1, PATIENCE).await;
+    let noticed =
+        noticed.unwrap_or_else(|| panic!("the cut went unnoticed\n{}", router_a.output()));
+    let during = accepted(&echo_c);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let served_by_c = accepted(&echo_c) - during;
+
+    // Give B its link back: A links to it again, and B serves again.
+    let b_before = accepted(&echo_b);
+    net.set_link(&b.node, true);
+    let restored = Instant::now();
+    let relinked = until_peers_up(&a, 2, PATIENCE).await;
+    let mut back = None;
+    while restored.elapsed() < PATIENCE {
+        if accepted(&echo_b) > b_before {
+            back = Some(restored.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.send(true).unwrap();
+    let flows = load.await.unwrap();
+
+    let after_cut: Vec<&Flow> = flows.iter().filter(|f| f.began >= cut).collect();
+    let failed_after_cut = after_cut.iter().filter(|f| !f.ok).count();
+    let slowest = after_cut.iter().map(|f| f.took).max().unwrap_or_default();
+    let in_flight_at_cut = flows.iter().filter(|f| f.began < cut && !f.ok).count();
+    println!(
+        "link cut: noticed after {noticed:?}; {} flows after the cut, {failed_after_cut} failed, \
+         slowest {slowest:?} ({served_by_c} served by C in the 3 s after it was noticed); link \
+         back after {relinked:?}, B serving again after {back:?}; {in_flight_at_cut} flow in \
+         flight at the cut failed",
+        after_cut.len()
+    );
+    assert!(
+        noticed <= Duration::from_secs(5),
+        "noticed within 5 s: {noticed:?}"
+    );
+    assert_eq!(
+        failed_after_cut,
+        0,
+        "no flow begun after the cut is lost\n{}",
+        router_a.output()
+    );
+    assert!(served_by_c > 0, "C carries the flows meanwhile");
+    assert!(in_flight_at_cut <= 1, "flows are one at a time");
+    let back = back.unwrap_or_else(|| panic!("B never served again\n{}", router_a.output()));
+    assert!(
+        back <= Duration::from_secs(10),
+        "B serves again within 10 s of its link's return: {back:?}"
+    );
+    drop(client);
 }

@@ -140,7 +140,7 @@ impl Client {
     }
 
     /// Like [`Client::start`], for a link to a peer router: the connection is pinged every
-    /// [`KEEPALIVE`] and dropped when the peer stops answering.
+    /// [`PING_INTERVAL`] and dropped when a ping goes unanswered for [`PING_TIMEOUT`].
     pub fn start_link(
         connector: impl Connector,
         source: &Source,
@@ -464,14 +464,18 @@ async fn maintain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Interval of keepalive pings on a link; a peer silent for two of them is dropped.
-pub const KEEPALIVE: Duration = Duration::from_secs(2);
+/// Interval of keepalive pings on a link.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the link is dropped: a peer cut off is noticed
+/// within `PING_INTERVAL + PING_TIMEOUT` (4 s), while an answer queued behind a few seconds'
+/// worth of data on a slow link still arrives in time.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Pings every [`KEEPALIVE`]; returns when a ping goes unanswered for two intervals.
+/// Pings every [`PING_INTERVAL`]; returns when a ping goes unanswered for [`PING_TIMEOUT`].
 async fn keepalive(mut pings: h2::PingPong) {
     loop {
-        tokio::time::sleep(KEEPALIVE).await;
-        match tokio::time::timeout(KEEPALIVE * 2, pings.ping(h2::Ping::opaque())).await {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => return,
         }

@@ -91,7 +91,18 @@ impl Net {
         in_ns(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         in_ns(&ns, &["link", "set", "eth0", "up"]);
         in_ns(&ns, &["link", "set", "lo", "up"]);
-        Node { ns, addr }
+        Node {
+            ns,
+            addr,
+            port: outer,
+        }
+    }
+
+    /// Takes `node`'s port on the bridge down (`up` false: the node is cut off, as by a pulled
+    /// cable; nothing tells the others) or back up.
+    pub fn set_link(&self, node: &Node, up: bool) {
+        let state = if up { "up" } else { "down" };
+        in_ns(&self.switch, &["link", "set", &node.port, state]);
     }
 }
 
@@ -108,6 +119,8 @@ impl Drop for Net {
 pub struct Node {
     pub ns: String,
     pub addr: Ipv4Addr,
+    /// Its port on the bridge (the switch's end of its veth pair).
+    port: String,
 }
 
 /// A process started in a node, killed on drop.
