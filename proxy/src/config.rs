@@ -65,6 +65,8 @@ pub struct SidecarConfig {
     pub udp_idle_timeout: Duration,
     /// Most flows carried at once.
     pub max_flows: usize,
+    /// Most UDP clients one UDP listener carries at once.
+    pub udp_max_clients: usize,
 }
 
 impl SidecarConfig {
@@ -112,9 +114,10 @@ impl SidecarConfig {
             drain_timeout: read.duration(env::SIDECAR_DRAIN_TIMEOUT, defaults::DRAIN_TIMEOUT)?,
             udp_idle_timeout: read
                 .duration(env::SIDECAR_UDP_IDLE_TIMEOUT, defaults::UDP_IDLE_TIMEOUT)?,
-            max_flows: read.parsed(
-                env::SIDECAR_MAX_FLOWS,
-                &defaults::SIDECAR_MAX_FLOWS.to_string(),
+            max_flows: read.limit(env::SIDECAR_MAX_FLOWS, defaults::SIDECAR_MAX_FLOWS)?,
+            udp_max_clients: read.limit(
+                env::SIDECAR_UDP_MAX_CLIENTS,
+                defaults::SIDECAR_UDP_MAX_CLIENTS,
             )?,
         })
     }
@@ -140,6 +143,15 @@ impl<S: Source> Reader<'_, S> {
     {
         let value = self.get(name).unwrap_or_else(|| default.to_string());
         self.parse(name, &value)
+    }
+
+    /// A count of at least 1.
+    fn limit(&self, name: &'static str, default: usize) -> Result<usize, ConfigError> {
+        let value = self.get(name).unwrap_or_else(|| default.to_string());
+        match self.parse::<usize>(name, &value)? {
+            0 => Err(self.invalid(name, &value, "must be at least 1")),
+            limit => Ok(limit),
+        }
     }
 
     fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
@@ -203,6 +215,7 @@ mod tests {
         assert_eq!(config.pod_ip, None);
         assert_eq!(config.drain_timeout, Duration::from_secs(20));
         assert_eq!(config.udp_idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.udp_max_clients, 1024);
     }
 
     #[test]
@@ -261,6 +274,16 @@ mod tests {
                 "SIDECAR_UDP_IDLE_TIMEOUT=\"1d\"",
             ),
             ("SIDECAR_MAX_FLOWS", "lots", "SIDECAR_MAX_FLOWS=\"lots\""),
+            (
+                "SIDECAR_MAX_FLOWS",
+                "0",
+                "SIDECAR_MAX_FLOWS=\"0\": must be at least 1",
+            ),
+            (
+                "SIDECAR_UDP_MAX_CLIENTS",
+                "-1",
+                "SIDECAR_UDP_MAX_CLIENTS=\"-1\"",
+            ),
             (
                 "SERVICEKEEL_CLUSTER",
                 "Cluster_A",

@@ -22,8 +22,6 @@ use tokio::sync::watch;
 use crate::metrics::{FlowOutcome, Metrics};
 use crate::tunnel::client::{Client, OpenError};
 
-/// Most UDP flows (distinct client addresses) one listener carries at once.
-pub const MAX_UDP_FLOWS: usize = 1024;
 /// Connections the kernel queues before the sidecar accepts them: applications opening many
 /// connections at once should not wait out SYN retries.
 const TCP_BACKLOG: u32 = 4096;
@@ -44,6 +42,8 @@ pub struct Context {
     pub flows: Arc<Flows>,
     pub metrics: Arc<Metrics>,
     pub udp_idle: Duration,
+    /// Most UDP clients one UDP listener carries at once.
+    pub udp_max_clients: usize,
     /// Turns true when the sidecar shuts down.
     pub draining: watch::Receiver<bool>,
 }

@@ -209,6 +209,7 @@ impl Sidecar {
             flows: flows.clone(),
             metrics: metrics.clone(),
             udp_idle: config.udp_idle_timeout,
+            udp_max_clients: config.udp_max_clients,
             draining: draining_rx,
         });
         let state = Arc::new(State {

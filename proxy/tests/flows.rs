@@ -503,3 +503,32 @@ async fn past_its_flow_limit_the_sidecar_resets_new_connections_and_counts_them(
     drop(held);
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_client_limit_a_udp_listener_drops_new_clients_datagrams_and_counts_them() {
+    let (_pod, _router, sidecar, local) =
+        echo_pod(79, Protocol::Udp, &[("SIDECAR_UDP_MAX_CLIENTS", "2")]).await;
+    // Two clients, each a flow of its own, proven by a round trip.
+    let mut clients = Vec::new();
+    for n in 0..2u8 {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        udp_round_trip(&socket, local, &[vec![n; 16]]).await;
+        clients.push(socket);
+    }
+    // A third client's datagrams are dropped, not carried, and counted.
+    let third = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buffer = [0u8; 64];
+    for _ in 0..3 {
+        third.send_to(b"third", local).await.unwrap();
+    }
+    let answered = tokio::time::timeout(Duration::from_millis(500), third.recv_from(&mut buffer));
+    assert!(answered.await.is_err(), "a third client was carried");
+    let metrics = http_get(sidecar.admin_addr(), "/metrics").await;
+    let line = r#"servicekeel_sidecar_udp_datagrams_dropped_total{reason="flow_limit"} 3"#;
+    assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    // The two carry on.
+    for (n, socket) in clients.iter().enumerate() {
+        udp_round_trip(socket, local, &[vec![n as u8 + 10; 32]]).await;
+    }
+    sidecar.shutdown().await;
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 use servicekeel_proxy::router::peers::{Cluster, Peers};
 use servicekeel_proxy::router::{Api, LinksConfig, Router, RouterConfig};
 use support::pki::{Ca, Validity, assert_metrics_reach, matrix_refusals};
-use support::{echo_through, http_get, pod_behind, tcp_echo};
+use support::{closed_within, echo_through, http_get, pod_behind, tcp_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -433,4 +433,148 @@ async fn certificates_made_by_certs_router_sh_link_routers() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     router.shutdown().await;
+}
+
+/// Writes `bytes` one at a time, half a second apart, over and over, until the other side cuts
+/// the connection; how long after `started` that was.
+async fn dribble<S: tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    bytes: &'static [u8],
+    started: std::time::Instant,
+) -> Duration {
+    for byte in bytes.iter().cycle() {
+        if stream.write_all(&[*byte]).await.is_err() || stream.flush().await.is_err() {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    unreachable!("the cycle never ends")
+}
+
+/// Slow-loris on both of a router's doors. On the sidecars' Unix socket and on the peer port,
+/// 100 connections each that never begin their handshake and 10 each that dribble it a byte
+/// every half second hold nothing for good: the HTTP/2 handshake on the socket and the TLS
+/// handshake on the peer port are timed, and a new sidecar and a new peer router are served
+/// while all of them hang on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_on_the_socket_and_the_peer_port_are_cut_by_timeouts_while_others_are_served()
+{
+    use servicekeel_proxy::links::HANDSHAKE_TIMEOUT;
+    use servicekeel_proxy::tunnel::server::DIAL_TIMEOUT;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cluster-a routers");
+    let identity = "servicekeel-router.cluster-a";
+    let two_dir = dir.path().join("two");
+    let two = Router::start(router_config(
+        &two_dir,
+        "edge-2",
+        "cluster-a",
+        links(&two_dir.join("tls"), &ca, identity, Peers::default()),
+    ))
+    .await
+    .unwrap();
+    let echo = tcp_echo().await;
+    let exported = format!(
+        "services: [{{name: web, ports: [{{port: 80, targetPort: {}}}]}}]",
+        echo.port()
+    );
+    let server = pod_behind(&two, "127.0.92.0/24", "services: []", Some(&exported))
+        .start()
+        .await;
+    let peer_port = two.peer_addr().unwrap();
+
+    let started = std::time::Instant::now();
+    let mut stalled_socket = Vec::new();
+    let mut stalled_port = Vec::new();
+    for _ in 0..100 {
+        stalled_socket.push(tokio::net::UnixStream::connect(two.socket()).await.unwrap());
+        stalled_port.push(tokio::net::TcpStream::connect(peer_port).await.unwrap());
+    }
+    let mut dribblers = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let socket = tokio::net::UnixStream::connect(two.socket()).await.unwrap();
+        dribblers.spawn(dribble(
+            socket,
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            started,
+        ));
+        let port = tokio::net::TcpStream::connect(peer_port).await.unwrap();
+        // The first bytes of a TLS handshake record, as a ClientHello would begin.
+        dribblers.spawn(dribble(
+            port,
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            started,
+        ));
+    }
+
+    // While they hang on: a new sidecar registers and is served, and a new peer links.
+    let client = pod_behind(
+        &two,
+        "127.0.93.0/24",
+        "services: [{name: web, ports: [{port: 80}]}]",
+        None,
+    )
+    .start()
+    .await;
+    assert_eq!(
+        echo_through("127.0.93.1:80".parse().unwrap(), b"served")
+            .await
+            .unwrap(),
+        b"served"
+    );
+    let one_dir = dir.path().join("one");
+    let peers = Peers {
+        nodes: BTreeMap::from([("edge-2".to_string(), vec![peer_port.to_string()])]),
+        clusters: BTreeMap::new(),
+    };
+    let one = Router::start(router_config(
+        &one_dir,
+        "edge-1",
+        "cluster-a",
+        links(&one_dir.join("tls"), &ca, identity, peers),
+    ))
+    .await
+    .unwrap();
+    wait_peers(&one).await;
+    let served_after = started.elapsed();
+    assert!(
+        served_after < DIAL_TIMEOUT.min(HANDSHAKE_TIMEOUT),
+        "served while the slow clients were all still connected ({served_after:?})"
+    );
+
+    let limit = DIAL_TIMEOUT.max(HANDSHAKE_TIMEOUT) + Duration::from_secs(10);
+    for (index, stream) in stalled_socket.iter_mut().enumerate() {
+        assert!(
+            closed_within(stream, limit).await,
+            "stalled socket connection {index} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    for (index, stream) in stalled_port.iter_mut().enumerate() {
+        assert!(
+            closed_within(stream, limit).await,
+            "stalled peer connection {index} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    while let Some(cut_after) = tokio::time::timeout(limit, dribblers.join_next())
+        .await
+        .expect("a dribbling client was never cut")
+    {
+        let cut_after = cut_after.unwrap();
+        assert!(
+            cut_after >= DIAL_TIMEOUT.min(HANDSHAKE_TIMEOUT) / 2,
+            "cut after {cut_after:?}, before any timeout could have fired"
+        );
+    }
+    println!(
+        "200 stalled handshakes and 20 dribbling ones cut within {:?}; a new sidecar and a new \
+         peer served after {served_after:?}",
+        started.elapsed()
+    );
+    for sidecar in [client, server] {
+        sidecar.shutdown().await;
+    }
+    one.shutdown().await;
+    two.shutdown().await;
 }

@@ -665,11 +665,17 @@ async fn a_cut_link_is_noticed_flows_go_to_the_other_node_and_it_comes_back() {
     });
     let accepted =
         |echo: &support::EchoServer| echo.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // Both nodes serve while linked (B once its server pod has registered with B's router).
+    let both = Instant::now();
+    while accepted(&echo_b) == 0 || accepted(&echo_c) == 0 {
+        assert!(
+            both.elapsed() < PATIENCE,
+            "B and C did not both serve while linked\n{}",
+            router_a.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        accepted(&echo_b) > 0 && accepted(&echo_c) > 0,
-        "both nodes serve while linked"
-    );
 
     // Cut B off. A's router must notice, and flows go to C.
     net.set_link(&b.node, false);

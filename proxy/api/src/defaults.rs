@@ -41,6 +41,9 @@ pub const UDP_IDLE_TIMEOUT: &str = "60s";
 /// Most flows (TCP connections and UDP clients) one sidecar carries at once; past it, new
 /// connections are reset and new UDP clients' datagrams dropped.
 pub const SIDECAR_MAX_FLOWS: usize = 4096;
+/// Most UDP clients (source addresses) one UDP listener of a sidecar carries at once; past it,
+/// new clients' datagrams are dropped.
+pub const SIDECAR_UDP_MAX_CLIENTS: usize = 1024;
 /// Most flows one router carries at once; past it, new flows are refused (503).
 pub const ROUTER_MAX_FLOWS: usize = 65536;
 /// The cluster's DNS domain.

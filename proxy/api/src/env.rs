@@ -18,6 +18,8 @@ pub const SIDECAR_DRAIN_TIMEOUT: &str = "SIDECAR_DRAIN_TIMEOUT";
 pub const SIDECAR_UDP_IDLE_TIMEOUT: &str = "SIDECAR_UDP_IDLE_TIMEOUT";
 /// Most flows the sidecar carries at once (`4096`).
 pub const SIDECAR_MAX_FLOWS: &str = "SIDECAR_MAX_FLOWS";
+/// Most UDP clients (source addresses) one UDP listener carries at once (`1024`).
+pub const SIDECAR_UDP_MAX_CLIENTS: &str = "SIDECAR_UDP_MAX_CLIENTS";
 /// This cluster's name.
 pub const SERVICEKEEL_CLUSTER: &str = "SERVICEKEEL_CLUSTER";
 /// This cluster's DNS domain.

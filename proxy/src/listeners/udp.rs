@@ -1,7 +1,7 @@
 //! UDP: one flow per client address. The listener reads every datagram and hands it to its
 //! client's flow through a bounded queue; a flow ends when it has been idle for the configured
 //! time, and then the client's next datagram opens a new one. A full queue or a listener at
-//! [`MAX_UDP_FLOWS`] drops datagrams (UDP may) and counts them. A closed listener keeps serving
+//! its client limit (`SIDECAR_UDP_MAX_CLIENTS`) drops datagrams (UDP may) and counts them. A closed listener keeps serving
 //! the flows it has until they end.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use servicekeel_api::tunnel::{FlowTarget, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use super::{Context, MAX_UDP_FLOWS, UDP_QUEUE};
+use super::{Context, UDP_QUEUE};
 use crate::metrics::{DropReason, FlowOutcome};
 use crate::shutdown::stopped;
 use crate::tunnel::datagrams::{self, Way};
@@ -55,7 +55,7 @@ pub(super) async fn serve(
                     continue;
                 }
                 clients.retain(|_, queue| !queue.is_closed());
-                if clients.len() >= MAX_UDP_FLOWS {
+                if clients.len() >= context.udp_max_clients {
                     context.metrics.datagram_dropped(DropReason::FlowLimit);
                     continue;
                 }

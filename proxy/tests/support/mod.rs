@@ -400,3 +400,21 @@ pub async fn echoes_again(addr: SocketAddr) -> bool {
     }
     false
 }
+
+/// Whether `stream` is closed by the other side within `limit` (what it sends is read and
+/// dropped meanwhile).
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: Duration,
+) -> bool {
+    let mut buffer = [0u8; 256];
+    let read = async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.is_ok()
+}
