@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use servicekeel_api::defaults;
 
 use crate::router::peers::Peers;
-use crate::router::{Api, LinksConfig, RouterConfig};
+use crate::router::{Api, LinksConfig, RouterConfig, SidecarTcp};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +71,14 @@ pub struct RouterArgs {
     /// The peers file: other nodes' routers and other clusters' gateways.
     #[arg(long, env = "SERVICEKEEL_ROUTER_PEERS")]
     pub peers: Option<PathBuf>,
+    /// Also take sidecars over TCP at this address (for pods that cannot mount the socket, as
+    /// under Pod Security "restricted"); needs --sidecar-allow.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_SIDECAR_LISTEN")]
+    pub sidecar_listen: Option<SocketAddr>,
+    /// Source addresses (CIDRs, comma-separated or repeated) whose TCP sidecar connections are
+    /// taken: this node's pod network.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_SIDECAR_ALLOW", value_delimiter = ',')]
+    pub sidecar_allow: Vec<ipnet::IpNet>,
     /// Kubeconfig of the API server to watch; in-cluster config (or $KUBECONFIG) when unset.
     #[arg(long, env = "SERVICEKEEL_ROUTER_KUBECONFIG", conflicts_with = "no_api")]
     pub kubeconfig: Option<PathBuf>,
@@ -122,12 +130,30 @@ impl RouterArgs {
         if links.is_none() && self.peers.is_some() {
             return Err("--peers needs --peer-listen: links are off without it".into());
         }
+        let sidecar_tcp = match (self.sidecar_listen, self.sidecar_allow.is_empty()) {
+            (None, true) => None,
+            (Some(listen), false) => Some(SidecarTcp {
+                listen,
+                allowed: self.sidecar_allow,
+            }),
+            (Some(_), true) => {
+                return Err(
+                    "--sidecar-listen needs --sidecar-allow: the pod addresses (CIDRs) whose \
+                     sidecars may connect"
+                        .into(),
+                );
+            }
+            (None, false) => {
+                return Err("--sidecar-allow needs --sidecar-listen".into());
+            }
+        };
         let api = match (self.no_api, self.kubeconfig) {
             (true, _) => Api::Off,
             (false, Some(path)) => Api::Kubeconfig(path),
             (false, None) => Api::Infer,
         };
         Ok(RouterConfig {
+            sidecar_tcp,
             drain_timeout: self.drain_timeout,
             max_flows: self.max_flows,
             api,

@@ -66,6 +66,17 @@ pub struct RouterConfig {
     pub drain_timeout: std::time::Duration,
     /// Most flows carried at once; past it new flows are refused (503).
     pub max_flows: usize,
+    /// Sidecars over TCP as well as on the socket; none when `None`.
+    pub sidecar_tcp: Option<SidecarTcp>,
+}
+
+/// Where sidecars that cannot mount the socket (pods under Pod Security "restricted") reach
+/// the router: a TCP address, taking connections only from `allowed` source addresses; each
+/// such sidecar registers its own source address and no other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarTcp {
+    pub listen: SocketAddr,
+    pub allowed: Vec<ipnet::IpNet>,
 }
 
 /// The API server the router watches for its cluster view.
@@ -108,6 +119,11 @@ pub enum RouterError {
     Tls(#[from] TlsError),
     #[error("cannot listen for peer routers on {addr}: {cause}")]
     PeerListen {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error("cannot listen for sidecars on {addr}: {cause}")]
+    SidecarListen {
         addr: SocketAddr,
         cause: std::io::Error,
     },
@@ -463,6 +479,7 @@ pub struct Router {
     socket: PathBuf,
     admin_addr: SocketAddr,
     peer_addr: Option<SocketAddr>,
+    sidecar_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     drain_timeout: std::time::Duration,
 }
@@ -560,6 +577,28 @@ impl Router {
                 }
             });
         }
+        let mut sidecar_addr = None;
+        if let Some(tcp) = &config.sidecar_tcp {
+            let listener = tokio::net::TcpListener::bind(tcp.listen)
+                .await
+                .map_err(|cause| RouterError::SidecarListen {
+                    addr: tcp.listen,
+                    cause,
+                })?;
+            sidecar_addr = listener.local_addr().ok();
+            let metrics = shared.clone();
+            let refused = Arc::new(move |from: SocketAddr| {
+                tracing::debug!(%from, "sidecar connection from outside the allowed addresses");
+                metrics.metrics.sidecar_refused();
+            });
+            tokio::spawn(server::serve_tcp(
+                listener,
+                tcp.allowed.clone().into(),
+                shared.clone(),
+                refused,
+                stopped.clone(),
+            ));
+        }
         watch_api(&config, &shared, &stopped).await;
         tokio::spawn(server::serve(listener, shared.clone(), stopped));
         shared.listening.store(true, Ordering::SeqCst);
@@ -569,6 +608,7 @@ impl Router {
             socket: config.socket,
             admin_addr,
             peer_addr,
+            sidecar_addr,
             stop,
             drain_timeout: config.drain_timeout,
         })
@@ -585,6 +625,11 @@ impl Router {
     /// Where peer routers are accepted, when links are configured.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer_addr
+    }
+
+    /// Where sidecars are accepted over TCP, when configured.
+    pub fn sidecar_addr(&self) -> Option<SocketAddr> {
+        self.sidecar_addr
     }
 
     /// Whether the links to every configured peer are up.

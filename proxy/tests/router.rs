@@ -17,7 +17,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 
 use support::{
-    cut_at_once, echo_through, echoes_again, http_get, pattern, pod_behind, tcp_echo,
+    cut_at_once, echo_through, echoes_again, http_get, pattern, pod_behind, pod_over_tcp, tcp_echo,
     tcp_echo_server, udp_echo,
 };
 use tokio::net::UdpSocket;
@@ -37,6 +37,7 @@ fn config(dir: &Path) -> RouterConfig {
         api: Api::Off,
         drain_timeout: std::time::Duration::from_secs(20),
         max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
+        sidecar_tcp: None,
     }
 }
 
@@ -383,4 +384,112 @@ async fn past_its_flow_limit_the_router_refuses_new_flows_and_counts_them() {
     client.shutdown().await;
     server.shutdown().await;
     router.shutdown().await;
+}
+
+/// A router taking sidecars over TCP from `allowed` as well as on its socket.
+async fn router_with_tcp(dir: &Path, allowed: &str) -> Router {
+    Router::start(RouterConfig {
+        sidecar_tcp: Some(servicekeel_proxy::router::SidecarTcp {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            allowed: vec![allowed.parse().unwrap()],
+        }),
+        ..config(dir)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_over_tcp_register_and_carry_flows_like_those_on_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = router_with_tcp(dir.path(), "127.0.0.0/8").await;
+    let (tcp, udp) = (tcp_echo().await, udp_echo().await);
+    let server = pod_over_tcp(
+        &router,
+        "127.0.94.0/24",
+        "services: []",
+        Some(&exports(tcp, udp)),
+    )
+    .start()
+    .await;
+    assert!(registry_has(&router, 2).await, "the server pod registered");
+    let client = pod_over_tcp(&router, "127.0.95.0/24", IMPORTS, None)
+        .start()
+        .await;
+    let data = pattern(5, 1 << 20);
+    assert_eq!(
+        echo_through("127.0.95.1:80".parse().unwrap(), &data)
+            .await
+            .unwrap(),
+        data
+    );
+    for sidecar in [client, server] {
+        sidecar.shutdown().await;
+    }
+    assert!(
+        registry_has(&router, 0).await,
+        "gone with the server's connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_a_sidecar_registers_only_its_own_address() {
+    use bytes::Bytes;
+    use servicekeel_api::ServiceList;
+    use servicekeel_api::tunnel::registration::Registration;
+    use servicekeel_api::tunnel::{REGISTRATION_PATH, Source, VERSION, VERSION_HEADER};
+    let dir = tempfile::tempdir().unwrap();
+    let router = router_with_tcp(dir.path(), "127.0.0.0/8").await;
+    let io = tokio::net::TcpStream::connect(router.sidecar_addr().unwrap())
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    // This connection comes from 127.0.0.1; the registration claims another pod's address.
+    let impostor = Source {
+        namespace: "default".into(),
+        name: "impostor".into(),
+        ip: Some("127.0.0.9".parse().unwrap()),
+    };
+    let exported = ServiceList::parse("services: [{name: web, ports: [{port: 80}]}]").unwrap();
+    let registration = Registration::new(impostor, &exported, "cluster-a");
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method(http::Method::PUT)
+        .uri(format!("http://router{REGISTRATION_PATH}"))
+        .header(VERSION_HEADER, VERSION.to_string())
+        .body(())
+        .unwrap();
+    let (response, mut body) = sender.send_request(request, false).unwrap();
+    body.send_data(Bytes::from(registration.to_json()), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::FORBIDDEN);
+    let mut answer = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = answer.data().await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("connected from 127.0.0.1 registers only 127.0.0.1, not 127.0.0.9"),
+        "{text}"
+    );
+    assert_eq!(router.registry_len(), 0, "nothing registered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_connections_from_outside_the_allowed_addresses_are_cut_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = router_with_tcp(dir.path(), "10.244.1.0/24").await;
+    let addr = router.sidecar_addr().unwrap();
+    for _ in 0..3 {
+        assert!(
+            cut_at_once(addr).await,
+            "a connection from 127.0.0.1 was kept"
+        );
+    }
+    let metrics = http_get(router.admin_addr(), "/metrics").await;
+    let line = "servicekeel_router_sidecar_refusals_total 3";
+    assert!(metrics.contains(line), "{line} missing from\n{metrics}");
 }

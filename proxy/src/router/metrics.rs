@@ -28,6 +28,7 @@ pub struct Metrics {
     peers: Gauge,
     peers_up: Gauge,
     peer_refusals: Family<ReasonLabels, Counter>,
+    sidecar_refusals: Counter,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -50,6 +51,7 @@ impl Default for Metrics {
             peers: Gauge::default(),
             peers_up: Gauge::default(),
             peer_refusals: Family::default(),
+            sidecar_refusals: Counter::default(),
         };
         registry.register(
             "peers",
@@ -65,6 +67,11 @@ impl Default for Metrics {
             "peer_refusals",
             "Connections of would-be peer routers refused, by reason",
             metrics.peer_refusals.clone(),
+        );
+        registry.register(
+            "sidecar_refusals",
+            "TCP connections to the sidecar port from outside the allowed addresses, refused",
+            metrics.sidecar_refusals.clone(),
         );
         metrics.flows.register(&mut registry);
         registry.register(
@@ -159,6 +166,10 @@ impl Metrics {
         self.peer_refusals
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    pub fn sidecar_refused(&self) {
+        self.sidecar_refusals.inc();
     }
 
     pub fn encode(&self) -> String {

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -46,8 +46,9 @@ impl LinkId {
 /// Who is at the other end of a tunnel connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
-    /// A sidecar on this node (the Unix socket).
-    Sidecar,
+    /// A sidecar on this node: on the Unix socket (`from` none), or over TCP from the pod
+    /// address `from`, which is then the only pod address it may register.
+    Sidecar { from: Option<IpAddr> },
     /// Another router, authenticated as one of `cluster`.
     Router { cluster: String },
 }
@@ -60,11 +61,19 @@ pub struct Link {
 }
 
 impl Link {
-    /// A new link to a sidecar.
+    /// A new link to a sidecar on the Unix socket.
     pub fn sidecar() -> Self {
         Link {
             id: LinkId::next(),
-            peer: Peer::Sidecar,
+            peer: Peer::Sidecar { from: None },
+        }
+    }
+
+    /// A new link to a sidecar connected over TCP from `from`.
+    pub fn sidecar_from(from: IpAddr) -> Self {
+        Link {
+            id: LinkId::next(),
+            peer: Peer::Sidecar { from: Some(from) },
         }
     }
 }
@@ -186,6 +195,45 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// Accepts sidecars' TCP connections until `shutdown` turns true, from addresses in `allowed`
+/// only: others are closed at once and passed to `refused`. Each is served by
+/// [`serve_connection`] as a link to the pod at its source address.
+pub async fn serve_tcp<H: Handler>(
+    listener: tokio::net::TcpListener,
+    allowed: Arc<[ipnet::IpNet]>,
+    handler: Arc<H>,
+    refused: Arc<dyn Fn(SocketAddr) + Send + Sync>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut stop = shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = crate::shutdown::stopped(&mut stop) => return,
+        };
+        match accepted {
+            Ok((io, peer)) => {
+                let from = peer.ip().to_canonical();
+                if !allowed.iter().any(|net| net.contains(&from)) {
+                    refused(peer);
+                    continue;
+                }
+                let _ = io.set_nodelay(true);
+                tokio::spawn(serve_connection(
+                    io,
+                    handler.clone(),
+                    Link::sidecar_from(from),
+                    shutdown.clone(),
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serves one tunnel connection until the peer closes it; on `shutdown` it stops taking new
 /// flows (HTTP/2 GOAWAY) and ends once the open ones have.
 pub async fn serve_connection<H: Handler>(
@@ -297,13 +345,13 @@ async fn serve_request<H: Handler>(
         return open_flow(flow, request.into_body(), respond, handler).await;
     }
     if request.method() == Method::PUT && request.uri().path() == REGISTRATION_PATH {
-        if link.peer != Peer::Sidecar {
+        let Peer::Sidecar { from } = link.peer else {
             return answer(
                 respond,
                 StatusCode::FORBIDDEN,
                 "only sidecars register, on the node's socket",
             );
-        }
+        };
         let body = match read_limited(request.into_body(), MAX_REGISTRATION_BYTES).await {
             Ok(body) => body,
             Err(Oversized { message, rest }) => {
@@ -311,10 +359,24 @@ async fn serve_request<H: Handler>(
                 return discard(rest).await;
             }
         };
-        let outcome = Registration::parse(&body)
-            .map_err(|e| e.to_string())
-            .and_then(|registration| handler.register(link.id, registration));
-        return match outcome {
+        let registration = match Registration::parse(&body) {
+            Ok(registration) => registration,
+            Err(error) => return answer(respond, StatusCode::BAD_REQUEST, &error.to_string()),
+        };
+        if let Some(from) = from
+            && registration.pod.ip != Some(from)
+        {
+            let claimed = registration
+                .pod
+                .ip
+                .map_or_else(|| "no address".to_string(), |ip| ip.to_string());
+            return answer(
+                respond,
+                StatusCode::FORBIDDEN,
+                &format!("a sidecar connected from {from} registers only {from}, not {claimed}"),
+            );
+        }
+        return match handler.register(link.id, registration) {
             Ok(()) => answer(respond, StatusCode::OK, ""),
             Err(message) => answer(respond, StatusCode::BAD_REQUEST, &message),
         };

@@ -347,18 +347,34 @@ impl Pod {
     }
 }
 
-/// A pod whose sidecar talks to `router` and registers as `127.0.0.1`.
+/// A pod whose sidecar talks to `router` on its socket and registers as `127.0.0.1`.
 pub fn pod_behind(
     router: &servicekeel_proxy::router::Router,
     range: &str,
     imported: &str,
     exported: Option<&str>,
 ) -> Pod {
+    let socket = format!("unix://{}", router.socket().display());
+    pod_reaching(&socket, range, imported, exported)
+}
+
+/// Like [`pod_behind`], the sidecar reaching `router` over TCP, as pods that cannot mount the
+/// socket do.
+pub fn pod_over_tcp(
+    router: &servicekeel_proxy::router::Router,
+    range: &str,
+    imported: &str,
+    exported: Option<&str>,
+) -> Pod {
+    let addr = router
+        .sidecar_addr()
+        .expect("the router takes sidecars over TCP");
+    pod_reaching(&format!("tcp://{addr}"), range, imported, exported)
+}
+
+fn pod_reaching(router: &str, range: &str, imported: &str, exported: Option<&str>) -> Pod {
     let mut pod = Pod::new(range, imported, exported);
-    pod.set(
-        "SIDECAR_SERVER_LISTEN",
-        &format!("unix://{}", router.socket().display()),
-    );
+    pod.set("SIDECAR_SERVER_LISTEN", router);
     pod.set("POD_IP", "127.0.0.1");
     pod
 }
