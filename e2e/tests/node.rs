@@ -57,6 +57,10 @@ fn main() -> ExitCode {
             Box::pin(job_completes(s))
         }),
         (
+            "a_namespace_enforcing_pod_security_restricted_accepts_injected_pods_that_reach_services",
+            |s| Box::pin(pod_security_restricted(s)),
+        ),
+        (
             "connections_spread_over_replicas_and_a_deleted_one_costs_at_most_a_retry",
             |s| Box::pin(replicas_spread_and_deletion(s)),
         ),
@@ -357,41 +361,71 @@ async fn import_added_live(shared: Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn job_completes(shared: Arc<Shared>) -> anyhow::Result<()> {
+/// Runs the demo as a Job `name` in `namespace` that imports `imported` and round-trips through
+/// `target` (as the pods of a restricted namespace must be, when `restricted`), waits for it to
+/// complete, and returns its pod, checked injected and byte-exact by its own word.
+async fn demo_job(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+    imported: &str,
+    target: &str,
+    restricted: bool,
+) -> anyhow::Result<Pod> {
+    let mut pod_security = json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532});
+    let mut container_security = json!({});
+    if restricted {
+        pod_security["seccompProfile"] = json!({"type": "RuntimeDefault"});
+        container_security =
+            json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    }
     shared.apply(&json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": "once", "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "backoffLimit": 0,
             "template": {
-                "metadata": {"annotations": {
-                    keys::IMPORTED_SERVICES: r#"{"services":[{"name":"echo","ports":[{"port":7000}]}]}"#,
-                }},
+                "metadata": {"annotations": {keys::IMPORTED_SERVICES: imported}},
                 "spec": {
                     "restartPolicy": "Never",
-                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532},
+                    "securityContext": pod_security,
                     "containers": [{
                         "name": "once",
                         "image": "servicekeel/demo:0.1.0",
                         "imagePullPolicy": "IfNotPresent",
-                        "args": ["tcp", "echo:7000", "--retries", "3"],
+                        "args": ["tcp", target, "--retries", "3"],
+                        "securityContext": container_security,
                     }],
                 },
             },
         },
     }))?;
-    let jobs: Api<Job> = Api::namespaced(shared.client.clone(), NAMESPACE);
-    let job = eventually("the job completes", Duration::from_secs(90), || async {
-        let job = jobs.get("once").await?;
-        let status = job.status.clone().unwrap_or_default();
-        if status.failed.unwrap_or(0) > 0 {
-            bail!("the job failed: {status:?}");
+    let jobs: Api<Job> = Api::namespaced(shared.client.clone(), namespace);
+    let outcome = eventually(
+        &format!("the job {namespace}/{name} completes"),
+        Duration::from_secs(120),
+        || async {
+            let job = jobs.get(name).await?;
+            let status = job.status.clone().unwrap_or_default();
+            if status.failed.unwrap_or(0) > 0 {
+                bail!("the job failed: {status:?}");
+            }
+            ensure!(status.succeeded == Some(1), "not complete yet: {status:?}");
+            Ok(job)
+        },
+    )
+    .await;
+    let job = match outcome {
+        Ok(job) => job,
+        Err(error) => {
+            // Admission's refusals (Pod Security among them) are events of the Job.
+            let events = shared
+                .kubectl(&["get", "events", "-n", namespace])
+                .unwrap_or_default();
+            bail!("{error:#}\nevents in {namespace}:\n{events}");
         }
-        ensure!(status.succeeded == Some(1), "not complete yet: {status:?}");
-        Ok(job)
-    })
-    .await?;
+    };
     let complete = job
         .status
         .and_then(|s| s.conditions)
@@ -400,15 +434,82 @@ async fn job_completes(shared: Arc<Shared>) -> anyhow::Result<()> {
         .any(|c| c.type_ == "Complete" && c.status == "True");
     ensure!(complete, "no Complete condition");
     let pods = shared
-        .pods()
-        .list(&ListParams::default().labels("job-name=once"))
+        .pods_in(namespace)
+        .list(&ListParams::default().labels(&format!("job-name={name}")))
         .await?;
-    let pod = pods.items.first().context("the job's pod is gone")?;
-    ensure!(webhook::is_injected(pod), "the job's pod has no sidecar");
+    let pod = pods.items.first().context("the job's pod is gone")?.clone();
+    ensure!(webhook::is_injected(&pod), "the job's pod has no sidecar");
     let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
     ensure!(phase.as_deref() == Some("Succeeded"), "pod phase {phase:?}");
-    let logs = shared.kubectl(&["logs", "-n", NAMESPACE, "job/once", "-c", "once"])?;
+    let logs = shared.kubectl(&[
+        "logs",
+        "-n",
+        namespace,
+        &format!("job/{name}"),
+        "-c",
+        "once",
+    ])?;
     ensure!(logs.contains("byte-exact"), "the job said: {logs}");
+    Ok(pod)
+}
+
+async fn job_completes(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let imported = r#"{"services":[{"name":"echo","ports":[{"port":7000}]}]}"#;
+    demo_job(&shared, NAMESPACE, "once", imported, "echo:7000", false).await?;
+    Ok(())
+}
+
+/// A namespace enforcing Pod Security "restricted": an injected Job's pod is admitted (its
+/// sidecar reaches the router over TCP on the node's address, with no `hostPath` volume) and
+/// reaches the demo's echo service in another namespace.
+async fn pod_security_restricted(shared: Arc<Shared>) -> anyhow::Result<()> {
+    const STRICT: &str = "strict";
+    shared.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": STRICT, "labels": {
+            keys::INJECT: "enabled",
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        }},
+    }))?;
+    // The namespace does enforce it: a pod of its own with a hostPath volume is refused.
+    let own_host_path = webhook::kubectl(
+        &shared.kubeconfig,
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&serde_json::to_string(&json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "host-path", "namespace": STRICT,
+                         "annotations": {keys::INJECT: "false"}},
+            "spec": {
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{"name": "a", "image": "servicekeel/demo:0.1.0",
+                                "securityContext": {"allowPrivilegeEscalation": false,
+                                                    "capabilities": {"drop": ["ALL"]}}}],
+                "volumes": [{"name": "h", "hostPath": {"path": "/tmp"}}],
+            },
+        }))?),
+    );
+    ensure!(
+        own_host_path
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("hostPath")),
+        "Pod Security should refuse a hostPath volume in {STRICT}: {own_host_path:?}"
+    );
+    let imported = format!(
+        r#"{{"services":[{{"name":"echo","namespace":"{NAMESPACE}","ports":[{{"port":7000}}]}}]}}"#
+    );
+    let target = format!("echo.{NAMESPACE}:7000");
+    let pod = demo_job(&shared, STRICT, "strict-once", &imported, &target, true).await?;
+    let spec = pod.spec.as_ref().context("no spec")?;
+    ensure!(
+        spec.volumes.iter().flatten().all(|v| v.host_path.is_none()),
+        "a hostPath volume in a restricted namespace: {:?}",
+        spec.volumes
+    );
+    shared.kubectl(&["delete", "namespace", STRICT, "--wait=false"])?;
     Ok(())
 }
 

@@ -126,6 +126,16 @@ fn the_router_daemonset_matches_the_binary() {
         webhook["clusterName"].as_str(),
         Some(config.cluster.as_str())
     );
+    // Sidecars of namespaces that forbid hostPath find it on the port the webhook gives them.
+    let tcp = config
+        .sidecar_tcp
+        .as_ref()
+        .expect("the router takes sidecars over TCP");
+    assert_eq!(
+        webhook["routerTcpPort"].as_u64(),
+        Some(u64::from(tcp.listen.port()))
+    );
+    assert!(!tcp.allowed.is_empty());
 
     // Probes on the admin port the router serves.
     assert_eq!(

@@ -17,7 +17,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use servicekeel_api::{ServiceList, keys};
 
-use crate::view::{ClusterView, parse_namespace_defaults};
+use crate::view::{ClusterView, labels_forbid_host_path, parse_namespace_defaults};
 
 /// Every Service created, changed or deleted, after the cache has taken it in.
 pub type ServiceEvents = BoxStream<'static, Result<Service, watcher::Error>>;
@@ -103,6 +103,12 @@ impl ClusterView for Caches {
             None => Ok(None),
             Some(value) => parse_namespace_defaults(namespace, value).map(Some),
         }
+    }
+
+    fn forbids_host_path(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(&ObjectRef::new(namespace))
+            .is_some_and(|object| labels_forbid_host_path(object.metadata.labels.as_ref()))
     }
 
     fn services(&self, namespace: &str) -> Option<Vec<Arc<Service>>> {

@@ -54,6 +54,11 @@ pub struct Config {
     pub sidecar: SidecarConfig,
     /// Directory on the node holding the router's Unix socket (hostPath).
     pub router_socket_host_path: String,
+    /// The port on the node's address where the router takes sidecars over TCP: pods of
+    /// namespaces whose Pod Security level forbids `hostPath` (`baseline`, `restricted`) reach
+    /// the router there instead of through the socket. `null`: never (such pods are refused by
+    /// Pod Security).
+    pub router_tcp_port: Option<u16>,
     /// Local IPs for imported services.
     pub ip_range: String,
     /// Where the sidecar's DNS server listens; the pod's only nameserver.
@@ -100,6 +105,7 @@ impl Default for Config {
             native_sidecar: true,
             sidecar: SidecarConfig::default(),
             router_socket_host_path: defaults::ROUTER_SOCKET_DIR.into(),
+            router_tcp_port: Some(defaults::ROUTER_SIDECAR_PORT),
             ip_range: defaults::IP_RANGE.into(),
             dns_addr: defaults::DNS_ADDR
                 .parse()

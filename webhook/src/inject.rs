@@ -29,6 +29,9 @@ pub struct Target<'a> {
     pub namespace_defaults: Option<&'a ServiceList>,
     /// Exports computed from the Services selecting the pod, when known.
     pub exports: Option<&'a ServiceList>,
+    /// The namespace forbids `hostPath` volumes: the sidecar reaches the router over TCP on the
+    /// node's address (when the config has a port for it) instead of mounting its socket.
+    pub router_over_tcp: bool,
 }
 
 impl<'a> Target<'a> {
@@ -38,6 +41,7 @@ impl<'a> Target<'a> {
             namespace,
             namespace_defaults: None,
             exports: None,
+            router_over_tcp: false,
         }
     }
 }
@@ -230,7 +234,12 @@ pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injecti
         );
     }
 
-    let sidecar::Rendered { container, volumes } = sidecar::rendered(config, mode, dns.upstream);
+    let router = match (target.router_over_tcp, config.router_tcp_port) {
+        (true, Some(port)) => sidecar::RouterWay::NodeTcp(port),
+        _ => sidecar::RouterWay::Socket,
+    };
+    let sidecar::Rendered { container, volumes } =
+        sidecar::rendered(config, mode, dns.upstream, router);
     match mode {
         SidecarMode::Native => patch.prepend(
             &["spec", "initContainers"],

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::inject::{InjectError, Injection};
-use crate::view::{ClusterView, inject_in_view, parse_namespace_defaults};
+use crate::view::{ClusterView, inject_in_view, labels_forbid_host_path, parse_namespace_defaults};
 use servicekeel_api::{ServiceList, keys};
 
 /// Where the pod template sits in each workload kind.
@@ -199,11 +199,12 @@ fn inject_pod(
 }
 
 /// What the input says about the cluster: its Services (for exports) and Namespaces (for
-/// default imports), as the webhook learns them from its caches.
+/// default imports and their Pod Security level), as the webhook learns them from its caches.
 #[derive(Debug, Default)]
 struct InputView {
     services: Vec<Arc<Service>>,
-    namespaces: BTreeMap<String, Option<String>>,
+    /// By name: the default imports annotation, and whether `hostPath` is forbidden there.
+    namespaces: BTreeMap<String, (Option<String>, bool)>,
 }
 
 impl InputView {
@@ -228,7 +229,11 @@ impl InputView {
                             [keys::DEFAULT_IMPORTED_SERVICES]
                             .as_str()
                             .map(str::to_string);
-                        view.namespaces.insert(name.to_string(), defaults);
+                        let labels: Option<BTreeMap<String, String>> =
+                            serde_json::from_value(object["metadata"]["labels"].clone()).ok();
+                        let forbids = labels_forbid_host_path(labels.as_ref());
+                        view.namespaces
+                            .insert(name.to_string(), (defaults, forbids));
                     }
                 }
                 _ => {}
@@ -241,9 +246,15 @@ impl InputView {
 impl ClusterView for InputView {
     fn namespace_defaults(&self, namespace: &str) -> Result<Option<ServiceList>, String> {
         match self.namespaces.get(namespace) {
-            Some(Some(value)) => parse_namespace_defaults(namespace, value).map(Some),
+            Some((Some(value), _)) => parse_namespace_defaults(namespace, value).map(Some),
             _ => Ok(None),
         }
+    }
+
+    fn forbids_host_path(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(namespace)
+            .is_some_and(|(_, forbids)| *forbids)
     }
 
     fn services(&self, namespace: &str) -> Option<Vec<Arc<Service>>> {

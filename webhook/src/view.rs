@@ -18,6 +18,25 @@ pub trait ClusterView: Send + Sync + std::fmt::Debug {
 
     /// The Services of `namespace`, or `None` while they are not known yet.
     fn services(&self, namespace: &str) -> Option<Vec<Arc<Service>>>;
+
+    /// Whether `namespace` enforces a Pod Security level that forbids `hostPath` volumes
+    /// (`baseline` or `restricted`); false when not known.
+    fn forbids_host_path(&self, namespace: &str) -> bool;
+}
+
+/// The namespace label holding the Pod Security level enforced there.
+pub const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
+
+/// Whether a namespace with these labels forbids `hostPath` volumes.
+pub fn labels_forbid_host_path(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> bool {
+    matches!(
+        labels
+            .and_then(|l| l.get(POD_SECURITY_ENFORCE))
+            .map(String::as_str),
+        Some("baseline" | "restricted")
+    )
 }
 
 /// No cluster: no namespace defaults, exports unknown.
@@ -31,6 +50,10 @@ impl ClusterView for NoCluster {
 
     fn services(&self, _namespace: &str) -> Option<Vec<Arc<Service>>> {
         None
+    }
+
+    fn forbids_host_path(&self, _namespace: &str) -> bool {
+        false
     }
 }
 
@@ -76,6 +99,7 @@ pub fn inject_in_view(
         namespace,
         namespace_defaults: namespace_defaults.as_ref(),
         exports: exports.as_ref(),
+        router_over_tcp: view.forbids_host_path(namespace),
     };
     Ok(match inject(pod, &target, config)? {
         Injection::Patch {

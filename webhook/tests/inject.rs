@@ -381,6 +381,7 @@ fn defaults_merge_pod_first_then_namespace_then_cluster() {
         namespace: NAMESPACE,
         namespace_defaults: Some(&namespace_defaults),
         exports: None,
+        router_over_tcp: false,
     };
     let Ok(Injection::Patch { patch, .. }) = inject(&pod, &target, &config) else {
         panic!("patch expected")
@@ -420,6 +421,7 @@ fn computed_exports_merge_under_the_authors_entries() {
         namespace: NAMESPACE,
         namespace_defaults: None,
         exports: Some(&computed),
+        router_over_tcp: false,
     };
     let Ok(Injection::Patch { patch, .. }) = inject(&pod, &target, &config()) else {
         panic!("patch expected")
@@ -434,4 +436,62 @@ fn computed_exports_merge_under_the_authors_entries() {
     let status: serde_json::Value =
         serde_json::from_str(annotations["servicekeel.io/status"].as_str().unwrap()).unwrap();
     assert_eq!(status["userExported"], json!(["web.web.cluster-a"]));
+}
+
+/// In a namespace that forbids `hostPath` the sidecar reaches the router over TCP on the node's
+/// address, and the pod gets no `hostPath` volume; without a port in the config it still mounts
+/// the socket (and Pod Security refuses the pod, as it says).
+#[test]
+fn where_host_path_is_forbidden_the_sidecar_reaches_the_router_over_tcp() {
+    let pod: Pod = serde_json::from_value(pod_value(APP)).unwrap();
+    let target = Target {
+        router_over_tcp: true,
+        ..Target::new(NAMESPACE)
+    };
+    let patched = |config: &Config| {
+        let Ok(Injection::Patch { patch, .. }) = inject(&pod, &target, config) else {
+            panic!("patch expected")
+        };
+        let mut value = pod_value(APP);
+        json_patch::patch(&mut value, &patch).unwrap();
+        value
+    };
+    let value = patched(&config());
+    let sidecar = &value["spec"]["initContainers"][0];
+    assert_eq!(
+        sidecar_env(sidecar, "SIDECAR_SERVER_LISTEN").as_deref(),
+        Some("tcp://$(HOST_IP):15006")
+    );
+    let env = sidecar["env"].as_array().unwrap();
+    let position = |name: &str| env.iter().position(|e| e["name"] == name).unwrap();
+    assert_eq!(
+        env[position("HOST_IP")]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    assert!(
+        position("HOST_IP") < position("SIDECAR_SERVER_LISTEN"),
+        "defined before it is expanded"
+    );
+    let volumes = value["spec"]["volumes"].as_array().unwrap();
+    assert!(
+        volumes.iter().all(|v| v.get("hostPath").is_none()),
+        "{volumes:?}"
+    );
+    let mounts = sidecar["volumeMounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 1, "only the annotations file: {mounts:?}");
+
+    let mut no_port = config();
+    no_port.router_tcp_port = None;
+    let value = patched(&no_port);
+    assert_eq!(
+        sidecar_env(&value["spec"]["initContainers"][0], "SIDECAR_SERVER_LISTEN").as_deref(),
+        Some("unix:///var/run/servicekeel/router.sock")
+    );
+    assert!(
+        value["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v.get("hostPath").is_some())
+    );
 }

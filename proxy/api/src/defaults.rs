@@ -8,6 +8,9 @@ pub const DNS_ADDR: &str = "127.0.0.2:53";
 pub const ROUTER_SOCKET_DIR: &str = "/var/run/servicekeel";
 /// The router's Unix socket, as the sidecar reaches it.
 pub const ROUTER_LISTEN: &str = "unix:///var/run/servicekeel/router.sock";
+/// The port on the node's address where the router takes sidecars over TCP, for pods that
+/// may not mount the socket (`--sidecar-listen`).
+pub const ROUTER_SIDECAR_PORT: u16 = 15006;
 /// The router's Unix socket on the node (the path in [`ROUTER_LISTEN`]).
 pub const ROUTER_SOCKET: &str = "/var/run/servicekeel/router.sock";
 /// Where the router keeps its registry snapshot.

@@ -32,3 +32,6 @@ pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const POD_IP: &str = "POD_IP";
 /// The node's name (downward API).
 pub const NODE_NAME: &str = "NODE_NAME";
+/// The node's address (downward API), where a sidecar that may not mount the router's socket
+/// reaches the router over TCP.
+pub const HOST_IP: &str = "HOST_IP";

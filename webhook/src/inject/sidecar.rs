@@ -45,6 +45,16 @@ impl SidecarMode {
     }
 }
 
+/// How the sidecar reaches its node's router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterWay {
+    /// Through the router's Unix socket, mounted from the node (`hostPath`).
+    Socket,
+    /// Over TCP to this port on the node's address (`status.hostIP`), for pods that may not
+    /// mount `hostPath` volumes.
+    NodeTcp(u16),
+}
+
 /// The container and the volumes, as JSON.
 #[derive(Debug, Clone)]
 pub(super) struct Rendered {
@@ -59,24 +69,29 @@ const REMEMBERED: usize = 8;
 /// [`container`] and [`volumes`] rendered to JSON, remembered for the last configurations
 /// seen: building and serialising them was most of an injection's cost, and they change only
 /// with the config, the mode and the upstream.
-pub(super) fn rendered(config: &Config, mode: SidecarMode, upstream: SocketAddr) -> Rendered {
-    type Entry = (Config, SidecarMode, SocketAddr, Rendered);
+pub(super) fn rendered(
+    config: &Config,
+    mode: SidecarMode,
+    upstream: SocketAddr,
+    router: RouterWay,
+) -> Rendered {
+    type Entry = ((Config, SidecarMode, SocketAddr, RouterWay), Rendered);
     static RECENT: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
     let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((.., found)) = recent
+    if let Some((_, found)) = recent
         .iter()
-        .find(|(c, m, u, _)| *m == mode && *u == upstream && c == config)
+        .find(|((c, m, u, r), _)| *m == mode && *u == upstream && *r == router && c == config)
     {
         return found.clone();
     }
     let made = Rendered {
-        container: super::to_json(&container(config, mode, upstream)),
-        volumes: volumes(config).iter().map(super::to_json).collect(),
+        container: super::to_json(&container(config, mode, upstream, router)),
+        volumes: volumes(config, router).iter().map(super::to_json).collect(),
     };
     if recent.len() == REMEMBERED {
         recent.remove(0);
     }
-    recent.push((config.clone(), mode, upstream, made.clone()));
+    recent.push(((config.clone(), mode, upstream, router), made.clone()));
     made
 }
 
@@ -84,7 +99,12 @@ pub(super) fn rendered(config: &Config, mode: SidecarMode, upstream: SocketAddr)
 const STARTUP_PERIOD_SECONDS: i32 = 1;
 const STARTUP_FAILURE_THRESHOLD: i32 = 120;
 
-pub(super) fn container(config: &Config, mode: SidecarMode, upstream: SocketAddr) -> Container {
+pub(super) fn container(
+    config: &Config,
+    mode: SidecarMode,
+    upstream: SocketAddr,
+    router: RouterWay,
+) -> Container {
     let admin_port = config.sidecar.admin_port;
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -102,7 +122,7 @@ pub(super) fn container(config: &Config, mode: SidecarMode, upstream: SocketAddr
         image: Some(config.sidecar.image.clone()),
         image_pull_policy: Some(config.sidecar.image_pull_policy.as_str().into()),
         args: Some(vec!["sidecar".into()]),
-        env: Some(environment(config, upstream)),
+        env: Some(environment(config, upstream, router)),
         ports: Some(vec![ContainerPort {
             name: Some(defaults::ADMIN_PORT_NAME.into()),
             container_port: admin_port.into(),
@@ -134,25 +154,30 @@ pub(super) fn container(config: &Config, mode: SidecarMode, upstream: SocketAddr
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: defaults::PODINFO_VOLUME.into(),
-                mount_path: defaults::PODINFO_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: defaults::ROUTER_SOCKET_VOLUME.into(),
-                mount_path: defaults::ROUTER_SOCKET_DIR.into(),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(
+            [
+                Some(VolumeMount {
+                    name: defaults::PODINFO_VOLUME.into(),
+                    mount_path: defaults::PODINFO_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                }),
+                (router == RouterWay::Socket).then(|| VolumeMount {
+                    name: defaults::ROUTER_SOCKET_VOLUME.into(),
+                    mount_path: defaults::ROUTER_SOCKET_DIR.into(),
+                    ..Default::default()
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     }
 }
 
-fn environment(config: &Config, upstream: SocketAddr) -> Vec<EnvVar> {
+fn environment(config: &Config, upstream: SocketAddr, router: RouterWay) -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
@@ -169,7 +194,21 @@ fn environment(config: &Config, upstream: SocketAddr) -> Vec<EnvVar> {
         value: Some(value),
         ..Default::default()
     };
-    vec![
+    let router = match router {
+        RouterWay::Socket => vec![value(
+            env::SIDECAR_SERVER_LISTEN,
+            defaults::ROUTER_LISTEN.into(),
+        )],
+        // The kubelet expands `$(HOST_IP)` from the variable defined just before.
+        RouterWay::NodeTcp(port) => vec![
+            field(env::HOST_IP, "status.hostIP"),
+            value(
+                env::SIDECAR_SERVER_LISTEN,
+                format!("tcp://$({}):{port}", env::HOST_IP),
+            ),
+        ],
+    };
+    let mut all = vec![
         field(env::POD_NAME, "metadata.name"),
         field(env::POD_NAMESPACE, "metadata.namespace"),
         field(env::POD_IP, "status.podIP"),
@@ -182,7 +221,9 @@ fn environment(config: &Config, upstream: SocketAddr) -> Vec<EnvVar> {
         value(env::SIDECAR_IP_RANGE, config.ip_range.clone()),
         value(env::SIDECAR_DNS_ADDR, config.dns_addr.to_string()),
         value(env::SIDECAR_UPSTREAM_DNS, upstream.to_string()),
-        value(env::SIDECAR_SERVER_LISTEN, defaults::ROUTER_LISTEN.into()),
+    ];
+    all.extend(router);
+    all.extend([
         value(
             env::SIDECAR_ANNOTATIONS_FILE,
             defaults::ANNOTATIONS_FILE.into(),
@@ -192,33 +233,35 @@ fn environment(config: &Config, upstream: SocketAddr) -> Vec<EnvVar> {
             env::SIDECAR_ADMIN_ADDR,
             format!("0.0.0.0:{}", config.sidecar.admin_port),
         ),
-    ]
+    ]);
+    all
 }
 
-pub(super) fn volumes(config: &Config) -> Vec<Volume> {
-    vec![
-        Volume {
-            name: defaults::PODINFO_VOLUME.into(),
-            downward_api: Some(DownwardAPIVolumeSource {
-                items: Some(vec![DownwardAPIVolumeFile {
-                    path: defaults::PODINFO_ANNOTATIONS.into(),
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.annotations".into(),
-                        ..Default::default()
-                    }),
+pub(super) fn volumes(config: &Config, router: RouterWay) -> Vec<Volume> {
+    let mut volumes = vec![Volume {
+        name: defaults::PODINFO_VOLUME.into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: defaults::PODINFO_ANNOTATIONS.into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.annotations".into(),
                     ..Default::default()
-                }]),
+                }),
                 ..Default::default()
-            }),
+            }]),
             ..Default::default()
-        },
-        Volume {
+        }),
+        ..Default::default()
+    }];
+    if router == RouterWay::Socket {
+        volumes.push(Volume {
             name: defaults::ROUTER_SOCKET_VOLUME.into(),
             host_path: Some(HostPathVolumeSource {
                 path: config.router_socket_host_path.clone(),
                 type_: Some("DirectoryOrCreate".into()),
             }),
             ..Default::default()
-        },
-    ]
+        });
+    }
+    volumes
 }
