@@ -14,7 +14,7 @@ use crate::control_plane::{ControlPlane, Setup};
 use crate::kubernetes::{APISERVER, CONTROLLER_MANAGER, KUBELET, KubeBinaries, SCHEDULER};
 use crate::node::{self, Host, Node};
 use crate::process::{Lifetime, Process, free_port, is_running, stop_pid, wait_ready};
-use crate::{paths, webhook};
+use crate::{images, paths, webhook};
 
 #[derive(Debug)]
 pub struct LocalCluster {
@@ -134,8 +134,17 @@ pub struct NodeCluster {
 
 impl NodeCluster {
     /// Builds what is missing, starts everything, installs ServiceKeel, and returns once the
-    /// webhook injects pods and the router serves the node.
+    /// webhook injects pods and the router serves the node. The images are debug builds.
     pub async fn start(dir: &Path, lifetime: Lifetime) -> anyhow::Result<NodeCluster> {
+        Self::start_with(dir, lifetime, images::Profile::Debug).await
+    }
+
+    /// [`NodeCluster::start`] with the images built with `profile`.
+    pub async fn start_with(
+        dir: &Path,
+        lifetime: Lifetime,
+        profile: images::Profile,
+    ) -> anyhow::Result<NodeCluster> {
         let host = Host::claim(dir, lifetime)?;
         let binaries = KubeBinaries::ensure(&[APISERVER, CONTROLLER_MANAGER, SCHEDULER, KUBELET])?;
         let control_plane =
@@ -149,6 +158,7 @@ impl NodeCluster {
             &control_plane.server,
             &client,
             lifetime,
+            profile,
         )
         .await?;
         let mut cluster = NodeCluster {

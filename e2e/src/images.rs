@@ -57,8 +57,26 @@ pub const ALL: [ImageSpec; 4] = [PROXY, WEBHOOK, DEMO, PAUSE];
 
 /// Builds the static binaries of `images` (one cargo run) and writes each image's tarball into
 /// `dir`; returns the tarballs in the order given.
-pub fn build(images: &[ImageSpec], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let binaries = build_static(images)?;
+/// How the images' binaries are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Quick to build: what the tests run.
+    Debug,
+    /// Optimised: what users run, and what the benchmarks measure.
+    Release,
+}
+
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+pub fn build(images: &[ImageSpec], dir: &Path, profile: Profile) -> anyhow::Result<Vec<PathBuf>> {
+    let binaries = build_static(images, profile)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     images
         .iter()
@@ -71,18 +89,25 @@ pub fn build(images: &[ImageSpec], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect()
 }
 
-fn build_static(images: &[ImageSpec]) -> anyhow::Result<Vec<PathBuf>> {
+fn build_static(images: &[ImageSpec], profile: Profile) -> anyhow::Result<Vec<PathBuf>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(&cargo);
     command
         .current_dir(paths::repo())
         .args(["build", "--locked", "--target", TARGET]);
+    if profile == Profile::Release {
+        command.arg("--release");
+    }
     for image in images {
         command
             .args(["-p", image.package])
             .args(["--bin", image.binary]);
     }
-    tracing::info!(target = TARGET, "building the images' static binaries");
+    tracing::info!(
+        target = TARGET,
+        ?profile,
+        "building the images' static binaries"
+    );
     let output = command
         .stdout(std::process::Stdio::null())
         .output()
@@ -102,7 +127,10 @@ fn build_static(images: &[ImageSpec]) -> anyhow::Result<Vec<PathBuf>> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    let dir = paths::repo().join("target").join(TARGET).join("debug");
+    let dir = paths::repo()
+        .join("target")
+        .join(TARGET)
+        .join(profile.dir());
     images
         .iter()
         .map(|image| {

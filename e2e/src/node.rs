@@ -31,6 +31,8 @@ pub const NODE_NAME: &str = "servicekeel-node";
 /// The node's address: the pod bridge's own address, where kubelet serves and probes come from.
 pub const NODE_ADDRESS: &str = "10.244.0.1";
 pub const POD_CIDR: &str = "10.244.0.0/24";
+/// The pod bridge's hardware address (locally administered), set so it never changes.
+const BRIDGE_MAC: &str = "02:53:4b:00:00:01";
 pub const BRIDGE: &str = "servicekeel0";
 /// The `kubernetes` Service address (first of the Service range), local to the host.
 pub const API_ADDRESS: &str = "10.96.0.1";
@@ -123,6 +125,11 @@ impl Host {
             }
         }
         ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        // A bridge whose address was never set takes the lowest of its ports' and changes it as
+        // pods' veths come and go; the pods' ARP entries for the gateway then point at an
+        // address that is gone, and what they send to the node (probe answers, the webhook's
+        // answers to the apiserver) is dropped for seconds. An address set once stays.
+        ip(&["link", "set", BRIDGE, "address", BRIDGE_MAC])?;
         ip(&["addr", "add", &format!("{NODE_ADDRESS}/24"), "dev", BRIDGE])?;
         ip(&["link", "set", BRIDGE, "up"])?;
         for address in [API_ADDRESS, DNS_ADDRESS] {
@@ -220,10 +227,11 @@ impl Node {
         server: &str,
         client: &kube::Client,
         lifetime: Lifetime,
+        profile: images::Profile,
     ) -> anyhow::Result<Node> {
         let dir = host.dir().join("node");
         std::fs::create_dir_all(&dir)?;
-        let tarballs = images::build(&images::ALL, &dir.join("images"))?;
+        let tarballs = images::build(&images::ALL, &dir.join("images"), profile)?;
         let dns = start_dns(&dir, lifetime)?;
         let (containerd, containerd_socket) = start_containerd(&dir, lifetime).await?;
         for tarball in &tarballs {

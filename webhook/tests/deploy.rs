@@ -164,7 +164,8 @@ fn manifests_render_and_match_the_code() {
     assert_eq!(webhook["clientConfig"]["service"]["port"], 443);
     assert_eq!(webhook["failurePolicy"], "Fail");
     assert_eq!(webhook["sideEffects"], "None");
-    assert_eq!(webhook["reinvocationPolicy"], "IfNeeded");
+    // A second call would find the pod injected and change nothing.
+    assert_eq!(webhook["reinvocationPolicy"], "Never");
     assert!(webhook["timeoutSeconds"].as_i64().unwrap() <= 5);
     assert_eq!(
         webhook["admissionReviewVersions"],

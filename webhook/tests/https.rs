@@ -125,7 +125,7 @@ async fn a_pod_review_is_answered_with_a_patch_that_injects_the_sidecar() {
             .contains("native")
     );
 
-    // The injected pod, reviewed again (as with reinvocationPolicy: IfNeeded), gets no patch.
+    // The injected pod, reviewed again (as another webhook's reinvocation could), gets no patch.
     let mut again = review.clone();
     again["request"]["object"] = pod;
     let (status, body) = post(

@@ -13,11 +13,14 @@ use serde_json::json;
 use servicekeel_api::keys;
 
 use crate::cluster::NodeCluster;
+use crate::images::Profile;
 use crate::process::Lifetime;
 use crate::webhook::is_injected;
 use crate::{node, paths};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The webhook's name in the MutatingWebhookConfiguration of `manifests/`.
+const WEBHOOK_NAME: &str = "sidecar-injector.servicekeel.io";
 
 /// The cluster with a node, and a namespace of each kind.
 pub struct PodBench {
@@ -53,10 +56,12 @@ impl Kind {
 }
 
 impl PodBench {
-    /// Starts the cluster with a node (root, a few minutes the first time) and the namespaces.
+    /// Starts the cluster with a node (root, a few minutes the first time) and the namespaces;
+    /// its images are release builds, as users run them.
     pub async fn start() -> anyhow::Result<PodBench> {
         let dir = paths::run_dir("servicekeel-bench-node");
-        let cluster = NodeCluster::start(&dir, Lifetime::TiedToThisProcess).await?;
+        let cluster =
+            NodeCluster::start_with(&dir, Lifetime::TiedToThisProcess, Profile::Release).await?;
         let client = cluster.client().await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
         for kind in [Kind::Plain, Kind::Injected] {
@@ -80,6 +85,28 @@ impl PodBench {
             cluster,
             dir,
         })
+    }
+
+    /// The apiserver's own count and total time (seconds) of its calls to the webhook so far
+    /// (`apiserver_admission_webhook_admission_duration_seconds`): the call as the apiserver
+    /// sees it, network and TLS included, its own handling of the answer not.
+    pub async fn webhook_calls(&self) -> anyhow::Result<(u64, f64)> {
+        let request = http::Request::get("/metrics").body(Vec::new())?;
+        let text = self.client.request_text(request).await?;
+        let metric = "apiserver_admission_webhook_admission_duration_seconds";
+        let ours = format!("name=\"{}\"", WEBHOOK_NAME);
+        let (mut count, mut sum) = (0u64, 0f64);
+        for line in text.lines().filter(|l| l.contains(&ours)) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if series.starts_with(&format!("{metric}_count{{")) {
+                count += value.parse::<f64>().unwrap_or(0.0) as u64;
+            } else if series.starts_with(&format!("{metric}_sum{{")) {
+                sum += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        Ok((count, sum))
     }
 
     /// Stops the cluster, gives the host back and removes its files.
