@@ -32,8 +32,11 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// A binary of this workspace (`servicekeel-webhook`, ...), from the target directory the
-/// running program was built into; built there first (same profile) when missing.
+/// running program was built into. It is built there (same profile) or brought up to date first,
+/// once per process, so a run never uses a binary older than the source; without cargo at hand
+/// the one found there is used as it is.
 pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().context("cannot find the running program")?;
     // target/<profile>/servicekeel-e2e, or target/<profile>/deps/<test>-<hash>.
     let find = || {
@@ -43,23 +46,31 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
             .map(|dir| dir.join(name))
             .find(|candidate| is_executable(candidate))
     };
-    if let Some(found) = find() {
-        return Ok(found);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if built.iter().any(|b| b == name) {
+        return find().with_context(|| format!("{name} is gone from beside {}", exe.display()));
     }
     let release = exe.components().any(|c| c.as_os_str() == "release");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    tracing::info!(binary = name, "building it first");
     let mut command = std::process::Command::new(&cargo);
     command
         .current_dir(repo())
-        .args(["build", "-p", name, "--bin", name]);
+        .args(["build", "--quiet", "-p", name, "--bin", name]);
     if release {
         command.arg("--release");
     }
-    let status = command.status().context("cannot run cargo")?;
-    if !status.success() {
-        bail!("`cargo build -p {name}` failed ({status})");
+    match command.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => bail!("`cargo build -p {name}` failed ({status})"),
+        Err(error) => match find() {
+            Some(found) => {
+                tracing::warn!(binary = name, %error, "cannot run cargo; using the binary as it is");
+                return Ok(found);
+            }
+            None => return Err(error).context("cannot run cargo"),
+        },
     }
+    built.push(name.to_string());
     find().with_context(|| format!("{name} is still not next to {}", exe.display()))
 }
 

@@ -67,6 +67,8 @@ pub struct SidecarConfig {
     pub max_flows: usize,
     /// Most UDP clients one UDP listener carries at once.
     pub udp_max_clients: usize,
+    /// Hand TCP connections to the router (when it is on a Unix socket).
+    pub tcp_handoff: bool,
 }
 
 impl SidecarConfig {
@@ -118,6 +120,10 @@ impl SidecarConfig {
             udp_max_clients: read.limit(
                 env::SIDECAR_UDP_MAX_CLIENTS,
                 defaults::SIDECAR_UDP_MAX_CLIENTS,
+            )?,
+            tcp_handoff: read.parsed(
+                env::SIDECAR_TCP_HANDOFF,
+                &defaults::SIDECAR_TCP_HANDOFF.to_string(),
             )?,
         })
     }
@@ -216,6 +222,7 @@ mod tests {
         assert_eq!(config.drain_timeout, Duration::from_secs(20));
         assert_eq!(config.udp_idle_timeout, Duration::from_secs(60));
         assert_eq!(config.udp_max_clients, 1024);
+        assert!(config.tcp_handoff);
     }
 
     #[test]
@@ -284,6 +291,7 @@ mod tests {
                 "-1",
                 "SIDECAR_UDP_MAX_CLIENTS=\"-1\"",
             ),
+            ("SIDECAR_TCP_HANDOFF", "yes", "SIDECAR_TCP_HANDOFF=\"yes\""),
             (
                 "SERVICEKEEL_CLUSTER",
                 "Cluster_A",

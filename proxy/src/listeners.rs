@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::metrics::{FlowOutcome, Metrics};
 use crate::tunnel::client::{Client, OpenError};
+use crate::tunnel::handoff::Giver;
 
 /// Connections the kernel queues before the sidecar accepts them: applications opening many
 /// connections at once should not wait out SYN retries.
@@ -39,6 +40,8 @@ pub struct Wanted {
 #[derive(Debug, Clone)]
 pub struct Context {
     pub client: Client,
+    /// Hands TCP connections to the router instead of carrying them, when it takes them.
+    pub handoff: Option<Arc<Giver>>,
     pub flows: Arc<Flows>,
     pub metrics: Arc<Metrics>,
     pub udp_idle: Duration,

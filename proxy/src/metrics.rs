@@ -50,6 +50,8 @@ pub enum FlowOutcome {
     Unavailable,
     /// Not carried: the sidecar's flow limit was reached.
     Limited,
+    /// Handed to the router, which carries it from there (TCP on the router's Unix socket).
+    HandedOff,
 }
 
 impl FlowOutcome {
@@ -60,6 +62,7 @@ impl FlowOutcome {
             FlowOutcome::Refused => "refused",
             FlowOutcome::Unavailable => "unavailable",
             FlowOutcome::Limited => "limit",
+            FlowOutcome::HandedOff => "handed_off",
         }
     }
 }

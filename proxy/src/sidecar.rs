@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use servicekeel_api::addresses::RouterAddr;
 use servicekeel_api::tunnel::registration::Registration;
 use servicekeel_api::tunnel::{FlowTarget, Source};
 
@@ -24,6 +25,7 @@ use crate::listeners::{self, Flows, Listeners, Wanted};
 use crate::metrics::Metrics;
 use crate::podinfo::{Home, PodServices, Watcher};
 use crate::tunnel::client::Client;
+use crate::tunnel::handoff::Giver;
 
 /// How long the upstream resolver gets before a forwarded query is answered SERVFAIL.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -204,8 +206,16 @@ impl Sidecar {
             stopped.clone(),
         );
         let (draining, draining_rx) = watch::channel(false);
+        let handoff = match &config.router {
+            RouterAddr::Unix(path) if config.tcp_handoff => Some(Arc::new(Giver::new(
+                path.clone(),
+                source(&config, config.pod_ip),
+            ))),
+            _ => None,
+        };
         let listeners = Listeners::new(listeners::Context {
             client: client.clone(),
+            handoff,
             flows: flows.clone(),
             metrics: metrics.clone(),
             udp_idle: config.udp_idle_timeout,

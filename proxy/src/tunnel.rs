@@ -8,12 +8,17 @@
 //!   that decides where each flow goes.
 //! - [`stream`]: a flow as `AsyncRead + AsyncWrite`.
 //! - [`pipe`]: a flow piped to a socket or another flow, both ways.
+//! - [`splice`]: two sockets relayed without copies through this process.
 //! - [`datagrams`]: a UDP flow pumped between its framed stream and a socket.
+//! - [`handoff`]: TCP connections handed to the router on its Unix socket instead of carried
+//!   in flows.
 
 pub mod client;
 pub mod datagrams;
+pub mod handoff;
 pub mod pipe;
 pub mod server;
+pub mod splice;
 pub mod stream;
 
 use std::time::Duration;

@@ -532,3 +532,15 @@ async fn past_its_client_limit_a_udp_listener_drops_new_clients_datagrams_and_co
     }
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_without_handoffs_gets_the_connections_in_tunnel_flows() {
+    // TestRouter speaks the tunnel only: the sidecar's handoff preface finds no answer.
+    let (_pod, _router, sidecar, local) = echo_pod(79, Protocol::Tcp, &[]).await;
+    for _ in 0..3 {
+        assert_eq!(echo_through(local, b"hello").await.unwrap(), b"hello");
+    }
+    let metrics = http_get(sidecar.admin_addr(), "/metrics").await;
+    let line = r#"servicekeel_sidecar_flows_total{protocol="TCP",outcome="completed"} 3"#;
+    assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+}

@@ -12,34 +12,17 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use servicekeel_proxy::router::{Api, Router, RouterConfig};
+use servicekeel_proxy::router::{Router, RouterConfig};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 
 use support::{
-    cut_at_once, echo_through, echoes_again, http_get, pattern, pod_behind, pod_over_tcp, tcp_echo,
-    tcp_echo_server, udp_echo,
+    cut_at_once, echo_through, echoes_again, http_get, metrics_eventually, pattern, pod_behind,
+    pod_over_tcp, router_config, tcp_echo, tcp_echo_server, udp_echo,
 };
 use tokio::net::UdpSocket;
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn config(dir: &Path) -> RouterConfig {
-    RouterConfig {
-        socket: dir.join("run/router.sock"),
-        socket_mode: 0o660,
-        socket_owner: None,
-        state_dir: dir.join("state"),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        node: "edge-1".into(),
-        cluster: "cluster-a".into(),
-        links: None,
-        api: Api::Off,
-        drain_timeout: std::time::Duration::from_secs(20),
-        max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
-        sidecar_tcp: None,
-    }
-}
 
 /// Waits until the router knows `n` (target, endpoint) pairs.
 async fn registry_has(router: &Router, n: usize) -> bool {
@@ -65,7 +48,7 @@ const IMPORTS: &str = "services: [{name: web, ports: [{port: 80}, {port: 53, pro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_export_is_reached_through_the_router() {
     let dir = tempfile::tempdir().unwrap();
-    let router = Router::start(config(dir.path())).await.unwrap();
+    let router = Router::start(router_config(dir.path())).await.unwrap();
     let mode = std::fs::metadata(router.socket())
         .unwrap()
         .permissions()
@@ -98,15 +81,16 @@ async fn a_registered_export_is_reached_through_the_router() {
         .unwrap();
     assert_eq!(&buffer[..n], b"query");
 
-    let metrics = http_get(router.admin_addr(), "/metrics").await;
-    for line in [
-        // Both pods registered, the client with no exports.
-        "servicekeel_router_registered_sidecars 2",
-        "servicekeel_router_registry_entries 2",
-        r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#,
-    ] {
-        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
-    }
+    metrics_eventually(
+        router.admin_addr(),
+        &[
+            // Both pods registered, the client with no exports.
+            "servicekeel_router_registered_sidecars 2",
+            "servicekeel_router_registry_entries 2",
+            r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#,
+        ],
+    )
+    .await;
     // The server pod goes away: its registration goes with its connection.
     server.shutdown().await;
     assert!(registry_has(&router, 0).await, "registration dropped");
@@ -122,7 +106,7 @@ async fn a_registered_export_is_reached_through_the_router() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_endpoint_is_ejected_and_flows_go_to_the_other() {
     let dir = tempfile::tempdir().unwrap();
-    let router = Router::start(config(dir.path())).await.unwrap();
+    let router = Router::start(router_config(dir.path())).await.unwrap();
     let doomed = tcp_echo_server(Ipv4Addr::LOCALHOST).await;
     let survivor = tcp_echo_server(Ipv4Addr::LOCALHOST).await;
     let udp = udp_echo().await;
@@ -178,7 +162,7 @@ async fn a_killed_endpoint_is_ejected_and_flows_go_to_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_router_routes_from_its_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let router = Router::start(config(dir.path())).await.unwrap();
+    let router = Router::start(router_config(dir.path())).await.unwrap();
     let (tcp, udp) = (tcp_echo().await, udp_echo().await);
     let server = pod_behind(
         &router,
@@ -207,7 +191,7 @@ async fn a_restarted_router_routes_from_its_snapshot() {
     server.shutdown().await;
     router.shutdown().await;
 
-    let router = Router::start(config(dir.path())).await.unwrap();
+    let router = Router::start(router_config(dir.path())).await.unwrap();
     assert_eq!(router.registry_len(), 2, "loaded from the snapshot");
     let client = pod_behind(&router, "127.0.86.0/24", IMPORTS, None)
         .start()
@@ -230,13 +214,13 @@ async fn a_restarted_router_routes_from_its_snapshot() {
 #[tokio::test]
 async fn the_socket_replaces_a_stale_one_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
-    let first = Router::start(config(dir.path())).await.unwrap();
+    let first = Router::start(router_config(dir.path())).await.unwrap();
     // Left behind by a router that did not shut down cleanly.
     std::mem::forget(first);
-    let second = Router::start(config(dir.path())).await.unwrap();
+    let second = Router::start(router_config(dir.path())).await.unwrap();
     second.shutdown().await;
 
-    let mut config = config(dir.path());
+    let mut config = router_config(dir.path());
     config.socket = dir.path().join("a-file");
     std::fs::write(&config.socket, "not a socket").unwrap();
     let error = Router::start(config).await.unwrap_err().to_string();
@@ -268,7 +252,7 @@ async fn only_the_sidecars_group_may_use_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     // Anyone may look up the path; the socket's own mode decides.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut config = config(dir.path());
+    let mut config = router_config(dir.path());
     config.socket = dir.path().join("router.sock");
     config.socket_owner = Some((None, Some(65532)));
     let router = Router::start(config).await.unwrap();
@@ -288,7 +272,7 @@ async fn only_the_sidecars_group_may_use_the_socket() {
 async fn shutdown_lets_open_flows_finish() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let router = Router::start(config(dir.path())).await.unwrap();
+    let router = Router::start(router_config(dir.path())).await.unwrap();
     let (tcp, udp) = (tcp_echo().await, udp_echo().await);
     let server = pod_behind(
         &router,
@@ -343,7 +327,7 @@ async fn past_its_flow_limit_the_router_refuses_new_flows_and_counts_them() {
     let dir = tempfile::tempdir().unwrap();
     let router = Router::start(RouterConfig {
         max_flows: 1,
-        ..config(dir.path())
+        ..router_config(dir.path())
     })
     .await
     .unwrap();
@@ -393,7 +377,7 @@ async fn router_with_tcp(dir: &Path, allowed: &str) -> Router {
             listen: "127.0.0.1:0".parse().unwrap(),
             allowed: vec![allowed.parse().unwrap()],
         }),
-        ..config(dir)
+        ..router_config(dir)
     })
     .await
     .unwrap()

@@ -20,6 +20,9 @@ pub const SIDECAR_UDP_IDLE_TIMEOUT: &str = "SIDECAR_UDP_IDLE_TIMEOUT";
 pub const SIDECAR_MAX_FLOWS: &str = "SIDECAR_MAX_FLOWS";
 /// Most UDP clients (source addresses) one UDP listener carries at once (`1024`).
 pub const SIDECAR_UDP_MAX_CLIENTS: &str = "SIDECAR_UDP_MAX_CLIENTS";
+/// Whether TCP connections are handed to the router on its Unix socket (`true`) rather than
+/// carried in tunnel flows (`false`); only with a `unix://` router address.
+pub const SIDECAR_TCP_HANDOFF: &str = "SIDECAR_TCP_HANDOFF";
 /// This cluster's name.
 pub const SERVICEKEEL_CLUSTER: &str = "SERVICEKEEL_CLUSTER";
 /// This cluster's DNS domain.

@@ -8,6 +8,7 @@
 //! length and the payload; the decoder checks the length before buffering anything for it and
 //! takes input in pieces of any size.
 
+pub mod handoff;
 pub mod registration;
 
 use std::fmt;

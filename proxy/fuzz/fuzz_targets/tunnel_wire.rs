@@ -1,9 +1,11 @@
 //! The tunnel's wire decoders, both directions: the flow headers a router reads (target,
-//! protocol, source, version), the registration body, and the datagram framing both ends read,
-//! fed in arbitrary chunks. Any bytes decode or are refused; what decodes re-encodes to the same.
+//! protocol, source, version), the registration body, the datagram framing both ends read and
+//! the handoff lines a router reads on its socket, fed in arbitrary chunks. Any bytes decode or
+//! are refused; what decodes re-encodes to the same.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use servicekeel_api::tunnel::handoff::{Handoff, Lines, MAX_LINE};
 use servicekeel_api::tunnel::registration::Registration;
 use servicekeel_api::tunnel::{
     DatagramDecoder, FlowTarget, Source, check_version, encode_datagram,
@@ -13,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    match selector % 4 {
+    match selector % 5 {
         0 => {
             // Headers: authority, protocol, source, version separated by newlines.
             let text = String::from_utf8_lossy(rest);
@@ -37,6 +39,28 @@ fuzz_target!(|data: &[u8]| {
                     .expect("a parsed registration re-encodes to one that parses");
                 assert_eq!(again, registration);
                 let _ = registration.endpoints();
+            }
+        }
+        2 => {
+            // Handoff lines in chunks whose sizes the input chooses.
+            let mut lines = Lines::default();
+            let mut rest = rest;
+            while let Some((&size, tail)) = rest.split_first() {
+                let take = usize::from(size).min(tail.len());
+                let (chunk, tail) = tail.split_at(take);
+                rest = tail;
+                let Ok(complete) = lines.push(chunk) else {
+                    return;
+                };
+                assert!(lines.pending() < MAX_LINE);
+                for line in complete {
+                    if let Ok(handoff) = Handoff::parse(&line) {
+                        let encoded = handoff.encode().expect("a parsed handoff encodes");
+                        let again = Handoff::parse(&encoded[..encoded.len() - 1])
+                            .expect("an encoded handoff parses");
+                        assert_eq!(again, handoff);
+                    }
+                }
             }
         }
         _ => {

@@ -1,6 +1,7 @@
-//! TCP: each accepted connection is one flow, piped both ways with half-close kept (a FIN from
-//! the application ends the flow's send side only). A flow the router refuses or breaks is
-//! reset towards the application, so it sees the failure at once.
+//! TCP: each accepted connection is handed to the router when it takes handoffs (see
+//! [`crate::tunnel::handoff`]); otherwise it is one flow, piped both ways with half-close kept
+//! (a FIN from the application ends the flow's send side only). A flow the router refuses or
+//! breaks is reset towards the application, so it sees the failure at once.
 
 use servicekeel_api::Protocol;
 use servicekeel_api::tunnel::FlowTarget;
@@ -52,6 +53,20 @@ async fn flow(stream: TcpStream, target: FlowTarget, context: Context) {
         }
     };
     let _ = stream.set_nodelay(true);
+    let stream = match &context.handoff {
+        Some(giver) => match giver.give(stream, &target).await {
+            Ok(()) => {
+                return context
+                    .metrics
+                    .flow_ended(Protocol::Tcp, FlowOutcome::HandedOff);
+            }
+            Err((stream, reason)) => {
+                tracing::debug!(%reason, %target, "carried in the tunnel");
+                stream
+            }
+        },
+        None => stream,
+    };
     let outcome = match context.client.open(&target).await {
         Err(error) => {
             tracing::debug!(%error, "flow not opened");

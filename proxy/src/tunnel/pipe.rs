@@ -198,21 +198,22 @@ fn next_read_size(size: usize, read: usize) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, duplex};
 
     use super::*;
 
-    #[tokio::test]
-    async fn both_ways_byte_exact_with_half_close() {
-        let (mut app, mut near) = duplex(1024);
-        let (mut far, mut server) = duplex(1024);
-        let piping = tokio::spawn(async move {
-            both_ways(&mut Socket::new(&mut near), &mut Socket::new(&mut far)).await
-        });
-        let sent: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    /// Sends `len` patterned bytes from `app`, half-closes, checks that `server` reads exactly
+    /// them, answers `counted` and closes, and checks that `app` reads the answer after its own
+    /// half-close. Both ends are the outer sockets of the relay under test.
+    pub(crate) async fn half_closed_exchange<A, S>(mut app: A, mut server: S, len: u32)
+    where
+        A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let writing = {
             let sent = sent.clone();
             tokio::spawn(async move {
@@ -225,11 +226,21 @@ mod tests {
             })
         };
         let mut received = Vec::new();
-        server.read_to_end(&mut received).await.unwrap();
+        server.read_to_end(&mut received).await.expect("read");
         assert!(received == sent, "the bytes arrived changed");
-        server.write_all(b"counted").await.unwrap();
-        server.shutdown().await.unwrap();
-        assert_eq!(writing.await.unwrap().unwrap(), b"counted");
+        server.write_all(b"counted").await.expect("write");
+        server.shutdown().await.expect("shutdown");
+        assert_eq!(writing.await.expect("join").expect("app"), b"counted");
+    }
+
+    #[tokio::test]
+    async fn both_ways_byte_exact_with_half_close() {
+        let (app, mut near) = duplex(1024);
+        let (mut far, server) = duplex(1024);
+        let piping = tokio::spawn(async move {
+            both_ways(&mut Socket::new(&mut near), &mut Socket::new(&mut far)).await
+        });
+        half_closed_exchange(app, server, 1 << 20).await;
         assert_eq!(piping.await.unwrap().unwrap(), (1 << 20, 7));
     }
 

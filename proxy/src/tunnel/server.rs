@@ -179,12 +179,7 @@ pub async fn serve<H: Handler>(
         };
         match io {
             Ok(io) => {
-                tokio::spawn(serve_connection(
-                    io,
-                    handler.clone(),
-                    Link::sidecar(),
-                    shutdown.clone(),
-                ));
+                tokio::spawn(serve_unix(io, handler.clone(), shutdown.clone()));
             }
             Err(error) => {
                 // Out of descriptors and the like: say so and keep accepting.
@@ -192,6 +187,32 @@ pub async fn serve<H: Handler>(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// One connection on the Unix socket: a tunnel, or a sidecar handing connections over
+/// ([`super::handoff`]), told apart by its first byte.
+async fn serve_unix<H: Handler>(
+    io: tokio::net::UnixStream,
+    handler: Arc<H>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let first = match tokio::time::timeout(DIAL_TIMEOUT, super::handoff::peek_first(&io)).await {
+        Ok(Ok(Some(first))) => first,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "tunnel connection failed before its first byte");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("tunnel connection sent nothing in time");
+            return;
+        }
+    };
+    if super::handoff::is_handoff(first) {
+        super::handoff::serve(io, handler, Link::sidecar(), DIAL_TIMEOUT, shutdown).await;
+    } else {
+        serve_connection(io, handler, Link::sidecar(), shutdown).await;
     }
 }
 
@@ -489,6 +510,34 @@ async fn open_flow<H: Handler>(
         }
     };
     handler.finished(&request, &finished);
+}
+
+/// Relays a connection handed over by a sidecar to its far end, both ways, until both ways
+/// ended; the far end is aborted if the relay broke (the caller decides for `app`).
+pub(crate) async fn carry(upstream: Upstream, app: &mut TcpStream) -> Finished {
+    // An endpoint socket is relayed with splice: no copy through this process.
+    match upstream {
+        Upstream::Tcp(stream) => {
+            let result = super::splice::relay(app, &stream).await;
+            if result.is_err() {
+                abort(&stream);
+            }
+            finished_copy(result)
+        }
+        Upstream::Flow(mut far) => finished_copy(
+            super::pipe(&mut far, app)
+                .await
+                .map(|(back, forth)| (forth, back)),
+        ),
+        Upstream::Udp(_) => Finished {
+            sent: 0,
+            received: 0,
+            result: Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a TCP connection cannot be relayed to a UDP endpoint",
+            )),
+        },
+    }
 }
 
 fn finished_copy(result: io::Result<(u64, u64)>) -> Finished {

@@ -113,7 +113,9 @@ impl Handler for RouterState {
 }
 
 /// The router's side of the tunnel on a Unix socket, with every connection in one set so
-/// [`TestRouter::crash`] can end them all at once, as a killed process would.
+/// [`TestRouter::crash`] can end them all at once, as a killed process would. It speaks the
+/// tunnel only, as a router that does not take handoffs: sidecars carry their TCP connections
+/// to it in flows.
 #[derive(Debug)]
 pub struct TestRouter {
     pub state: Arc<RouterState>,
@@ -347,6 +349,25 @@ impl Pod {
     }
 }
 
+/// A router's configuration for a test in `dir`: node `edge-1` of `cluster-a`, no API server,
+/// no links, the socket at `dir/run/router.sock`.
+pub fn router_config(dir: &Path) -> servicekeel_proxy::router::RouterConfig {
+    servicekeel_proxy::router::RouterConfig {
+        socket: dir.join("run/router.sock"),
+        socket_mode: 0o660,
+        socket_owner: None,
+        state_dir: dir.join("state"),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        node: "edge-1".into(),
+        cluster: "cluster-a".into(),
+        links: None,
+        api: servicekeel_proxy::router::Api::Off,
+        drain_timeout: Duration::from_secs(20),
+        max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
+        sidecar_tcp: None,
+    }
+}
+
 /// A pod whose sidecar talks to `router` on its socket and registers as `127.0.0.1`.
 pub fn pod_behind(
     router: &servicekeel_proxy::router::Router,
@@ -377,6 +398,23 @@ fn pod_reaching(router: &str, range: &str, imported: &str, exported: Option<&str
     pod.set("SIDECAR_SERVER_LISTEN", router);
     pod.set("POD_IP", "127.0.0.1");
     pod
+}
+
+/// Waits (up to 20 s) until the metrics at `addr` have every one of `lines`, and fails naming
+/// the first missing one otherwise: a flow is counted once its relay returned, which may be
+/// just after the client saw it end.
+pub async fn metrics_eventually(addr: SocketAddr, lines: &[&str]) {
+    let mut metrics = String::new();
+    for _ in 0..1000 {
+        metrics = http_get(addr, "/metrics").await;
+        if lines.iter().all(|line| metrics.contains(line)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in lines {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
 }
 
 /// The whole HTTP/1.1 reply to a GET.
