@@ -8,7 +8,9 @@
 //! imports from several clusters share a name form, the local cluster's wins, then the first
 //! imported.
 
+pub mod inline;
 pub mod server;
+pub mod udp;
 pub mod upstream;
 
 use std::collections::HashMap;

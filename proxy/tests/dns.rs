@@ -23,6 +23,8 @@ use support::a_records;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
+const PATIENCE: Duration = Duration::from_secs(10);
+
 const HOME: Home<'static> = Home {
     namespace: "default",
     cluster: "cluster-a",
@@ -143,6 +145,62 @@ async fn imported_names_are_answered_locally_over_udp_and_tcp() {
     assert_eq!(aaaa.metadata.response_code, ResponseCode::NoError);
     assert!(aaaa.metadata.authoritative);
     assert!(aaaa.answers.is_empty());
+    server.shutdown().await;
+}
+
+/// Bursts from several clients at once, imported and forwarded names mixed: every query is
+/// answered exactly once, to the client that asked, with its own id and the right address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_from_many_clients_are_each_answered_to_their_asker() {
+    let server = start(fake_upstream().await).await;
+    let addr = server.local_addr();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // Room for a whole burst of answers while the client is still sending.
+        socket2::SockRef::from(&socket)
+            .set_recv_buffer_size(1 << 20)
+            .unwrap();
+        clients.push(socket);
+    }
+    const BURST: u16 = 100;
+    for id in 0..BURST {
+        for (client, socket) in clients.iter().enumerate() {
+            let (name, kind) = match (id + client as u16) % 5 {
+                0 => ("example.com.", RecordType::A),
+                1 => ("simple-server.default.", RecordType::AAAA),
+                _ => ("simple-server.", RecordType::A),
+            };
+            let id = id + 1000 * client as u16;
+            socket.send_to(&query(id, name, kind), addr).await.unwrap();
+        }
+    }
+    for (client, socket) in clients.iter().enumerate() {
+        let mut seen = vec![false; usize::from(BURST)];
+        let mut buffer = vec![0u8; 4096];
+        for _ in 0..BURST {
+            let (n, from) = tokio::time::timeout(PATIENCE, socket.recv_from(&mut buffer))
+                .await
+                .expect("every query answered")
+                .unwrap();
+            assert_eq!(from, addr);
+            let answer = Message::from_vec(&buffer[..n]).unwrap();
+            let id = answer.metadata.id - 1000 * client as u16;
+            assert!(
+                id < BURST,
+                "an answer to another client: {}",
+                answer.metadata.id
+            );
+            assert!(!seen[usize::from(id)], "query {id} answered twice");
+            seen[usize::from(id)] = true;
+            let expected: &[Ipv4Addr] = match (id + client as u16) % 5 {
+                0 => &[Ipv4Addr::new(127, 9, 9, 9)],
+                1 => &[],
+                _ => &[Ipv4Addr::new(127, 0, 66, 1)],
+            };
+            assert_eq!(a_records(&answer), expected, "query {id}");
+        }
+    }
     server.shutdown().await;
 }
 
