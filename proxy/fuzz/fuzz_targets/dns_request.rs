@@ -1,7 +1,8 @@
 //! The sidecar's DNS request path: bytes decoded as the server decodes them, answered by the
 //! sidecar's own handler (imported names locally, other names forwarded to an upstream that
 //! answers nothing within 1 ms), the answer encoded, then decoded again: it must parse and
-//! carry the request's id.
+//! carry the request's id. Where the inline path answers the same bytes, its answer must be the
+//! handler's, byte for byte.
 #![no_main]
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -50,6 +51,7 @@ impl ResponseHandler for Capture {
 struct Fixture {
     runtime: tokio::runtime::Runtime,
     handler: Handler,
+    names: Arc<Names>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -73,20 +75,33 @@ fn fixture() -> &'static Fixture {
             cluster: "default",
             cluster_domain: "cluster.local",
         };
-        let names = Names::new([(&echo, Ipv4Addr::new(127, 0, 66, 1))], home);
+        let names = Arc::new(Names::new([(&echo, Ipv4Addr::new(127, 0, 66, 1))], home));
         let handler = Handler::new(
-            Arc::new(RwLock::new(Arc::new(names))),
+            Arc::new(RwLock::new(names.clone())),
             Upstream::new(upstream_addr, Duration::from_millis(1)),
             Arc::new(Metrics::default()),
         );
-        Fixture { runtime, handler }
+        Fixture {
+            runtime,
+            handler,
+            names,
+        }
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     let fixture = fixture();
     let client: SocketAddr = "127.0.0.1:40000".parse().expect("address");
+    let mut inline = Vec::new();
+    let answered_inline = servicekeel_proxy::dns::inline::answer(
+        data,
+        client,
+        &fixture.names,
+        &mut String::new(),
+        &mut inline,
+    );
     let Ok(request) = Request::from_bytes(data.to_vec(), client, Protocol::Udp) else {
+        assert!(!answered_inline, "answered inline what does not decode");
         return;
     };
     let capture = Capture::default();
@@ -98,7 +113,11 @@ fuzz_target!(|data: &[u8]| {
                 capture.clone(),
             ),
     );
-    for bytes in capture.0.lock().expect("capture").iter() {
+    let sent = capture.0.lock().expect("capture");
+    if answered_inline {
+        assert_eq!(sent.as_slice(), [inline], "the inline answer differs");
+    }
+    for bytes in sent.iter() {
         let answer = Message::from_vec(bytes).expect("the sidecar's answer parses");
         assert_eq!(
             answer.metadata.id, request.metadata.id,
