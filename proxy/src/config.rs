@@ -69,6 +69,8 @@ pub struct SidecarConfig {
     pub udp_max_clients: usize,
     /// Hand TCP connections to the router (when it is on a Unix socket).
     pub tcp_handoff: bool,
+    /// Hand UDP clients to the router (when it is on a Unix socket).
+    pub udp_handoff: bool,
 }
 
 impl SidecarConfig {
@@ -124,6 +126,10 @@ impl SidecarConfig {
             tcp_handoff: read.parsed(
                 env::SIDECAR_TCP_HANDOFF,
                 &defaults::SIDECAR_TCP_HANDOFF.to_string(),
+            )?,
+            udp_handoff: read.parsed(
+                env::SIDECAR_UDP_HANDOFF,
+                &defaults::SIDECAR_UDP_HANDOFF.to_string(),
             )?,
         })
     }
@@ -223,6 +229,7 @@ mod tests {
         assert_eq!(config.udp_idle_timeout, Duration::from_secs(60));
         assert_eq!(config.udp_max_clients, 1024);
         assert!(config.tcp_handoff);
+        assert!(config.udp_handoff);
     }
 
     #[test]
@@ -292,6 +299,7 @@ mod tests {
                 "SIDECAR_UDP_MAX_CLIENTS=\"-1\"",
             ),
             ("SIDECAR_TCP_HANDOFF", "yes", "SIDECAR_TCP_HANDOFF=\"yes\""),
+            ("SIDECAR_UDP_HANDOFF", "1", "SIDECAR_UDP_HANDOFF=\"1\""),
             (
                 "SERVICEKEEL_CLUSTER",
                 "Cluster_A",

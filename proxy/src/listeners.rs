@@ -1,6 +1,6 @@
 //! The sidecar's listeners on the local addresses of imported services, one per imported port
-//! and protocol. Each TCP connection and each UDP client (by source address) becomes one tunnel
-//! flow to the router.
+//! and protocol. Each TCP connection and each UDP client (by source address) becomes one flow:
+//! handed to the router on its Unix socket when it takes it, carried in the tunnel otherwise.
 //!
 //! [`Listeners::apply`] makes the running set match the imports: new ports are bound, removed
 //! ones stop accepting while their open flows carry on, ports that failed to bind are retried.
@@ -41,7 +41,9 @@ pub struct Wanted {
 pub struct Context {
     pub client: Client,
     /// Hands TCP connections to the router instead of carrying them, when it takes them.
-    pub handoff: Option<Arc<Giver>>,
+    pub tcp_handoff: Option<Arc<Giver>>,
+    /// Hands UDP clients to the router instead of carrying their datagrams, when it takes them.
+    pub udp_handoff: Option<Arc<Giver>>,
     pub flows: Arc<Flows>,
     pub metrics: Arc<Metrics>,
     pub udp_idle: Duration,
@@ -145,9 +147,7 @@ impl Listeners {
                 tokio::spawn(tcp::accept(listener, want.target.clone(), context, stopped));
             }
             Protocol::Udp => {
-                let socket = std::net::UdpSocket::bind(want.addr)?;
-                socket.set_nonblocking(true)?;
-                let socket = tokio::net::UdpSocket::from_std(socket)?;
+                let socket = tokio::net::UdpSocket::from_std(udp::bound_to(want.addr)?.into())?;
                 tokio::spawn(udp::serve(socket, want.target.clone(), context, stopped));
             }
         }

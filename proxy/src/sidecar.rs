@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use servicekeel_api::addresses::RouterAddr;
+use servicekeel_api::tunnel::handoff::Kind;
 use servicekeel_api::tunnel::registration::Registration;
 use servicekeel_api::tunnel::{FlowTarget, Source};
 
@@ -206,16 +207,18 @@ impl Sidecar {
             stopped.clone(),
         );
         let (draining, draining_rx) = watch::channel(false);
-        let handoff = match &config.router {
-            RouterAddr::Unix(path) if config.tcp_handoff => Some(Arc::new(Giver::new(
+        let giver = |wanted: bool, kind: Kind| match &config.router {
+            RouterAddr::Unix(path) if wanted => Some(Arc::new(Giver::new(
                 path.clone(),
                 source(&config, config.pod_ip),
+                kind,
             ))),
             _ => None,
         };
         let listeners = Listeners::new(listeners::Context {
             client: client.clone(),
-            handoff,
+            tcp_handoff: giver(config.tcp_handoff, Kind::Tcp),
+            udp_handoff: giver(config.udp_handoff, Kind::Udp),
             flows: flows.clone(),
             metrics: metrics.clone(),
             udp_idle: config.udp_idle_timeout,

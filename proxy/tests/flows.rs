@@ -16,8 +16,8 @@ use std::time::Duration;
 use servicekeel_api::Protocol;
 use servicekeel_proxy::sidecar::Sidecar;
 use support::{
-    Pod, RouterState, TestRouter, cut_at_once, echo_through, echoes_again, http_get, pattern,
-    tcp_echo, udp_echo,
+    Pod, RouterState, TestRouter, cut_at_once, datagrams_of_every_size, echo_through, echoes_again,
+    http_get, pattern, tcp_echo, udp_echo, udp_round_trip,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -35,24 +35,6 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
     tokio::time::timeout(PATIENCE, future)
         .await
         .unwrap_or_else(|_| panic!("{what} did not finish"))
-}
-
-/// Sends each datagram from `socket` to `to` and waits for its echo.
-async fn udp_round_trip(socket: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) {
-    let mut buffer = vec![0u8; 65_536];
-    for datagram in datagrams {
-        socket.send_to(datagram, to).await.unwrap();
-        let (n, from) = within("udp echo", socket.recv_from(&mut buffer))
-            .await
-            .unwrap();
-        assert_eq!(from, to, "replies come from the address the client used");
-        assert_eq!(
-            &buffer[..n],
-            &datagram[..],
-            "datagram of {} bytes",
-            datagram.len()
-        );
-    }
 }
 
 /// A sidecar in its own range `127.0.<octet>.0/24` importing `echo` on port 7000 with
@@ -127,17 +109,25 @@ async fn tcp_flows_are_byte_exact_with_half_close_and_large_transfers() {
     sidecar.shutdown().await;
 }
 
+// The router here does not take handoffs: each client gets a socket of its own, carried in the
+// tunnel (below, with handoffs off, the listener's queue carries it instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_keep_datagram_boundaries_per_client() {
-    let (_pod, router, sidecar, local) =
-        echo_pod(71, Protocol::Udp, &[("SIDECAR_UDP_IDLE_TIMEOUT", "300ms")]).await;
+    udp_boundaries_per_client(71, &[]).await;
+}
 
-    let sizes = [0usize, 1, 512, 1400, 9000, 65_507];
-    let datagrams: Vec<Vec<u8>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| pattern(i as u64, *n))
-        .collect();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_through_the_listeners_queue_keep_datagram_boundaries_per_client() {
+    udp_boundaries_per_client(109, &[("SIDECAR_UDP_HANDOFF", "false")]).await;
+}
+
+async fn udp_boundaries_per_client(octet: u8, env: &[(&str, &str)]) {
+    let mut env = env.to_vec();
+    env.push(("SIDECAR_UDP_IDLE_TIMEOUT", "300ms"));
+    let (_pod, router, sidecar, local) = echo_pod(octet, Protocol::Udp, &env).await;
+
+    let datagrams = datagrams_of_every_size();
+    let sizes: Vec<usize> = datagrams.iter().map(Vec::len).collect();
     let first = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let second = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     udp_round_trip(&first, local, &datagrams).await;

@@ -1,8 +1,10 @@
 //! TCP connections handed from the sidecar to the router over its Unix socket (`SCM_RIGHTS`):
 //! relayed by the router alone, byte-exact with half-close; refused ones and ones the router
 //! drops mid-relay reset; a sidecar told not to hand over carries connections in tunnel flows
-//! (and so does one whose router does not take handoffs: `flows.rs`); garbage on a handoff connection is refused and the
-//! router serves on.
+//! (and so does one whose router does not take handoffs: `flows.rs`); garbage on a handoff
+//! connection is refused and the router serves on. UDP clients handed over the same way, as
+//! sockets connected to them: datagram boundaries kept, a burst from a new client delivered
+//! whole and in order, a flow ended by its idle time started again by the next datagram.
 
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -19,15 +21,16 @@ use std::time::Duration;
 
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use servicekeel_api::Protocol;
-use servicekeel_api::tunnel::handoff::{ACCEPTED, MAX_LINE, PREFACE};
+use servicekeel_api::tunnel::encode_datagram;
+use servicekeel_api::tunnel::handoff::{ACCEPTED, MAX_LINE, PREFACE, UDP_PREFACE};
 use servicekeel_proxy::router::Router;
 use servicekeel_proxy::sidecar::Sidecar;
 use support::{
-    Pod, RouterState, echo_through, http_get, metrics_eventually, pattern, pod_behind,
-    router_config, tcp_echo,
+    Pod, RouterState, datagrams_of_every_size, echo_through, http_get, metrics_eventually, pattern,
+    pod_behind, router_config, tcp_echo, udp_echo, udp_round_trip,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpStream, UdpSocket, UnixStream};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -42,15 +45,15 @@ fn exports(tcp: SocketAddr) -> String {
 
 /// A router with a pod exporting `web` (a TCP echo) registered.
 async fn router_with_web(dir: &Path, range: &str) -> (Router, Sidecar) {
+    router_with(dir, range, &exports(tcp_echo().await)).await
+}
+
+/// A router with a pod exporting `exported` registered.
+async fn router_with(dir: &Path, range: &str, exported: &str) -> (Router, Sidecar) {
     let router = Router::start(router_config(dir)).await.unwrap();
-    let server = pod_behind(
-        &router,
-        range,
-        "services: []",
-        Some(&exports(tcp_echo().await)),
-    )
-    .start()
-    .await;
+    let server = pod_behind(&router, range, "services: []", Some(exported))
+        .start()
+        .await;
     for _ in 0..(PATIENCE.as_millis() / 10) {
         if router.registry_len() == 1 {
             return (router, server);
@@ -263,10 +266,14 @@ async fn a_sidecar_told_not_to_hand_over_carries_connections_in_flows() {
 
 /// Sends `bytes` on `socket` with `fd` attached.
 fn send_with(socket: &UnixStream, bytes: &[u8], fd: impl AsFd) {
-    let fds = [fd.as_fd()];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    send_with_all(socket, bytes, &[fd.as_fd()]);
+}
+
+/// Sends `bytes` on `socket` with `fds` attached.
+fn send_with_all(socket: &UnixStream, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+    assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
     let sent = rustix::net::sendmsg(
         socket,
         &[IoSlice::new(bytes)],
@@ -279,8 +286,13 @@ fn send_with(socket: &UnixStream, bytes: &[u8], fd: impl AsFd) {
 
 /// A handoff connection to the router at `socket`, past its preface.
 async fn handoff_connection(socket: &Path) -> UnixStream {
+    handoff_connection_with(socket, PREFACE).await
+}
+
+/// A handoff connection to the router at `socket`, past `preface`.
+async fn handoff_connection_with(socket: &Path, preface: &[u8]) -> UnixStream {
     let mut stream = UnixStream::connect(socket).await.unwrap();
-    stream.write_all(PREFACE).await.unwrap();
+    stream.write_all(preface).await.unwrap();
     let mut answer = [0u8; ACCEPTED.len()];
     stream.read_exact(&mut answer).await.unwrap();
     assert_eq!(answer, ACCEPTED);
@@ -374,5 +386,241 @@ async fn garbage_on_a_handoff_connection_is_refused_and_the_router_serves_on() {
             .unwrap(),
         b"still"
     );
+    drop(client);
+}
+
+const UDP_IMPORTS: &str = "services: [{name: dns, ports: [{port: 53, protocol: UDP}]}]";
+
+/// A router with a pod exporting `dns` (a UDP echo) registered.
+async fn router_with_udp_echo(dir: &Path, range: &str) -> (Router, Sidecar) {
+    let exported = format!(
+        "services: [{{name: dns, ports: [{{port: 53, protocol: UDP, targetPort: {}}}]}}]",
+        udp_echo().await.port()
+    );
+    router_with(dir, range, &exported).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_clients_are_handed_to_the_router_with_boundaries_kept_until_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _server) = router_with_udp_echo(dir.path(), "127.0.101.0/24").await;
+    let mut pod = pod_behind(&router, "127.0.102.0/24", UDP_IMPORTS, None);
+    pod.set("SIDECAR_UDP_IDLE_TIMEOUT", "300ms");
+    let client = pod.start().await;
+    let local: SocketAddr = "127.0.102.1:53".parse().unwrap();
+
+    let datagrams = datagrams_of_every_size();
+    let first = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let second = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&first, local, &datagrams).await;
+    udp_round_trip(&second, local, &datagrams[..3]).await;
+
+    // Both clients were handed over; the sidecar carried no datagram itself.
+    metrics_eventually(
+        client.admin_addr(),
+        &[r#"servicekeel_sidecar_flows_total{protocol="UDP",outcome="handed_off"} 2"#],
+    )
+    .await;
+    let metrics = http_get(client.admin_addr(), "/metrics").await;
+    assert!(
+        !metrics.contains(r#"outcome="completed""#),
+        "the sidecar carried a flow itself:\n{metrics}"
+    );
+    // The router relayed them, and ended both flows once they were idle for the sidecar's
+    // idle time, with every byte counted.
+    let bytes = (datagrams.iter().map(Vec::len).sum::<usize>() + 1 + 512).to_string();
+    metrics_eventually(
+        router.admin_addr(),
+        &[
+            r#"servicekeel_router_flows_total{protocol="UDP",outcome="completed"} 2"#,
+            r#"servicekeel_router_active_flows{protocol="UDP"} 0"#,
+            &format!(
+                r#"servicekeel_router_flow_bytes_total{{protocol="UDP",direction="sent"}} {bytes}"#
+            ),
+            &format!(
+                r#"servicekeel_router_flow_bytes_total{{protocol="UDP",direction="received"}} {bytes}"#
+            ),
+        ],
+    )
+    .await;
+    // The first client's next datagram reaches the sidecar again and is handed over anew.
+    udp_round_trip(&first, local, &datagrams[2..3]).await;
+    metrics_eventually(
+        client.admin_addr(),
+        &[r#"servicekeel_sidecar_flows_total{protocol="UDP",outcome="handed_off"} 3"#],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_a_new_udp_client_arrives_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _server) = router_with_udp_echo(dir.path(), "127.0.103.0/24").await;
+    let client = pod_behind(&router, "127.0.104.0/24", UDP_IMPORTS, None)
+        .start()
+        .await;
+    let local: SocketAddr = "127.0.104.1:53".parse().unwrap();
+    for round in 0..3u32 {
+        // Sent without waiting: most arrive before the client's own socket exists, and go to
+        // the router with the handoff.
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let count = 200u32;
+        for n in 0..count {
+            let mut datagram = n.to_be_bytes().to_vec();
+            datagram.extend(pattern(u64::from(n + round * 1000), 96));
+            socket.send_to(&datagram, local).await.unwrap();
+        }
+        let mut buffer = [0u8; 256];
+        for n in 0..count {
+            let (len, from) = tokio::time::timeout(PATIENCE, socket.recv_from(&mut buffer))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: echo {n} of {count} never came"))
+                .unwrap();
+            assert_eq!(from, local);
+            assert_eq!(len, 100);
+            assert_eq!(
+                u32::from_be_bytes(buffer[..4].try_into().unwrap()),
+                n,
+                "round {round}: echoes in the order sent"
+            );
+            assert_eq!(
+                &buffer[4..len],
+                &pattern(u64::from(n + round * 1000), 96)[..]
+            );
+        }
+    }
+    metrics_eventually(
+        client.admin_addr(),
+        &[r#"servicekeel_sidecar_flows_total{protocol="UDP",outcome="handed_off"} 3"#],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_told_not_to_hand_over_udp_carries_clients_in_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _server) = router_with_udp_echo(dir.path(), "127.0.105.0/24").await;
+    let mut pod = pod_behind(&router, "127.0.106.0/24", UDP_IMPORTS, None);
+    pod.set("SIDECAR_UDP_HANDOFF", "false");
+    let client = pod.start().await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(
+        &socket,
+        "127.0.106.1:53".parse().unwrap(),
+        &[pattern(5, 700)],
+    )
+    .await;
+    metrics_eventually(
+        client.admin_addr(),
+        &[
+            r#"servicekeel_sidecar_active_flows{protocol="UDP"} 1"#,
+            r#"servicekeel_sidecar_flow_bytes_total{protocol="UDP",direction="sent"} 700"#,
+        ],
+    )
+    .await;
+    let metrics = http_get(client.admin_addr(), "/metrics").await;
+    assert!(!metrics.contains(r#"outcome="handed_off""#), "{metrics}");
+}
+
+/// A UDP socket connected to a new client socket of this test, and that client.
+async fn udp_pair() -> (UdpSocket, UdpSocket) {
+    let app = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    app.connect(client.local_addr().unwrap()).await.unwrap();
+    client.connect(app.local_addr().unwrap()).await.unwrap();
+    (app, client)
+}
+
+/// The read end of a pipe holding `bytes`, its write end closed.
+fn pipe_holding(bytes: &[u8]) -> std::os::fd::OwnedFd {
+    let (read, write) = rustix::pipe::pipe().unwrap();
+    assert_eq!(rustix::io::write(&write, bytes).unwrap(), bytes.len());
+    read
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_a_udp_handoff_connection_is_refused_and_the_router_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _server) = router_with_udp_echo(dir.path(), "127.0.107.0/24").await;
+    let socket = router.socket().to_owned();
+    let line = b"dns.default.cluster-a:53 default/client-0@127.0.0.1 idle-ms=5000\n";
+    let mut early = Vec::new();
+    encode_datagram(b"early", &mut early).unwrap();
+
+    // A line with one descriptor where two belong: the handoff connection is closed.
+    let mut stream = handoff_connection_with(&socket, UDP_PREFACE).await;
+    let (app, _client) = udp_pair().await;
+    send_with(&stream, line, &app);
+    assert!(closed_by_router(&mut stream).await);
+
+    // A TCP line on a UDP handoff connection: closed.
+    let mut stream = handoff_connection_with(&socket, UDP_PREFACE).await;
+    let (app, _client) = udp_pair().await;
+    let pipe = pipe_holding(&early);
+    send_with_all(
+        &stream,
+        b"dns.default.cluster-a:53 default/client-0@127.0.0.1\n",
+        &[app.as_fd(), pipe.as_fd()],
+    );
+    assert!(closed_by_router(&mut stream).await);
+
+    // Each refused alone, the connection serving on: a socket that is not UDP, a UDP socket
+    // not connected, early datagrams not in a pipe, early datagrams cut inside a frame.
+    let stream = handoff_connection_with(&socket, UDP_PREFACE).await;
+    let (not_udp, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+    let pipe = pipe_holding(&early);
+    send_with_all(&stream, line, &[not_udp.as_fd(), pipe.as_fd()]);
+    let unconnected = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let pipe = pipe_holding(&early);
+    send_with_all(&stream, line, &[unconnected.as_fd(), pipe.as_fd()]);
+    let (app, cut_client) = udp_pair().await;
+    send_with_all(&stream, line, &[app.as_fd(), not_udp.as_fd()]);
+    drop(app);
+    let (app, cut_client_2) = udp_pair().await;
+    let pipe = pipe_holding(&early[..early.len() - 1]);
+    send_with_all(&stream, line, &[app.as_fd(), pipe.as_fd()]);
+    drop(app);
+
+    // Then a well-formed one: its early datagram is echoed first, then what the client sends.
+    let (app, client) = udp_pair().await;
+    let pipe = pipe_holding(&early);
+    send_with_all(&stream, line, &[app.as_fd(), pipe.as_fd()]);
+    drop((app, pipe));
+    let mut buffer = [0u8; 64];
+    let n = tokio::time::timeout(PATIENCE, client.recv(&mut buffer))
+        .await
+        .expect("the early datagram's echo")
+        .unwrap();
+    assert_eq!(&buffer[..n], b"early");
+    client.send(b"later").await.unwrap();
+    let n = tokio::time::timeout(PATIENCE, client.recv(&mut buffer))
+        .await
+        .expect("an echo")
+        .unwrap();
+    assert_eq!(&buffer[..n], b"later");
+
+    // The refused ones were dropped, not relayed: no socket is there to take their datagrams.
+    for refused in [&cut_client, &cut_client_2] {
+        refused.send(b"nobody").await.unwrap();
+        let answered = tokio::time::timeout(PATIENCE, refused.recv(&mut buffer))
+            .await
+            .expect("an answer");
+        assert_eq!(
+            answered.map_err(|e| e.kind()),
+            Err(ErrorKind::ConnectionRefused),
+            "a refused handoff was relayed"
+        );
+    }
+    // And sidecars are served as before.
+    let client = pod_behind(&router, "127.0.108.0/24", UDP_IMPORTS, None)
+        .start()
+        .await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(
+        &socket,
+        "127.0.108.1:53".parse().unwrap(),
+        &[b"still".to_vec()],
+    )
+    .await;
     drop(client);
 }

@@ -49,6 +49,8 @@ pub const SIDECAR_MAX_FLOWS: usize = 4096;
 pub const SIDECAR_UDP_MAX_CLIENTS: usize = 1024;
 /// Whether a sidecar on the router's Unix socket hands TCP connections to it.
 pub const SIDECAR_TCP_HANDOFF: bool = true;
+/// Whether a sidecar on the router's Unix socket hands UDP clients to it.
+pub const SIDECAR_UDP_HANDOFF: bool = true;
 /// Most flows one router carries at once; past it, new flows are refused (503).
 pub const ROUTER_MAX_FLOWS: usize = 65536;
 /// The cluster's DNS domain.

@@ -23,6 +23,9 @@ pub const SIDECAR_UDP_MAX_CLIENTS: &str = "SIDECAR_UDP_MAX_CLIENTS";
 /// Whether TCP connections are handed to the router on its Unix socket (`true`) rather than
 /// carried in tunnel flows (`false`); only with a `unix://` router address.
 pub const SIDECAR_TCP_HANDOFF: &str = "SIDECAR_TCP_HANDOFF";
+/// Whether UDP clients are handed to the router on its Unix socket (`true`) rather than carried
+/// in tunnel flows (`false`); only with a `unix://` router address.
+pub const SIDECAR_UDP_HANDOFF: &str = "SIDECAR_UDP_HANDOFF";
 /// This cluster's name.
 pub const SERVICEKEEL_CLUSTER: &str = "SERVICEKEEL_CLUSTER";
 /// This cluster's DNS domain.

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use servicekeel_api::tunnel::handoff::{Handoff, Lines, MAX_LINE};
+use servicekeel_api::tunnel::handoff::{Handoff, Kind, Lines, MAX_LINE};
 use servicekeel_api::tunnel::registration::Registration;
 use servicekeel_api::tunnel::{
     DatagramDecoder, FlowTarget, Source, check_version, encode_datagram,
@@ -42,7 +42,12 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         2 => {
-            // Handoff lines in chunks whose sizes the input chooses.
+            // Handoff lines in chunks whose sizes the input chooses, of the kind it chooses.
+            let kind = if (selector / 5) % 2 == 0 {
+                Kind::Tcp
+            } else {
+                Kind::Udp
+            };
             let mut lines = Lines::default();
             let mut rest = rest;
             while let Some((&size, tail)) = rest.split_first() {
@@ -54,9 +59,10 @@ fuzz_target!(|data: &[u8]| {
                 };
                 assert!(lines.pending() < MAX_LINE);
                 for line in complete {
-                    if let Ok(handoff) = Handoff::parse(&line) {
+                    if let Ok(handoff) = Handoff::parse(kind, &line) {
+                        assert_eq!(handoff.kind(), kind);
                         let encoded = handoff.encode().expect("a parsed handoff encodes");
-                        let again = Handoff::parse(&encoded[..encoded.len() - 1])
+                        let again = Handoff::parse(kind, &encoded[..encoded.len() - 1])
                             .expect("an encoded handoff parses");
                         assert_eq!(again, handoff);
                     }

@@ -53,7 +53,7 @@ async fn flow(stream: TcpStream, target: FlowTarget, context: Context) {
         }
     };
     let _ = stream.set_nodelay(true);
-    let stream = match &context.handoff {
+    let stream = match &context.tcp_handoff {
         Some(giver) => match giver.give(stream, &target).await {
             Ok(()) => {
                 return context

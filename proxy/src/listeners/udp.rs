@@ -1,11 +1,17 @@
-//! UDP: one flow per client address. The listener reads every datagram and hands it to its
-//! client's flow through a bounded queue; a flow ends when it has been idle for the configured
-//! time, and then the client's next datagram opens a new one. A full queue or a listener at
-//! its client limit (`SIDECAR_UDP_MAX_CLIENTS`) drops datagrams (UDP may) and counts them. A closed listener keeps serving
-//! the flows it has until they end.
+//! UDP: one flow per client address. With a router that takes UDP handoffs, each new client gets
+//! a socket of its own, bound to the listener's address and connected to the client (the kernel
+//! delivers the client's datagrams to it from then on), which is handed to the router with what
+//! the client sent before it existed: the router relays the client alone. Otherwise, or when the
+//! router does not take it, the listener reads every datagram and hands it to its client's flow
+//! through a bounded queue (or the client's own socket carries it) and the flow goes through the
+//! tunnel. A flow ends when it has been idle for the configured time, and then the client's next
+//! datagram opens a new one. A full queue or a listener at its client limit
+//! (`SIDECAR_UDP_MAX_CLIENTS`) drops datagrams (UDP may) and counts them. A closed listener keeps
+//! serving the flows it has until they end.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Context, UDP_QUEUE};
 use crate::metrics::{DropReason, FlowOutcome};
 use crate::shutdown::stopped;
-use crate::tunnel::datagrams::{self, Way};
+use crate::tunnel::datagrams::{self, Connected, Datagrams, UntilDrained, Way};
 
 pub(super) async fn serve(
     socket: UdpSocket,
@@ -25,78 +31,201 @@ pub(super) async fn serve(
     context: Context,
     mut stop: watch::Receiver<bool>,
 ) {
-    let socket = Arc::new(socket);
     let Ok(SocketAddr::V4(local)) = socket.local_addr() else {
         return;
     };
-    let mut clients: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
     let (ended, mut ended_rx) = mpsc::unbounded_channel::<SocketAddr>();
-    let mut buffer = vec![0u8; MAX_DATAGRAM];
-    let mut accepting = true;
+    let mut listener = Listener {
+        socket: Arc::new(socket),
+        local,
+        target,
+        context,
+        clients: HashMap::new(),
+        ended,
+        accepting: true,
+        buffer: vec![0u8; MAX_DATAGRAM],
+    };
     loop {
         tokio::select! {
-            received = socket.recv_from(&mut buffer) => {
-                let (n, peer) = match received {
-                    Ok(received) => received,
+            received = listener.socket.recv_from(&mut listener.buffer) => {
+                match received {
+                    Ok((n, peer)) => {
+                        let datagram = Bytes::copy_from_slice(&listener.buffer[..n]);
+                        listener.dispatch(peer, datagram);
+                    }
                     Err(error) => {
                         // ICMP errors from earlier replies surface here; the socket is fine.
-                        tracing::debug!(%error, %target, "receive failed");
-                        continue;
+                        tracing::debug!(%error, target = %listener.target, "receive failed");
                     }
-                };
-                let datagram = Bytes::copy_from_slice(&buffer[..n]);
-                if let Some(queue) = clients.get(&peer).filter(|q| !q.is_closed()) {
-                    if queue.try_send(datagram).is_err() {
-                        context.metrics.datagram_dropped(DropReason::QueueFull);
-                    }
-                    continue;
                 }
-                if !accepting {
-                    continue;
-                }
-                clients.retain(|_, queue| !queue.is_closed());
-                if clients.len() >= context.udp_max_clients {
-                    context.metrics.datagram_dropped(DropReason::FlowLimit);
-                    continue;
-                }
-                let (queue, incoming) = mpsc::channel(UDP_QUEUE);
-                let _ = queue.try_send(datagram);
-                clients.insert(peer, queue);
-                let client = datagrams::Client {
-                    incoming,
-                    socket: socket.clone(),
-                    peer,
-                    draining: context.draining.clone(),
-                };
-                tokio::spawn(flow(client, target.clone(), context.clone(), *local.ip(), ended.clone()));
             }
             Some(peer) = ended_rx.recv() => {
-                if clients.get(&peer).is_some_and(|q| q.is_closed()) {
-                    clients.remove(&peer);
+                if listener.clients.get(&peer).is_some_and(|q| q.is_closed()) {
+                    listener.clients.remove(&peer);
                 }
             }
-            _ = stopped(&mut stop), if accepting => accepting = false,
+            _ = stopped(&mut stop), if listener.accepting => listener.accepting = false,
         }
-        if !accepting && clients.values().all(|q| q.is_closed()) {
+        if !listener.accepting && listener.clients.values().all(|q| q.is_closed()) {
             return;
         }
     }
 }
 
+struct Listener {
+    socket: Arc<UdpSocket>,
+    local: SocketAddrV4,
+    target: FlowTarget,
+    context: Context,
+    /// Each client's queue; a client with a socket of its own has one too, never written, which
+    /// its flow holds open while it lasts (for the client limit).
+    clients: HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+    ended: mpsc::UnboundedSender<SocketAddr>,
+    accepting: bool,
+    buffer: Vec<u8>,
+}
+
+impl Listener {
+    /// Delivers a datagram from `peer` to its client's flow, starting one for a new client.
+    fn dispatch(&mut self, peer: SocketAddr, datagram: Bytes) {
+        let mut pending = VecDeque::from([(peer, datagram)]);
+        while let Some((peer, datagram)) = pending.pop_front() {
+            if let Some(queue) = self.clients.get(&peer).filter(|q| !q.is_closed()) {
+                if queue.try_send(datagram).is_err() {
+                    self.context.metrics.datagram_dropped(DropReason::QueueFull);
+                }
+                continue;
+            }
+            if !self.accepting {
+                continue;
+            }
+            self.clients.retain(|_, queue| !queue.is_closed());
+            if self.clients.len() >= self.context.udp_max_clients {
+                self.context.metrics.datagram_dropped(DropReason::FlowLimit);
+                continue;
+            }
+            let (queue, incoming) = mpsc::channel(UDP_QUEUE);
+            self.clients.insert(peer, queue.clone());
+            let local = match self.own_socket(peer) {
+                Some(socket) => {
+                    let early = self.early(peer, datagram, &mut pending);
+                    Local::Own {
+                        socket,
+                        early,
+                        _held: incoming,
+                    }
+                }
+                None => {
+                    let _ = queue.try_send(datagram);
+                    Local::Queued(datagrams::Client {
+                        incoming,
+                        socket: self.socket.clone(),
+                        peer,
+                    })
+                }
+            };
+            tokio::spawn(flow(
+                local,
+                peer,
+                self.target.clone(),
+                self.context.clone(),
+                *self.local.ip(),
+                self.ended.clone(),
+            ));
+        }
+    }
+
+    /// A socket of the client's own, when the router may take it; `None` to use the queue.
+    fn own_socket(&self, peer: SocketAddr) -> Option<UdpSocket> {
+        self.context.udp_handoff.as_ref()?;
+        match connected_to(self.local, peer) {
+            Ok(socket) => Some(socket),
+            Err(error) => {
+                tracing::debug!(%error, %peer, "no socket of its own; the client is queued");
+                None
+            }
+        }
+    }
+
+    /// The datagrams `peer` sent before its own socket was connected, `first` first: every one
+    /// still waiting on the listener (from then on the kernel delivers its datagrams to its own
+    /// socket). Other clients' datagrams read meanwhile go to `others`, in order.
+    fn early(
+        &mut self,
+        peer: SocketAddr,
+        first: Bytes,
+        others: &mut VecDeque<(SocketAddr, Bytes)>,
+    ) -> Vec<Bytes> {
+        let mut early = vec![first];
+        loop {
+            match self.socket.try_recv_from(&mut self.buffer) {
+                Ok((n, from)) => {
+                    let datagram = Bytes::copy_from_slice(&self.buffer[..n]);
+                    if from != peer {
+                        others.push_back((from, datagram));
+                    } else if early.len() < UDP_QUEUE {
+                        early.push(datagram);
+                    } else {
+                        self.context.metrics.datagram_dropped(DropReason::QueueFull);
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return early,
+                Err(error) => {
+                    tracing::debug!(%error, target = %self.target, "receive failed");
+                }
+            }
+        }
+    }
+}
+
+/// A non-blocking UDP socket bound to `local` with address reuse, which lets each client's own
+/// socket bind beside the listener.
+pub(super) fn bound_to(local: SocketAddrV4) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(local).into())?;
+    Ok(socket)
+}
+
+/// A UDP socket bound to `local`, beside the listener, and connected to `peer`.
+fn connected_to(local: SocketAddrV4, peer: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = bound_to(local)?;
+    socket.connect(&peer.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A client's side of its flow.
+enum Local {
+    /// Its datagrams come through the listener's queue.
+    Queued(datagrams::Client),
+    /// It has a socket of its own.
+    Own {
+        socket: UdpSocket,
+        early: Vec<Bytes>,
+        /// Keeps the client's queue open while the flow lasts.
+        _held: mpsc::Receiver<Bytes>,
+    },
+}
+
 async fn flow(
-    client: datagrams::Client,
+    local: Local,
+    peer: SocketAddr,
     target: FlowTarget,
     context: Context,
     ip: std::net::Ipv4Addr,
     ended: mpsc::UnboundedSender<SocketAddr>,
 ) {
-    let peer = client.peer;
     let guard = match context.flows.begin(ip, &context.metrics, Protocol::Udp) {
         Ok(guard) => guard,
         Err(at_limit) => {
             // Its datagrams are dropped, as UDP allows; a later one tries again.
             tracing::debug!(%target, limit = at_limit.limit, "flow limit reached; datagrams dropped");
-            drop(client);
+            drop(local);
             context
                 .metrics
                 .flow_ended(Protocol::Udp, FlowOutcome::Limited);
@@ -104,33 +233,63 @@ async fn flow(
             return;
         }
     };
-    let outcome = match context.client.open(&target).await {
-        Err(error) => {
-            tracing::debug!(%error, "flow not opened");
-            // Its queued datagrams are lost, as UDP allows; the next one tries again.
-            drop(client);
-            super::outcome_of(&error)
-        }
-        Ok(tunnel) => {
-            let (sent, received) = context.metrics.bytes(Protocol::Udp);
-            let meter = |way, n: usize| match way {
-                Way::Out => {
-                    sent.inc_by(n as u64);
-                }
-                Way::In => {
-                    received.inc_by(n as u64);
-                }
+    let outcome = match local {
+        Local::Queued(client) => carry(client, &target, &context).await,
+        Local::Own {
+            socket,
+            early,
+            _held,
+        } => {
+            let handed = match &context.udp_handoff {
+                Some(giver) => giver
+                    .give_udp(&socket, &early, &target, context.udp_idle)
+                    .await
+                    .inspect_err(|reason| {
+                        tracing::debug!(%reason, %target, "carried in the tunnel");
+                    })
+                    .is_ok(),
+                None => false,
             };
-            match datagrams::relay(tunnel, client, context.udp_idle, meter).await {
-                Ok(()) => FlowOutcome::Completed,
-                Err(error) => {
-                    tracing::debug!(%error, %target, "flow broken");
-                    FlowOutcome::Failed
-                }
+            if handed {
+                FlowOutcome::HandedOff
+            } else {
+                carry(Connected::with_early(socket, early), &target, &context).await
             }
         }
     };
     drop(guard);
     context.metrics.flow_ended(Protocol::Udp, outcome);
     let _ = ended.send(peer);
+}
+
+/// Carries a client's datagrams in a tunnel flow until it ends.
+async fn carry(local: impl Datagrams, target: &FlowTarget, context: &Context) -> FlowOutcome {
+    let tunnel = match context.client.open(target).await {
+        Ok(tunnel) => tunnel,
+        Err(error) => {
+            // Its datagrams are lost, as UDP allows; the next one tries again.
+            tracing::debug!(%error, "flow not opened");
+            return super::outcome_of(&error);
+        }
+    };
+    let (sent, received) = context.metrics.bytes(Protocol::Udp);
+    let meter = |way, n: usize| match way {
+        Way::Out => {
+            sent.inc_by(n as u64);
+        }
+        Way::In => {
+            received.inc_by(n as u64);
+        }
+    };
+    let local = UntilDrained {
+        local,
+        draining: context.draining.clone(),
+    };
+    match datagrams::relay(tunnel, local, context.udp_idle, meter).await {
+        Ok(()) => FlowOutcome::Completed,
+        Err(error) => {
+            tracing::debug!(%error, %target, "flow broken");
+            FlowOutcome::Failed
+        }
+    }
 }

@@ -87,15 +87,55 @@ pub async fn relay(
     flow.shutdown().await
 }
 
-/// A socket connected to one peer (the router's side: the endpoint).
+/// Pumps datagrams between two local sockets (the router's side of a UDP client handed over:
+/// the client's socket `a`, the endpoint's `b`) until the flow has been idle for `idle` or a
+/// side fails. `meter` sees `a`'s datagrams as [`Way::Out`] and `b`'s as [`Way::In`].
+pub async fn bridge(
+    mut a: impl Datagrams,
+    mut b: impl Datagrams,
+    idle: Duration,
+    meter: impl Fn(Way, usize) + Send,
+) -> io::Result<()> {
+    let deadline = tokio::time::sleep(idle);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = a.recv() => {
+                let Some(datagram) = next? else { break };
+                b.send(&datagram).await?;
+                meter(Way::Out, datagram.len());
+            }
+            next = b.recv() => {
+                let Some(datagram) = next? else { break };
+                a.send(&datagram).await?;
+                meter(Way::In, datagram.len());
+            }
+            _ = &mut deadline => break,
+        }
+        deadline.as_mut().reset(Instant::now() + idle);
+    }
+    Ok(())
+}
+
+/// A socket connected to one peer: the endpoint (the router's side of a flow), or a client
+/// handed over by its sidecar, whose datagrams sent before the socket existed come first.
 #[derive(Debug)]
 pub struct Connected {
     socket: UdpSocket,
+    early: std::collections::VecDeque<Bytes>,
 }
 
 impl Connected {
     pub fn new(socket: UdpSocket) -> Self {
-        Connected { socket }
+        Connected::with_early(socket, Vec::new())
+    }
+
+    /// `early` is received before anything the socket holds.
+    pub fn with_early(socket: UdpSocket, early: Vec<Bytes>) -> Self {
+        Connected {
+            socket,
+            early: early.into(),
+        }
     }
 }
 
@@ -107,6 +147,9 @@ thread_local! {
 
 impl Datagrams for Connected {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        if let Some(datagram) = self.early.pop_front() {
+            return Ok(Some(datagram));
+        }
         loop {
             self.socket.readable().await?;
             // No await while the buffer is borrowed: receiving and copying out is one step.
@@ -132,32 +175,48 @@ impl Datagrams for Connected {
 pub const DRAIN_QUIET: Duration = Duration::from_secs(1);
 
 /// One client of a shared listening socket (the sidecar's side): datagrams from that client
-/// arrive through a channel, replies go to its address. Once `draining` turns true, the flow
-/// ends after [`DRAIN_QUIET`] without a datagram from the client, rather than waiting out the
-/// idle timeout: UDP has no end of its own to wait for.
+/// arrive through a channel, replies go to its address.
 #[derive(Debug)]
 pub struct Client {
     pub incoming: mpsc::Receiver<Bytes>,
     pub socket: Arc<UdpSocket>,
     pub peer: std::net::SocketAddr,
-    pub draining: watch::Receiver<bool>,
 }
 
 impl Datagrams for Client {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        if !*self.draining.borrow() {
-            tokio::select! {
-                next = self.incoming.recv() => return Ok(next),
-                _ = self.draining.wait_for(|d| *d) => {}
-            }
-        }
-        Ok(tokio::time::timeout(DRAIN_QUIET, self.incoming.recv())
-            .await
-            .ok()
-            .flatten())
+        Ok(self.incoming.recv().await)
     }
 
     async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
         self.socket.send_to(datagram, self.peer).await.map(|_| ())
+    }
+}
+
+/// A local side that, once `draining` turns true, is done after [`DRAIN_QUIET`] without a
+/// datagram from it, rather than when the idle timeout passes: UDP has no end of its own to
+/// wait for when the sidecar shuts down.
+#[derive(Debug)]
+pub struct UntilDrained<L> {
+    pub local: L,
+    pub draining: watch::Receiver<bool>,
+}
+
+impl<L: Datagrams> Datagrams for UntilDrained<L> {
+    async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        if !*self.draining.borrow() {
+            tokio::select! {
+                next = self.local.recv() => return next,
+                _ = self.draining.wait_for(|d| *d) => {}
+            }
+        }
+        match tokio::time::timeout(DRAIN_QUIET, self.local.recv()).await {
+            Ok(next) => next,
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
+        self.local.send(datagram).await
     }
 }

@@ -1,17 +1,20 @@
-//! Handing accepted TCP connections to the router over its Unix socket (`SCM_RIGHTS`), so that
-//! a connection has one relay (the router) instead of two; the contract is
+//! Handing accepted TCP connections and UDP clients to the router over its Unix socket
+//! (`SCM_RIGHTS`), so that a flow has one relay (the router) instead of two; the contract is
 //! `servicekeel_api::tunnel::handoff`.
 //!
-//! - [`Giver`]: the sidecar's side. It keeps one handoff connection to the router; a connection
-//!   it cannot hand over (no router, a router that does not take handoffs) is given back to the
-//!   caller, who carries it in a tunnel flow instead.
-//! - [`serve`]: the router's side, for a connection whose first byte is the handoff preface.
+//! - [`Giver`]: the sidecar's side, one per kind. It keeps one handoff connection to the router;
+//!   what it cannot hand over (no router, a router that does not take handoffs of its kind) is
+//!   left with the caller, who carries it in a tunnel flow instead.
+//! - [`serve`]: the router's side, for a connection whose first byte is a handoff preface.
 //!
-//! Nothing is lost in between: the sidecar sets the connection to close with a reset before
+//! Nothing is lost in between: the sidecar sets a TCP connection to close with a reset before
 //! handing it over, and the router clears that only once it has relayed the connection to its
 //! end. A connection that is dropped anywhere on the way (a handoff connection that breaks with
 //! descriptors unread, a router that dies mid-relay) is reset towards the application, which
-//! sees the failure instead of a clean end.
+//! sees the failure instead of a clean end. A UDP client goes over as a socket connected to it,
+//! with the datagrams it sent before that socket existed; once the router drops the socket (the
+//! flow went idle, or the router ended), the client's next datagram reaches the sidecar's
+//! listener again and starts a new flow.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -21,17 +24,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
-use servicekeel_api::tunnel::handoff::{ACCEPTED, Handoff, Lines, PREFACE};
-use servicekeel_api::tunnel::{FlowTarget, Source};
+use servicekeel_api::tunnel::handoff::{ACCEPTED, Handoff, Kind, Lines, MAX_PREFACE};
+use servicekeel_api::tunnel::{DatagramDecoder, FlowTarget, Source, encode_datagram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpStream, UdpSocket, UnixStream};
 use tokio::sync::{Mutex, watch};
 
-use super::server::{FlowRequest, Handler, Link, abort};
+use super::datagrams::{self, Connected};
+use super::server::{Finished, FlowRequest, Handler, Link, Upstream, abort};
 
 /// How long connecting and the router's answer to the preface may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,11 +48,15 @@ const RETRY_REFUSED: Duration = Duration::from_secs(30);
 /// Descriptors room is made for in one read; the sender attaches one per line.
 const MAX_FDS_PER_READ: usize = 32;
 
-/// The sidecar's side: hands connections to the router at `path`.
+/// Most bytes of datagrams a UDP client's early-datagram pipe is given room for.
+const MAX_EARLY_BYTES: usize = 1 << 20;
+
+/// The sidecar's side: hands connections (or UDP clients) to the router at `path`.
 #[derive(Debug)]
 pub struct Giver {
     path: PathBuf,
     source: Source,
+    kind: Kind,
     state: Mutex<GiverState>,
 }
 
@@ -74,10 +83,12 @@ pub enum NotHanded {
 }
 
 impl Giver {
-    pub fn new(path: PathBuf, source: Source) -> Self {
+    /// Hands over what `kind` says (`kind` must match the targets given to it).
+    pub fn new(path: PathBuf, source: Source, kind: Kind) -> Self {
         Giver {
             path,
             source,
+            kind,
             state: Mutex::new(GiverState::default()),
         }
     }
@@ -90,38 +101,77 @@ impl Giver {
         stream: TcpStream,
         target: &FlowTarget,
     ) -> Result<(), (TcpStream, NotHanded)> {
-        let line = match (Handoff {
-            target: target.clone(),
-            source: self.source.clone(),
-        })
-        .encode()
-        {
+        let line = match self.line(target, None) {
             Ok(line) => line,
-            Err(error) => return Err((stream, NotHanded::Line(error.to_string()))),
-        };
-        let mut state = self.state.lock().await;
-        let connection = match state.connection.take() {
-            Some(connection) => connection,
-            None => match self.connect(&mut state).await {
-                Ok(connection) => connection,
-                Err(error) => return Err((stream, error)),
-            },
+            Err(error) => return Err((stream, error)),
         };
         // A reset, not a FIN, if the connection is dropped before the router has relayed it.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-        match send_with_fd(&connection, &line, stream.as_fd()).await {
+        match self.hand(&line, &[stream.as_fd()], target).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let _ = socket2::SockRef::from(&stream).set_linger(None);
+                Err((stream, error))
+            }
+        }
+    }
+
+    /// Hands a UDP client to the router as a flow to `target` ending after `idle` without a
+    /// datagram: `client` is a socket connected to it, `early` what it sent before that socket
+    /// was connected. On `Ok` the router holds its own copy of the socket and has the early
+    /// datagrams (the caller closes its copy); on `Err` nothing reached the router.
+    pub async fn give_udp(
+        &self,
+        client: &UdpSocket,
+        early: &[Bytes],
+        target: &FlowTarget,
+        idle: Duration,
+    ) -> Result<(), NotHanded> {
+        let line = self.line(target, Some(idle))?;
+        let pipe = early_pipe(early).map_err(NotHanded::Send)?;
+        self.hand(&line, &[client.as_fd(), pipe.as_fd()], target)
+            .await
+    }
+
+    fn line(&self, target: &FlowTarget, idle: Option<Duration>) -> Result<Vec<u8>, NotHanded> {
+        let handoff = Handoff {
+            target: target.clone(),
+            source: self.source.clone(),
+            idle,
+        };
+        if handoff.kind() != self.kind {
+            return Err(NotHanded::Line(format!(
+                "a {} flow on a {:?} handoff connection",
+                target.protocol, self.kind
+            )));
+        }
+        handoff
+            .encode()
+            .map_err(|error| NotHanded::Line(error.to_string()))
+    }
+
+    /// Sends `line` with `fds`; `Ok` once the descriptors went with the line's first bytes.
+    async fn hand(
+        &self,
+        line: &[u8],
+        fds: &[BorrowedFd<'_>],
+        target: &FlowTarget,
+    ) -> Result<(), NotHanded> {
+        let mut state = self.state.lock().await;
+        let connection = match state.connection.take() {
+            Some(connection) => connection,
+            None => self.connect(&mut state).await?,
+        };
+        match send_with_fds(&connection, line, fds).await {
             Ok(()) => {
                 state.connection = Some(connection);
                 Ok(())
             }
-            Err(Sent::Nothing(error)) => {
-                // The router went away since the last handoff: nothing of this one reached it.
-                let _ = socket2::SockRef::from(&stream).set_linger(None);
-                Err((stream, NotHanded::Send(error)))
-            }
+            // The router went away since the last handoff: nothing of this one reached it.
+            Err(Sent::Nothing(error)) => Err(NotHanded::Send(error)),
             Err(Sent::Part(error)) => {
-                // The descriptor went with the first bytes; the router drops the broken line and
-                // with it the connection, which resets.
+                // The descriptors went with the first bytes; the router drops the broken line
+                // and with it what came with it (a TCP connection resets).
                 tracing::debug!(%error, %target, "handoff broke half-way");
                 Ok(())
             }
@@ -146,7 +196,7 @@ impl Giver {
                 reason,
             };
             connection
-                .write_all(PREFACE)
+                .write_all(self.kind.preface())
                 .await
                 .map_err(|e| refused(e.to_string()))?;
             let mut answer = [0u8; ACCEPTED.len()];
@@ -191,14 +241,88 @@ enum Sent {
     Part(io::Error),
 }
 
-/// Sends `line` with `fd` attached to its first byte, all of it.
-async fn send_with_fd(socket: &UnixStream, line: &[u8], fd: BorrowedFd<'_>) -> Result<(), Sent> {
+/// A pipe holding `early` framed as in a UDP flow, its write end closed: as many of them as fit
+/// in [`MAX_EARLY_BYTES`], the rest dropped (UDP may).
+fn early_pipe(early: &[Bytes]) -> io::Result<OwnedFd> {
+    let mut frames = Vec::new();
+    for (sent, datagram) in early.iter().enumerate() {
+        let before = frames.len();
+        encode_datagram(datagram, &mut frames)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if frames.len() > MAX_EARLY_BYTES {
+            frames.truncate(before);
+            let dropped = early.len() - sent;
+            tracing::debug!(dropped, "early datagrams over the handoff's room dropped");
+            break;
+        }
+    }
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    if frames.len() > rustix::pipe::fcntl_getpipe_size(&write)? {
+        rustix::pipe::fcntl_setpipe_size(&write, frames.len())?;
+    }
+    // The pipe has room for all of it: this write does not block.
+    let mut written = 0;
+    while written < frames.len() {
+        written += rustix::io::write(&write, &frames[written..])?;
+    }
+    Ok(read)
+}
+
+/// Reads the early datagrams of a UDP handoff from its pipe, to the pipe's end.
+fn read_early(pipe: OwnedFd) -> io::Result<Vec<Bytes>> {
+    // Only a pipe has a pipe size.
+    if rustix::pipe::fcntl_getpipe_size(&pipe).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "early datagrams: not a pipe",
+        ));
+    }
+    // The sender closed its end before handing this over: everything is there, and a read
+    // that would wait means someone kept the end open, which ends the reading.
+    rustix::io::ioctl_fionbio(&pipe, true)?;
+    let mut decoder = DatagramDecoder::default();
+    let mut datagrams = Vec::new();
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut total = 0;
+    loop {
+        let n = match rustix::io::read(&pipe, &mut buffer[..]) {
+            Ok(0) | Err(rustix::io::Errno::AGAIN) => break,
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => return Err(error.into()),
+        };
+        total += n;
+        if total > MAX_EARLY_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("early datagrams over {MAX_EARLY_BYTES} bytes"),
+            ));
+        }
+        let decoded = decoder
+            .push(&buffer[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        datagrams.extend(decoded.into_iter().map(Bytes::from));
+    }
+    if decoder.pending() > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "early datagrams end inside a datagram",
+        ));
+    }
+    Ok(datagrams)
+}
+
+/// Sends `line` with `fds` attached to its first byte, all of it.
+async fn send_with_fds(
+    socket: &UnixStream,
+    line: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), Sent> {
     let first = socket
         .async_io(Interest::WRITABLE, || {
-            let fds = [fd];
-            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
             let mut control = SendAncillaryBuffer::new(&mut space);
-            if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            if !control.push(SendAncillaryMessage::ScmRights(fds)) {
                 return Err(io::Error::other("no room for the descriptor"));
             }
             rustix::net::sendmsg(
@@ -275,14 +399,24 @@ pub async fn peek_first(socket: &UnixStream) -> io::Result<Option<u8>> {
     Ok((n == 1).then_some(byte[0]))
 }
 
-/// Whether a connection starting with `byte` is a handoff connection.
+/// Whether a connection starting with `byte` is a handoff connection (of any kind).
 pub fn is_handoff(byte: u8) -> bool {
-    byte == PREFACE[0]
+    byte == Kind::Tcp.preface()[0]
+}
+
+/// Reads a handoff connection's preface, up to its newline, and the kind it names.
+async fn read_preface(socket: &mut UnixStream) -> io::Result<Result<Kind, String>> {
+    // A byte at a time: nothing may be read past the newline, where descriptors begin.
+    let mut preface = Vec::with_capacity(MAX_PREFACE);
+    while preface.len() < MAX_PREFACE && preface.last() != Some(&b'\n') {
+        preface.push(socket.read_u8().await?);
+    }
+    Ok(Kind::of_preface(&preface).ok_or_else(|| String::from_utf8_lossy(&preface).into_owned()))
 }
 
 /// Serves one handoff connection on the router until the sidecar closes it or `shutdown`
-/// turns true: checks the preface, answers it, then relays every connection handed over
-/// through `handler`, as a flow of `link`.
+/// turns true: reads the preface, answers it, then relays everything handed over through
+/// `handler`, as flows of `link`.
 pub async fn serve<H: Handler>(
     mut socket: UnixStream,
     handler: Arc<H>,
@@ -290,11 +424,10 @@ pub async fn serve<H: Handler>(
     preface_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut preface = [0u8; PREFACE.len()];
-    match tokio::time::timeout(preface_timeout, socket.read_exact(&mut preface)).await {
-        Ok(Ok(_)) if preface == PREFACE => {}
-        Ok(Ok(_)) => {
-            tracing::debug!(preface = %String::from_utf8_lossy(&preface), "not a handoff preface");
+    let kind = match tokio::time::timeout(preface_timeout, read_preface(&mut socket)).await {
+        Ok(Ok(Ok(kind))) => kind,
+        Ok(Ok(Err(preface))) => {
+            tracing::debug!(%preface, "not a handoff preface");
             return;
         }
         Ok(Err(error)) => {
@@ -305,7 +438,7 @@ pub async fn serve<H: Handler>(
             tracing::debug!("handoff preface timed out");
             return;
         }
-    }
+    };
     if let Err(error) = socket.write_all(ACCEPTED).await {
         tracing::debug!(%error, "handoff connection ended before it was answered");
         return;
@@ -334,23 +467,17 @@ pub async fn serve<H: Handler>(
             }
         };
         for line in complete {
-            let Some(fd) = fds.pop_front() else {
-                tracing::warn!("handoff line without a connection; handoff connection dropped");
+            if fds.len() < kind.descriptors() {
+                tracing::warn!("handoff line without its descriptors; handoff connection dropped");
                 return;
-            };
-            let handoff = match Handoff::parse(&line) {
+            }
+            let attached: Vec<OwnedFd> = fds.drain(..kind.descriptors()).collect();
+            let handoff = match Handoff::parse(kind, &line) {
                 Ok(handoff) => handoff,
                 Err(error) => {
-                    // The connection it came with is dropped, and resets.
+                    // What came with it is dropped (a connection resets).
                     tracing::warn!(%error, "handoff connection dropped");
                     return;
-                }
-            };
-            let stream = match connected_tcp(fd) {
-                Ok(stream) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, target = %handoff.target, "handed-over descriptor refused");
-                    continue;
                 }
             };
             let request = FlowRequest {
@@ -358,9 +485,59 @@ pub async fn serve<H: Handler>(
                 source: Some(handoff.source),
                 link: link.clone(),
             };
-            tokio::spawn(relay(request, stream, handler.clone()));
+            let mut attached = attached.into_iter();
+            let (Some(first), second) = (attached.next(), attached.next()) else {
+                return;
+            };
+            match (kind, second, handoff.idle) {
+                (Kind::Tcp, _, _) => match connected_tcp(first) {
+                    Ok(stream) => {
+                        tokio::spawn(relay(request, stream, handler.clone()));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, target = %request.target, "handed-over descriptor refused");
+                    }
+                },
+                (Kind::Udp, Some(pipe), Some(idle)) => match handed_udp(first, pipe) {
+                    Ok(client) => {
+                        tokio::spawn(relay_udp(request, client, idle, handler.clone()));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, target = %request.target, "handed-over UDP client refused");
+                    }
+                },
+                (Kind::Udp, _, _) => return,
+            }
         }
     }
+}
+
+/// The descriptors of a UDP handoff as the client's side of a flow: the socket connected to
+/// the client, with the datagrams read from the pipe to deliver first.
+fn handed_udp(socket: OwnedFd, pipe: OwnedFd) -> io::Result<Connected> {
+    let socket = socket2::Socket::from(socket);
+    if socket.r#type()? != socket2::Type::DGRAM
+        || !matches!(
+            socket.domain()?,
+            socket2::Domain::IPV4 | socket2::Domain::IPV6
+        )
+        || socket.protocol()? != Some(socket2::Protocol::UDP)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a UDP socket",
+        ));
+    }
+    if socket.peer_addr().is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a connected socket",
+        ));
+    }
+    let early = read_early(pipe)?;
+    socket.set_nonblocking(true)?;
+    let socket = UdpSocket::from_std(std::net::UdpSocket::from(socket))?;
+    Ok(Connected::with_early(socket, early))
 }
 
 /// The descriptor as a connected TCP stream, or why it is not one.
@@ -405,5 +582,49 @@ async fn relay<H: Handler>(request: FlowRequest, mut app: TcpStream, handler: Ar
     } else {
         abort(&app);
     }
+    handler.finished(&request, &finished);
+}
+
+/// Relays one handed-over UDP client to the far end `handler` opens for it, until the flow has
+/// been idle for `idle`; the client's socket is closed then, so its next datagram reaches the
+/// sidecar again.
+async fn relay_udp<H: Handler>(
+    request: FlowRequest,
+    client: Connected,
+    idle: Duration,
+    handler: Arc<H>,
+) {
+    let upstream = match handler.open(&request).await {
+        Ok(upstream) => upstream,
+        Err(refusal) => {
+            // Its datagrams are dropped, as UDP allows; the next one starts over.
+            tracing::debug!(target = %request.target, status = %refusal.status, message = %refusal.message, "handed-over UDP client refused");
+            return;
+        }
+    };
+    let sent = std::sync::atomic::AtomicU64::new(0);
+    let received = std::sync::atomic::AtomicU64::new(0);
+    let meter = |way, n: usize| {
+        let counter = match way {
+            datagrams::Way::Out => &sent,
+            datagrams::Way::In => &received,
+        };
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    };
+    let result = match upstream {
+        Upstream::Udp(endpoint) => {
+            datagrams::bridge(client, Connected::new(endpoint), idle, meter).await
+        }
+        Upstream::Flow(far) => datagrams::relay(far, client, idle, meter).await,
+        Upstream::Tcp(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a UDP client cannot be relayed to a TCP endpoint",
+        )),
+    };
+    let finished = Finished {
+        sent: sent.into_inner(),
+        received: received.into_inner(),
+        result,
+    };
     handler.finished(&request, &finished);
 }

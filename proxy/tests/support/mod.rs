@@ -244,6 +244,35 @@ pub async fn udp_echo_on(ip: Ipv4Addr) -> SocketAddr {
     addr
 }
 
+/// Datagrams from empty to the largest UDP takes, each a different [`pattern`].
+pub fn datagrams_of_every_size() -> Vec<Vec<u8>> {
+    [0usize, 1, 512, 1400, 9000, 65_507]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| pattern(i as u64, *n))
+        .collect()
+}
+
+/// Sends each datagram from `socket` to `to` and waits for its echo, which must come from `to`
+/// (the address the client used) with the same bytes.
+pub async fn udp_round_trip(socket: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) {
+    let mut buffer = vec![0u8; 65_536];
+    for datagram in datagrams {
+        socket.send_to(datagram, to).await.unwrap();
+        let (n, from) =
+            tokio::time::timeout(Duration::from_secs(20), socket.recv_from(&mut buffer))
+                .await
+                .unwrap_or_else(|_| panic!("no echo of a {}-byte datagram", datagram.len()))
+                .unwrap();
+        assert_eq!(from, to, "replies come from the address the client used");
+        assert!(
+            buffer[..n] == datagram[..],
+            "datagram of {} bytes",
+            datagram.len()
+        );
+    }
+}
+
 /// `len` bytes that differ with `seed` (xorshift), for checking transfers byte for byte.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
