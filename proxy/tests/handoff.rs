@@ -4,7 +4,8 @@
 //! (and so does one whose router does not take handoffs: `flows.rs`); garbage on a handoff
 //! connection is refused and the router serves on. UDP clients handed over the same way, as
 //! sockets connected to them: datagram boundaries kept, a burst from a new client delivered
-//! whole and in order, a flow ended by its idle time started again by the next datagram.
+//! whole and in order, a flow ended by its idle time started again by the next datagram, a
+//! client whose router died carried again when it asks again.
 
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -623,4 +624,59 @@ async fn garbage_on_a_udp_handoff_connection_is_refused_and_the_router_serves_on
     )
     .await;
     drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_client_whose_router_died_is_carried_again_when_it_asks_again() {
+    let mut pod = Pod::new(
+        "127.0.110.0/24",
+        "services: [{name: dns, ports: [{port: 53, protocol: UDP}]}]",
+        None,
+    );
+    pod.set("POD_IP", "127.0.0.1");
+    let echo = udp_echo().await;
+    let route = |router: &DoomedRouter| {
+        router
+            .state
+            .endpoints
+            .lock()
+            .unwrap()
+            .insert(("dns.default.cluster-a:53".into(), Protocol::Udp), echo);
+    };
+    let router = DoomedRouter::start(&pod.socket());
+    route(&router);
+    let client = pod.start().await;
+    let local: SocketAddr = "127.0.110.1:53".parse().unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&socket, local, &[b"before".to_vec()]).await;
+    metrics_eventually(
+        client.admin_addr(),
+        &[r#"servicekeel_sidecar_flows_total{protocol="UDP",outcome="handed_off"} 1"#],
+    )
+    .await;
+
+    // The router dies with the client's socket; a new one takes its place.
+    router.runtime.shutdown_background();
+    std::fs::remove_file(pod.socket()).unwrap();
+    let router = DoomedRouter::start(&pod.socket());
+    route(&router);
+    // Datagrams sent while the router dies are lost with it, as UDP allows; the client asks
+    // again, as UDP clients do, and once the dead router's copy of its socket is closed its
+    // datagrams reach the sidecar's listener again and are carried (handed to the new router,
+    // or through the tunnel while the sidecar finds it), answered from the address it used.
+    let mut buffer = [0u8; 64];
+    let mut answered = false;
+    for _ in 0..10 {
+        socket.send_to(b"after", local).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(1), socket.recv_from(&mut buffer));
+        if let Ok(reply) = reply.await {
+            let (n, from) = reply.unwrap();
+            assert_eq!((&buffer[..n], from), (&b"after"[..], local));
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "no answer after the router came back");
+    drop(client);
+    router.runtime.shutdown_background();
 }
