@@ -24,6 +24,7 @@ use super::{Context, UDP_QUEUE};
 use crate::metrics::{DropReason, FlowOutcome};
 use crate::shutdown::stopped;
 use crate::tunnel::datagrams::{self, Connected, Datagrams, UntilDrained, Way};
+use crate::tunnel::handoff::Giver;
 
 pub(super) async fn serve(
     socket: UdpSocket,
@@ -107,11 +108,12 @@ impl Listener {
             let (queue, incoming) = mpsc::channel(UDP_QUEUE);
             self.clients.insert(peer, queue.clone());
             let local = match self.own_socket(peer) {
-                Some(socket) => {
+                Some((socket, giver)) => {
                     let early = self.early(peer, datagram, &mut pending);
                     Local::Own {
                         socket,
                         early,
+                        giver,
                         _held: incoming,
                     }
                 }
@@ -135,11 +137,12 @@ impl Listener {
         }
     }
 
-    /// A socket of the client's own, when the router may take it; `None` to use the queue.
-    fn own_socket(&self, peer: SocketAddr) -> Option<UdpSocket> {
-        self.context.udp_handoff.as_ref()?;
+    /// A socket of the client's own and who hands it to the router, when the router may take
+    /// it; `None` to use the queue.
+    fn own_socket(&self, peer: SocketAddr) -> Option<(UdpSocket, Arc<Giver>)> {
+        let giver = self.context.udp_handoff.clone()?;
         match connected_to(self.local, peer) {
-            Ok(socket) => Some(socket),
+            Ok(socket) => Some((socket, giver)),
             Err(error) => {
                 tracing::debug!(%error, %peer, "no socket of its own; the client is queued");
                 None
@@ -203,10 +206,11 @@ fn connected_to(local: SocketAddrV4, peer: SocketAddr) -> io::Result<UdpSocket> 
 enum Local {
     /// Its datagrams come through the listener's queue.
     Queued(datagrams::Client),
-    /// It has a socket of its own.
+    /// It has a socket of its own, which `giver` tries to hand to the router.
     Own {
         socket: UdpSocket,
         early: Vec<Bytes>,
+        giver: Arc<Giver>,
         /// Keeps the client's queue open while the flow lasts.
         _held: mpsc::Receiver<Bytes>,
     },
@@ -238,19 +242,14 @@ async fn flow(
         Local::Own {
             socket,
             early,
+            giver,
             _held,
         } => {
-            let handed = match &context.udp_handoff {
-                Some(giver) => giver
-                    .give_udp(&socket, &early, &target, context.udp_idle)
-                    .await
-                    .inspect_err(|reason| {
-                        tracing::debug!(%reason, %target, "carried in the tunnel");
-                    })
-                    .is_ok(),
-                None => false,
-            };
-            if handed {
+            let handed = giver
+                .give_udp(&socket, &early, &target, context.udp_idle)
+                .await
+                .inspect_err(|reason| tracing::debug!(%reason, %target, "carried in the tunnel"));
+            if handed.is_ok() {
                 FlowOutcome::HandedOff
             } else {
                 carry(Connected::with_early(socket, early), &target, &context).await

@@ -36,7 +36,7 @@ use tokio::net::{TcpStream, UdpSocket, UnixStream};
 use tokio::sync::{Mutex, watch};
 
 use super::datagrams::{self, Connected};
-use super::server::{Finished, FlowRequest, Handler, Link, Upstream, abort};
+use super::server::{Carried, FlowRequest, Handler, Link, Upstream, abort};
 
 /// How long connecting and the router's answer to the preface may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -45,7 +45,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_UNREACHABLE: Duration = Duration::from_secs(1);
 /// After a router that does not take handoffs, they are not tried again for this long.
 const RETRY_REFUSED: Duration = Duration::from_secs(30);
-/// Descriptors room is made for in one read; the sender attaches one per line.
+/// Descriptors room is made for in one read; the sender attaches one or two per line.
 const MAX_FDS_PER_READ: usize = 32;
 
 /// Most bytes of datagrams a UDP client's early-datagram pipe is given room for.
@@ -280,36 +280,35 @@ fn read_early(pipe: OwnedFd) -> io::Result<Vec<Bytes>> {
     // The sender closed its end before handing this over: everything is there, and a read
     // that would wait means someone kept the end open, which ends the reading.
     rustix::io::ioctl_fionbio(&pipe, true)?;
-    let mut decoder = DatagramDecoder::default();
-    let mut datagrams = Vec::new();
-    let mut buffer = vec![0u8; 64 << 10];
-    let mut total = 0;
-    loop {
-        let n = match rustix::io::read(&pipe, &mut buffer[..]) {
+    // A buffer of what the pipe holds (whole, as its writer is gone), read at once.
+    let waiting = rustix::io::ioctl_fionread(&pipe)? as usize;
+    if waiting > MAX_EARLY_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("early datagrams over {MAX_EARLY_BYTES} bytes"),
+        ));
+    }
+    let mut buffer = vec![0u8; waiting];
+    let mut filled = 0;
+    while filled < waiting {
+        match rustix::io::read(&pipe, &mut buffer[filled..]) {
             Ok(0) | Err(rustix::io::Errno::AGAIN) => break,
-            Ok(n) => n,
+            Ok(n) => filled += n,
             Err(rustix::io::Errno::INTR) => continue,
             Err(error) => return Err(error.into()),
-        };
-        total += n;
-        if total > MAX_EARLY_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("early datagrams over {MAX_EARLY_BYTES} bytes"),
-            ));
         }
-        let decoded = decoder
-            .push(&buffer[..n])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        datagrams.extend(decoded.into_iter().map(Bytes::from));
     }
+    let mut decoder = DatagramDecoder::default();
+    let datagrams = decoder
+        .push(&buffer[..filled])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if decoder.pending() > 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "early datagrams end inside a datagram",
         ));
     }
-    Ok(datagrams)
+    Ok(datagrams.into_iter().map(Bytes::from).collect())
 }
 
 /// Sends `line` with `fds` attached to its first byte, all of it.
@@ -323,7 +322,7 @@ async fn send_with_fds(
             let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
             let mut control = SendAncillaryBuffer::new(&mut space);
             if !control.push(SendAncillaryMessage::ScmRights(fds)) {
-                return Err(io::Error::other("no room for the descriptor"));
+                return Err(io::Error::other("no room for the descriptors"));
             }
             rustix::net::sendmsg(
                 socket,
@@ -471,13 +470,31 @@ pub async fn serve<H: Handler>(
                 tracing::warn!("handoff line without its descriptors; handoff connection dropped");
                 return;
             }
-            let attached: Vec<OwnedFd> = fds.drain(..kind.descriptors()).collect();
             let handoff = match Handoff::parse(kind, &line) {
                 Ok(handoff) => handoff,
                 Err(error) => {
-                    // What came with it is dropped (a connection resets).
+                    // What came with it is dropped with the rest (a connection resets).
                     tracing::warn!(%error, "handoff connection dropped");
                     return;
+                }
+            };
+            // As many descriptors are waiting as the kind attaches (checked above).
+            let mut attached = fds.drain(..kind.descriptors());
+            let handed = match (kind, attached.next(), attached.next(), handoff.idle) {
+                (Kind::Tcp, Some(connection), None, None) => {
+                    connected_tcp(connection).map(Handed::Tcp)
+                }
+                (Kind::Udp, Some(socket), Some(pipe), Some(idle)) => {
+                    handed_udp(socket, pipe).map(|client| Handed::Udp(client, idle))
+                }
+                _ => return,
+            };
+            drop(attached);
+            let handed = match handed {
+                Ok(handed) => handed,
+                Err(error) => {
+                    tracing::warn!(%error, target = %handoff.target, "handed-over descriptors refused");
+                    continue;
                 }
             };
             let request = FlowRequest {
@@ -485,84 +502,62 @@ pub async fn serve<H: Handler>(
                 source: Some(handoff.source),
                 link: link.clone(),
             };
-            let mut attached = attached.into_iter();
-            let (Some(first), second) = (attached.next(), attached.next()) else {
-                return;
+            match handed {
+                Handed::Tcp(stream) => tokio::spawn(relay(request, stream, handler.clone())),
+                Handed::Udp(client, idle) => {
+                    tokio::spawn(relay_udp(request, client, idle, handler.clone()))
+                }
             };
-            match (kind, second, handoff.idle) {
-                (Kind::Tcp, _, _) => match connected_tcp(first) {
-                    Ok(stream) => {
-                        tokio::spawn(relay(request, stream, handler.clone()));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, target = %request.target, "handed-over descriptor refused");
-                    }
-                },
-                (Kind::Udp, Some(pipe), Some(idle)) => match handed_udp(first, pipe) {
-                    Ok(client) => {
-                        tokio::spawn(relay_udp(request, client, idle, handler.clone()));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, target = %request.target, "handed-over UDP client refused");
-                    }
-                },
-                (Kind::Udp, _, _) => return,
-            }
         }
     }
+}
+
+/// What one handoff line brought, checked.
+enum Handed {
+    Tcp(TcpStream),
+    /// The client's side of the flow and its idle time.
+    Udp(Connected, Duration),
 }
 
 /// The descriptors of a UDP handoff as the client's side of a flow: the socket connected to
 /// the client, with the datagrams read from the pipe to deliver first.
 fn handed_udp(socket: OwnedFd, pipe: OwnedFd) -> io::Result<Connected> {
-    let socket = socket2::Socket::from(socket);
-    if socket.r#type()? != socket2::Type::DGRAM
-        || !matches!(
-            socket.domain()?,
-            socket2::Domain::IPV4 | socket2::Domain::IPV6
-        )
-        || socket.protocol()? != Some(socket2::Protocol::UDP)
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a UDP socket",
-        ));
-    }
-    if socket.peer_addr().is_err() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a connected socket",
-        ));
-    }
+    let socket = connected_socket(socket, socket2::Type::DGRAM, socket2::Protocol::UDP, "UDP")?;
     let early = read_early(pipe)?;
-    socket.set_nonblocking(true)?;
     let socket = UdpSocket::from_std(std::net::UdpSocket::from(socket))?;
     Ok(Connected::with_early(socket, early))
 }
 
 /// The descriptor as a connected TCP stream, or why it is not one.
 fn connected_tcp(fd: OwnedFd) -> io::Result<TcpStream> {
+    let socket = connected_socket(fd, socket2::Type::STREAM, socket2::Protocol::TCP, "TCP")?;
+    TcpStream::from_std(std::net::TcpStream::from(socket))
+}
+
+/// The descriptor as a connected, non-blocking IP socket of `kind` and `protocol` (named
+/// `name` in the error), or why it is not one.
+fn connected_socket(
+    fd: OwnedFd,
+    kind: socket2::Type,
+    protocol: socket2::Protocol,
+    name: &str,
+) -> io::Result<socket2::Socket> {
     let socket = socket2::Socket::from(fd);
-    let refuse = |what: &str| {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            what.to_string(),
-        ))
-    };
-    if socket.r#type()? != socket2::Type::STREAM
+    let refuse = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
+    if socket.r#type()? != kind
         || !matches!(
             socket.domain()?,
             socket2::Domain::IPV4 | socket2::Domain::IPV6
         )
-        || socket.protocol()? != Some(socket2::Protocol::TCP)
+        || socket.protocol()? != Some(protocol)
     {
-        return refuse("not a TCP socket");
+        return refuse(format!("not a {name} socket"));
     }
     if socket.peer_addr().is_err() {
-        return refuse("not a connected socket");
+        return refuse("not a connected socket".into());
     }
     socket.set_nonblocking(true)?;
-    TcpStream::from_std(std::net::TcpStream::from(socket))
+    Ok(socket)
 }
 
 /// Relays one handed-over connection to the far end `handler` opens for it.
@@ -602,15 +597,9 @@ async fn relay_udp<H: Handler>(
             return;
         }
     };
-    let sent = std::sync::atomic::AtomicU64::new(0);
-    let received = std::sync::atomic::AtomicU64::new(0);
-    let meter = |way, n: usize| {
-        let counter = match way {
-            datagrams::Way::Out => &sent,
-            datagrams::Way::In => &received,
-        };
-        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-    };
+    // The client is the local side here: what it sends goes towards the endpoint.
+    let carried = Carried::default();
+    let meter = |way, n| carried.count(way == datagrams::Way::Out, n);
     let result = match upstream {
         Upstream::Udp(endpoint) => {
             datagrams::bridge(client, Connected::new(endpoint), idle, meter).await
@@ -621,10 +610,6 @@ async fn relay_udp<H: Handler>(
             "a UDP client cannot be relayed to a TCP endpoint",
         )),
     };
-    let finished = Finished {
-        sent: sent.into_inner(),
-        received: received.into_inner(),
-        result,
-    };
+    let finished = carried.finished(result);
     handler.finished(&request, &finished);
 }

@@ -136,6 +136,33 @@ pub struct Finished {
     pub result: io::Result<()>,
 }
 
+/// Bytes a UDP relay carried each way, as they go, for its [`Finished`].
+#[derive(Debug, Default)]
+pub(crate) struct Carried {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Carried {
+    /// Counts a datagram of `n` bytes, sent towards the endpoint or received from it.
+    pub(crate) fn count(&self, towards_endpoint: bool, n: usize) {
+        let counter = if towards_endpoint {
+            &self.sent
+        } else {
+            &self.received
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn finished(self, result: io::Result<()>) -> Finished {
+        Finished {
+            sent: self.sent.into_inner(),
+            received: self.received.into_inner(),
+            result,
+        }
+    }
+}
+
 /// Opens a socket to an endpoint for a flow of `protocol`.
 pub async fn dial(protocol: Protocol, addr: SocketAddr) -> io::Result<Upstream> {
     let attempt = async {
@@ -487,26 +514,16 @@ async fn open_flow<H: Handler>(
         }
         Upstream::Flow(mut far) => finished_copy(super::pipe_flows(&mut flow, &mut far).await),
         Upstream::Udp(socket) => {
-            let sent = AtomicU64::new(0);
-            let received = AtomicU64::new(0);
+            // The endpoint is the local side here: what comes in from the flow is sent to it.
+            let carried = Carried::default();
             let result = datagrams::relay(
                 flow,
                 Connected::new(socket),
                 super::UDP_IDLE_TIMEOUT,
-                |way, n| {
-                    let counter = match way {
-                        datagrams::Way::In => &sent,
-                        datagrams::Way::Out => &received,
-                    };
-                    counter.fetch_add(n as u64, Ordering::Relaxed);
-                },
+                |way, n| carried.count(way == datagrams::Way::In, n),
             )
             .await;
-            Finished {
-                sent: sent.into_inner(),
-                received: received.into_inner(),
-                result,
-            }
+            carried.finished(result)
         }
     };
     handler.finished(&request, &finished);
