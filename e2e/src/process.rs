@@ -83,6 +83,11 @@ impl Process {
         &self.log
     }
 
+    /// The running process's id (none once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|child| child.id())
+    }
+
     /// Fails, with the end of the log, when the process has exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         let Some(child) = self.child.as_mut() else {

@@ -147,13 +147,25 @@ impl PodBench {
         }))?)
     }
 
+    /// CPU time (user and system) the apiserver has spent so far.
+    pub fn apiserver_cpu(&self) -> anyhow::Result<Duration> {
+        let apiserver = &self.cluster.control_plane.apiserver;
+        let pid = apiserver.pid().context("the apiserver is not running")?;
+        crate::bench::cpu_of(pid)
+    }
+
     /// Creates `count` pods one at a time and returns how long each create call took
-    /// (admission, the webhook where labelled, and storage); the pods stay Pending, and are
-    /// deleted at the end.
-    pub async fn creates(&self, kind: Kind, count: usize) -> anyhow::Result<Vec<Duration>> {
+    /// (admission, the webhook where labelled, and storage), and the apiserver's CPU time over
+    /// those calls; the pods stay Pending, and are deleted afterwards.
+    pub async fn creates(
+        &self,
+        kind: Kind,
+        count: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Duration)> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), kind.namespace());
         let mut latencies = Vec::with_capacity(count);
         let mut names = Vec::with_capacity(count);
+        let cpu_before = self.apiserver_cpu()?;
         for index in 0..count {
             let name = format!("create-{}-{index}", unique());
             let pod = Self::pod(kind, &name, false)?;
@@ -169,12 +181,13 @@ impl PodBench {
             }
             names.push(name);
         }
+        let cpu = self.apiserver_cpu()?.saturating_sub(cpu_before);
         for name in names {
             let _ = pods
                 .delete(&name, &DeleteParams::default().grace_period(0))
                 .await;
         }
-        Ok(latencies)
+        Ok((latencies, cpu))
     }
 
     /// Creates `count` pods one at a time and returns how long each took from the create call
