@@ -15,7 +15,7 @@ use anyhow::{Context, bail, ensure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use crate::{paths, process};
+use crate::{images, paths, process};
 
 pub mod baselines;
 pub mod pods;
@@ -128,13 +128,16 @@ pub struct Proxies {
 const CLUSTER: &str = "bench";
 
 impl Proxies {
-    /// Starts them for a TCP server at `tcp` and a UDP server at `udp` (both on loopback).
+    /// Starts them for a TCP server at `tcp` and a UDP server at `udp` (both on loopback). The
+    /// proxies are the static release binary the proxy image holds, as pods run it.
     pub async fn start(
         tcp: SocketAddr,
         udp: SocketAddr,
         layout: Layout,
     ) -> anyhow::Result<Proxies> {
-        let binary = paths::workspace_binary("servicekeel-proxy")?;
+        let binary = images::static_binaries(&[images::PROXY], images::Profile::Release)?
+            .pop()
+            .context("no proxy binary built")?;
         let dir = tempfile::tempdir()?;
         let log = |name: &str| -> anyhow::Result<Stdio> {
             Ok(std::fs::File::create(dir.path().join(name))?.into())

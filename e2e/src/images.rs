@@ -55,8 +55,6 @@ pub const PAUSE: ImageSpec = ImageSpec {
 
 pub const ALL: [ImageSpec; 4] = [PROXY, WEBHOOK, DEMO, PAUSE];
 
-/// Builds the static binaries of `images` (one cargo run) and writes each image's tarball into
-/// `dir`; returns the tarballs in the order given.
 /// How the images' binaries are built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
@@ -75,8 +73,10 @@ impl Profile {
     }
 }
 
+/// Builds the static binaries of `images` (one cargo run) and writes each image's tarball into
+/// `dir`; returns the tarballs in the order given.
 pub fn build(images: &[ImageSpec], dir: &Path, profile: Profile) -> anyhow::Result<Vec<PathBuf>> {
-    let binaries = build_static(images, profile)?;
+    let binaries = static_binaries(images, profile)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     images
         .iter()
@@ -89,7 +89,9 @@ pub fn build(images: &[ImageSpec], dir: &Path, profile: Profile) -> anyhow::Resu
         .collect()
 }
 
-fn build_static(images: &[ImageSpec], profile: Profile) -> anyhow::Result<Vec<PathBuf>> {
+/// Builds the static binaries of `images`, the ones their images hold, in one cargo run;
+/// returns their paths in the order given.
+pub fn static_binaries(images: &[ImageSpec], profile: Profile) -> anyhow::Result<Vec<PathBuf>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(&cargo);
     command

@@ -472,8 +472,9 @@ fn render(rows: &[Row], memory: &Memory, pairs: usize, pod_note: Option<&str>) -
         out,
         "Measured by `cargo run --release -p servicekeel-e2e --bin servicekeel-bench{}` on {}. \
          The baseline (direct, or the row's named alternative) and ServiceKeel (client sidecar → \
-         router over its Unix socket → server, unless the row says otherwise) alternate, {pairs} \
-         pairs per row; medians shown. The load generator and the servers share the machine \
+         router over its Unix socket → server, unless the row says otherwise; the proxies are the \
+         static release binary the proxy image holds) alternate, {pairs} pairs per row; medians \
+         shown. The load generator and the servers share the machine \
          with the proxies; CPU is the time spent per unit of work by this process (load and \
          servers), the proxies and the row's baseline processes, or by the one process the row \
          names (the DNS server, the apiserver).\n",
