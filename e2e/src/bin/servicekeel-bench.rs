@@ -120,6 +120,16 @@ where
     Ok((base, cand))
 }
 
+/// A rate with the digits that matter: whole units from 10 up, two decimals below (a pod
+/// becoming Ready every 3 s is 0.33 pods/s, not 0).
+fn figure(value: f64) -> String {
+    if value.abs() >= 10.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -492,7 +502,7 @@ fn render(rows: &[Row], memory: &Memory, pairs: usize, pod_note: Option<&str>) -
             if a == 0.0 && b == 0.0 {
                 "—".to_string()
             } else {
-                format!("{a:.0} → {b:.0} µs (+{:.0})", b - a)
+                format!("{a:.0} → {b:.0} µs ({:+.0})", b - a)
             }
         };
         let cpu = match row.cpu_per {
@@ -501,10 +511,10 @@ fn render(rows: &[Row], memory: &Memory, pairs: usize, pod_note: Option<&str>) -
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} {unit} | {:.0} {unit} | {:.2}× | {} | {} | {} | {} | {} |",
+            "| {} | {} {unit} | {} {unit} | {:.2}× | {} | {} | {} | {} | {} |",
             row.what,
-            m.rate.0 / row.scale,
-            m.rate.1 / row.scale,
+            figure(m.rate.0 / row.scale),
+            figure(m.rate.1 / row.scale),
             m.rate.1 / m.rate.0,
             latency(m.p50),
             latency(m.p99),
@@ -566,4 +576,17 @@ fn render(rows: &[Row], memory: &Memory, pairs: usize, pod_note: Option<&str>) -
     );
     out.push_str(ANALYSIS);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::figure;
+
+    #[test]
+    fn rates_keep_their_digits_below_ten() {
+        assert_eq!(figure(36446.4), "36446");
+        assert_eq!(figure(10.0), "10");
+        assert_eq!(figure(1.0 / 3.0), "0.33");
+        assert_eq!(figure(0.998), "1.00");
+    }
 }
