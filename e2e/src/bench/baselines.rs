@@ -5,7 +5,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
@@ -107,12 +107,31 @@ impl SocatHops {
         Ok(hops)
     }
 
-    /// CPU time of both socats and the per-connection processes they forked and reaped.
+    /// CPU time of the socats and the per-connection processes they forked and reaped. First
+    /// waits (a second at most) for those of the last run to exit and be reaped: a process's
+    /// time joins its parent's only then, and would otherwise count in whatever run comes next.
     pub fn cpu(&self) -> anyhow::Result<Duration> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.forked_alive()? && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         self.processes
             .iter()
             .map(|p| super::cpu_with_children_of(p.0.id()))
             .sum()
+    }
+
+    /// Whether a per-connection process is running or waits to be reaped.
+    fn forked_alive(&self) -> anyhow::Result<bool> {
+        for process in &self.processes {
+            let pid = process.0.id();
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .with_context(|| format!("cannot read the children of socat {pid}"))?;
+            if !children.trim().is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
