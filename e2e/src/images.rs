@@ -4,7 +4,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, bail};
 use serde_json::json;
@@ -92,11 +91,8 @@ pub fn build(images: &[ImageSpec], dir: &Path, profile: Profile) -> anyhow::Resu
 /// Builds the static binaries of `images`, the ones their images hold, in one cargo run;
 /// returns their paths in the order given.
 pub fn static_binaries(images: &[ImageSpec], profile: Profile) -> anyhow::Result<Vec<PathBuf>> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(&cargo);
-    command
-        .current_dir(paths::repo())
-        .args(["build", "--locked", "--target", TARGET]);
+    let mut command = paths::cargo();
+    command.args(["build", "--locked", "--target", TARGET]);
     if profile == Profile::Release {
         command.arg("--release");
     }

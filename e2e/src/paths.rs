@@ -51,11 +51,8 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
         return find().with_context(|| format!("{name} is gone from beside {}", exe.display()));
     }
     let release = exe.components().any(|c| c.as_os_str() == "release");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = std::process::Command::new(&cargo);
-    command
-        .current_dir(repo())
-        .args(["build", "--quiet", "-p", name, "--bin", name]);
+    let mut command = cargo();
+    command.args(["build", "--quiet", "-p", name, "--bin", name]);
     if release {
         command.arg("--release");
     }
@@ -72,6 +69,33 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     }
     built.push(name.to_string());
     find().with_context(|| format!("{name} is still not next to {}", exe.display()))
+}
+
+/// Cargo (`$CARGO`, else `cargo`) in the repository, without the variables cargo sets for the
+/// crate it runs (`CARGO_PKG_*`, `CARGO_MANIFEST_*`, ...). A build script that asks to rerun when
+/// one of those changes (ring's does) would otherwise see them differ between a build run from
+/// here and one run by hand, and every such switch would rebuild all that depends on it.
+pub fn cargo() -> std::process::Command {
+    let program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(program);
+    command.current_dir(repo());
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_for_the_crate = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                key,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            );
+        if set_for_the_crate {
+            command.env_remove(key);
+        }
+    }
+    command
 }
 
 /// kubectl: `$KUBECTL`, else the 1.33 build if installed beside the default one, else `kubectl`.

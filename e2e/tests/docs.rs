@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use servicekeel_e2e::paths;
 
@@ -120,13 +119,10 @@ fn every_cargo_run_command_in_the_documents_runs_and_knows_its_flags() {
         );
         all.extend(found);
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut failures = Vec::new();
     for invocation in &all {
-        let mut command = Command::new(&cargo);
-        command
-            .current_dir(&repo)
-            .args(["run", "-q", "-p", &invocation.package]);
+        let mut command = paths::cargo();
+        command.args(["run", "-q", "-p", &invocation.package]);
         if let Some(bin) = &invocation.bin {
             command.args(["--bin", bin]);
         }
