@@ -6,11 +6,11 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use servicekeel_webhook::admission::review;
 use servicekeel_webhook::config::Config;
 use servicekeel_webhook::inject::{Target, inject};
+use servicekeel_webhook::pod::PodFacts;
 use servicekeel_webhook::view::NoCluster;
 
 /// The allocator the webhook binary uses.
@@ -29,7 +29,7 @@ fn benches(c: &mut Criterion) {
     let body = fixture();
     let config = Config::from_yaml("clusterName: cluster-a").expect("config");
     let value: Value = serde_json::from_slice(&body).expect("fixture is JSON");
-    let pod: Pod = serde_json::from_value(value["request"]["object"].clone()).expect("a pod");
+    let pod: PodFacts = serde_json::from_value(value["request"]["object"].clone()).expect("a pod");
     let target = Target::new("shop");
 
     c.bench_function("baseline: decode + encode the review", |b| {

@@ -5,14 +5,13 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use k8s_openapi::api::core::v1::Pod;
-use kube::core::admission::{AdmissionReview, Operation};
-use kube::core::{DynamicObject, GroupVersionKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::inject::Injection;
 use crate::metrics::Outcome;
+use crate::pod::PodFacts;
 use crate::view::ClusterView;
 use crate::view::inject_in_view;
 
@@ -92,47 +91,71 @@ impl Reviewed {
     }
 }
 
+/// The parts of an AdmissionReview a review reads; the object is decoded only once the request
+/// is known to be a pod's creation.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Incoming<'a> {
+    api_version: String,
+    kind: String,
+    #[serde(borrow)]
+    request: Option<Request<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Request<'a> {
+    uid: String,
+    kind: Kind,
+    operation: String,
+    sub_resource: Option<String>,
+    namespace: Option<String>,
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Kind {
+    #[serde(default)]
+    group: String,
+    version: String,
+    kind: String,
+}
+
 pub fn review(
     body: &[u8],
     config: &Config,
     view: &dyn ClusterView,
 ) -> Result<Reviewed, ReviewError> {
-    // Pods are what the webhook is registered for, so decode straight into one; only when that
-    // fails look closer, to tell another kind of object (let through) from a malformed body.
-    let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
-        Ok(review) => review,
-        Err(pod_error) => {
-            let review: AdmissionReview<DynamicObject> =
-                serde_json::from_slice(body).map_err(ReviewError::Decode)?;
-            check_version(&review.types)?;
-            let request = review.request.ok_or(ReviewError::NoRequest)?;
-            if is_pod(&request.kind) {
-                return Err(ReviewError::NotAPod(pod_error));
-            }
-            tracing::warn!(kind = %request.kind.kind, "not a pod; allowed unchanged (check the webhook's rules)");
-            return Ok(Reviewed::new(&request.uid, Outcome::Ignored));
-        }
-    };
-    check_version(&review.types)?;
+    let review: Incoming = serde_json::from_slice(body).map_err(ReviewError::Decode)?;
+    if review.api_version != API_VERSION || review.kind != KIND {
+        return Err(ReviewError::Version(review.api_version, review.kind));
+    }
     let request = review.request.ok_or(ReviewError::NoRequest)?;
-
-    let pod = match (&request.object, &request.operation, &request.sub_resource) {
-        (Some(pod), Operation::Create, None) if is_pod(&request.kind) => pod,
+    if !is_pod(&request.kind) {
+        tracing::warn!(kind = %request.kind.kind, "not a pod; allowed unchanged (check the webhook's rules)");
+        return Ok(Reviewed::new(&request.uid, Outcome::Ignored));
+    }
+    let object = match (
+        request.object,
+        request.operation.as_str(),
+        &request.sub_resource,
+    ) {
+        (Some(object), "CREATE", None) => object,
         _ => return Ok(Reviewed::new(&request.uid, Outcome::Ignored)),
     };
+    let pod: PodFacts = serde_json::from_str(object.get()).map_err(ReviewError::NotAPod)?;
+    let metadata = pod.metadata.as_ref();
     let namespace = request
         .namespace
         .as_deref()
-        .or(pod.metadata.namespace.as_deref())
+        .or(metadata.and_then(|m| m.namespace.as_deref()))
         .unwrap_or("default");
-    let name = pod
-        .metadata
-        .name
-        .as_deref()
-        .or(pod.metadata.generate_name.as_deref())
+    let name = metadata
+        .and_then(|m| m.name.as_deref().or(m.generate_name.as_deref()))
         .unwrap_or_default();
 
-    match inject_in_view(pod, namespace, config, view) {
+    match inject_in_view(&pod, namespace, config, view) {
         Ok(Injection::Skip(reason)) => {
             tracing::debug!(ns = namespace, name, reason = reason.as_str(), "skipped");
             Ok(Reviewed::new(&request.uid, Outcome::Skipped))
@@ -165,17 +188,6 @@ pub fn review(
     }
 }
 
-fn check_version(types: &kube::core::TypeMeta) -> Result<(), ReviewError> {
-    if types.api_version == API_VERSION && types.kind == KIND {
-        Ok(())
-    } else {
-        Err(ReviewError::Version(
-            types.api_version.clone(),
-            types.kind.clone(),
-        ))
-    }
-}
-
-fn is_pod(kind: &GroupVersionKind) -> bool {
+fn is_pod(kind: &Kind) -> bool {
     kind.group.is_empty() && kind.version == "v1" && kind.kind == "Pod"
 }

@@ -1,19 +1,23 @@
 //! `exported-services` computed from the Services that select a pod: a pure function over the
 //! pod and the Services of its namespace, shared by admission and the reconciler.
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use std::collections::BTreeMap;
+
+use crate::pod::PodFacts;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use servicekeel_api::{Protocol, Service as Entry, ServiceList, ServicePort, TargetPort};
 
 /// The exports of `pod` (in `namespace`) from `services`, sorted by name, with a warning for
 /// each port that could not be resolved (left out, never a reason to refuse the pod).
 pub fn exports_for<'a>(
-    pod: &Pod,
+    pod: &PodFacts,
     namespace: &str,
     services: impl IntoIterator<Item = &'a Service>,
     cluster: &str,
 ) -> (ServiceList, Vec<String>) {
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let no_labels = BTreeMap::new();
+    let labels = pod.labels().unwrap_or(&no_labels);
     let mut warnings = Vec::new();
     let mut entries: Vec<Entry> = Vec::new();
     for service in services {
@@ -86,7 +90,7 @@ pub fn exports_for<'a>(
 }
 
 /// The number of the container port called `name` with `protocol`.
-fn named_port(pod: &Pod, name: &str, protocol: Protocol) -> Option<u16> {
+fn named_port(pod: &PodFacts, name: &str, protocol: Protocol) -> Option<u16> {
     let spec = pod.spec.as_ref()?;
     spec.containers
         .iter()
@@ -110,7 +114,7 @@ mod tests {
 
     #[test]
     fn several_services_numeric_and_named_ports_tcp_and_udp() {
-        let pod: Pod = serde_json::from_value(json!({
+        let pod: PodFacts = serde_json::from_value(json!({
             "metadata": {"labels": {"app": "web", "tier": "front"}},
             "spec": {"containers": [{"name": "a", "image": "i", "ports": [
                 {"name": "http", "containerPort": 8080},

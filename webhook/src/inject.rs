@@ -1,4 +1,4 @@
-//! Injection as one pure function over values: `inject(&Pod, &Target, &Config)` decides whether
+//! Injection as one pure function over values: `inject(&PodFacts, &Target, &Config)` decides whether
 //! a pod is skipped, refused or patched, and builds the JSON Patch. The HTTPS server and the
 //! offline `inject` command both call it, so what the cluster stores and what the command prints
 //! are the same.
@@ -9,14 +9,16 @@ mod sidecar;
 
 use std::collections::BTreeMap;
 
-use json_patch::Patch;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Sysctl};
+use k8s_openapi::api::core::v1::Sysctl;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use servicekeel_api::keys::{self, Direction};
 use servicekeel_api::{FieldError, ParseError, ServiceList, defaults};
 
 use crate::config::Config;
+use crate::pod::{ContainerFacts, PodFacts, Spec};
+use crate::recent::Recent;
+pub use patch::JsonPatch;
 use patch::{PatchBuilder, to_json};
 pub use sidecar::SidecarMode;
 
@@ -62,7 +64,10 @@ pub enum Injection {
     /// Allowed unchanged.
     Skip(SkipReason),
     /// Allowed with this patch; the warnings go back to the client.
-    Patch { patch: Patch, warnings: Vec<String> },
+    Patch {
+        patch: JsonPatch,
+        warnings: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,10 +137,14 @@ pub enum InjectError {
 /// The version recorded in [`keys::STATUS`].
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injection, InjectError> {
+pub fn inject(
+    pod: &PodFacts,
+    target: &Target<'_>,
+    config: &Config,
+) -> Result<Injection, InjectError> {
     let no_entries = BTreeMap::new();
-    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&no_entries);
-    let labels = pod.metadata.labels.as_ref().unwrap_or(&no_entries);
+    let annotations = pod.annotations().unwrap_or(&no_entries);
+    let labels = pod.labels().unwrap_or(&no_entries);
 
     if opted_out(annotations, labels)? {
         return Ok(Injection::Skip(SkipReason::OptedOut));
@@ -219,19 +228,19 @@ pub fn inject(pod: &Pod, target: &Target<'_>, config: &Config) -> Result<Injecti
     {
         new_annotations.push((keys::KUBECTL_DEFAULT_CONTAINER, json!(first.name)));
     }
-    if pod.metadata == Default::default() {
-        // Nothing tells an empty `metadata` from a missing one: write it whole.
-        let annotations: serde_json::Map<String, Value> = new_annotations
-            .into_iter()
-            .map(|(key, value)| (key.to_string(), value))
-            .collect();
-        patch.set(&["metadata"], json!({ "annotations": annotations }));
-    } else {
-        patch.set_members(
+    match &pod.metadata {
+        Some(metadata) => patch.set_members(
             &["metadata", "annotations"],
-            pod.metadata.annotations.is_some(),
+            metadata.annotations.is_some(),
             new_annotations,
-        );
+        ),
+        None => {
+            let annotations: serde_json::Map<String, Value> = new_annotations
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), value))
+                .collect();
+            patch.set(&["metadata"], json!({ "annotations": annotations }));
+        }
     }
 
     let router = match (target.router_over_tcp, config.router_tcp_port) {
@@ -280,8 +289,8 @@ fn opted_out(
     Ok(opted_out)
 }
 
-fn has_sidecar(spec: &PodSpec) -> bool {
-    let named = |containers: &[Container]| {
+fn has_sidecar(spec: &Spec) -> bool {
+    let named = |containers: &[ContainerFacts]| {
         containers
             .iter()
             .any(|c| c.name == defaults::SIDECAR_CONTAINER)
@@ -307,7 +316,7 @@ fn read_services(
             direction.key()
         ));
     }
-    let list = ServiceList::parse(text).map_err(|cause| InjectError::Annotation { key, cause })?;
+    let list = parsed(text).map_err(|cause| InjectError::Annotation { key, cause })?;
     list.check_unique(target.namespace, &config.cluster_name)
         .map_err(|error| InjectError::Services { key, error })?;
     if direction == Direction::Imported {
@@ -315,6 +324,17 @@ fn read_services(
             .map_err(|error| InjectError::Services { key, error })?;
     }
     Ok(Some(list))
+}
+
+/// [`ServiceList::parse`], remembered for the last texts seen: the replicas of a workload carry
+/// the same annotations, and parsing YAML was the largest part of a review.
+fn parsed(text: &str) -> Result<ServiceList, ParseError> {
+    static RECENT: Recent<String, ServiceList> = Recent::new(32);
+    RECENT.get_or_try(
+        |seen| seen == text,
+        || text.to_string(),
+        || ServiceList::parse(text),
+    )
 }
 
 /// The pod's imports with the defaults merged in: the pod's own entries win, then the
@@ -350,7 +370,7 @@ fn with_default_imports(
 
 /// Refuses pods that already use a port or volume name the sidecar needs, rather than letting
 /// the sidecar crash-loop.
-fn check_reserved(spec: &PodSpec, config: &Config) -> Result<(), InjectError> {
+fn check_reserved(spec: &Spec, config: &Config) -> Result<(), InjectError> {
     let dns_port = i32::from(config.dns_addr.port());
     let admin_port = i32::from(config.sidecar.admin_port);
     let groups = [
@@ -396,7 +416,7 @@ fn check_reserved(spec: &PodSpec, config: &Config) -> Result<(), InjectError> {
     Ok(())
 }
 
-fn classic_mode_warnings(pod: &Pod, spec: &PodSpec, warnings: &mut Vec<String>) {
+fn classic_mode_warnings(pod: &PodFacts, spec: &Spec, warnings: &mut Vec<String>) {
     if spec.init_containers.as_ref().is_some_and(|c| !c.is_empty()) {
         warnings.push(
             "classic sidecar mode: init containers run before the sidecar and cannot resolve \
@@ -406,9 +426,8 @@ fn classic_mode_warnings(pod: &Pod, spec: &PodSpec, warnings: &mut Vec<String>) 
     }
     let owned_by_job = pod
         .metadata
-        .owner_references
         .iter()
-        .flatten()
+        .flat_map(|metadata| metadata.owner_references.iter().flatten())
         .any(|owner| owner.kind == "Job");
     if owned_by_job {
         warnings.push(
@@ -421,7 +440,7 @@ fn classic_mode_warnings(pod: &Pod, spec: &PodSpec, warnings: &mut Vec<String>) 
 
 /// Lets the non-root sidecar bind its DNS port, lowering the pod's unprivileged port start
 /// (a namespaced, "safe" sysctl) only when it is set higher.
-fn unprivileged_port_sysctl(spec: &PodSpec, config: &Config, patch: &mut PatchBuilder) {
+fn unprivileged_port_sysctl(spec: &Spec, config: &Config, patch: &mut PatchBuilder) {
     const PRIVILEGED_BELOW: u16 = 1024;
     let needed = config.dns_addr.port().min(config.sidecar.admin_port);
     if needed >= PRIVILEGED_BELOW {
@@ -453,7 +472,7 @@ fn unprivileged_port_sysctl(spec: &PodSpec, config: &Config, patch: &mut PatchBu
         None => patch.append(
             &["spec", "securityContext", "sysctls"],
             security_context.sysctls.is_some(),
-            vec![to_json(&sysctl)],
+            vec![to_json(&sysctl).into()],
         ),
     }
 }

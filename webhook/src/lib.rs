@@ -15,6 +15,8 @@ pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod offline;
+pub mod pod;
+pub mod recent;
 pub mod reconcile;
 pub mod server;
 pub mod tls;

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::inject::{InjectError, Injection};
+use crate::pod::PodFacts;
 use crate::view::{ClusterView, inject_in_view, labels_forbid_host_path, parse_namespace_defaults};
 use servicekeel_api::{ServiceList, keys};
 
@@ -173,10 +174,12 @@ fn inject_pod(
         message: error.to_string(),
     })?;
     let injection =
-        inject_in_view(&pod, namespace, config, view).map_err(|cause| OfflineError::Refused {
-            document,
-            object: object.to_string(),
-            cause,
+        inject_in_view(&PodFacts::from(&pod), namespace, config, view).map_err(|cause| {
+            OfflineError::Refused {
+                document,
+                object: object.to_string(),
+                cause,
+            }
         })?;
     let note = |outcome: String| Note {
         document,
@@ -186,7 +189,7 @@ fn inject_pod(
     match injection {
         Injection::Skip(reason) => notes.push(note(format!("skipped ({})", reason.as_str()))),
         Injection::Patch { patch, warnings } => {
-            json_patch::patch(value, &patch).map_err(|error| OfflineError::NotAPod {
+            json_patch::patch(value, &patch.to_patch()).map_err(|error| OfflineError::NotAPod {
                 document,
                 object: object.to_string(),
                 message: format!("the injection patch does not apply: {error}"),

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::exports::exports_for;
 use crate::inject::Status;
 use crate::leader::Leadership;
+use crate::pod::PodFacts;
 use crate::view::ClusterView;
 
 /// How soon a replica that is not the leader, or whose caches are not ready, looks again.
@@ -154,7 +155,7 @@ pub fn desired_exports<'a>(
             .filter(|s| user_keys.contains(&s.key(namespace, cluster).to_string()))
             .collect(),
     };
-    let (computed, _) = exports_for(pod, namespace, services, cluster);
+    let (computed, _) = exports_for(&PodFacts::from(pod), namespace, services, cluster);
     let desired = user.with_defaults(&computed, namespace, cluster);
     (!desired.is_empty()).then(|| desired.to_canonical_json())
 }

@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use servicekeel_api::ServiceList;
 
 use crate::config::Config;
 use crate::exports::exports_for;
 use crate::inject::{InjectError, Injection, Target, inject};
+use crate::pod::PodFacts;
 
 pub trait ClusterView: Send + Sync + std::fmt::Debug {
     /// The namespace's `servicekeel.io/default-imported-services`: `Ok(None)` when it has none
@@ -71,7 +72,7 @@ pub fn parse_namespace_defaults(namespace: &str, value: &str) -> Result<ServiceL
 /// exports computed from its Services. Problems with those (an invalid namespace default, a
 /// Service port that cannot be resolved) are warnings, never a refusal.
 pub fn inject_in_view(
-    pod: &Pod,
+    pod: &PodFacts,
     namespace: &str,
     config: &Config,
     view: &dyn ClusterView,

@@ -4,10 +4,10 @@
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use servicekeel_webhook::config::Config;
 use servicekeel_webhook::inject::{Injection, SkipReason, Target, inject};
+use servicekeel_webhook::pod::PodFacts;
 
 const NAMESPACE: &str = "web";
 
@@ -20,7 +20,7 @@ fn pod_value(yaml: &str) -> Value {
 }
 
 fn run(yaml: &str, config: &Config) -> Result<Injection, String> {
-    let pod: Pod = serde_json::from_value(pod_value(yaml)).expect("test pod is a Pod");
+    let pod: PodFacts = serde_json::from_value(pod_value(yaml)).expect("test pod is a Pod");
     inject(&pod, &Target::new(NAMESPACE), config).map_err(|e| e.to_string())
 }
 
@@ -29,7 +29,7 @@ fn injected(yaml: &str, config: &Config) -> (Value, Vec<String>) {
     match run(yaml, config) {
         Ok(Injection::Patch { patch, warnings }) => {
             let mut pod = pod_value(yaml);
-            json_patch::patch(&mut pod, &patch).expect("patch applies");
+            json_patch::patch(&mut pod, &patch.to_patch()).expect("patch applies");
             (pod, warnings)
         }
         other => panic!("expected a patch, got {other:?}"),
@@ -376,7 +376,7 @@ fn defaults_merge_pod_first_then_namespace_then_cluster() {
         r#"{annotations: {servicekeel.io/imported-services: "services: [{name: db, ports: [{port: 1}]}]"}}"#,
         "{containers: [{name: a, image: b}]}",
     );
-    let pod: Pod = serde_json::from_value(pod_value(&yaml)).unwrap();
+    let pod: PodFacts = serde_json::from_value(pod_value(&yaml)).unwrap();
     let target = Target {
         namespace: NAMESPACE,
         namespace_defaults: Some(&namespace_defaults),
@@ -387,7 +387,7 @@ fn defaults_merge_pod_first_then_namespace_then_cluster() {
         panic!("patch expected")
     };
     let mut value = pod_value(&yaml);
-    json_patch::patch(&mut value, &patch).unwrap();
+    json_patch::patch(&mut value, &patch.to_patch()).unwrap();
     let imported = ServiceList::parse(
         value["metadata"]["annotations"]["servicekeel.io/imported-services"]
             .as_str()
@@ -416,7 +416,7 @@ fn computed_exports_merge_under_the_authors_entries() {
         r#"{annotations: {servicekeel.io/exported-services: "services: [{name: web, ports: [{port: 8000}]}]"}}"#,
         "{containers: [{name: a, image: b}]}",
     );
-    let pod: Pod = serde_json::from_value(pod_value(&yaml)).unwrap();
+    let pod: PodFacts = serde_json::from_value(pod_value(&yaml)).unwrap();
     let target = Target {
         namespace: NAMESPACE,
         namespace_defaults: None,
@@ -427,7 +427,7 @@ fn computed_exports_merge_under_the_authors_entries() {
         panic!("patch expected")
     };
     let mut value = pod_value(&yaml);
-    json_patch::patch(&mut value, &patch).unwrap();
+    json_patch::patch(&mut value, &patch.to_patch()).unwrap();
     let annotations = &value["metadata"]["annotations"];
     assert_eq!(
         annotations["servicekeel.io/exported-services"],
@@ -443,7 +443,7 @@ fn computed_exports_merge_under_the_authors_entries() {
 /// the socket (and Pod Security refuses the pod, as it says).
 #[test]
 fn where_host_path_is_forbidden_the_sidecar_reaches_the_router_over_tcp() {
-    let pod: Pod = serde_json::from_value(pod_value(APP)).unwrap();
+    let pod: PodFacts = serde_json::from_value(pod_value(APP)).unwrap();
     let target = Target {
         router_over_tcp: true,
         ..Target::new(NAMESPACE)
@@ -453,7 +453,7 @@ fn where_host_path_is_forbidden_the_sidecar_reaches_the_router_over_tcp() {
             panic!("patch expected")
         };
         let mut value = pod_value(APP);
-        json_patch::patch(&mut value, &patch).unwrap();
+        json_patch::patch(&mut value, &patch.to_patch()).unwrap();
         value
     };
     let value = patched(&config());

@@ -3,9 +3,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{PodDNSConfig, PodDNSConfigOption, PodSpec};
+use k8s_openapi::api::core::v1::{PodDNSConfig, PodDNSConfigOption};
 
 use crate::config::Config;
+use crate::pod::Spec;
 
 /// Resolv.conf's default number of dots before a name is tried as absolute first; Kubernetes
 /// uses 5 so that `name.namespace.svc` goes through the search list.
@@ -19,7 +20,7 @@ pub(super) struct DnsPlan {
 }
 
 pub(super) fn plan(
-    spec: &PodSpec,
+    spec: &Spec,
     namespace: &str,
     config: &Config,
     warnings: &mut Vec<String>,

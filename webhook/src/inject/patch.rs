@@ -1,14 +1,118 @@
 //! Building a JSON Patch against a pod: paths from unescaped tokens (annotation keys hold `/`,
 //! which a pointer must write as `~1`), and parents created before anything is added into them.
+//! Values are built per pod, or encoded once and shared (the sidecar's container and volumes,
+//! which only change with the config): those are written out as they are, never rebuilt.
+
+use std::sync::Arc;
 
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation};
-use serde::Serialize;
+use serde::ser::{SerializeSeq, SerializeStruct};
+use serde::{Serialize, Serializer};
+use serde_json::value::{RawValue, to_raw_value};
 use serde_json::{Map, Value};
+
+/// A value the patch adds.
+#[derive(Debug, Clone)]
+pub enum PatchValue {
+    Json(Value),
+    /// Already encoded JSON, shared between patches.
+    Encoded(Arc<RawValue>),
+}
+
+impl PatchValue {
+    /// `value` encoded once, to be shared.
+    pub fn encoded(value: &impl Serialize) -> PatchValue {
+        let raw = to_raw_value(value).expect("Kubernetes objects always serialize");
+        PatchValue::Encoded(Arc::from(raw))
+    }
+
+    /// An array of `values`.
+    fn array(values: Vec<PatchValue>) -> PatchValue {
+        if let Some(json) = values
+            .iter()
+            .map(|value| match value {
+                PatchValue::Json(json) => Some(json.clone()),
+                PatchValue::Encoded(_) => None,
+            })
+            .collect::<Option<Vec<Value>>>()
+        {
+            return PatchValue::Json(Value::Array(json));
+        }
+        PatchValue::encoded(&values)
+    }
+}
+
+impl From<Value> for PatchValue {
+    fn from(value: Value) -> Self {
+        PatchValue::Json(value)
+    }
+}
+
+impl PartialEq for PatchValue {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (PatchValue::Json(a), PatchValue::Json(b)) => a == b,
+            (PatchValue::Encoded(a), PatchValue::Encoded(b)) => a.get() == b.get(),
+            _ => false,
+        }
+    }
+}
+
+impl Serialize for PatchValue {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PatchValue::Json(value) => value.serialize(serializer),
+            PatchValue::Encoded(raw) => (**raw).serialize(serializer),
+        }
+    }
+}
+
+/// A JSON Patch of `add` operations, the only kind injection makes. It serializes to the
+/// RFC 6902 document the apiserver applies.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JsonPatch {
+    ops: Vec<(PointerBuf, PatchValue)>,
+}
+
+impl JsonPatch {
+    /// The operations as a `json_patch::Patch`, to apply to a document.
+    pub fn to_patch(&self) -> json_patch::Patch {
+        let text = serde_json::to_vec(self).expect("a patch always serializes");
+        serde_json::from_slice(&text).expect("a serialized patch decodes")
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+impl Serialize for JsonPatch {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Add<'a>(&'a PointerBuf, &'a PatchValue);
+        impl Serialize for Add<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut op = serializer.serialize_struct("Operation", 3)?;
+                op.serialize_field("op", "add")?;
+                op.serialize_field("path", self.0.as_str())?;
+                op.serialize_field("value", self.1)?;
+                op.end()
+            }
+        }
+        let mut seq = serializer.serialize_seq(Some(self.ops.len()))?;
+        for (path, value) in &self.ops {
+            seq.serialize_element(&Add(path, value))?;
+        }
+        seq.end()
+    }
+}
 
 #[derive(Debug, Default)]
 pub(super) struct PatchBuilder {
-    ops: Vec<PatchOperation>,
+    patch: JsonPatch,
 }
 
 pub(super) fn to_json(value: &impl Serialize) -> Value {
@@ -17,11 +121,10 @@ pub(super) fn to_json(value: &impl Serialize) -> Value {
 
 impl PatchBuilder {
     /// Adds, or replaces when present, the value at `path` (whose parent must exist).
-    pub(super) fn set(&mut self, path: &[&str], value: Value) {
-        self.ops.push(PatchOperation::Add(AddOperation {
-            path: PointerBuf::from_tokens(path.iter().copied()),
-            value,
-        }));
+    pub(super) fn set(&mut self, path: &[&str], value: impl Into<PatchValue>) {
+        self.patch
+            .ops
+            .push((PointerBuf::from_tokens(path.iter().copied()), value.into()));
     }
 
     /// Sets members of the object at `parent`, creating the object when it does not exist.
@@ -50,18 +153,18 @@ impl PatchBuilder {
     }
 
     /// Puts `value` first in the array at `path`, creating the array when it does not exist.
-    pub(super) fn prepend(&mut self, path: &[&str], exists: bool, value: Value) {
+    pub(super) fn prepend(&mut self, path: &[&str], exists: bool, value: PatchValue) {
         if exists {
             let mut first = path.to_vec();
             first.push("0");
             self.set(&first, value);
         } else {
-            self.set(path, Value::Array(vec![value]));
+            self.set(path, PatchValue::array(vec![value]));
         }
     }
 
     /// Appends `values` to the array at `path`, creating the array when it does not exist.
-    pub(super) fn append(&mut self, path: &[&str], exists: bool, values: Vec<Value>) {
+    pub(super) fn append(&mut self, path: &[&str], exists: bool, values: Vec<PatchValue>) {
         if exists {
             let mut end = path.to_vec();
             end.push("-");
@@ -69,12 +172,12 @@ impl PatchBuilder {
                 self.set(&end, value);
             }
         } else {
-            self.set(path, Value::Array(values));
+            self.set(path, PatchValue::array(values));
         }
     }
 
-    pub(super) fn build(self) -> Patch {
-        Patch(self.ops)
+    pub(super) fn build(self) -> JsonPatch {
+        self.patch
     }
 }
 
@@ -92,6 +195,7 @@ mod tests {
             vec![("servicekeel.io/status", json!("x")), ("a~b", json!("y"))],
         );
         let patch = serde_json::to_value(builder.build()).unwrap();
+        assert_eq!(patch[0]["op"], "add");
         assert_eq!(
             patch[0]["path"],
             "/metadata/annotations/servicekeel.io~1status"
@@ -108,10 +212,18 @@ mod tests {
             false,
             vec![("k/1", json!("v"))],
         );
-        builder.prepend(&["spec", "initContainers"], false, json!({"name": "a"}));
-        builder.prepend(&["spec", "containers"], true, json!({"name": "b"}));
-        builder.append(&["spec", "volumes"], false, vec![json!(1), json!(2)]);
-        json_patch::patch(&mut doc, &builder.build()).unwrap();
+        builder.prepend(
+            &["spec", "initContainers"],
+            false,
+            PatchValue::encoded(&json!({"name": "a"})),
+        );
+        builder.prepend(&["spec", "containers"], true, json!({"name": "b"}).into());
+        builder.append(
+            &["spec", "volumes"],
+            false,
+            vec![json!(1).into(), PatchValue::encoded(&2)],
+        );
+        json_patch::patch(&mut doc, &builder.build().to_patch()).unwrap();
         assert_eq!(
             doc,
             json!({

@@ -2,8 +2,8 @@
 //! Everything here follows from the config; nothing depends on the pod except the upstream DNS
 //! its own settings imply.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
@@ -13,9 +13,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use servicekeel_api::{defaults, env};
 
-use serde_json::Value;
-
+use super::patch::PatchValue;
 use crate::config::Config;
+use crate::recent::Recent;
 
 /// How the sidecar is placed in the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,44 +55,39 @@ pub enum RouterWay {
     NodeTcp(u16),
 }
 
-/// The container and the volumes, as JSON.
+/// The container and the volumes, encoded.
 #[derive(Debug, Clone)]
 pub(super) struct Rendered {
-    pub container: Value,
-    pub volumes: Vec<Value>,
+    pub container: PatchValue,
+    pub volumes: Vec<PatchValue>,
 }
-
-/// How many (config, mode, upstream) renderings are remembered: a webhook has one config and
-/// a mode or two, and pods with their own nameserver bring a few upstreams.
-const REMEMBERED: usize = 8;
 
 /// [`container`] and [`volumes`] rendered to JSON, remembered for the last configurations
 /// seen: building and serialising them was most of an injection's cost, and they change only
-/// with the config, the mode and the upstream.
+/// with the config, the mode and the upstream. A webhook has one config and a mode or two, and
+/// pods with their own nameserver bring a few upstreams.
 pub(super) fn rendered(
     config: &Config,
     mode: SidecarMode,
     upstream: SocketAddr,
     router: RouterWay,
 ) -> Rendered {
-    type Entry = ((Config, SidecarMode, SocketAddr, RouterWay), Rendered);
-    static RECENT: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, found)) = recent
-        .iter()
-        .find(|((c, m, u, r), _)| *m == mode && *u == upstream && *r == router && c == config)
-    {
-        return found.clone();
-    }
-    let made = Rendered {
-        container: super::to_json(&container(config, mode, upstream, router)),
-        volumes: volumes(config, router).iter().map(super::to_json).collect(),
-    };
-    if recent.len() == REMEMBERED {
-        recent.remove(0);
-    }
-    recent.push(((config.clone(), mode, upstream, router), made.clone()));
-    made
+    type Key = (Config, SidecarMode, SocketAddr, RouterWay);
+    static RECENT: Recent<Key, Rendered> = Recent::new(8);
+    let Ok(rendered) = RECENT.get_or_try(
+        |(c, m, u, r)| *m == mode && *u == upstream && *r == router && c == config,
+        || (config.clone(), mode, upstream, router),
+        || {
+            Ok::<_, Infallible>(Rendered {
+                container: PatchValue::encoded(&container(config, mode, upstream, router)),
+                volumes: volumes(config, router)
+                    .iter()
+                    .map(PatchValue::encoded)
+                    .collect(),
+            })
+        },
+    );
+    rendered
 }
 
 /// How often the kubelet asks a starting sidecar whether it is ready, and for how long.

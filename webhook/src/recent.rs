@@ -1,0 +1,102 @@
+//! A few recent results of a pure function, remembered by input. Pods come in bursts of
+//! replicas with the same annotations, and a webhook has one config: the expensive pieces of a
+//! review (parsing an annotation, rendering the sidecar) repeat with the same inputs.
+
+use std::sync::Mutex;
+
+/// Up to `capacity` (input, output) pairs, the oldest forgotten first.
+#[derive(Debug)]
+pub struct Recent<K, V> {
+    capacity: usize,
+    entries: Mutex<Vec<(K, V)>>,
+}
+
+impl<K, V> Recent<K, V> {
+    pub const fn new(capacity: usize) -> Self {
+        Recent {
+            capacity,
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<K: PartialEq, V: Clone> Recent<K, V> {
+    /// The remembered output for an input `matches` accepts, or `make`'s, remembered under
+    /// `key()` when it succeeds. Failures are not remembered: they are rare, and their errors
+    /// need not be cloneable.
+    pub fn get_or_try<E>(
+        &self,
+        matches: impl Fn(&K) -> bool,
+        key: impl FnOnce() -> K,
+        make: impl FnOnce() -> Result<V, E>,
+    ) -> Result<V, E> {
+        if let Some(found) = self.lock().iter().find(|(k, _)| matches(k)) {
+            return Ok(found.1.clone());
+        }
+        // Made without the lock held: a slow input does not hold up the others.
+        let made = make()?;
+        let mut entries = self.lock();
+        if !entries.iter().any(|(k, _)| matches(k)) {
+            if entries.len() >= self.capacity {
+                entries.remove(0);
+            }
+            entries.push((key(), made.clone()));
+        }
+        Ok(made)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(K, V)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn remembers_successes_up_to_capacity_and_forgets_the_oldest() {
+        let recent: Recent<u32, u32> = Recent::new(2);
+        let calls = Cell::new(0);
+        let square = |n: u32| {
+            recent.get_or_try(
+                |k| *k == n,
+                || n,
+                || {
+                    calls.set(calls.get() + 1);
+                    Ok::<_, ()>(n * n)
+                },
+            )
+        };
+        assert_eq!(square(3), Ok(9));
+        assert_eq!(square(3), Ok(9));
+        assert_eq!(calls.get(), 1, "the second call is remembered");
+        assert_eq!(square(4), Ok(16));
+        assert_eq!(square(5), Ok(25));
+        assert_eq!(calls.get(), 3);
+        assert_eq!(square(3), Ok(9), "3 was the oldest and is made again");
+        assert_eq!(calls.get(), 4);
+        assert_eq!(square(5), Ok(25));
+        assert_eq!(calls.get(), 4, "5 is still remembered");
+    }
+
+    #[test]
+    fn failures_are_not_remembered() {
+        let recent: Recent<u32, u32> = Recent::new(2);
+        let calls = Cell::new(0);
+        let fail = || {
+            recent.get_or_try(
+                |k| *k == 1,
+                || 1,
+                || {
+                    calls.set(calls.get() + 1);
+                    Err::<u32, _>("no")
+                },
+            )
+        };
+        assert_eq!(fail(), Err("no"));
+        assert_eq!(fail(), Err("no"));
+        assert_eq!(calls.get(), 2);
+    }
+}
