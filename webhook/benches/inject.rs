@@ -1,11 +1,12 @@
 //! The webhook's own time for a typical pod review: the pure `inject` function alone, and the
 //! whole `review` path (decode the AdmissionReview, inject, encode the answer). The baseline in
 //! the same run is decoding and re-encoding the same review without injecting, so the figures
-//! read as "what injection adds".
+//! read as "what injection adds". The typical review is a replica's, whose service annotation
+//! the webhook has seen before; the first pod of a workload is measured too.
 
 use std::hint::black_box;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use serde_json::Value;
 use servicekeel_webhook::admission::review;
 use servicekeel_webhook::config::Config;
@@ -44,8 +45,32 @@ fn benches(c: &mut Criterion) {
     c.bench_function("review (decode + inject + encode)", |b| {
         b.iter(|| {
             let reviewed = review(black_box(&body), &config, &NoCluster).expect("reviews");
-            black_box(serde_json::to_vec(&reviewed.answer).expect("encodes"))
+            black_box(reviewed.answer.to_json())
         })
+    });
+    // The same with an imported-services text never seen before (a YAML comment changing in
+    // each review), so its parse is not remembered: the first pod of a workload.
+    let text = r#""servicekeel.io/imported-services": "services:\n"#;
+    let at = String::from_utf8_lossy(&body)
+        .find(text)
+        .expect("the fixture imports services in YAML")
+        + text.len();
+    let mut unseen = 0u64;
+    c.bench_function("review, annotation not seen before", |b| {
+        b.iter_batched(
+            || {
+                unseen += 1;
+                let mut changed = body[..at].to_vec();
+                changed.extend_from_slice(format!("# {unseen}\\n").as_bytes());
+                changed.extend_from_slice(&body[at..]);
+                changed
+            },
+            |body| {
+                let reviewed = review(&body, &config, &NoCluster).expect("reviews");
+                black_box(reviewed.answer.to_json())
+            },
+            BatchSize::SmallInput,
+        )
     });
 }
 

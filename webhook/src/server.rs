@@ -86,15 +86,9 @@ async fn mutate(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
     };
     match admission::review(&body, &state.config, state.view.as_ref()) {
         Ok(reviewed) => {
-            let json = serde_json::to_vec(&reviewed.answer);
+            let json = reviewed.answer.to_json();
             state.metrics.observe(reviewed.outcome, start.elapsed());
-            match json {
-                Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-                Err(error) => {
-                    tracing::error!(%error, "cannot encode the AdmissionReview response");
-                    StatusCode::INTERNAL_SERVER_ERROR.into_response()
-                }
-            }
+            ([(header::CONTENT_TYPE, "application/json")], json).into_response()
         }
         Err(error) => {
             state.metrics.observe(Outcome::Invalid, start.elapsed());

@@ -1,5 +1,6 @@
 //! The webhook's AdmissionReview handler, bytes in, response out: any body is answered or
-//! refused with an error, never a panic, and an answer always encodes as JSON.
+//! refused with an error, never a panic, and an answer always encodes as JSON, the same whether
+//! written directly or through `Serialize`.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -13,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
     static CONFIG: OnceLock<Config> = OnceLock::new();
     let config = CONFIG.get_or_init(Config::default);
     if let Ok(reviewed) = review(data, config, &NoCluster) {
-        serde_json::to_vec(&reviewed.answer).expect("the answer encodes");
+        let serialized = serde_json::to_value(&reviewed.answer).expect("the answer encodes");
+        let written: serde_json::Value =
+            serde_json::from_slice(&reviewed.answer.to_json()).expect("the answer is JSON");
+        assert_eq!(written, serialized);
     }
 });
