@@ -5,8 +5,8 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::inject::Injection;
@@ -155,27 +155,24 @@ impl Reviewed {
     }
 }
 
-/// The parts of an AdmissionReview a review reads; the object is decoded only once the request
-/// is known to be a pod's creation.
+/// The parts of an AdmissionReview a review reads, with the object as `O`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Incoming<'a> {
+struct Incoming<O> {
     api_version: String,
     kind: String,
-    #[serde(borrow)]
-    request: Option<Request<'a>>,
+    request: Option<Request<O>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Request<'a> {
+struct Request<O> {
     uid: String,
     kind: Kind,
     operation: String,
     sub_resource: Option<String>,
     namespace: Option<String>,
-    #[serde(borrow)]
-    object: Option<&'a RawValue>,
+    object: Option<O>,
 }
 
 #[derive(Deserialize)]
@@ -186,29 +183,46 @@ struct Kind {
     kind: String,
 }
 
+impl<O> Incoming<O> {
+    fn request(self) -> Result<Request<O>, ReviewError> {
+        if self.api_version != API_VERSION || self.kind != KIND {
+            return Err(ReviewError::Version(self.api_version, self.kind));
+        }
+        self.request.ok_or(ReviewError::NoRequest)
+    }
+}
+
 pub fn review(
     body: &[u8],
     config: &Config,
     view: &dyn ClusterView,
 ) -> Result<Reviewed, ReviewError> {
-    let review: Incoming = serde_json::from_slice(body).map_err(ReviewError::Decode)?;
-    if review.api_version != API_VERSION || review.kind != KIND {
-        return Err(ReviewError::Version(review.api_version, review.kind));
-    }
-    let request = review.request.ok_or(ReviewError::NoRequest)?;
+    // Pods are what the webhook is registered for, so decode the object as one in the same
+    // pass; only when that fails look closer, to tell a malformed pod or body from another kind
+    // of object (let through).
+    let request = match serde_json::from_slice::<Incoming<PodFacts>>(body) {
+        Ok(review) => review.request()?,
+        Err(pod_error) => {
+            let review: Incoming<IgnoredAny> =
+                serde_json::from_slice(body).map_err(ReviewError::Decode)?;
+            let request = review.request()?;
+            if is_pod(&request.kind) {
+                return Err(ReviewError::NotAPod(pod_error));
+            }
+            return Ok(ignored(&request));
+        }
+    };
     if !is_pod(&request.kind) {
-        tracing::warn!(kind = %request.kind.kind, "not a pod; allowed unchanged (check the webhook's rules)");
-        return Ok(Reviewed::new(&request.uid, Outcome::Ignored));
+        return Ok(ignored(&request));
     }
-    let object = match (
-        request.object,
+    let pod = match (
+        &request.object,
         request.operation.as_str(),
         &request.sub_resource,
     ) {
-        (Some(object), "CREATE", None) => object,
+        (Some(pod), "CREATE", None) => pod,
         _ => return Ok(Reviewed::new(&request.uid, Outcome::Ignored)),
     };
-    let pod: PodFacts = serde_json::from_str(object.get()).map_err(ReviewError::NotAPod)?;
     let metadata = pod.metadata.as_ref();
     let namespace = request
         .namespace
@@ -219,7 +233,7 @@ pub fn review(
         .and_then(|m| m.name.as_deref().or(m.generate_name.as_deref()))
         .unwrap_or_default();
 
-    match inject_in_view(&pod, namespace, config, view) {
+    match inject_in_view(pod, namespace, config, view) {
         Ok(Injection::Skip(reason)) => {
             tracing::debug!(ns = namespace, name, reason = reason.as_str(), "skipped");
             Ok(Reviewed::new(&request.uid, Outcome::Skipped))
@@ -250,6 +264,11 @@ pub fn review(
             Ok(reviewed)
         }
     }
+}
+
+fn ignored<O>(request: &Request<O>) -> Reviewed {
+    tracing::warn!(kind = %request.kind.kind, "not a pod; allowed unchanged (check the webhook's rules)");
+    Reviewed::new(&request.uid, Outcome::Ignored)
 }
 
 fn is_pod(kind: &Kind) -> bool {
