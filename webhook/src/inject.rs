@@ -1,7 +1,7 @@
-//! Injection as one pure function over values: `inject(&PodFacts, &Target, &Config)` decides whether
-//! a pod is skipped, refused or patched, and builds the JSON Patch. The HTTPS server and the
-//! offline `inject` command both call it, so what the cluster stores and what the command prints
-//! are the same.
+//! Injection as one pure function over values: `inject(&PodFacts, &Target, &Config)` decides
+//! whether a pod is skipped, refused or patched, and builds the JSON Patch. The HTTPS server and
+//! the offline `inject` command both call it, so what the cluster stores and what the command
+//! prints are the same.
 
 mod dns;
 mod patch;
