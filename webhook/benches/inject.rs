@@ -1,7 +1,7 @@
 //! The webhook's own time for a typical pod review: the pure `inject` function alone, and the
 //! whole `review` path (decode the AdmissionReview, inject, encode the answer). The baseline in
-//! the same run is decoding and re-encoding the same review without injecting, so the figures
-//! read as "what injection adds". The typical review is a replica's, whose service annotation
+//! the same run decodes the whole review into generic JSON and encodes it again, the least a
+//! webhook that read the whole object would do. The typical review is a replica's, whose service annotation
 //! the webhook has seen before; the first pod of a workload is measured too.
 
 use std::hint::black_box;

@@ -168,6 +168,8 @@ fn inject_pod(
         config,
         view,
     } = at;
+    // Decoded whole, not only the facts injection reads: a manifest of the wrong shape is named
+    // here, before it reaches an apiserver.
     let pod = Pod::deserialize(&*value).map_err(|error| OfflineError::NotAPod {
         document,
         object: object.to_string(),

@@ -2,6 +2,7 @@
 //! replicas with the same annotations, and a webhook has one config: the expensive pieces of a
 //! review (parsing an annotation, rendering the sidecar) repeat with the same inputs.
 
+use std::convert::Infallible;
 use std::sync::Mutex;
 
 /// Up to `capacity` (input, output) pairs, the oldest forgotten first.
@@ -43,6 +44,17 @@ impl<K: PartialEq, V: Clone> Recent<K, V> {
             entries.push((key(), made.clone()));
         }
         Ok(made)
+    }
+
+    /// [`Recent::get_or_try`] for a `make` that cannot fail.
+    pub fn get_or(
+        &self,
+        matches: impl Fn(&K) -> bool,
+        key: impl FnOnce() -> K,
+        make: impl FnOnce() -> V,
+    ) -> V {
+        let Ok(value) = self.get_or_try::<Infallible>(matches, key, || Ok(make()));
+        value
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(K, V)>> {

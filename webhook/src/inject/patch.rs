@@ -28,17 +28,17 @@ impl PatchValue {
 
     /// An array of `values`.
     fn array(values: Vec<PatchValue>) -> PatchValue {
-        if let Some(json) = values
-            .iter()
-            .map(|value| match value {
-                PatchValue::Json(json) => Some(json.clone()),
-                PatchValue::Encoded(_) => None,
-            })
-            .collect::<Option<Vec<Value>>>()
-        {
-            return PatchValue::Json(Value::Array(json));
-        }
         PatchValue::encoded(&values)
+    }
+
+    /// The value as JSON, whichever way it is held.
+    fn to_value(&self) -> Value {
+        match self {
+            PatchValue::Json(value) => value.clone(),
+            PatchValue::Encoded(raw) => {
+                serde_json::from_str(raw.get()).expect("encoded values are valid JSON")
+            }
+        }
     }
 }
 
@@ -48,13 +48,10 @@ impl From<Value> for PatchValue {
     }
 }
 
+/// Equal when they are the same JSON, held either way.
 impl PartialEq for PatchValue {
     fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (PatchValue::Json(a), PatchValue::Json(b)) => a == b,
-            (PatchValue::Encoded(a), PatchValue::Encoded(b)) => a.get() == b.get(),
-            _ => false,
-        }
+        self.to_value() == other.to_value()
     }
 }
 
@@ -79,14 +76,6 @@ impl JsonPatch {
     pub fn to_patch(&self) -> json_patch::Patch {
         let text = serde_json::to_vec(self).expect("a patch always serializes");
         serde_json::from_slice(&text).expect("a serialized patch decodes")
-    }
-
-    pub fn len(&self) -> usize {
-        self.ops.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
     }
 }
 
@@ -201,6 +190,16 @@ mod tests {
             "/metadata/annotations/servicekeel.io~1status"
         );
         assert_eq!(patch[1]["path"], "/metadata/annotations/a~0b");
+    }
+
+    #[test]
+    fn values_compare_as_json_however_held() {
+        let value = json!({"name": "a", "ports": [1, 2]});
+        assert_eq!(PatchValue::Json(value.clone()), PatchValue::encoded(&value));
+        assert_ne!(
+            PatchValue::Json(value),
+            PatchValue::encoded(&json!({"name": "b"}))
+        );
     }
 
     #[test]

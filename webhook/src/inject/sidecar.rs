@@ -2,7 +2,6 @@
 //! Everything here follows from the config; nothing depends on the pod except the upstream DNS
 //! its own settings imply.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use k8s_openapi::api::core::v1::{
@@ -74,20 +73,17 @@ pub(super) fn rendered(
 ) -> Rendered {
     type Key = (Config, SidecarMode, SocketAddr, RouterWay);
     static RECENT: Recent<Key, Rendered> = Recent::new(8);
-    let Ok(rendered) = RECENT.get_or_try(
+    RECENT.get_or(
         |(c, m, u, r)| *m == mode && *u == upstream && *r == router && c == config,
         || (config.clone(), mode, upstream, router),
-        || {
-            Ok::<_, Infallible>(Rendered {
-                container: PatchValue::encoded(&container(config, mode, upstream, router)),
-                volumes: volumes(config, router)
-                    .iter()
-                    .map(PatchValue::encoded)
-                    .collect(),
-            })
+        || Rendered {
+            container: PatchValue::encoded(&container(config, mode, upstream, router)),
+            volumes: volumes(config, router)
+                .iter()
+                .map(PatchValue::encoded)
+                .collect(),
         },
-    );
-    rendered
+    )
 }
 
 /// How often the kubelet asks a starting sidecar whether it is ready, and for how long.
