@@ -3,15 +3,18 @@
 //! `admission.k8s.io/v1` AdmissionReview is an error (the server answers 400); everything else
 //! gets an answer.
 
+use std::sync::Arc;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::inject::Injection;
+use crate::inject::{Injection, JsonPatch};
 use crate::metrics::Outcome;
 use crate::pod::PodFacts;
+use crate::recent::Recent;
 use crate::view::ClusterView;
 use crate::view::inject_in_view;
 
@@ -48,25 +51,39 @@ pub struct Response {
     pub allowed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
-    /// The JSON Patch; encoded in base64, as the API server expects.
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "patch_in_base64"
-    )]
-    pub patch: Option<Vec<u8>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch: Option<Base64Patch>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patch_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
 
-fn patch_in_base64<S: serde::Serializer>(
-    patch: &Option<Vec<u8>>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match patch {
-        Some(patch) => serializer.serialize_str(&BASE64.encode(patch)),
-        None => serializer.serialize_none(),
+/// A JSON Patch as the answer carries it: its JSON in base64. Made only from patch bytes, so
+/// the text is base64's alphabet and never needs escaping in JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base64Patch(Arc<str>);
+
+impl Base64Patch {
+    pub fn of(json: &[u8]) -> Self {
+        Base64Patch(BASE64.encode(json).into())
+    }
+
+    /// The patch's JSON.
+    pub fn decode(&self) -> Vec<u8> {
+        BASE64
+            .decode(self.0.as_bytes())
+            .expect("made from bytes, so valid base64")
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Serialize for Base64Patch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 
@@ -76,7 +93,7 @@ impl Answer {
     /// the largest part of encoding a patched answer.
     pub fn to_json(&self) -> Vec<u8> {
         let r = &self.response;
-        let patch_len = r.patch.as_ref().map_or(0, |p| p.len().div_ceil(3) * 4);
+        let patch_len = r.patch.as_ref().map_or(0, |p| p.as_str().len());
         let mut out = Vec::with_capacity(256 + patch_len);
         out.extend_from_slice(b"{");
         member(&mut out, "apiVersion", &self.api_version);
@@ -92,12 +109,7 @@ impl Answer {
         }
         if let Some(patch) = &r.patch {
             out.extend_from_slice(br#","patch":""#);
-            let start = out.len();
-            out.resize(start + patch_len, 0);
-            let written = BASE64
-                .encode_slice(patch, &mut out[start..])
-                .expect("sized for the padded encoding");
-            out.truncate(start + written);
+            out.extend_from_slice(patch.as_str().as_bytes());
             out.push(b'"');
         }
         if let Some(patch_type) = &r.patch_type {
@@ -240,11 +252,9 @@ pub fn review(
         }
         Ok(Injection::Patch { patch, warnings }) => {
             tracing::debug!(ns = namespace, name, "injected");
-            let json =
-                serde_json::to_vec(&patch).map_err(|e| ReviewError::Encode(e.to_string()))?;
             let mut reviewed = Reviewed::new(&request.uid, Outcome::Patched);
             let response = &mut reviewed.answer.response;
-            response.patch = Some(json);
+            response.patch = Some(encoded(&patch)?);
             response.patch_type = Some("JSONPatch");
             response.warnings = warnings;
             Ok(reviewed)
@@ -264,6 +274,20 @@ pub fn review(
             Ok(reviewed)
         }
     }
+}
+
+/// The patch for the answer, remembered for the last patches made: the replicas of a workload get
+/// the same one, so its JSON and base64 are written once for all of them.
+fn encoded(patch: &JsonPatch) -> Result<Base64Patch, ReviewError> {
+    static RECENT: Recent<JsonPatch, Base64Patch> = Recent::new(8);
+    RECENT.get_or_try(
+        |seen| seen.encodes_as(patch),
+        || patch.clone(),
+        || {
+            let json = serde_json::to_vec(patch).map_err(|e| ReviewError::Encode(e.to_string()))?;
+            Ok(Base64Patch::of(&json))
+        },
+    )
 }
 
 fn ignored<O>(request: &Request<O>) -> Reviewed {
@@ -286,7 +310,7 @@ mod tests {
     fn written_answers_match_the_serialized_ones() {
         let plain = Reviewed::new("uid-1", Outcome::Ignored).answer;
         let mut patched = Reviewed::new("a\"b\\c\u{1}é", Outcome::Patched).answer;
-        patched.response.patch = Some(br#"[{"op":"add","path":"/a","value":"\"x\""}]"#.to_vec());
+        let patch = br#"[{"op":"add","path":"/a","value":"\"x\""}]"#;
         patched.response.patch_type = Some("JSONPatch");
         patched.response.warnings = vec!["one \"quoted\"".into(), "two\nlines".into()];
         let mut denied = Reviewed::new("uid-3", Outcome::Denied).answer;
@@ -301,9 +325,9 @@ mod tests {
         // Patches of every length modulo 3, so every kind of base64 padding.
         for extra in 0..3 {
             let mut answer = patched.clone();
-            if let Some(patch) = &mut answer.response.patch {
-                patch.extend(std::iter::repeat_n(b' ', extra));
-            }
+            let mut json = patch.to_vec();
+            json.extend(std::iter::repeat_n(b' ', extra));
+            answer.response.patch = Some(Base64Patch::of(&json));
             answers.push(answer);
         }
         for answer in answers {
@@ -312,10 +336,44 @@ mod tests {
         }
     }
 
+    /// The patch of `body`'s review, as JSON.
+    fn patch_of(body: &[u8]) -> Value {
+        let reviewed = review(body, &Config::default(), &crate::view::NoCluster).unwrap();
+        let patch = reviewed.answer.response.patch.expect("a patch");
+        serde_json::from_slice(&patch.decode()).unwrap()
+    }
+
+    /// Patches are remembered, but each pod gets its own: a pod that differs only in an
+    /// annotation, reviewed between two replicas, gets a patch with its annotation.
+    #[test]
+    fn a_remembered_patch_goes_only_to_pods_it_was_made_for() {
+        let body = include_bytes!("../tests/fixtures/review-create-pod.json");
+        let mut other: Value = serde_json::from_slice(body).unwrap();
+        other["request"]["object"]["metadata"]["annotations"]["servicekeel.io/imported-services"] =
+            "services: [{name: ledger, ports: [{port: 7000}]}]".into();
+        let other = serde_json::to_vec(&other).unwrap();
+        let imported = |patch: &Value| {
+            patch
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|op| op["path"] == "/metadata/annotations/servicekeel.io~1imported-services")
+                .map(|op| op["value"].as_str().unwrap().to_string())
+                .unwrap()
+        };
+        let first = patch_of(body);
+        let second = patch_of(&other);
+        assert!(imported(&first).contains("payments"), "{first}");
+        assert!(imported(&second).contains("ledger"), "{second}");
+        assert!(!imported(&second).contains("payments"), "{second}");
+        assert_eq!(patch_of(body), first);
+        assert_eq!(patch_of(&other), second);
+    }
+
     #[test]
     fn the_patch_is_sent_in_base64() {
         let mut answer = Reviewed::new("u", Outcome::Patched).answer;
-        answer.response.patch = Some(b"[]".to_vec());
+        answer.response.patch = Some(Base64Patch::of(b"[]"));
         let written: Value = serde_json::from_slice(&answer.to_json()).unwrap();
         assert_eq!(written["response"]["patch"], "W10=");
     }

@@ -40,6 +40,18 @@ impl PatchValue {
             }
         }
     }
+
+    /// Whether `self` and `other` encode to the same bytes: held the same way, with the same
+    /// text or value (`serde_json` keeps an object's members sorted, so equal values encode
+    /// alike). Cheaper than [`PartialEq`], which decodes encoded values to compare them; values
+    /// that are the same JSON held differently are not the same here.
+    fn encodes_as(&self, other: &PatchValue) -> bool {
+        match (self, other) {
+            (PatchValue::Json(a), PatchValue::Json(b)) => a == b,
+            (PatchValue::Encoded(a), PatchValue::Encoded(b)) => a.get() == b.get(),
+            _ => false,
+        }
+    }
 }
 
 impl From<Value> for PatchValue {
@@ -72,6 +84,16 @@ pub struct JsonPatch {
 }
 
 impl JsonPatch {
+    /// Whether the two patches encode to the same bytes (see [`PatchValue::encodes_as`]).
+    pub fn encodes_as(&self, other: &JsonPatch) -> bool {
+        self.ops.len() == other.ops.len()
+            && self
+                .ops
+                .iter()
+                .zip(&other.ops)
+                .all(|((a, x), (b, y))| a == b && x.encodes_as(y))
+    }
+
     /// The operations as a `json_patch::Patch`, to apply to a document.
     pub fn to_patch(&self) -> json_patch::Patch {
         let text = serde_json::to_vec(self).expect("a patch always serializes");
@@ -200,6 +222,51 @@ mod tests {
             PatchValue::Json(value),
             PatchValue::encoded(&json!({"name": "b"}))
         );
+    }
+
+    #[test]
+    fn patches_encode_the_same_when_their_operations_are_held_the_same() {
+        let build = |name: &str, encoded: bool| {
+            let mut builder = PatchBuilder::default();
+            let value = json!({"name": name});
+            let value = match encoded {
+                true => PatchValue::encoded(&value),
+                false => value.into(),
+            };
+            builder.set(&["spec", "x"], value);
+            builder.build()
+        };
+        let encode = |patch: &JsonPatch| serde_json::to_vec(patch).unwrap();
+        for held in [true, false] {
+            assert!(build("a", held).encodes_as(&build("a", held)));
+            assert_eq!(encode(&build("a", held)), encode(&build("a", held)));
+            assert!(!build("a", held).encodes_as(&build("b", held)));
+        }
+        assert!(
+            !build("a", true).encodes_as(&build("a", false)),
+            "held differently: not taken as the same bytes, though the same JSON"
+        );
+        let mut longer = PatchBuilder::default();
+        longer.set(&["spec", "x"], PatchValue::encoded(&json!({"name": "a"})));
+        longer.set(&["spec", "y"], json!(1));
+        assert!(!build("a", true).encodes_as(&longer.build()));
+        // Objects whose members were added in another order.
+        let mut ab = Map::new();
+        ab.insert("a".into(), json!(1));
+        ab.insert("b".into(), json!(2));
+        let mut ba = Map::new();
+        ba.insert("b".into(), json!(2));
+        ba.insert("a".into(), json!(1));
+        let [ab, ba] = [ab, ba].map(|members| {
+            let mut builder = PatchBuilder::default();
+            builder.set(&["spec", "x"], Value::Object(members));
+            builder.build()
+        });
+        assert!(ab.encodes_as(&ba));
+        assert_eq!(encode(&ab), encode(&ba));
+        let mut elsewhere = PatchBuilder::default();
+        elsewhere.set(&["spec", "z"], PatchValue::encoded(&json!({"name": "a"})));
+        assert!(!build("a", true).encodes_as(&elsewhere.build()));
     }
 
     #[test]
