@@ -108,8 +108,8 @@ impl Listener {
             let (queue, incoming) = mpsc::channel(UDP_QUEUE);
             self.clients.insert(peer, queue.clone());
             let local = match self.own_socket(peer) {
-                Some((socket, giver)) => {
-                    let early = self.early(peer, datagram, &mut pending);
+                Some((socket, strays, giver)) => {
+                    let early = self.early(peer, datagram, strays, &mut pending);
                     Local::Own {
                         socket,
                         early,
@@ -137,12 +137,12 @@ impl Listener {
         }
     }
 
-    /// A socket of the client's own and who hands it to the router, when the router may take
-    /// it; `None` to use the queue.
-    fn own_socket(&self, peer: SocketAddr) -> Option<(UdpSocket, Arc<Giver>)> {
+    /// A socket of the client's own, the datagrams it received before it was connected, and
+    /// who hands it to the router, when the router may take it; `None` to use the queue.
+    fn own_socket(&mut self, peer: SocketAddr) -> Option<(UdpSocket, Strays, Arc<Giver>)> {
         let giver = self.context.udp_handoff.clone()?;
-        match connected_to(self.local, peer) {
-            Ok(socket) => Some((socket, giver)),
+        match connected_to(self.local, peer, &mut self.buffer) {
+            Ok((socket, strays)) => Some((socket, strays, giver)),
             Err(error) => {
                 tracing::debug!(%error, %peer, "no socket of its own; the client is queued");
                 None
@@ -150,34 +150,41 @@ impl Listener {
         }
     }
 
-    /// The datagrams `peer` sent before its own socket was connected, `first` first: every one
-    /// still waiting on the listener (from then on the kernel delivers its datagrams to its own
-    /// socket). Other clients' datagrams read meanwhile go to `others`, in order.
+    /// The datagrams `peer` sent before its own socket was connected, in the order sent:
+    /// `first`, every one still waiting on the listener, then those its own socket received
+    /// before it was connected (`strays`; from then on the kernel delivers its datagrams to its
+    /// own socket). Other clients' datagrams found on the way go to `others`, in order.
     fn early(
         &mut self,
         peer: SocketAddr,
         first: Bytes,
+        strays: Strays,
         others: &mut VecDeque<(SocketAddr, Bytes)>,
     ) -> Vec<Bytes> {
         let mut early = vec![first];
+        let mut sort = |from: SocketAddr, datagram: Bytes| {
+            if from != peer {
+                others.push_back((from, datagram));
+            } else if early.len() < UDP_QUEUE {
+                early.push(datagram);
+            } else {
+                self.context.metrics.datagram_dropped(DropReason::QueueFull);
+            }
+        };
         loop {
             match self.socket.try_recv_from(&mut self.buffer) {
-                Ok((n, from)) => {
-                    let datagram = Bytes::copy_from_slice(&self.buffer[..n]);
-                    if from != peer {
-                        others.push_back((from, datagram));
-                    } else if early.len() < UDP_QUEUE {
-                        early.push(datagram);
-                    } else {
-                        self.context.metrics.datagram_dropped(DropReason::QueueFull);
-                    }
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return early,
+                Ok((n, from)) => sort(from, Bytes::copy_from_slice(&self.buffer[..n])),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) => {
                     tracing::debug!(%error, target = %self.target, "receive failed");
                 }
             }
         }
+        // Those came later: the listener stopped receiving when the client's socket was bound.
+        for (from, datagram) in strays {
+            sort(from, datagram);
+        }
+        early
     }
 }
 
@@ -195,11 +202,41 @@ pub(super) fn bound_to(local: SocketAddrV4) -> io::Result<socket2::Socket> {
     Ok(socket)
 }
 
-/// A UDP socket bound to `local`, beside the listener, and connected to `peer`.
-fn connected_to(local: SocketAddrV4, peer: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = bound_to(local)?;
-    socket.connect(&peer.into())?;
-    UdpSocket::from_std(socket.into())
+/// Datagrams read from a socket other than the listener, with their senders.
+type Strays = Vec<(SocketAddr, Bytes)>;
+
+/// A UDP socket bound to `local`, beside the listener, and connected to `peer`, with the
+/// datagrams it received before it was connected and their senders. Between its bind and its
+/// connect it is one more socket on the listener's address, the newest, which the kernel gives
+/// any client's datagram; connecting does not take those out of its queue, and read from a
+/// connected socket they would pass for `peer`'s. `buffer` holds the largest datagram.
+fn connected_to(
+    local: SocketAddrV4,
+    peer: SocketAddr,
+    buffer: &mut [u8],
+) -> io::Result<(UdpSocket, Strays)> {
+    let socket = connect_collecting(bound_to(local)?.into(), peer, buffer)?;
+    let strays = socket.1;
+    Ok((UdpSocket::from_std(socket.0)?, strays))
+}
+
+/// Connects the non-blocking `socket` to `peer` and reads out what it received before.
+fn connect_collecting(
+    socket: std::net::UdpSocket,
+    peer: SocketAddr,
+    buffer: &mut [u8],
+) -> io::Result<(std::net::UdpSocket, Strays)> {
+    socket.connect(peer)?;
+    let mut strays = Vec::new();
+    loop {
+        match socket.recv_from(buffer) {
+            Ok((n, from)) => strays.push((from, Bytes::copy_from_slice(&buffer[..n]))),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            // An error is reported once, then the queue can be read on.
+            Err(error) => tracing::debug!(%error, %peer, "receive failed"),
+        }
+    }
+    Ok((socket, strays))
 }
 
 /// A client's side of its flow.
@@ -290,5 +327,58 @@ async fn carry(local: impl Datagrams, target: &FlowTarget, context: &Context) ->
             tracing::debug!(%error, %target, "flow broken");
             FlowOutcome::Failed
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A datagram from another client that reached a client's socket before it was connected
+    /// comes out with its sender, and the connected socket holds nothing that would pass for
+    /// its client's: every datagram sent is found once, with who sent it.
+    #[test]
+    fn datagrams_a_new_socket_took_before_connecting_keep_their_sender() {
+        let listener: std::net::UdpSocket = bound_to(SocketAddrV4::new([127, 0, 0, 1].into(), 0))
+            .unwrap()
+            .into();
+        let Ok(SocketAddr::V4(local)) = listener.local_addr() else {
+            panic!("an IPv4 address")
+        };
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The client's own socket, bound beside the listener and not yet connected.
+        let own: std::net::UdpSocket = bound_to(local).unwrap().into();
+        other.send_to(b"from the other client", local).unwrap();
+        client.send_to(b"from the client", local).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+
+        let mut buffer = vec![0u8; MAX_DATAGRAM];
+        let (own, strays) =
+            connect_collecting(own, client.local_addr().unwrap(), &mut buffer).unwrap();
+        let mut found: Strays = strays;
+        listener.set_nonblocking(true).unwrap();
+        while let Ok((n, from)) = listener.recv_from(&mut buffer) {
+            found.push((from, Bytes::copy_from_slice(&buffer[..n])));
+        }
+        found.sort();
+        let mut sent = vec![
+            (
+                other.local_addr().unwrap(),
+                Bytes::from_static(b"from the other client"),
+            ),
+            (
+                client.local_addr().unwrap(),
+                Bytes::from_static(b"from the client"),
+            ),
+        ];
+        sent.sort();
+        assert_eq!(found, sent);
+        let left = own.recv(&mut buffer);
+        assert!(
+            left.as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock),
+            "the connected socket still held {left:?}"
+        );
     }
 }
