@@ -70,7 +70,8 @@ impl Base64Patch {
     }
 
     /// The patch's JSON.
-    pub fn decode(&self) -> Vec<u8> {
+    #[cfg(test)]
+    fn decode(&self) -> Vec<u8> {
         BASE64
             .decode(self.0.as_bytes())
             .expect("made from bytes, so valid base64")
@@ -321,16 +322,8 @@ mod tests {
             reason: "Invalid",
             message: "metadata.annotations[x]: \"y\"\tmust be\n\u{7f}".into(),
         });
-        let mut answers = vec![plain, denied];
-        // Patches of every length modulo 3, so every kind of base64 padding.
-        for extra in 0..3 {
-            let mut answer = patched.clone();
-            let mut json = patch.to_vec();
-            json.extend(std::iter::repeat_n(b' ', extra));
-            answer.response.patch = Some(Base64Patch::of(&json));
-            answers.push(answer);
-        }
-        for answer in answers {
+        patched.response.patch = Some(Base64Patch::of(patch));
+        for answer in [plain, denied, patched] {
             let written: Value = serde_json::from_slice(&answer.to_json()).expect("valid JSON");
             assert_eq!(written, serde_json::to_value(&answer).unwrap());
         }

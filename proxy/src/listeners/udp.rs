@@ -215,9 +215,8 @@ fn connected_to(
     peer: SocketAddr,
     buffer: &mut [u8],
 ) -> io::Result<(UdpSocket, Strays)> {
-    let socket = connect_collecting(bound_to(local)?.into(), peer, buffer)?;
-    let strays = socket.1;
-    Ok((UdpSocket::from_std(socket.0)?, strays))
+    let (socket, strays) = connect_collecting(bound_to(local)?.into(), peer, buffer)?;
+    Ok((UdpSocket::from_std(socket)?, strays))
 }
 
 /// Connects the non-blocking `socket` to `peer` and reads out what it received before.
