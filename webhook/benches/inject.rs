@@ -11,6 +11,7 @@ use serde_json::Value;
 use servicekeel_webhook::admission::review;
 use servicekeel_webhook::config::Config;
 use servicekeel_webhook::inject::{Target, inject};
+use servicekeel_webhook::metrics::Outcome;
 use servicekeel_webhook::pod::PodFacts;
 use servicekeel_webhook::view::NoCluster;
 
@@ -48,8 +49,9 @@ fn benches(c: &mut Criterion) {
             black_box(reviewed.answer.to_json())
         })
     });
-    // The same with an imported-services text never seen before (a YAML comment changing in
-    // each review), so its parse is not remembered: the first pod of a workload.
+    // The same with an imported-services list never seen before (one more service, named anew
+    // in each review), so neither its parse nor its patch is remembered: the first pod of a
+    // workload.
     let text = r#""servicekeel.io/imported-services": "services:\n"#;
     let at = String::from_utf8_lossy(&body)
         .find(text)
@@ -61,12 +63,15 @@ fn benches(c: &mut Criterion) {
             || {
                 unseen += 1;
                 let mut changed = body[..at].to_vec();
-                changed.extend_from_slice(format!("# {unseen}\\n").as_bytes());
+                changed.extend_from_slice(
+                    format!("  - name: s{unseen}\\n    ports:\\n      - port: 1\\n").as_bytes(),
+                );
                 changed.extend_from_slice(&body[at..]);
                 changed
             },
             |body| {
                 let reviewed = review(&body, &config, &NoCluster).expect("reviews");
+                assert_eq!(reviewed.outcome, Outcome::Patched, "the new list is valid");
                 black_box(reviewed.answer.to_json())
             },
             BatchSize::SmallInput,
