@@ -255,7 +255,7 @@ pub fn review(
             tracing::debug!(ns = namespace, name, "injected");
             let mut reviewed = Reviewed::new(&request.uid, Outcome::Patched);
             let response = &mut reviewed.answer.response;
-            response.patch = Some(encoded(&patch)?);
+            response.patch = Some(encoded(patch)?);
             response.patch_type = Some("JSONPatch");
             response.warnings = warnings;
             Ok(reviewed)
@@ -279,16 +279,12 @@ pub fn review(
 
 /// The patch for the answer, remembered for the last patches made: the replicas of a workload get
 /// the same one, so its JSON and base64 are written once for all of them.
-fn encoded(patch: &JsonPatch) -> Result<Base64Patch, ReviewError> {
+fn encoded(patch: JsonPatch) -> Result<Base64Patch, ReviewError> {
     static RECENT: Recent<JsonPatch, Base64Patch> = Recent::new(8);
-    RECENT.get_or_try(
-        |seen| seen.encodes_as(patch),
-        || patch.clone(),
-        || {
-            let json = serde_json::to_vec(patch).map_err(|e| ReviewError::Encode(e.to_string()))?;
-            Ok(Base64Patch::of(&json))
-        },
-    )
+    RECENT.get_or_try_owned(patch, JsonPatch::encodes_as, |patch| {
+        let json = serde_json::to_vec(patch).map_err(|e| ReviewError::Encode(e.to_string()))?;
+        Ok(Base64Patch::of(&json))
+    })
 }
 
 fn ignored<O>(request: &Request<O>) -> Reviewed {

@@ -31,19 +31,51 @@ impl<K: PartialEq, V: Clone> Recent<K, V> {
         key: impl FnOnce() -> K,
         make: impl FnOnce() -> Result<V, E>,
     ) -> Result<V, E> {
-        if let Some(found) = self.lock().iter().find(|(k, _)| matches(k)) {
-            return Ok(found.1.clone());
+        if let Some(found) = self.find(&matches) {
+            return Ok(found);
         }
-        // Made without the lock held: a slow input does not hold up the others.
         let made = make()?;
-        let mut entries = self.lock();
-        if !entries.iter().any(|(k, _)| matches(k)) {
-            if entries.len() >= self.capacity {
-                entries.remove(0);
-            }
-            entries.push((key(), made.clone()));
-        }
+        self.remember(key(), made.clone(), |seen, _| matches(seen));
         Ok(made)
+    }
+
+    /// [`Recent::get_or_try`] for an input the caller owns and has no more use for: it is the
+    /// key itself, so a new one is remembered without a copy. `same` tells a remembered input
+    /// from `input`.
+    pub fn get_or_try_owned<E>(
+        &self,
+        input: K,
+        same: impl Fn(&K, &K) -> bool,
+        make: impl FnOnce(&K) -> Result<V, E>,
+    ) -> Result<V, E> {
+        if let Some(found) = self.find(|seen| same(seen, &input)) {
+            return Ok(found);
+        }
+        let made = make(&input)?;
+        self.remember(input, made.clone(), same);
+        Ok(made)
+    }
+
+    fn find(&self, matches: impl Fn(&K) -> bool) -> Option<V> {
+        let entries = self.lock();
+        entries
+            .iter()
+            .find(|(k, _)| matches(k))
+            .map(|(_, v)| v.clone())
+    }
+
+    /// Remembers `value` under `key`, unless another caller made it meanwhile (made without
+    /// the lock held, a slow input does not hold up the others), forgetting the oldest when
+    /// full.
+    fn remember(&self, key: K, value: V, same: impl Fn(&K, &K) -> bool) {
+        let mut entries = self.lock();
+        if entries.iter().any(|(k, _)| same(k, &key)) {
+            return;
+        }
+        if entries.len() >= self.capacity {
+            entries.remove(0);
+        }
+        entries.push((key, value));
     }
 
     /// [`Recent::get_or_try`] for a `make` that cannot fail.
@@ -91,6 +123,36 @@ mod tests {
         assert_eq!(calls.get(), 4);
         assert_eq!(square(5), Ok(25));
         assert_eq!(calls.get(), 4, "5 is still remembered");
+    }
+
+    #[test]
+    fn an_owned_input_is_remembered_as_its_own_key() {
+        let recent: Recent<String, usize> = Recent::new(2);
+        let calls = Cell::new(0);
+        let length = |text: &str| {
+            recent.get_or_try_owned(
+                text.to_string(),
+                |a, b| a == b,
+                |input| {
+                    calls.set(calls.get() + 1);
+                    Ok::<_, ()>(input.len())
+                },
+            )
+        };
+        assert_eq!(length("abc"), Ok(3));
+        assert_eq!(length("abc"), Ok(3));
+        assert_eq!(calls.get(), 1, "the second call is remembered");
+        assert_eq!(length("de"), Ok(2));
+        assert_eq!(length("f"), Ok(1));
+        assert_eq!(calls.get(), 3);
+        assert_eq!(length("abc"), Ok(3), "abc was the oldest and is made again");
+        assert_eq!(calls.get(), 4);
+        assert_eq!(length("f"), Ok(1));
+        assert_eq!(calls.get(), 4, "f is still remembered");
+        let failing = recent.get_or_try_owned("g".to_string(), |a, b| a == b, |_| Err("no"));
+        assert_eq!(failing, Err("no"));
+        assert_eq!(length("f"), Ok(1), "a failure forgets nothing");
+        assert_eq!(calls.get(), 4);
     }
 
     #[test]
