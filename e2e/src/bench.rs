@@ -7,7 +7,7 @@
 //! generator and the servers run in this process on loopback.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -121,11 +121,66 @@ pub struct Proxies {
     pub udp: SocketAddr,
     /// The client sidecar's DNS server.
     pub dns: SocketAddr,
-    _dir: tempfile::TempDir,
+    /// The proxy binary they run.
+    binary: PathBuf,
+    /// The Unix socket of the client's router.
+    client_socket: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 /// The cluster of the benchmark's routers and pods.
 const CLUSTER: &str = "bench";
+
+/// What the client pod imports: the servers, as the server pod exports them.
+const IMPORTED: &str =
+    "services: [{name: sink, ports: [{port: 9000}, {port: 9001, protocol: UDP}]}]";
+
+/// One sidecar of the benchmark, as the proxy image runs it in a pod: configured by its
+/// environment and its annotations file.
+struct SidecarLaunch<'a> {
+    name: &'a str,
+    /// Its local addresses for imports.
+    range: &'a str,
+    dns: SocketAddr,
+    admin: SocketAddr,
+    /// Its node router's socket.
+    socket: &'a Path,
+    /// The annotations file's content.
+    annotations: String,
+}
+
+impl SidecarLaunch<'_> {
+    /// Starts `binary` as this sidecar; its annotations file and logs go in `dir`.
+    fn start(&self, binary: &Path, dir: &Path) -> anyhow::Result<Running> {
+        let name = self.name;
+        let file = dir.join(format!("{name}.annotations"));
+        std::fs::write(&file, &self.annotations)?;
+        let log = |suffix: &str| -> anyhow::Result<Stdio> {
+            Ok(std::fs::File::create(dir.join(format!("{name}.{suffix}")))?.into())
+        };
+        let child = Command::new(binary)
+            .arg("sidecar")
+            .env("RUST_LOG", "warn")
+            .env("POD_NAME", name)
+            .env("POD_NAMESPACE", "default")
+            .env("POD_IP", "127.0.0.1")
+            .env("SERVICEKEEL_CLUSTER", CLUSTER)
+            .env("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9")
+            .env("SIDECAR_DNS_ADDR", self.dns.to_string())
+            .env("SIDECAR_ADMIN_ADDR", self.admin.to_string())
+            .env("SIDECAR_IP_RANGE", self.range)
+            .env(
+                "SIDECAR_SERVER_LISTEN",
+                format!("unix://{}", self.socket.display()),
+            )
+            .env("SIDECAR_ANNOTATIONS_FILE", &file)
+            .stdout(log("log")?)
+            .stderr(log("err")?)
+            .spawn()
+            .with_context(|| format!("cannot start the {name} sidecar"))?;
+        Ok(Running(child))
+    }
+}
 
 impl Proxies {
     /// Starts them for a TCP server at `tcp` and a UDP server at `udp` (both on loopback). The
@@ -213,32 +268,15 @@ impl Proxies {
                        socket: &PathBuf,
                        annotations: String|
          -> anyhow::Result<Running> {
-            let file = dir.path().join(format!("{name}.annotations"));
-            std::fs::write(&file, annotations)?;
-            let child = Command::new(&binary)
-                .arg("sidecar")
-                .env("RUST_LOG", "warn")
-                .env("POD_NAME", name)
-                .env("POD_NAMESPACE", "default")
-                .env("POD_IP", "127.0.0.1")
-                .env("SERVICEKEEL_CLUSTER", CLUSTER)
-                .env("SIDECAR_UPSTREAM_DNS", "127.0.0.1:9")
-                .env("SIDECAR_DNS_ADDR", dns.to_string())
-                .env(
-                    "SIDECAR_ADMIN_ADDR",
-                    format!("127.0.0.1:{}", process::free_port()?),
-                )
-                .env("SIDECAR_IP_RANGE", range)
-                .env(
-                    "SIDECAR_SERVER_LISTEN",
-                    format!("unix://{}", socket.display()),
-                )
-                .env("SIDECAR_ANNOTATIONS_FILE", &file)
-                .stdout(log(&format!("{name}.log"))?)
-                .stderr(log(&format!("{name}.err"))?)
-                .spawn()
-                .with_context(|| format!("cannot start the {name} sidecar"))?;
-            Ok(Running(child))
+            let launch = SidecarLaunch {
+                name,
+                range,
+                dns,
+                admin: SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?)),
+                socket,
+                annotations,
+            };
+            launch.start(&binary, dir.path())
         };
         let server_dns = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
         processes.push((
@@ -251,8 +289,6 @@ impl Proxies {
                 format!("servicekeel.io/exported-services={exported:?}\n"),
             )?,
         ));
-        let imported =
-            "services: [{name: sink, ports: [{port: 9000}, {port: 9001, protocol: UDP}]}]";
         // Each layout's client has its own addresses, so both can run at once.
         let (range, service_ip) = match layout {
             Layout::OneNode => ("127.0.79.0/24", SERVICE_IP),
@@ -265,15 +301,17 @@ impl Proxies {
                 range,
                 client_dns,
                 &client_socket,
-                format!("servicekeel.io/imported-services={imported:?}\n"),
+                format!("servicekeel.io/imported-services={IMPORTED:?}\n"),
             )?,
         ));
         let mut proxies = Proxies {
             processes,
+            binary,
+            client_socket,
             tcp: (service_ip, 9000).into(),
             udp: (service_ip, 9001).into(),
             dns: client_dns,
-            _dir: dir,
+            dir,
         };
         // Ready when a request goes through.
         let started = Instant::now();
@@ -305,6 +343,44 @@ impl Proxies {
     /// The client pod's sidecar, the one the loads go through.
     pub fn client_sidecar(&self) -> u32 {
         self.processes.last().expect("the client sidecar").1.0.id()
+    }
+
+    /// Starts `count` more client sidecars (the same imports, the same router), one at a time,
+    /// each timed from the moment it is started to its `/readyz`'s first 200, then stopped.
+    pub async fn sidecar_starts(&self, count: usize) -> anyhow::Result<Vec<Duration>> {
+        let mut took = Vec::with_capacity(count);
+        for run in 0..count {
+            let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
+            let launch = SidecarLaunch {
+                name: &format!("starting-{run}"),
+                range: "127.0.99.0/24",
+                dns: SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?)),
+                admin,
+                socket: &self.client_socket,
+                annotations: format!("servicekeel.io/imported-services={IMPORTED:?}\n"),
+            };
+            let started = Instant::now();
+            let mut sidecar = launch.start(&self.binary, self.dir.path())?;
+            loop {
+                let reply = process::http_get(admin, "/readyz").await;
+                if reply.is_ok_and(|r| r.split_whitespace().nth(1) == Some("200")) {
+                    took.push(started.elapsed());
+                    break;
+                }
+                if let Some(status) = sidecar.0.try_wait()? {
+                    bail!(
+                        "a starting sidecar exited ({status}; logs in the benchmark's directory)"
+                    );
+                }
+                ensure!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "a starting sidecar was not ready after 10 s"
+                );
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            drop(sidecar);
+        }
+        Ok(took)
     }
 
     /// CPU time of the proxies so far.
