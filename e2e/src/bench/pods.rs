@@ -1,12 +1,13 @@
 //! The pod rows: pods created through the real apiserver on the cluster with a real node, in a
 //! namespace labelled for injection (the webhook is called) and in one that is not (baseline),
-//! the same pod spec in both, one pod at a time.
+//! the same pod spec in both, one pod at a time; and, to tell the webhook's call from the cost of
+//! the larger pod it leaves, that pod as the webhook left it, created where no webhook is called.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
@@ -27,6 +28,8 @@ pub struct PodBench {
     client: kube::Client,
     cluster: NodeCluster,
     dir: PathBuf,
+    /// The pod of [`Kind::Prefilled`], its name and node selector set per create.
+    prefilled: Pod,
 }
 
 impl std::fmt::Debug for PodBench {
@@ -44,6 +47,9 @@ pub enum Kind {
     Plain,
     /// Labelled `servicekeel.io/inject=enabled`: the pod gets the sidecar.
     Injected,
+    /// Not labelled, and the pod sent is the one the webhook returned for [`Kind::Injected`]
+    /// (sidecar, volumes, DNS settings, annotations): the larger pod without the call.
+    Prefilled,
 }
 
 impl Kind {
@@ -51,7 +57,13 @@ impl Kind {
         match self {
             Kind::Plain => "bench-plain",
             Kind::Injected => "bench-injected",
+            Kind::Prefilled => "bench-prefilled",
         }
+    }
+
+    /// Whether the pod stored has the sidecar.
+    fn has_sidecar(self) -> bool {
+        self != Kind::Plain
     }
 }
 
@@ -64,7 +76,7 @@ impl PodBench {
             NodeCluster::start_with(&dir, Lifetime::TiedToThisProcess, Profile::Release).await?;
         let client = cluster.client().await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        for kind in [Kind::Plain, Kind::Injected] {
+        for kind in [Kind::Plain, Kind::Injected, Kind::Prefilled] {
             let mut labels = serde_json::Map::new();
             if kind == Kind::Injected {
                 labels.insert(
@@ -80,16 +92,19 @@ impl PodBench {
                 .await
                 .with_context(|| format!("cannot create namespace {}", kind.namespace()))?;
         }
+        let prefilled = as_injected(&client).await?;
         Ok(PodBench {
             client,
             cluster,
             dir,
+            prefilled,
         })
     }
 
     /// The apiserver's own count and total time (seconds) of its calls to the webhook so far
-    /// (`apiserver_admission_webhook_admission_duration_seconds`): the call as the apiserver
-    /// sees it, network and TLS included, its own handling of the answer not.
+    /// (`apiserver_admission_webhook_admission_duration_seconds`): the whole call as the
+    /// apiserver makes it, encoding the review, the HTTPS exchange, applying the patch and
+    /// decoding the patched pod.
     pub async fn webhook_calls(&self) -> anyhow::Result<(u64, f64)> {
         let request = http::Request::get("/metrics").body(Vec::new())?;
         let text = self.client.request_text(request).await?;
@@ -119,15 +134,27 @@ impl PodBench {
     /// The pod measured; `runs: false` gives it a node selector no node has, so that it stays
     /// Pending: create calls are measured without a node starting pods underneath (on a small
     /// node a burst of starting pods starves the webhook's own pods past its 5 s timeout).
-    fn pod(kind: Kind, name: &str, runs: bool) -> anyhow::Result<Pod> {
-        let node_selector = if runs {
-            json!({})
-        } else {
-            json!({"servicekeel.io/bench": "no-such-node"})
+    fn pod(&self, kind: Kind, name: &str, runs: bool) -> anyhow::Result<Pod> {
+        let mut pod = match kind {
+            Kind::Prefilled => self.prefilled.clone(),
+            Kind::Plain | Kind::Injected => Self::sent(kind)?,
         };
+        pod.metadata.name = Some(name.into());
+        let spec = pod.spec.as_mut().context("a pod without a spec")?;
+        spec.node_selector = (!runs).then(|| {
+            [(
+                "servicekeel.io/bench".to_string(),
+                "no-such-node".to_string(),
+            )]
+            .into()
+        });
+        Ok(pod)
+    }
+
+    /// The pod as sent to the namespace of `kind`, before admission.
+    fn sent(kind: Kind) -> anyhow::Result<Pod> {
         Ok(serde_json::from_value(json!({
             "metadata": {
-                "name": name,
                 "namespace": kind.namespace(),
                 "annotations": {
                     keys::IMPORTED_SERVICES: r#"{"services":[{"name":"echo","ports":[{"port":7000}]}]}"#,
@@ -135,7 +162,6 @@ impl PodBench {
             },
             "spec": {
                 "terminationGracePeriodSeconds": 0,
-                "nodeSelector": node_selector,
                 "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532},
                 "containers": [{
                     "name": "app",
@@ -168,13 +194,13 @@ impl PodBench {
         let cpu_before = self.apiserver_cpu()?;
         for index in 0..count {
             let name = format!("create-{}-{index}", unique());
-            let pod = Self::pod(kind, &name, false)?;
+            let pod = self.pod(kind, &name, false)?;
             let started = Instant::now();
             let created = pods.create(&PostParams::default(), &pod).await?;
             latencies.push(started.elapsed());
-            if is_injected(&created) != (kind == Kind::Injected) {
+            if is_injected(&created) != kind.has_sidecar() {
                 bail!(
-                    "{name} in {}: injected is {}",
+                    "{name} in {}: has the sidecar is {}",
                     kind.namespace(),
                     is_injected(&created)
                 );
@@ -197,7 +223,7 @@ impl PodBench {
         let mut latencies = Vec::with_capacity(count);
         for index in 0..count {
             let name = format!("ready-{}-{index}", unique());
-            let pod = Self::pod(kind, &name, true)?;
+            let pod = self.pod(kind, &name, true)?;
             let started = Instant::now();
             pods.create(&PostParams::default(), &pod).await?;
             loop {
@@ -216,6 +242,64 @@ impl PodBench {
         }
         Ok(latencies)
     }
+}
+
+/// The pod of [`Kind::Injected`] as the webhook leaves it, for [`Kind::Prefilled`]: created with
+/// a dry run in the labelled namespace (the webhook declares no side effects), and what the
+/// webhook changed taken from it into the pod as sent: the annotations, the containers it added,
+/// the volumes, the DNS settings and the pod's security context. Fields the apiserver fills in
+/// (defaults, the service account's token volume and its mounts, tolerations) are left for it
+/// to fill in again, as it does for the others; those of the added containers stay.
+async fn as_injected(client: &kube::Client) -> anyhow::Result<Pod> {
+    let injected: Api<Pod> = Api::namespaced(client.clone(), Kind::Injected.namespace());
+    let mut sent = PodBench::sent(Kind::Injected)?;
+    sent.metadata.name = Some("dry-run".into());
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let stored = injected
+        .create(&dry_run, &sent)
+        .await
+        .context("cannot dry-run a pod in the labelled namespace")?;
+    if !is_injected(&stored) {
+        bail!(
+            "the dry run in {} was not injected",
+            Kind::Injected.namespace()
+        );
+    }
+    let stored_spec = stored.spec.context("the dry run returned no spec")?;
+    let mut pod = PodBench::sent(Kind::Prefilled)?;
+    pod.metadata.annotations = stored.metadata.annotations;
+    let spec = pod.spec.as_mut().context("a pod without a spec")?;
+    let token = |name: &str| name.starts_with("kube-api-access-");
+    let without_token = |mut container: Container| {
+        if let Some(mounts) = container.volume_mounts.as_mut() {
+            mounts.retain(|mount| !token(&mount.name));
+        }
+        container
+    };
+    let sent_names: Vec<String> = spec.containers.iter().map(|c| c.name.clone()).collect();
+    spec.containers.extend(
+        stored_spec
+            .containers
+            .into_iter()
+            .filter(|c| !sent_names.contains(&c.name))
+            .map(without_token),
+    );
+    spec.init_containers = stored_spec
+        .init_containers
+        .map(|added| added.into_iter().map(without_token).collect());
+    spec.volumes = stored_spec.volumes.map(|volumes| {
+        volumes
+            .into_iter()
+            .filter(|volume| !token(&volume.name))
+            .collect()
+    });
+    spec.dns_config = stored_spec.dns_config;
+    spec.dns_policy = stored_spec.dns_policy;
+    spec.security_context = stored_spec.security_context;
+    Ok(pod)
 }
 
 fn unique() -> u128 {
