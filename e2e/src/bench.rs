@@ -149,15 +149,17 @@ struct SidecarLaunch<'a> {
     annotations: String,
 }
 
+/// A new file `name` in `dir` for a proxy's output.
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
+    Ok(std::fs::File::create(dir.join(name))?.into())
+}
+
 impl SidecarLaunch<'_> {
     /// Starts `binary` as this sidecar; its annotations file and logs go in `dir`.
     fn start(&self, binary: &Path, dir: &Path) -> anyhow::Result<Running> {
         let name = self.name;
         let file = dir.join(format!("{name}.annotations"));
         std::fs::write(&file, &self.annotations)?;
-        let log = |suffix: &str| -> anyhow::Result<Stdio> {
-            Ok(std::fs::File::create(dir.join(format!("{name}.{suffix}")))?.into())
-        };
         let child = Command::new(binary)
             .arg("sidecar")
             .env("RUST_LOG", "warn")
@@ -174,8 +176,8 @@ impl SidecarLaunch<'_> {
                 format!("unix://{}", self.socket.display()),
             )
             .env("SIDECAR_ANNOTATIONS_FILE", &file)
-            .stdout(log("log")?)
-            .stderr(log("err")?)
+            .stdout(log_file(dir, &format!("{name}.log"))?)
+            .stderr(log_file(dir, &format!("{name}.err"))?)
             .spawn()
             .with_context(|| format!("cannot start the {name} sidecar"))?;
         Ok(Running(child))
@@ -194,9 +196,6 @@ impl Proxies {
             .pop()
             .context("no proxy binary built")?;
         let dir = tempfile::tempdir()?;
-        let log = |name: &str| -> anyhow::Result<Stdio> {
-            Ok(std::fs::File::create(dir.path().join(name))?.into())
-        };
         let router = |node: &str, links: &[String]| -> anyhow::Result<(Running, PathBuf)> {
             let socket = dir.path().join(format!("{node}.sock"));
             let child = Command::new(&binary)
@@ -210,8 +209,8 @@ impl Proxies {
                 .arg(format!("--admin-addr=127.0.0.1:{}", process::free_port()?))
                 .args(links)
                 .env("RUST_LOG", "warn")
-                .stdout(log(&format!("router-{node}.log"))?)
-                .stderr(log(&format!("router-{node}.err"))?)
+                .stdout(log_file(dir.path(), &format!("router-{node}.log"))?)
+                .stderr(log_file(dir.path(), &format!("router-{node}.err"))?)
                 .spawn()
                 .context("cannot start the router")?;
             Ok((Running(child), socket))
