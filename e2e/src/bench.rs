@@ -362,7 +362,7 @@ impl Proxies {
             let mut sidecar = launch.start(&self.binary, self.dir.path())?;
             loop {
                 let reply = process::http_get(admin, "/readyz").await;
-                if reply.is_ok_and(|r| r.split_whitespace().nth(1) == Some("200")) {
+                if reply.is_ok_and(|r| process::http_status(&r) == Some(200)) {
                     took.push(started.elapsed());
                     break;
                 }

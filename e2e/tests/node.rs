@@ -24,7 +24,7 @@ use servicekeel_e2e::cluster::{NodeCluster, pods_report};
 use servicekeel_e2e::demo::{self, CLIENT, NAMESPACE};
 use servicekeel_e2e::harness::{self, Test};
 use servicekeel_e2e::node::{self, NODE_NAME};
-use servicekeel_e2e::process::{Lifetime, http_get};
+use servicekeel_e2e::process::{Lifetime, http_get, http_status};
 use servicekeel_e2e::{paths, webhook};
 use tokio::sync::Mutex;
 
@@ -739,10 +739,7 @@ fn router_pid(pod_uid: &str) -> Option<u32> {
 
 async fn router_ready() -> anyhow::Result<()> {
     let reply = http_get(([127, 0, 0, 1], 15022).into(), "/readyz").await?;
-    ensure!(
-        reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
-        "{reply}"
-    );
+    ensure!(http_status(&reply) == Some(200), "{reply}");
     Ok(())
 }
 
