@@ -154,6 +154,32 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
     Ok(std::fs::File::create(dir.join(name))?.into())
 }
 
+/// The last lines each proxy wrote to its error output in `dir`, for an error that would
+/// otherwise point at files removed with the directory.
+fn errors_logged(dir: &Path) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "err"))
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.is_empty() {
+            continue;
+        }
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        out.push_str(&format!("\n{name}:"));
+        for line in &lines[lines.len().saturating_sub(5)..] {
+            out.push_str(&format!("\n  {line}"));
+        }
+    }
+    out
+}
+
 impl SidecarLaunch<'_> {
     /// Starts `binary` as this sidecar; its annotations file and logs go in `dir`.
     fn start(&self, binary: &Path, dir: &Path) -> anyhow::Result<Running> {
@@ -317,14 +343,20 @@ impl Proxies {
         loop {
             for (role, running) in &mut proxies.processes {
                 if let Some(status) = running.0.try_wait()? {
-                    bail!("the {role} exited ({status}; logs in the benchmark's directory)");
+                    bail!(
+                        "the {role} exited ({status}){}",
+                        errors_logged(proxies.dir.path())
+                    );
                 }
             }
             if tcp_requests(proxies.tcp, 1).await.is_ok() {
                 return Ok(proxies);
             }
             if started.elapsed() > Duration::from_secs(20) {
-                bail!("no flow through the proxies after 20 s (logs in the benchmark's directory)");
+                bail!(
+                    "no flow through the proxies after 20 s{}",
+                    errors_logged(proxies.dir.path())
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -368,7 +400,8 @@ impl Proxies {
                 }
                 if let Some(status) = sidecar.0.try_wait()? {
                     bail!(
-                        "a starting sidecar exited ({status}; logs in the benchmark's directory)"
+                        "a starting sidecar exited ({status}){}",
+                        errors_logged(self.dir.path())
                     );
                 }
                 ensure!(
@@ -660,4 +693,23 @@ pub fn machine() -> String {
 /// Where the report goes: `BENCHMARKS.md` at the top of the repository.
 pub fn report_path() -> PathBuf {
     paths::repo().join("BENCHMARKS.md")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_logged_gives_the_last_lines_of_each_nonempty_error_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lines: String = (1..=7).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(dir.path().join("router-near.err"), lines).expect("write");
+        std::fs::write(dir.path().join("client.err"), "").expect("write");
+        std::fs::write(dir.path().join("client.log"), "not an error").expect("write");
+        let told = errors_logged(dir.path());
+        assert_eq!(
+            told,
+            "\nrouter-near.err:\n  line 3\n  line 4\n  line 5\n  line 6\n  line 7"
+        );
+    }
 }
