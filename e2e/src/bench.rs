@@ -166,14 +166,13 @@ fn errors_logged(dir: &Path) -> String {
     files.sort();
     let mut out = String::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        if lines.is_empty() {
+        let tail = process::log_tail(&file, 5);
+        if tail.is_empty() {
             continue;
         }
         let name = file.file_name().unwrap_or_default().to_string_lossy();
         out.push_str(&format!("\n{name}:"));
-        for line in &lines[lines.len().saturating_sub(5)..] {
+        for line in tail.lines() {
             out.push_str(&format!("\n  {line}"));
         }
     }
