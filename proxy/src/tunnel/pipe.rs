@@ -21,8 +21,9 @@ use super::FlowStream;
 /// Smallest and largest socket read. Small reads keep request/response flows cheap; large ones
 /// move a bulk transfer in few syscalls and few HTTP/2 frames. The largest is one frame
 /// (`settings::MAX_FRAME`): a bulk transfer across two routers went from 761–836 to 863–920
-/// MB/s against 64 KiB, with 13 % less of the routers' CPU per MiB. (It was 64 KiB while the
-/// allocator returned each large buffer to the kernel, whose pages were then faulted in again.)
+/// MB/s against 64 KiB, the proxies' CPU from 1758–1836 to 1523–1641 µs per MiB (six pairs).
+/// 64 KiB had measured better before the proxies ran on mimalloc, when each large buffer was
+/// fresh pages the kernel faulted in.
 const MIN_READ: usize = 4 * 1024;
 const MAX_READ: usize = super::settings::MAX_FRAME as usize;
 
