@@ -18,6 +18,7 @@ pub fn init_logging() {
             "warn,servicekeel_e2e=info,kube_client=off",
         ))
         .with_test_writer()
+        .with_ansi(servicekeel_api::logs::colour(&std::io::stdout()))
         .init();
 }
 

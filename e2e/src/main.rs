@@ -52,6 +52,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| EnvFilter::new("info,kube_client=off")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(servicekeel_api::logs::colour(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(servicekeel_api::logs::colour(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Sidecar => launch(

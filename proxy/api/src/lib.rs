@@ -4,14 +4,15 @@
 //! annotation and label keys ([`keys`]), the sidecar's environment ([`env`]), well-known names
 //! and default values ([`defaults`]), the service list carried by the imported and exported
 //! annotations ([`services`]), the kubelet's annotations file ([`podinfo`]), address formats
-//! ([`addresses`]) and what flows through the tunnel ([`tunnel`]). A string of the contract is
-//! spelled once, here.
+//! ([`addresses`]), what flows through the tunnel ([`tunnel`]) and when logs are coloured
+//! ([`logs`]). A string of the contract is spelled once, here.
 
 pub mod addresses;
 pub mod defaults;
 pub mod duration;
 pub mod env;
 pub mod keys;
+pub mod logs;
 pub mod names;
 pub mod podinfo;
 pub mod services;
