@@ -244,6 +244,15 @@ fn digest(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// The sidecar's postStart hook runs the proxy binary by this path.
+    #[test]
+    fn the_proxy_binary_is_where_the_sidecar_hook_runs_it() {
+        assert_eq!(
+            format!("/{}", PROXY.binary),
+            servicekeel_api::defaults::SIDECAR_BINARY
+        );
+    }
+
     #[test]
     fn digests_are_sha256_in_hex() {
         assert_eq!(

@@ -243,13 +243,31 @@ async fn native_sidecar_and_exports(shared: Arc<Shared>) -> anyhow::Result<()> {
             sidecar.restart_policy
         );
         ensure!(node::pod_ready(pod), "{name} is not Ready");
-        let started = pod
+        let sidecar_status = pod
             .status
             .as_ref()
             .and_then(|s| s.init_container_statuses.as_ref())
             .and_then(|s| s.iter().find(|c| c.name == defaults::SIDECAR_CONTAINER))
-            .is_some_and(|c| c.ready && c.started == Some(true));
-        ensure!(started, "{name}: the sidecar is not started and ready");
+            .with_context(|| format!("{name} has no status for its sidecar"))?;
+        ensure!(
+            sidecar_status.ready && sidecar_status.started == Some(true),
+            "{name}: the sidecar is not started and ready"
+        );
+        // Its postStart hook (`servicekeel-proxy wait`) returned the first time: a hook that
+        // fails has the kubelet kill the container and start it again.
+        ensure!(
+            sidecar
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.post_start.as_ref())
+                .is_some(),
+            "{name}: the sidecar has no postStart hook"
+        );
+        ensure!(
+            sidecar_status.restart_count == 0,
+            "{name}: the sidecar restarted {} times",
+            sidecar_status.restart_count
+        );
         let exported = annotation(pod, keys::EXPORTED_SERVICES)
             .with_context(|| format!("{name} has no {}", keys::EXPORTED_SERVICES))?;
         let service = &exported["services"][0];

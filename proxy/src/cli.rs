@@ -28,6 +28,19 @@ pub enum Command {
     Sidecar,
     /// Run the node router.
     Router(Box<RouterArgs>),
+    /// Return once the sidecar beside this process is ready (its `/readyz` answers 200): the
+    /// sidecar container's postStart hook, so that the pod's other containers start after it.
+    Wait(WaitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The sidecar's admin address; a wildcard address is reached on loopback.
+    #[arg(long, env = "SIDECAR_ADMIN_ADDR", default_value = defaults::ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// How long to wait before failing (500ms, 20s, 2m).
+    #[arg(long, default_value = defaults::SIDECAR_READY_TIMEOUT, value_parser = servicekeel_api::duration::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -20,3 +20,4 @@ pub mod shutdown;
 pub mod sidecar;
 pub mod snapshot;
 pub mod tunnel;
+pub mod wait;

@@ -44,6 +44,15 @@ fn main() -> ExitCode {
             router.shutdown().await;
             Ok(())
         }),
+        Command::Wait(args) => {
+            match servicekeel_proxy::wait::until_ready(args.admin_addr, args.timeout) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -181,7 +181,13 @@ fn native_sidecar_comes_first_with_its_environment() {
     assert_eq!(init.len(), 2);
     assert_eq!(init[0]["name"], "servicekeel-proxy");
     assert_eq!(init[0]["restartPolicy"], "Always");
-    assert_eq!(init[0]["startupProbe"]["httpGet"]["path"], "/readyz");
+    // Ready before the next container starts: the kubelet waits for its postStart hook, and no
+    // startup probe holds the start to a probe period.
+    assert_eq!(
+        init[0]["lifecycle"]["postStart"]["exec"]["command"],
+        json!(["/servicekeel-proxy", "wait"])
+    );
+    assert!(init[0].get("startupProbe").is_none(), "{}", init[0]);
     assert_eq!(init[1]["name"], "setup");
     assert_eq!(pod["spec"]["containers"].as_array().unwrap().len(), 1);
     for (name, value) in [

@@ -494,7 +494,7 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
         }
     }
     rows.push(Row {
-        what: "pod create → Ready on the real node, one at a time, 4 per run (baseline: unlabelled namespace; with the webhook the pod also starts the native sidecar and waits for its startup probe)",
+        what: "pod create → Ready on the real node, one at a time, 4 per run (baseline: unlabelled namespace; with the webhook the pod also starts the native sidecar, whose postStart hook returns once it is ready)",
         unit: "pods/s",
         scale: 1.0,
         cpu_per: None,

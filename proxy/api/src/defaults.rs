@@ -35,6 +35,11 @@ pub const ADMIN_PORT: u16 = 15021;
 pub const ADMIN_ADDR: &str = "127.0.0.1:15021";
 /// Readiness path of the sidecar's admin server.
 pub const READY_PATH: &str = "/readyz";
+/// The proxy binary in the sidecar's image, which the sidecar's postStart hook runs.
+pub const SIDECAR_BINARY: &str = "/servicekeel-proxy";
+/// How long the sidecar's postStart hook (`servicekeel-proxy wait`) waits for it to be ready
+/// before failing, which has the kubelet restart the sidecar.
+pub const SIDECAR_READY_TIMEOUT: &str = "120s";
 /// Liveness path of the sidecar's admin server.
 pub const HEALTH_PATH: &str = "/healthz";
 /// How long a terminating sidecar lets open flows finish.

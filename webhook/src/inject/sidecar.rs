@@ -1,4 +1,5 @@
-//! The injected sidecar: its container (env, probes, mounts, security context) and its volumes.
+//! The injected sidecar: its container (env, probes, postStart hook, mounts, security context)
+//! and its volumes.
 //! Everything here follows from the config; nothing depends on the pod except the upstream DNS
 //! its own settings imply.
 
@@ -6,8 +7,8 @@ use std::net::SocketAddr;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, Probe, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    EnvVarSource, ExecAction, HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, Probe, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use servicekeel_api::{defaults, env};
@@ -23,7 +24,8 @@ pub enum SidecarMode {
     /// before the pod's other init containers and app containers start; ignored when a Job's
     /// containers finish.
     Native,
-    /// First app container, for clusters without native sidecars.
+    /// First app container, for clusters without native sidecars: the kubelet starts the app
+    /// containers after it, once its postStart hook has returned.
     Classic,
 }
 
@@ -87,9 +89,6 @@ pub(super) fn rendered(
 }
 
 /// How often the kubelet asks a starting sidecar whether it is ready, and for how long.
-const STARTUP_PERIOD_SECONDS: i32 = 1;
-const STARTUP_FAILURE_THRESHOLD: i32 = 120;
-
 pub(super) fn container(
     config: &Config,
     mode: SidecarMode,
@@ -122,11 +121,18 @@ pub(super) fn container(
         }]),
         resources: Some(config.sidecar.resources.clone()),
         restart_policy: (mode == SidecarMode::Native).then(|| "Always".into()),
-        startup_probe: Some(probe(
-            defaults::READY_PATH,
-            STARTUP_PERIOD_SECONDS,
-            STARTUP_FAILURE_THRESHOLD,
-        )),
+        // The kubelet starts the pod's next container only once this hook has returned, that is
+        // once the sidecar is ready. A startup probe would order them too, but it is run on its
+        // period's ticks only and held each pod's start by up to a second more.
+        lifecycle: Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![defaults::SIDECAR_BINARY.into(), "wait".into()]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         readiness_probe: Some(probe(defaults::READY_PATH, 5, 3)),
         liveness_probe: Some(probe(defaults::HEALTH_PATH, 10, 3)),
         security_context: Some(SecurityContext {
