@@ -52,11 +52,13 @@ fn ready_status(target: SocketAddr) -> std::io::Result<u16> {
     let mut stream = TcpStream::connect_timeout(&target, ATTEMPT_TIMEOUT)?;
     stream.set_read_timeout(Some(ATTEMPT_TIMEOUT))?;
     stream.set_write_timeout(Some(ATTEMPT_TIMEOUT))?;
-    write!(
-        stream,
+    // One write: `write!` on the bare stream would send each formatted piece as its own
+    // segment, and a server may answer and close after the first, failing the rest.
+    let request = format!(
         "GET {} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n",
         defaults::READY_PATH
-    )?;
+    );
+    stream.write_all(request.as_bytes())?;
     // The status line's start is all that is needed: "HTTP/1.1 200".
     let mut head = [0u8; 12];
     stream.read_exact(&mut head)?;
