@@ -393,7 +393,7 @@ impl Proxies {
             let mut sidecar = launch.start(&self.binary, self.dir.path())?;
             loop {
                 let reply = process::http_get(admin, "/readyz").await;
-                if reply.is_ok_and(|r| process::http_status(&r) == Some(200)) {
+                if reply.is_ok_and(|r| servicekeel_api::http::status(&r) == Some(200)) {
                     took.push(started.elapsed());
                     break;
                 }

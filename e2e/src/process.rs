@@ -305,14 +305,6 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-/// The status code of a reply [`http_get`] returned; none if it does not start with an HTTP
-/// status line.
-pub fn http_status(reply: &str) -> Option<u16> {
-    let mut status_line = reply.lines().next()?.split_whitespace();
-    status_line.next().filter(|v| v.starts_with("HTTP/"))?;
-    status_line.next()?.parse().ok()
-}
-
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
@@ -322,21 +314,4 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// Arguments as the `OsString`s `Process::spawn` takes.
 pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(items: I) -> Vec<OsString> {
     items.into_iter().map(Into::into).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::http_status;
-
-    #[test]
-    fn the_status_is_read_from_the_status_line_only() {
-        assert_eq!(http_status("HTTP/1.0 200 OK\r\n\r\nok"), Some(200));
-        assert_eq!(
-            http_status("HTTP/1.1 503 Service Unavailable\r\n\r\n200"),
-            Some(503)
-        );
-        assert_eq!(http_status("200 OK"), None);
-        assert_eq!(http_status("HTTP/1.0 abc"), None);
-        assert_eq!(http_status(""), None);
-    }
 }

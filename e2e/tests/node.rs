@@ -19,12 +19,12 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use libtest_mimic::Arguments;
 use serde_json::{Value, json};
-use servicekeel_api::{defaults, keys};
+use servicekeel_api::{defaults, http, keys};
 use servicekeel_e2e::cluster::{NodeCluster, pods_report};
 use servicekeel_e2e::demo::{self, CLIENT, NAMESPACE};
 use servicekeel_e2e::harness::{self, Test};
 use servicekeel_e2e::node::{self, NODE_NAME};
-use servicekeel_e2e::process::{Lifetime, http_get, http_status};
+use servicekeel_e2e::process::{Lifetime, http_get};
 use servicekeel_e2e::{paths, webhook};
 use tokio::sync::Mutex;
 
@@ -757,7 +757,7 @@ fn router_pid(pod_uid: &str) -> Option<u32> {
 
 async fn router_ready() -> anyhow::Result<()> {
     let reply = http_get(([127, 0, 0, 1], 15022).into(), "/readyz").await?;
-    ensure!(http_status(&reply) == Some(200), "{reply}");
+    ensure!(http::status(&reply) == Some(200), "{reply}");
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use servicekeel_api::defaults;
+use servicekeel_api::{defaults, http};
 
 /// How long one attempt may take to connect or to be answered.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -62,19 +62,13 @@ fn ready_status(target: SocketAddr) -> std::io::Result<u16> {
     // The status line's start is all that is needed: "HTTP/1.1 200".
     let mut head = [0u8; 12];
     stream.read_exact(&mut head)?;
-    std::str::from_utf8(&head)
-        .ok()
-        .and_then(|line| {
-            line.strip_prefix("HTTP/1.1 ")
-                .or(line.strip_prefix("HTTP/1.0 "))
-        })
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not an HTTP answer: {:?}", String::from_utf8_lossy(&head)),
-            )
-        })
+    let head = String::from_utf8_lossy(&head);
+    http::status(&head).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not an HTTP answer: {head:?}"),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -4,13 +4,14 @@
 //! annotation and label keys ([`keys`]), the sidecar's environment ([`env`]), well-known names
 //! and default values ([`defaults`]), the service list carried by the imported and exported
 //! annotations ([`services`]), the kubelet's annotations file ([`podinfo`]), address formats
-//! ([`addresses`]), what flows through the tunnel ([`tunnel`]) and when logs are coloured
-//! ([`logs`]). A string of the contract is spelled once, here.
+//! ([`addresses`]), what flows through the tunnel ([`tunnel`]), when logs are coloured ([`logs`])
+//! and how an admin server's answer is read ([`http`]). A string of the contract is spelled once, here.
 
 pub mod addresses;
 pub mod defaults;
 pub mod duration;
 pub mod env;
+pub mod http;
 pub mod keys;
 pub mod logs;
 pub mod names;
