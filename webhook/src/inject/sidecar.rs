@@ -88,7 +88,8 @@ pub(super) fn rendered(
     )
 }
 
-/// How often the kubelet asks a starting sidecar whether it is ready, and for how long.
+/// The sidecar's container: placed as `mode` says, forwarding the names it does not serve to
+/// `upstream`, and reaching its node's router the `router` way.
 pub(super) fn container(
     config: &Config,
     mode: SidecarMode,
