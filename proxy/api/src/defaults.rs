@@ -38,7 +38,8 @@ pub const READY_PATH: &str = "/readyz";
 /// The proxy binary in the sidecar's image, which the sidecar's postStart hook runs.
 pub const SIDECAR_BINARY: &str = "/servicekeel-proxy";
 /// How long the sidecar's postStart hook (`servicekeel-proxy wait`) waits for it to be ready
-/// before failing, which has the kubelet restart the sidecar.
+/// before failing, which has the kubelet kill the sidecar container (and start it again as its
+/// restart policy says).
 pub const SIDECAR_READY_TIMEOUT: &str = "120s";
 /// Liveness path of the sidecar's admin server.
 pub const HEALTH_PATH: &str = "/healthz";
