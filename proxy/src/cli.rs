@@ -98,6 +98,10 @@ pub struct RouterArgs {
     /// How long a terminating router lets open flows finish (500ms, 20s, 1m).
     #[arg(long, env = "SERVICEKEEL_ROUTER_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = servicekeel_api::duration::parse_duration)]
     pub drain_timeout: std::time::Duration,
+    /// How long to busy poll a UDP flow to an endpoint on this node after each datagram, before
+    /// sleeping (50us; 0 never; at most 1ms); one flow at a time, only flows answered within it.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", default_value = defaults::ROUTER_BUSY_POLL, value_parser = parse_busy_poll)]
+    pub busy_poll: std::time::Duration,
     /// Most flows carried at once; past it, new flows are refused (503).
     #[arg(long, env = "SERVICEKEEL_ROUTER_MAX_FLOWS", default_value_t = defaults::ROUTER_MAX_FLOWS, value_parser = parse_limit)]
     pub max_flows: usize,
@@ -111,6 +115,19 @@ fn parse_limit(text: &str) -> Result<usize, String> {
         .ok()
         .filter(|n| *n > 0)
         .ok_or_else(|| format!("{text:?} is not a positive number"))
+}
+
+/// Longest busy poll taken: past it a wakeup costs less than the polling.
+const MAX_BUSY_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
+fn parse_busy_poll(text: &str) -> Result<std::time::Duration, String> {
+    let poll = servicekeel_api::duration::parse_duration(text)?;
+    if poll > MAX_BUSY_POLL {
+        return Err(format!(
+            "{text:?} is longer than the most busy polling taken, 1ms"
+        ));
+    }
+    Ok(poll)
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -168,6 +185,7 @@ impl RouterArgs {
         Ok(RouterConfig {
             sidecar_tcp,
             drain_timeout: self.drain_timeout,
+            busy_poll: self.busy_poll,
             max_flows: self.max_flows,
             api,
             links,
@@ -199,5 +217,20 @@ mod tests {
         assert_eq!(parse_mode("0o600"), Ok(0o600));
         assert!(parse_mode("999").is_err());
         assert!(parse_mode("1777").is_err());
+    }
+
+    #[test]
+    fn busy_polling_is_a_duration_of_at_most_a_millisecond() {
+        use std::time::Duration;
+        assert_eq!(parse_busy_poll("50us"), Ok(Duration::from_micros(50)));
+        assert_eq!(parse_busy_poll("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_busy_poll("1ms"), Ok(Duration::from_millis(1)));
+        let long = parse_busy_poll("2ms").expect_err("2ms is refused");
+        assert!(long.contains("1ms"), "{long}");
+        assert!(parse_busy_poll("fast").is_err());
+        assert_eq!(
+            parse_busy_poll(servicekeel_api::defaults::ROUTER_BUSY_POLL),
+            Ok(Duration::from_micros(50))
+        );
     }
 }

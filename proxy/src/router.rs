@@ -35,6 +35,7 @@ use crate::admin;
 use crate::links::{PeerConnector, Refused, TlsError, Trust};
 use crate::registry::{Ejections, Endpoint, Here, Registry};
 use crate::snapshot;
+use crate::tunnel::busy_poll::Polling;
 use crate::tunnel::client::{Client, OpenError};
 use crate::tunnel::server::{
     self, Finished, FlowRequest, Handler, LinkId, Peer, Refusal, Upstream, dial,
@@ -64,6 +65,8 @@ pub struct RouterConfig {
     pub api: Api,
     /// How long a terminating router lets open flows finish.
     pub drain_timeout: std::time::Duration,
+    /// How long a UDP flow to an endpoint on this node is busy polled after each datagram.
+    pub busy_poll: std::time::Duration,
     /// Most flows carried at once; past it new flows are refused (503).
     pub max_flows: usize,
     /// Sidecars over TCP as well as on the socket; none when `None`.
@@ -600,7 +603,8 @@ impl Router {
             ));
         }
         watch_api(&config, &shared, &stopped).await;
-        tokio::spawn(server::serve(listener, shared.clone(), stopped));
+        let polling = Polling::new(config.busy_poll);
+        tokio::spawn(server::serve(listener, shared.clone(), polling, stopped));
         shared.listening.store(true, Ordering::SeqCst);
         tracing::info!(socket = %config.socket.display(), admin = %admin_addr, node = %config.node, "router ready");
         Ok(Router {

@@ -10,9 +10,11 @@
 //! - [`pipe`]: a flow piped to a socket or another flow, both ways.
 //! - [`splice`]: two sockets relayed without copies through this process.
 //! - [`datagrams`]: a UDP flow pumped between its framed stream and a socket.
+//! - [`busy_poll`]: relays polling their sockets a while before sleeping.
 //! - [`handoff`]: TCP connections handed to the router on its Unix socket instead of carried
 //!   in flows.
 
+pub mod busy_poll;
 pub mod client;
 pub mod datagrams;
 pub mod handoff;

@@ -201,7 +201,8 @@ impl DoomedRouter {
         let handler = state.clone();
         runtime.spawn(async move {
             let _stop = stop;
-            servicekeel_proxy::tunnel::server::serve(listener, handler, stopped).await;
+            let polling = servicekeel_proxy::tunnel::busy_poll::Polling::default();
+            servicekeel_proxy::tunnel::server::serve(listener, handler, polling, stopped).await;
         });
         DoomedRouter { runtime, state }
     }

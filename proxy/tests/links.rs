@@ -48,6 +48,7 @@ fn router_config(dir: &Path, node: &str, cluster: &str, links: LinksConfig) -> R
         links: Some(links),
         api: Api::Off,
         drain_timeout: std::time::Duration::from_secs(20),
+        busy_poll: std::time::Duration::from_micros(50),
         max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
         sidecar_tcp: None,
     }

@@ -57,6 +57,11 @@ pub const SIDECAR_UDP_MAX_CLIENTS: usize = 1024;
 pub const SIDECAR_TCP_HANDOFF: bool = true;
 /// Whether a sidecar on the router's Unix socket hands UDP clients to it.
 pub const SIDECAR_UDP_HANDOFF: bool = true;
+/// How long a router busy polls a UDP flow to an endpoint on its node after each datagram it
+/// forwards, before it sleeps: long enough for a local service's answer to be taken without a
+/// wakeup, which on a virtual machine costs about 20 µs of CPU and latency; spent only on flows
+/// whose answers lately came within it, one flow at a time.
+pub const ROUTER_BUSY_POLL: &str = "50us";
 /// Most flows one router carries at once; past it, new flows are refused (503).
 pub const ROUTER_MAX_FLOWS: usize = 65536;
 /// The cluster's DNS domain.

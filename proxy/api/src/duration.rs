@@ -1,5 +1,5 @@
-//! Durations as the contract writes them in flags and environment variables: `500ms`, `2s`,
-//! `1m`, `24h`, or a plain number of seconds.
+//! Durations as the contract writes them in flags and environment variables: `50us`, `500ms`,
+//! `2s`, `1m`, `24h`, or a plain number of seconds.
 
 use std::time::Duration;
 
@@ -8,9 +8,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map_or((text, "s"), |at| text.split_at(at));
-    let bad = || format!("{text:?} is not a duration like 500ms, 2s, 1m or 24h");
+    let bad = || format!("{text:?} is not a duration like 50us, 500ms, 2s, 1m or 24h");
     let n: u64 = number.parse().map_err(|_| bad())?;
     match unit {
+        "us" => Ok(Duration::from_micros(n)),
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad),
@@ -25,12 +26,14 @@ mod tests {
 
     #[test]
     fn forms() {
+        assert_eq!(parse_duration("50us"), Ok(Duration::from_micros(50)));
+        assert_eq!(parse_duration("0us"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
-        for bad in ["", "s", "1d", "-1s", "1.5s", "99999999999999999999h"] {
+        for bad in ["", "s", "1d", "5µs", "-1s", "1.5s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::FlowStream;
+use super::busy_poll::{BusyPoll, Polling};
 use super::pipe::Source;
 
 /// The local end of a UDP flow.
@@ -25,6 +26,11 @@ pub trait Datagrams: Send {
     fn recv(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
     /// Delivers a datagram that came through the flow.
     fn send(&mut self, datagram: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// A datagram already there, taken without waiting (for busy polling); `None` when there
+    /// is none, or when this side cannot tell without waiting.
+    fn take_waiting(&mut self) -> io::Result<Option<Bytes>> {
+        Ok(None)
+    }
 }
 
 /// Which way bytes went, for metering.
@@ -89,29 +95,55 @@ pub async fn relay(
 
 /// Pumps datagrams between two local sockets (the router's side of a UDP client handed over:
 /// the client's socket `a`, the endpoint's `b`) until the flow has been idle for `idle` or a
-/// side fails. `meter` sees `a`'s datagrams as [`Way::Out`] and `b`'s as [`Way::In`].
+/// side fails. After each datagram it busy polls both sides as `polling` allows before it
+/// sleeps. `meter` sees `a`'s datagrams as [`Way::Out`] and `b`'s as [`Way::In`].
 pub async fn bridge(
     mut a: impl Datagrams,
     mut b: impl Datagrams,
     idle: Duration,
+    polling: Polling,
     meter: impl Fn(Way, usize) + Send,
 ) -> io::Result<()> {
     let deadline = tokio::time::sleep(idle);
     tokio::pin!(deadline);
+    let mut poll = BusyPoll::new(polling);
     loop {
-        tokio::select! {
-            next = a.recv() => {
-                let Some(datagram) = next? else { break };
-                b.send(&datagram).await?;
-                meter(Way::Out, datagram.len());
-            }
-            next = b.recv() => {
-                let Some(datagram) = next? else { break };
-                a.send(&datagram).await?;
-                meter(Way::In, datagram.len());
-            }
-            _ = &mut deadline => break,
+        let caught = match poll.window() {
+            Some(window) => loop {
+                if let Some(datagram) = a.take_waiting()? {
+                    break Some((Way::Out, datagram));
+                }
+                if let Some(datagram) = b.take_waiting()? {
+                    break Some((Way::In, datagram));
+                }
+                if !window.open() {
+                    break None;
+                }
+                std::hint::spin_loop();
+            },
+            None => None,
+        };
+        let (way, datagram) = match caught {
+            Some(caught) => caught,
+            None => tokio::select! {
+                next = a.recv() => match next? {
+                    Some(datagram) => (Way::Out, datagram),
+                    None => break,
+                },
+                next = b.recv() => match next? {
+                    Some(datagram) => (Way::In, datagram),
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            },
+        };
+        poll.arrived();
+        match way {
+            Way::Out => b.send(&datagram).await?,
+            Way::In => a.send(&datagram).await?,
         }
+        meter(way, datagram.len());
+        poll.forwarded(way);
         deadline.as_mut().reset(Instant::now() + idle);
     }
     Ok(())
@@ -152,13 +184,7 @@ impl Datagrams for Connected {
         }
         loop {
             self.socket.readable().await?;
-            // No await while the buffer is borrowed: receiving and copying out is one step.
-            let received = RECEIVED.with_borrow_mut(|buffer| {
-                self.socket
-                    .try_recv(buffer)
-                    .map(|n| Bytes::copy_from_slice(&buffer[..n]))
-            });
-            match received {
+            match received(|buffer| self.socket.try_recv(buffer)) {
                 Ok(datagram) => return Ok(Some(datagram)),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(error) => return Err(error),
@@ -169,6 +195,32 @@ impl Datagrams for Connected {
     async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
         self.socket.send(datagram).await.map(|_| ())
     }
+
+    fn take_waiting(&mut self) -> io::Result<Option<Bytes>> {
+        if let Some(datagram) = self.early.pop_front() {
+            return Ok(Some(datagram));
+        }
+        // Asked of the socket itself: the runtime learns of readiness only when it polls.
+        let asked = received(|buffer| {
+            rustix::net::recv(&self.socket, buffer, rustix::net::RecvFlags::DONTWAIT)
+                .map(|(n, _)| n)
+                .map_err(io::Error::from)
+        });
+        match asked {
+            Ok(datagram) => Ok(Some(datagram)),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// A datagram `receive` puts in this thread's buffer, copied out at its size. No await while
+/// the buffer is borrowed: receiving and copying out is one step.
+fn received(receive: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<Bytes> {
+    RECEIVED.with_borrow_mut(|buffer| {
+        let n = receive(buffer)?;
+        Ok(Bytes::copy_from_slice(&buffer[..n]))
+    })
 }
 
 /// How long a UDP flow may stay quiet once its side is shutting down before it ends.
@@ -218,5 +270,94 @@ impl<L: Datagrams> Datagrams for UntilDrained<L> {
 
     async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
         self.local.send(datagram).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Two UDP sockets on loopback connected to each other.
+    async fn connected_pair() -> (UdpSocket, UdpSocket) {
+        let one = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let two = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        one.connect(two.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        two.connect(one.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        (one, two)
+    }
+
+    /// An app and a server bridged as the router bridges them, busy polling for `budget`;
+    /// returns the app's socket, the server's, the bridge, and what its meter counted each way.
+    async fn bridged(
+        budget: Duration,
+        idle: Duration,
+    ) -> (
+        UdpSocket,
+        UdpSocket,
+        tokio::task::JoinHandle<io::Result<()>>,
+        Arc<[AtomicUsize; 2]>,
+    ) {
+        let (app, near) = connected_pair().await;
+        let (far, server) = connected_pair().await;
+        let counted: Arc<[AtomicUsize; 2]> = Arc::default();
+        let meter = {
+            let counted = counted.clone();
+            move |way, n| {
+                counted[usize::from(way == Way::In)].fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        let bridge = tokio::spawn(bridge(
+            Connected::new(near),
+            Connected::new(far),
+            idle,
+            Polling::new(budget),
+            meter,
+        ));
+        (app, server, bridge, counted)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn datagrams_keep_their_boundaries_and_order_both_ways_polled_or_not() {
+        for budget in [Duration::ZERO, Duration::from_millis(1)] {
+            let (app, server, _bridge, counted) = bridged(budget, Duration::from_secs(60)).await;
+            let mut sent = 0;
+            let mut buffer = vec![0u8; MAX_DATAGRAM];
+            for i in 0..300usize {
+                let datagram: Vec<u8> = (0..(i * 37) % 1500).map(|b| (b + i) as u8).collect();
+                app.send(&datagram).await.expect("send");
+                let n = server.recv(&mut buffer).await.expect("server recv");
+                assert_eq!(&buffer[..n], &datagram[..], "datagram {i} out ({budget:?})");
+                let answer: Vec<u8> = datagram.iter().rev().copied().collect();
+                server.send(&answer).await.expect("answer");
+                let n = app.recv(&mut buffer).await.expect("app recv");
+                assert_eq!(&buffer[..n], &answer[..], "datagram {i} in ({budget:?})");
+                sent += datagram.len();
+            }
+            let out = counted[0].load(Ordering::Relaxed);
+            let back = counted[1].load(Ordering::Relaxed);
+            assert_eq!((out, back), (sent, sent), "metered ({budget:?})");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_polled_bridge_that_goes_quiet_ends_after_its_idle_time() {
+        let idle = Duration::from_millis(200);
+        let (app, server, bridge, _) = bridged(Duration::from_millis(1), idle).await;
+        let mut buffer = [0u8; 16];
+        app.send(b"ping").await.expect("send");
+        let n = server.recv(&mut buffer).await.expect("recv");
+        server.send(&buffer[..n]).await.expect("answer");
+        app.recv(&mut buffer).await.expect("answer back");
+        let ended = tokio::time::timeout(Duration::from_secs(20), bridge)
+            .await
+            .expect("the bridge ended when idle")
+            .expect("join");
+        assert!(ended.is_ok(), "{ended:?}");
     }
 }

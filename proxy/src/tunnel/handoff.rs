@@ -35,6 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket, UnixStream};
 use tokio::sync::{Mutex, watch};
 
+use super::busy_poll::Polling;
 use super::datagrams::{self, Connected};
 use super::server::{Carried, FlowRequest, Handler, Link, Upstream, abort};
 
@@ -415,12 +416,13 @@ async fn read_preface(socket: &mut UnixStream) -> io::Result<Result<Kind, String
 
 /// Serves one handoff connection on the router until the sidecar closes it or `shutdown`
 /// turns true: reads the preface, answers it, then relays everything handed over through
-/// `handler`, as flows of `link`.
+/// `handler`, as flows of `link`, UDP clients busy polled as `polling` allows.
 pub async fn serve<H: Handler>(
     mut socket: UnixStream,
     handler: Arc<H>,
     link: Link,
     preface_timeout: Duration,
+    polling: Polling,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let kind = match tokio::time::timeout(preface_timeout, read_preface(&mut socket)).await {
@@ -505,7 +507,8 @@ pub async fn serve<H: Handler>(
             match handed {
                 Handed::Tcp(stream) => tokio::spawn(relay(request, stream, handler.clone())),
                 Handed::Udp(client, idle) => {
-                    tokio::spawn(relay_udp(request, client, idle, handler.clone()))
+                    let polling = polling.clone();
+                    tokio::spawn(relay_udp(request, client, idle, polling, handler.clone()))
                 }
             };
         }
@@ -582,11 +585,12 @@ async fn relay<H: Handler>(request: FlowRequest, mut app: TcpStream, handler: Ar
 
 /// Relays one handed-over UDP client to the far end `handler` opens for it, until the flow has
 /// been idle for `idle`; the client's socket is closed then, so its next datagram reaches the
-/// sidecar again.
+/// sidecar again. A bridge to an endpoint on this node busy polls as `polling` allows.
 async fn relay_udp<H: Handler>(
     request: FlowRequest,
     client: Connected,
     idle: Duration,
+    polling: Polling,
     handler: Arc<H>,
 ) {
     let upstream = match handler.open(&request).await {
@@ -602,7 +606,7 @@ async fn relay_udp<H: Handler>(
     let meter = |way, n| carried.count(way == datagrams::Way::Out, n);
     let result = match upstream {
         Upstream::Udp(endpoint) => {
-            datagrams::bridge(client, Connected::new(endpoint), idle, meter).await
+            datagrams::bridge(client, Connected::new(endpoint), idle, polling, meter).await
         }
         Upstream::Flow(far) => datagrams::relay(far, client, idle, meter).await,
         Upstream::Tcp(_) => Err(io::Error::new(

@@ -25,6 +25,7 @@ use servicekeel_api::tunnel::{
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 
+use super::busy_poll::Polling;
 use super::datagrams::{self, Connected};
 use super::{FlowStream, Io, settings};
 
@@ -192,10 +193,12 @@ pub async fn dial(protocol: Protocol, addr: SocketAddr) -> io::Result<Upstream> 
 }
 
 /// Accepts sidecars' connections until `shutdown` turns true; each is served by
-/// [`serve_connection`].
+/// [`serve_connection`], or as a handoff connection whose UDP clients busy poll as `polling`
+/// allows.
 pub async fn serve<H: Handler>(
     listener: tokio::net::UnixListener,
     handler: Arc<H>,
+    polling: Polling,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop = shutdown.clone();
@@ -206,7 +209,12 @@ pub async fn serve<H: Handler>(
         };
         match io {
             Ok(io) => {
-                tokio::spawn(serve_unix(io, handler.clone(), shutdown.clone()));
+                tokio::spawn(serve_unix(
+                    io,
+                    handler.clone(),
+                    polling.clone(),
+                    shutdown.clone(),
+                ));
             }
             Err(error) => {
                 // Out of descriptors and the like: say so and keep accepting.
@@ -222,6 +230,7 @@ pub async fn serve<H: Handler>(
 async fn serve_unix<H: Handler>(
     io: tokio::net::UnixStream,
     handler: Arc<H>,
+    polling: Polling,
     shutdown: watch::Receiver<bool>,
 ) {
     let first = match tokio::time::timeout(DIAL_TIMEOUT, super::handoff::peek_first(&io)).await {
@@ -237,7 +246,8 @@ async fn serve_unix<H: Handler>(
         }
     };
     if super::handoff::is_handoff(first) {
-        super::handoff::serve(io, handler, Link::sidecar(), DIAL_TIMEOUT, shutdown).await;
+        let link = Link::sidecar();
+        super::handoff::serve(io, handler, link, DIAL_TIMEOUT, polling, shutdown).await;
     } else {
         serve_connection(io, handler, Link::sidecar(), shutdown).await;
     }
