@@ -38,11 +38,12 @@ pub type BoxIo = Box<dyn Io>;
 
 /// HTTP/2 settings both sides use.
 ///
-/// A flow's window is what its sender may have in flight before the receiver reads it, and what
-/// the receiver holds in memory for a flow whose reader stopped. 4 MiB keeps a bulk flow between
-/// routers from waiting on window updates (with 1 MiB, a transfer across two routers ran
-/// 10–12 % slower) and stays below what one TCP socket buffers by default (`tcp_rmem`'s 6 MiB).
-/// The connection's window, shared by all its flows, bounds what they hold together.
+/// A flow's window is what its sender may have in flight before the receiver reads it, and the
+/// most the receiver holds in memory for a flow whose reader stopped. With 1 MiB instead of 4, a
+/// bulk transfer across two routers ran 10–12 % slower (pairs of runs, `BENCHMARKS.md`); 4 MiB
+/// is still less than one TCP socket's receive buffer may grow to there (`net.ipv4.tcp_rmem`'s
+/// maximum, 32 MiB on that machine). The connection's window, shared by all its flows, bounds
+/// what they hold together.
 pub(crate) mod settings {
     /// Per-flow receive window.
     pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
