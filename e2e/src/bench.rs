@@ -97,6 +97,47 @@ impl Drop for Running {
     }
 }
 
+/// Runs a benchmark program's `main` on a runtime of one worker thread, which the load generator
+/// and the servers share; an error is printed after the program's `name` and fails the process.
+pub fn run_main(
+    name: &str,
+    main: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let done = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(main));
+    match done {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// CPU time spent so far by every process a measurement counts.
+pub type Cpu<'a> = &'a dyn Fn() -> anyhow::Result<Duration>;
+
+/// One run of `load`, which returns its units of work and any latencies it measured, timed on
+/// the wall clock and by `cpu`.
+pub async fn sample<F, Fut>(cpu: Cpu<'_>, load: F) -> anyhow::Result<Sample>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(u64, Vec<Duration>)>>,
+{
+    let cpu_before = cpu()?;
+    let started = Instant::now();
+    let (units, latencies) = load().await?;
+    let wall = started.elapsed();
+    let mut sample = Sample::of_latencies(latencies, wall);
+    sample.units = units;
+    sample.cpu = cpu()?.saturating_sub(cpu_before);
+    Ok(sample)
+}
+
 /// The address the client's sidecar gives the imported service with [`Layout::OneNode`] (the
 /// first of its range).
 pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 79, 1);
@@ -125,7 +166,20 @@ pub struct Proxies {
     binary: PathBuf,
     /// The Unix socket of the client's router.
     client_socket: PathBuf,
+    /// What the sidecars' environment adds to the pod's.
+    sidecar_env: Vec<(String, String)>,
     dir: tempfile::TempDir,
+}
+
+/// How the benchmark runs its proxies: by default the proxy image's static release binary, with
+/// the environment a pod or node gives it; a comparison of two builds or two settings names
+/// another binary, or environment added for the routers and for the sidecars (a variable set
+/// here wins over the benchmark's own).
+#[derive(Debug, Clone, Default)]
+pub struct ProxySettings {
+    pub binary: Option<PathBuf>,
+    pub router_env: Vec<(String, String)>,
+    pub sidecar_env: Vec<(String, String)>,
 }
 
 /// The cluster of the benchmark's routers and pods.
@@ -147,6 +201,8 @@ struct SidecarLaunch<'a> {
     socket: &'a Path,
     /// The annotations file's content.
     annotations: String,
+    /// Added to its environment last.
+    env: &'a [(String, String)],
 }
 
 /// A new file `name` in `dir` for a proxy's output.
@@ -201,6 +257,7 @@ impl SidecarLaunch<'_> {
                 format!("unix://{}", self.socket.display()),
             )
             .env("SIDECAR_ANNOTATIONS_FILE", &file)
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdout(log_file(dir, &format!("{name}.log"))?)
             .stderr(log_file(dir, &format!("{name}.err"))?)
             .spawn()
@@ -217,9 +274,22 @@ impl Proxies {
         udp: SocketAddr,
         layout: Layout,
     ) -> anyhow::Result<Proxies> {
-        let binary = images::static_binaries(&[images::PROXY], images::Profile::Release)?
-            .pop()
-            .context("no proxy binary built")?;
+        Proxies::start_with(tcp, udp, layout, &ProxySettings::default()).await
+    }
+
+    /// The same, run as `settings` say.
+    pub async fn start_with(
+        tcp: SocketAddr,
+        udp: SocketAddr,
+        layout: Layout,
+        settings: &ProxySettings,
+    ) -> anyhow::Result<Proxies> {
+        let binary = match &settings.binary {
+            Some(binary) => binary.clone(),
+            None => images::static_binaries(&[images::PROXY], images::Profile::Release)?
+                .pop()
+                .context("no proxy binary built")?,
+        };
         let dir = tempfile::tempdir()?;
         let router = |node: &str, links: &[String]| -> anyhow::Result<(Running, PathBuf)> {
             let socket = dir.path().join(format!("{node}.sock"));
@@ -234,6 +304,7 @@ impl Proxies {
                 .arg(format!("--admin-addr=127.0.0.1:{}", process::free_port()?))
                 .args(links)
                 .env("RUST_LOG", "warn")
+                .envs(settings.router_env.iter().map(|(key, value)| (key, value)))
                 .stdout(log_file(dir.path(), &format!("router-{node}.log"))?)
                 .stderr(log_file(dir.path(), &format!("router-{node}.err"))?)
                 .spawn()
@@ -299,6 +370,7 @@ impl Proxies {
                 admin: SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?)),
                 socket,
                 annotations,
+                env: &settings.sidecar_env,
             };
             launch.start(&binary, dir.path())
         };
@@ -332,6 +404,7 @@ impl Proxies {
             processes,
             binary,
             client_socket,
+            sidecar_env: settings.sidecar_env.clone(),
             tcp: (service_ip, 9000).into(),
             udp: (service_ip, 9001).into(),
             dns: client_dns,
@@ -388,6 +461,7 @@ impl Proxies {
                 admin,
                 socket: &self.client_socket,
                 annotations: format!("servicekeel.io/imported-services={IMPORTED:?}\n"),
+                env: &self.sidecar_env,
             };
             let started = Instant::now();
             let mut sidecar = launch.start(&self.binary, self.dir.path())?;

@@ -7,11 +7,11 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use servicekeel_e2e::bench::baselines::SocatHops;
-use servicekeel_e2e::bench::{self, Layout, Proxies, Sample};
+use servicekeel_e2e::bench::{self, Cpu, Layout, Proxies, Sample, sample};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -76,30 +76,6 @@ impl Row {
     }
 }
 
-/// CPU time spent so far by every process of the benchmark.
-type Cpu<'a> = &'a dyn Fn() -> anyhow::Result<Duration>;
-
-async fn sample<F, Fut>(cpu: Cpu<'_>, load: F) -> anyhow::Result<Sample>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = anyhow::Result<(u64, Vec<Duration>)>>,
-{
-    let cpu_before = cpu()?;
-    let started = Instant::now();
-    let (units, mut latencies) = load().await?;
-    let wall = started.elapsed();
-    let cpu_spent = cpu()?.saturating_sub(cpu_before);
-    latencies.sort();
-    let has = !latencies.is_empty();
-    Ok(Sample {
-        wall,
-        cpu: cpu_spent,
-        units,
-        p50: has.then(|| bench::percentile(&latencies, 0.5)),
-        p99: has.then(|| bench::percentile(&latencies, 0.99)),
-    })
-}
-
 /// Baseline and candidate `pairs` times, alternating.
 async fn pairs<F, Fut>(
     cpu: Cpu<'_>,
@@ -131,25 +107,7 @@ fn figure(value: f64) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("servicekeel-bench: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("servicekeel-bench: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench::run_main("servicekeel-bench", run(Cli::parse()))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

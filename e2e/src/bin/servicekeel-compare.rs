@@ -1,0 +1,412 @@
+//! `servicekeel-compare`: two builds, or two settings, of the proxies on one load of the
+//! data-path benchmark. Each pair of runs starts side A's proxies, measures the load against its
+//! reference (the direct path, or `dnsmasq` for DNS) and through them, stops them, then does the
+//! same for side B; the side that goes first alternates from pair to pair. Every proxy starts
+//! fresh for its run, so neither side inherits the other's state.
+//!
+//! `cargo run --release -p servicekeel-e2e --bin servicekeel-compare -- --load across \
+//!   --b-router-env TOKIO_WORKER_THREADS=1`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use servicekeel_e2e::bench::baselines::{self, Dnsmasq, dnsperf, measured};
+use servicekeel_e2e::bench::{self, Layout, Proxies, ProxySettings, Sample, sample};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "servicekeel-compare",
+    about = "Two builds or settings of the proxies, pair by pair, on one benchmark load"
+)]
+struct Cli {
+    /// The load both sides carry.
+    #[arg(long, value_enum)]
+    load: LoadKind,
+    /// Pairs of runs (the medians are reported).
+    #[arg(long, default_value_t = 8)]
+    pairs: usize,
+    /// Side A's proxy binary (default: the proxy image's static release build of this checkout).
+    #[arg(long)]
+    a_binary: Option<PathBuf>,
+    /// Side B's proxy binary (default: the same as A's default).
+    #[arg(long)]
+    b_binary: Option<PathBuf>,
+    /// KEY=VALUE added to side A's routers' environment; repeatable.
+    #[arg(long, value_parser = parse_env)]
+    a_router_env: Vec<(String, String)>,
+    /// KEY=VALUE added to side A's sidecars' environment; repeatable.
+    #[arg(long, value_parser = parse_env)]
+    a_sidecar_env: Vec<(String, String)>,
+    /// KEY=VALUE added to side B's routers' environment; repeatable.
+    #[arg(long, value_parser = parse_env)]
+    b_router_env: Vec<(String, String)>,
+    /// KEY=VALUE added to side B's sidecars' environment; repeatable.
+    #[arg(long, value_parser = parse_env)]
+    b_sidecar_env: Vec<(String, String)>,
+}
+
+/// The loads, as `servicekeel-bench` runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LoadKind {
+    /// TCP bulk, 256 MiB per run, on one node.
+    Bulk,
+    /// TCP bulk, 256 MiB per run, across two routers and their mutual-TLS link.
+    Across,
+    /// 2,000 new TCP connections, one 1-byte request each, 16 at a time.
+    Connections,
+    /// 1,000 64-byte requests at 1k req/s on one connection.
+    Paced,
+    /// 5,000 512-byte datagrams echoed one at a time.
+    Udp,
+    /// `dnsperf` flat out for 3 s on an imported name, against `dnsmasq` answering it.
+    Dns,
+}
+
+impl LoadKind {
+    fn layout(self) -> Layout {
+        match self {
+            LoadKind::Across => Layout::TwoNodes,
+            _ => Layout::OneNode,
+        }
+    }
+
+    /// The unit of its rate and what the rate is divided by to show it; the unit CPU time is
+    /// given per, and how many units of work that is.
+    fn units(self) -> (&'static str, f64, &'static str, f64) {
+        match self {
+            LoadKind::Bulk | LoadKind::Across => ("MB/s", 1e6, "MiB", 1048576.0),
+            LoadKind::Connections => ("conn/s", 1.0, "conn", 1.0),
+            LoadKind::Paced => ("req/s", 1.0, "req", 1.0),
+            LoadKind::Udp => ("dgram/s", 1.0, "dgram", 1.0),
+            LoadKind::Dns => ("q/s", 1.0, "query", 1.0),
+        }
+    }
+
+    /// Whether a side is judged by its p50 against the reference (a fixed rate) rather than by
+    /// its rate.
+    fn judged_by_latency(self) -> bool {
+        self == LoadKind::Paced
+    }
+}
+
+/// `KEY=VALUE`, for an environment variable.
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return Err(format!("{key:?} is not an environment variable's name"));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// One side's run of a pair: its reference and itself, measured back to back.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    reference: Sample,
+    side: Sample,
+}
+
+impl Run {
+    fn ratio(&self) -> f64 {
+        self.side.rate() / self.reference.rate()
+    }
+
+    /// Microseconds the side adds to the reference's p50 and p99.
+    fn added(&self) -> (f64, f64) {
+        let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
+        (
+            us(self.side.p50) - us(self.reference.p50),
+            us(self.side.p99) - us(self.reference.p99),
+        )
+    }
+}
+
+/// The pairs' medians, and in how many pairs B did better than A.
+#[derive(Debug, PartialEq)]
+struct Summary {
+    ratio: (f64, f64),
+    added_p50: (f64, f64),
+    added_p99: (f64, f64),
+    b_ahead: usize,
+}
+
+fn summarize(pairs: &[(Run, Run)], by_latency: bool) -> Summary {
+    let median = |f: &dyn Fn(&(Run, Run)) -> f64| {
+        let mut values: Vec<f64> = pairs.iter().map(f).collect();
+        bench::median(&mut values)
+    };
+    let b_ahead = pairs
+        .iter()
+        .filter(|(a, b)| match by_latency {
+            true => b.added().0 < a.added().0,
+            false => b.ratio() > a.ratio(),
+        })
+        .count();
+    Summary {
+        ratio: (median(&|(a, _)| a.ratio()), median(&|(_, b)| b.ratio())),
+        added_p50: (median(&|(a, _)| a.added().0), median(&|(_, b)| b.added().0)),
+        added_p99: (median(&|(a, _)| a.added().1), median(&|(_, b)| b.added().1)),
+        b_ahead,
+    }
+}
+
+fn main() -> ExitCode {
+    bench::run_main("servicekeel-compare", run(Cli::parse()))
+}
+
+/// The name the client sidecar imports, as its pod's resolver asks for it.
+const IMPORTED_NAME: &str = "sink.default.svc.cluster.local";
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let load = cli.load;
+    let sides = [
+        (
+            "A",
+            ProxySettings {
+                binary: cli.a_binary,
+                router_env: cli.a_router_env,
+                sidecar_env: cli.a_sidecar_env,
+            },
+        ),
+        (
+            "B",
+            ProxySettings {
+                binary: cli.b_binary,
+                router_env: cli.b_router_env,
+                sidecar_env: cli.b_sidecar_env,
+            },
+        ),
+    ];
+    for (name, settings) in &sides {
+        if let Some(binary) = &settings.binary {
+            anyhow::ensure!(
+                binary.is_file(),
+                "side {name}'s binary {} does not exist",
+                binary.display()
+            );
+        }
+    }
+    let (tcp, udp) = bench::servers().await?;
+    let dnsmasq = match load {
+        LoadKind::Dns => {
+            baselines::install()?;
+            Some(Dnsmasq::start(IMPORTED_NAME, bench::SERVICE_IP).await?)
+        }
+        _ => None,
+    };
+    let mut pairs = Vec::new();
+    for pair in 0..cli.pairs.max(1) {
+        let mut runs = [None, None];
+        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
+        for index in order {
+            let settings = &sides[index].1;
+            let proxies = Proxies::start_with(tcp, udp, load.layout(), settings)
+                .await
+                .with_context(|| format!("starting side {}'s proxies", sides[index].0))?;
+            runs[index] = Some(match &dnsmasq {
+                Some(dnsmasq) => dns_run(dnsmasq, &proxies).await?,
+                None => data_run(load, tcp, udp, &proxies).await?,
+            });
+        }
+        let [Some(a), Some(b)] = runs else {
+            unreachable!("both sides ran")
+        };
+        eprintln!(
+            "pair {}: A {:.3}×, B {:.3}×",
+            pair + 1,
+            a.ratio(),
+            b.ratio()
+        );
+        pairs.push((a, b));
+    }
+    print!("{}", render(load, &sides, &pairs));
+    Ok(())
+}
+
+/// The data-path load against the direct path, then through `proxies`.
+async fn data_run(
+    load: LoadKind,
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    proxies: &Proxies,
+) -> anyhow::Result<Run> {
+    let cpu =
+        &|| -> anyhow::Result<Duration> { Ok(bench::cpu_of(std::process::id())? + proxies.cpu()?) };
+    let once = |tcp: SocketAddr, udp: SocketAddr| async move {
+        match load {
+            LoadKind::Bulk | LoadKind::Across => {
+                Ok((bench::tcp_bulk(tcp, 256 << 20).await?, Vec::new()))
+            }
+            LoadKind::Connections => Ok((bench::tcp_connections(tcp, 2000).await?, Vec::new())),
+            LoadKind::Paced => {
+                let latencies = bench::tcp_paced(tcp, 1000, 1000).await?;
+                Ok((latencies.len() as u64, latencies))
+            }
+            LoadKind::Udp => {
+                let latencies = bench::udp_echo(udp, 5000).await?;
+                Ok((latencies.len() as u64, latencies))
+            }
+            LoadKind::Dns => unreachable!("DNS is measured by dns_run"),
+        }
+    };
+    let reference = sample(cpu, || once(tcp, udp)).await?;
+    let side = sample(cpu, || once(proxies.tcp, proxies.udp)).await?;
+    Ok(Run { reference, side })
+}
+
+/// `dnsperf` against `dnsmasq`, then against the client sidecar; CPU of the server alone.
+async fn dns_run(dnsmasq: &Dnsmasq, proxies: &Proxies) -> anyhow::Result<Run> {
+    let names = [IMPORTED_NAME];
+    let load = baselines::Load::Flat(Duration::from_secs(3));
+    let reference = measured(dnsmasq.pid(), || dnsperf(dnsmasq.addr, &names, load)).await?;
+    let side = measured(proxies.client_sidecar(), || {
+        dnsperf(proxies.dns, &names, load)
+    })
+    .await?;
+    Ok(Run { reference, side })
+}
+
+fn describe(settings: &ProxySettings) -> String {
+    let binary = settings.binary.as_ref().map_or_else(
+        || "the proxy image's release build of this checkout".to_string(),
+        |binary| format!("`{}`", binary.display()),
+    );
+    let env = |env: &[(String, String)]| {
+        if env.is_empty() {
+            "nothing".to_string()
+        } else {
+            env.iter()
+                .map(|(key, value)| format!("`{key}={value}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    format!(
+        "{binary}; routers' environment adds {}, sidecars' adds {}",
+        env(&settings.router_env),
+        env(&settings.sidecar_env)
+    )
+}
+
+fn render(load: LoadKind, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) -> String {
+    use std::fmt::Write as _;
+    let (unit, scale, per, per_unit) = load.units();
+    let reference = match load {
+        LoadKind::Dns => "dnsmasq",
+        _ => "direct",
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# {load:?}: A against B, {} pairs, on {}\n",
+        pairs.len(),
+        bench::machine()
+    );
+    for (name, settings) in sides {
+        let _ = writeln!(out, "- {name}: {}", describe(settings));
+    }
+    let _ = writeln!(
+        out,
+        "\n| pair | {reference} | A | A/{reference} | A adds p50, p99 µs | CPU A µs/{per} | {reference} | B | B/{reference} | B adds p50, p99 µs | CPU B µs/{per} |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for (index, (a, b)) in pairs.iter().enumerate() {
+        let _ = write!(out, "| {} ", index + 1);
+        for run in [a, b] {
+            let added = match run.side.p50 {
+                Some(_) => format!("{:+.0}, {:+.0}", run.added().0, run.added().1),
+                None => "—".into(),
+            };
+            let _ = write!(
+                out,
+                "| {:.0} {unit} | {:.0} {unit} | {:.3}× | {added} | {:.1} ",
+                run.reference.rate() / scale,
+                run.side.rate() / scale,
+                run.ratio(),
+                run.side.cpu_per_unit_us() * per_unit,
+            );
+        }
+        let _ = writeln!(out, "|");
+    }
+    let summary = summarize(pairs, load.judged_by_latency());
+    let latencies = match pairs.first().and_then(|(a, _)| a.side.p50) {
+        Some(_) => format!(
+            "; p50 added A {:+.0} µs, B {:+.0} µs; p99 added A {:+.0} µs, B {:+.0} µs",
+            summary.added_p50.0, summary.added_p50.1, summary.added_p99.0, summary.added_p99.1,
+        ),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "\nMedians: A {:.3}× {reference}, B {:.3}×{latencies}. B ahead (by {}) in {} of {} pairs.",
+        summary.ratio.0,
+        summary.ratio.1,
+        if load.judged_by_latency() {
+            "p50 added"
+        } else {
+            "ratio"
+        },
+        summary.b_ahead,
+        pairs.len()
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_settings_are_key_equals_value() {
+        assert_eq!(
+            parse_env("TOKIO_WORKER_THREADS=1"),
+            Ok(("TOKIO_WORKER_THREADS".into(), "1".into()))
+        );
+        assert_eq!(parse_env("RUST_LOG="), Ok(("RUST_LOG".into(), "".into())));
+        assert_eq!(
+            parse_env("A=b=c"),
+            Ok(("A".into(), "b=c".into())),
+            "the value may hold '='"
+        );
+        assert!(parse_env("TOKIO_WORKER_THREADS").is_err());
+        assert!(parse_env("=1").is_err());
+        assert!(parse_env("A B=1").is_err());
+    }
+
+    /// A run whose reference does `reference` units and the side `side` units in one second,
+    /// with p50s of `p50s` µs.
+    fn run(reference: u64, side: u64, p50s: (u64, u64)) -> Run {
+        let sample = |units, p50: u64| Sample {
+            wall: Duration::from_secs(1),
+            cpu: Duration::ZERO,
+            units,
+            p50: Some(Duration::from_micros(p50)),
+            p99: Some(Duration::from_micros(p50 * 2)),
+        };
+        Run {
+            reference: sample(reference, p50s.0),
+            side: sample(side, p50s.1),
+        }
+    }
+
+    #[test]
+    fn the_summary_gives_medians_and_counts_the_pairs_b_won() {
+        let pairs = [
+            (run(100, 30, (10, 20)), run(100, 40, (10, 30))),
+            (run(100, 35, (10, 25)), run(200, 60, (10, 15))),
+            (run(100, 32, (10, 40)), run(100, 31, (10, 20))),
+        ];
+        let by_rate = summarize(&pairs, false);
+        assert_eq!(by_rate.ratio, (0.32, 0.31));
+        assert_eq!(by_rate.b_ahead, 1, "only the first pair's B beat its A");
+        assert_eq!(by_rate.added_p50, (15.0, 10.0));
+        assert_eq!(by_rate.added_p99, (30.0, 20.0));
+        let by_latency = summarize(&pairs, true);
+        assert_eq!(by_latency.b_ahead, 2, "B added less to p50 in two pairs");
+    }
+}
