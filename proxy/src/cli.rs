@@ -105,6 +105,10 @@ pub struct RouterArgs {
     /// Most flows carried at once; past it, new flows are refused (503).
     #[arg(long, env = "SERVICEKEEL_ROUTER_MAX_FLOWS", default_value_t = defaults::ROUTER_MAX_FLOWS, value_parser = parse_limit)]
     pub max_flows: usize,
+    /// Threads the links to other routers run on, each link whole on one of them (default: one
+    /// per CPU the router may use).
+    #[arg(long, env = "SERVICEKEEL_ROUTER_LINK_THREADS", value_parser = parse_limit)]
+    pub link_threads: Option<usize>,
     /// Do not watch an API server: route from registrations and the snapshot only.
     #[arg(long, env = "SERVICEKEEL_ROUTER_NO_API")]
     pub no_api: bool,
@@ -155,10 +159,16 @@ impl RouterArgs {
                 certificate: self.tls_cert,
                 key: self.tls_key,
                 ca: self.tls_ca,
+                threads: self
+                    .link_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             }),
         };
         if links.is_none() && self.peers.is_some() {
             return Err("--peers needs --peer-listen: links are off without it".into());
+        }
+        if links.is_none() && self.link_threads.is_some() {
+            return Err("--link-threads needs --peer-listen: links are off without it".into());
         }
         let sidecar_tcp = match (self.sidecar_listen, self.sidecar_allow.is_empty()) {
             (None, true) => None,
@@ -209,6 +219,40 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// The router's config from `args` after the required ones.
+    fn router_config(args: &[&str]) -> Result<RouterConfig, String> {
+        let line = [
+            "servicekeel-proxy",
+            "router",
+            "--node=edge-1",
+            "--cluster=cluster-a",
+        ];
+        let cli = Cli::try_parse_from(line.iter().chain(args)).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Router(args) => args.into_config(),
+            other => panic!("not the router: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn link_threads_default_to_one_per_cpu_and_need_links() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = |args: &[&str]| router_config(args).map(|c| c.links.map(|l| l.threads));
+        assert_eq!(threads(&["--peer-listen=127.0.0.1:0"]), Ok(Some(cpus)));
+        assert_eq!(
+            threads(&["--peer-listen=127.0.0.1:0", "--link-threads=3"]),
+            Ok(Some(3))
+        );
+        let error = threads(&["--link-threads=3"]).expect_err("no links");
+        assert!(
+            error.contains("--link-threads needs --peer-listen"),
+            "{error}"
+        );
+        let error =
+            threads(&["--peer-listen=127.0.0.1:0", "--link-threads=0"]).expect_err("no thread");
+        assert!(error.contains("not a positive number"), "{error}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - Plaintext, an unknown CA, an expired or not yet valid certificate, no certificate or a wrong identity end
 //!   the connection before any request is read, and are counted by [`Refused`].
 //! - Links carry HTTP/2 pings; a peer that stops answering is dropped and redialled.
+//! - Each link runs whole on one of the router's [`LinkThreads`].
 
 use std::collections::BTreeMap;
 use std::io;
@@ -29,6 +30,65 @@ use crate::shutdown::stopped;
 use crate::tunnel::BoxIo;
 use crate::tunnel::client::Connector;
 use crate::tunnel::server::{Handler, Link, LinkId, Peer, serve_connection};
+
+/// The threads links run on, each with a single-threaded runtime of its own. A link runs whole
+/// on one of them, given in turn: its TLS session, its HTTP/2 connection, and the relays of the
+/// TCP flows it carries (a connection handed over by a sidecar moves there with its flow), so a
+/// flow's bytes are read, framed and sealed on one thread instead of passing between the
+/// threads of the router's main runtime. Links to different peers spread over the threads; one
+/// link uses at most one core. The threads end once every clone of this is dropped.
+#[derive(Debug, Clone)]
+pub struct LinkThreads {
+    inner: Arc<Threads>,
+}
+
+#[derive(Debug)]
+struct Threads {
+    runtimes: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+    /// Dropped with the last clone, which ends every thread.
+    _end: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl LinkThreads {
+    /// Starts `count` threads (at least one). They are made by the calling thread, and so are in
+    /// its network namespace.
+    pub fn start(count: usize) -> io::Result<LinkThreads> {
+        let mut runtimes = Vec::new();
+        let mut ends = Vec::new();
+        for index in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtimes.push(runtime.handle().clone());
+            let (end, ended) = tokio::sync::oneshot::channel::<()>();
+            ends.push(end);
+            std::thread::Builder::new()
+                .name(format!("link-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async {
+                        let _ = ended.await;
+                    })
+                })?;
+        }
+        Ok(LinkThreads {
+            inner: Arc::new(Threads {
+                runtimes,
+                next: std::sync::atomic::AtomicUsize::new(0),
+                _end: ends,
+            }),
+        })
+    }
+
+    /// The runtime of the thread for the next link.
+    pub fn next(&self) -> tokio::runtime::Handle {
+        let turn = self
+            .inner
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.runtimes[turn % self.inner.runtimes.len()].clone()
+    }
+}
 
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -310,9 +370,11 @@ fn tune(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
 }
 
-/// Accepts links from peer routers until `shutdown`; refused peers are reported to `refused`.
+/// Accepts links from peer routers until `shutdown`, each run on the next of `threads`;
+/// refused peers are reported to `refused`.
 pub async fn accept<H: Handler>(
     listener: TcpListener,
+    threads: LinkThreads,
     trust: Arc<Trust>,
     handler: Arc<H>,
     refused: Arc<dyn Fn(Refused) + Send + Sync>,
@@ -333,6 +395,14 @@ pub async fn accept<H: Handler>(
             _ = stopped(&mut stop) => return Ok(()),
         };
         tune(&tcp);
+        // The connection moves to its link's thread.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                tracing::warn!(%addr, %error, "peer connection dropped");
+                continue;
+            }
+        };
         let (acceptor, trust, handler, refused, shutdown) = (
             acceptor.clone(),
             trust.clone(),
@@ -340,7 +410,14 @@ pub async fn accept<H: Handler>(
             refused.clone(),
             shutdown.clone(),
         );
-        tokio::spawn(async move {
+        threads.next().spawn(async move {
+            let tcp = match TcpStream::from_std(tcp) {
+                Ok(tcp) => tcp,
+                Err(error) => {
+                    tracing::warn!(%addr, %error, "peer connection dropped");
+                    return refused(Refused::Other);
+                }
+            };
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
@@ -366,5 +443,55 @@ pub async fn accept<H: Handler>(
             };
             serve_connection(tls, handler, link, shutdown).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The name of the thread a task spawned on `runtime` runs on.
+    async fn thread_of(runtime: &tokio::runtime::Handle) -> String {
+        runtime
+            .spawn(async { std::thread::current().name().map(str::to_string) })
+            .await
+            .expect("the task ran")
+            .expect("a named thread")
+    }
+
+    #[tokio::test]
+    async fn links_are_given_the_threads_in_turn() {
+        let threads = LinkThreads::start(2).expect("threads");
+        let mut names = Vec::new();
+        for _ in 0..3 {
+            names.push(thread_of(&threads.next()).await);
+        }
+        assert_eq!(names, ["link-0", "link-1", "link-0"]);
+        let one = LinkThreads::start(0).expect("threads");
+        assert_eq!(
+            thread_of(&one.next()).await,
+            "link-0",
+            "at least one thread"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_threads_end_with_the_last_clone_and_drop_their_tasks() {
+        let threads = LinkThreads::start(1).expect("threads");
+        let runtime = threads.next();
+        // A task that never finishes holds `held`: its receiver learns when the task is gone.
+        let (held, gone) = tokio::sync::oneshot::channel::<()>();
+        runtime.spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await
+        });
+        let clone = threads.clone();
+        drop(threads);
+        assert_eq!(thread_of(&runtime).await, "link-0", "a clone keeps them");
+        drop(clone);
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .expect("the thread's tasks were dropped")
+            .expect_err("the task never finished, it was dropped");
     }
 }

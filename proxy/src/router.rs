@@ -32,7 +32,7 @@ use servicekeel_api::tunnel::registration::Registration;
 use tokio::sync::{Notify, watch};
 
 use crate::admin;
-use crate::links::{PeerConnector, Refused, TlsError, Trust};
+use crate::links::{LinkThreads, PeerConnector, Refused, TlsError, Trust};
 use crate::registry::{Ejections, Endpoint, Here, Registry};
 use crate::snapshot;
 use crate::tunnel::busy_poll::Polling;
@@ -102,6 +102,8 @@ pub struct LinksConfig {
     /// This cluster's CA bundle.
     pub ca: PathBuf,
     pub peers: Peers,
+    /// Threads the links run on ([`LinkThreads`]).
+    pub threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,8 @@ pub enum RouterError {
         addr: SocketAddr,
         cause: std::io::Error,
     },
+    #[error("cannot start the link threads: {0}")]
+    LinkThreads(std::io::Error),
     #[error("cannot listen for sidecars on {addr}: {cause}")]
     SidecarListen {
         addr: SocketAddr,
@@ -147,6 +151,7 @@ struct Links {
 
 #[derive(Debug)]
 struct LinkFactory {
+    threads: LinkThreads,
     trust: Trust,
     cluster: String,
     me: Source,
@@ -196,8 +201,12 @@ impl Links {
             match PeerConnector::new(&factory.trust, &factory.cluster, addrs.clone()) {
                 Ok(connector) => {
                     tracing::info!(node = %name, addrs = ?addrs, "linking");
-                    let client =
-                        Client::start_link(connector, &factory.me, factory.stopped.clone());
+                    let client = Client::start_link(
+                        connector,
+                        &factory.me,
+                        factory.stopped.clone(),
+                        factory.threads.next(),
+                    );
                     nodes.insert(name, (addrs, client));
                 }
                 Err(error) => tracing::warn!(node = %name, %error, "cannot link"),
@@ -512,10 +521,10 @@ impl Router {
             Err(error) => tracing::warn!(%error, "snapshot not used; starting empty"),
         }
         let (stop, stopped) = watch::channel(false);
-        let (links, trust) = match &config.links {
+        let (links, accepting) = match &config.links {
             Some(links) => {
-                let (made, trust) = connect_links(&config, links, &stopped)?;
-                (made, Some(trust))
+                let (made, trust, threads) = connect_links(&config, links, &stopped)?;
+                (made, Some((trust, threads)))
             }
             None => (Links::default(), None),
         };
@@ -555,7 +564,7 @@ impl Router {
             stopped.clone(),
         ));
         let mut peer_addr = None;
-        if let (Some(links), Some(trust)) = (&config.links, trust) {
+        if let (Some(links), Some((trust, threads))) = (&config.links, accepting) {
             let listener = tokio::net::TcpListener::bind(links.listen)
                 .await
                 .map_err(|cause| RouterError::PeerListen {
@@ -569,6 +578,7 @@ impl Router {
             });
             let accepting = crate::links::accept(
                 listener,
+                threads,
                 Arc::new(trust),
                 shared.clone(),
                 refused,
@@ -716,12 +726,13 @@ async fn watch_api(config: &RouterConfig, shared: &Arc<Shared>, stopped: &watch:
     ));
 }
 
-/// Loads the TLS material and starts a link client for every peer in the peers file.
+/// Loads the TLS material, starts the link threads and a link client for every peer in the
+/// peers file.
 fn connect_links(
     config: &RouterConfig,
     links: &LinksConfig,
     stopped: &watch::Receiver<bool>,
-) -> Result<(Links, Trust), RouterError> {
+) -> Result<(Links, Trust, LinkThreads), RouterError> {
     let bundles: BTreeMap<String, PathBuf> = links
         .peers
         .clusters
@@ -741,6 +752,7 @@ fn connect_links(
         name: config.node.clone(),
         ip: None,
     };
+    let threads = LinkThreads::start(links.threads).map_err(RouterError::LinkThreads)?;
     let mut made = Links {
         file_nodes: links.peers.nodes.clone(),
         ..Links::default()
@@ -749,17 +761,18 @@ fn connect_links(
         let connector = PeerConnector::new(&trust, cluster, peer.gateways.clone())?;
         made.clusters.insert(
             cluster.clone(),
-            Client::start_link(connector, &me, stopped.clone()),
+            Client::start_link(connector, &me, stopped.clone(), threads.next()),
         );
     }
     made.factory = Some(LinkFactory {
+        threads: threads.clone(),
         trust: trust.clone(),
         cluster: config.cluster.clone(),
         me,
         stopped: stopped.clone(),
     });
     made.set_nodes(BTreeMap::new());
-    Ok((made, trust))
+    Ok((made, trust, threads))
 }
 
 /// Binds the sidecars' socket: a stale socket file from an earlier run is replaced (anything

@@ -33,6 +33,7 @@ fn links(dir: &Path, ca: &Ca, identity: &str, peers: Peers) -> LinksConfig {
         key: dir.join("tls.key"),
         ca: dir.join("ca.crt"),
         peers,
+        threads: 2,
     }
 }
 
@@ -413,6 +414,7 @@ async fn certificates_made_by_certs_router_sh_link_routers() {
         key: certs.join("tls.key"),
         ca: certs.join("ca.crt"),
         peers: Peers::default(),
+        threads: 1,
     };
     let router = Router::start(router_config(dir.path(), "edge-1", "cluster-a", links))
         .await
@@ -579,4 +581,80 @@ async fn slow_clients_on_the_socket_and_the_peer_port_are_cut_by_timeouts_while_
     }
     one.shutdown().await;
     two.shutdown().await;
+}
+
+/// The thread a task spawned on `runtime` runs on.
+async fn thread_of(runtime: &tokio::runtime::Handle) -> String {
+    runtime
+        .spawn(async {
+            std::thread::current()
+                .name()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_clients_flows_name_its_thread_and_carry_bytes_exactly() {
+    use servicekeel_api::Protocol;
+    use servicekeel_api::addresses::RouterAddr;
+    use servicekeel_api::tunnel::{FlowTarget, Source};
+    use servicekeel_proxy::links::LinkThreads;
+    use servicekeel_proxy::tunnel::client::Client;
+    use support::{RouterState, TestRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let peer = TestRouter::start(
+        &dir.path().join("peer.sock"),
+        std::sync::Arc::new(RouterState::default()),
+    )
+    .await;
+    peer.route(
+        "echo.default.cluster-a:7000",
+        Protocol::Tcp,
+        tcp_echo().await,
+    );
+    let target = FlowTarget::parse("echo.default.cluster-a:7000", "TCP").unwrap();
+    let me: Source = "servicekeel-system/edge-1".parse().unwrap();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let connector = || RouterAddr::Unix(peer.path.clone());
+
+    let threads = LinkThreads::start(2).unwrap();
+    let _first = Client::start_link(connector(), &me, stopped.clone(), threads.next());
+    let link = Client::start_link(connector(), &me, stopped.clone(), threads.next());
+    let mut flow = tokio::time::timeout(PATIENCE, link.open(&target))
+        .await
+        .unwrap()
+        .unwrap();
+    let home = flow.home().expect("a link's flow names its thread").clone();
+    assert_eq!(
+        thread_of(&home).await,
+        "link-1",
+        "the second link, the second thread"
+    );
+
+    // What goes in comes back whole, the send side half-closed first.
+    let data = support::pattern(7, 4 << 20);
+    let (mut reading, mut writing) = tokio::io::split(&mut flow);
+    let ((), back) = tokio::join!(
+        async {
+            writing.write_all(&data).await.unwrap();
+            writing.shutdown().await.unwrap();
+        },
+        async {
+            let mut back = Vec::new();
+            reading.read_to_end(&mut back).await.unwrap();
+            back
+        }
+    );
+    assert!(back == data, "the echo differs from what was sent");
+
+    let plain = Client::start(connector(), &me, stopped);
+    let flow = tokio::time::timeout(PATIENCE, plain.open(&target))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(flow.home().is_none(), "a sidecar's flows run where it does");
 }

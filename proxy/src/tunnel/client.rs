@@ -20,6 +20,7 @@ use servicekeel_api::tunnel::registration::Registration;
 use servicekeel_api::tunnel::{
     FlowTarget, PROTOCOL_HEADER, REGISTRATION_PATH, SOURCE_HEADER, Source, VERSION, VERSION_HEADER,
 };
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, watch};
 
 use crate::shutdown::stopped;
@@ -117,6 +118,8 @@ struct Shared {
     keepalive: bool,
     /// Set by [`Client::close`].
     closed: watch::Sender<bool>,
+    /// The runtime the connection runs on, when it is not the caller's: a link's own thread.
+    home: Option<Handle>,
 }
 
 impl fmt::Debug for Shared {
@@ -136,24 +139,27 @@ impl Client {
         source: &Source,
         stop: watch::Receiver<bool>,
     ) -> Client {
-        Self::spawn(connector, source, stop, false)
+        Self::spawn(connector, source, stop, None)
     }
 
-    /// Like [`Client::start`], for a link to a peer router: the connection is pinged every
+    /// Like [`Client::start`], for a link to a peer router: the connection runs on `home` (a
+    /// link thread's runtime; its flows report it, see [`FlowStream::home`]), is pinged every
     /// [`PING_INTERVAL`] and dropped when a ping goes unanswered for [`PING_TIMEOUT`].
     pub fn start_link(
         connector: impl Connector,
         source: &Source,
         stop: watch::Receiver<bool>,
+        home: Handle,
     ) -> Client {
-        Self::spawn(connector, source, stop, true)
+        Self::spawn(connector, source, stop, Some(home))
     }
 
+    /// A link (pinged) when it has a `home`.
     fn spawn(
         connector: impl Connector,
         source: &Source,
         stop: watch::Receiver<bool>,
-        keepalive: bool,
+        home: Option<Handle>,
     ) -> Client {
         let router = connector.describe();
         let source = HeaderValue::from_str(&source.to_string())
@@ -165,21 +171,23 @@ impl Client {
             link: watch::Sender::new(Link::Connecting),
             wake: Notify::new(),
             registration: watch::Sender::new(None),
-            keepalive,
+            keepalive: home.is_some(),
             closed: watch::Sender::new(false),
+            home: home.clone(),
         });
         // The connection task ends on the caller's stop or on `close`, whichever comes first.
         let (end, ended) = watch::channel(false);
         let mut closed = shared.closed.subscribe();
         let mut stop = stop;
-        tokio::spawn(async move {
+        let home = home.unwrap_or_else(Handle::current);
+        home.spawn(async move {
             tokio::select! {
                 _ = stopped(&mut stop) => {}
                 _ = stopped(&mut closed) => {}
             }
             let _ = end.send(true);
         });
-        tokio::spawn(maintain(shared.clone(), ended));
+        home.spawn(maintain(shared.clone(), ended));
         Client { shared }
     }
 
@@ -257,7 +265,7 @@ impl Client {
         let status = response.status();
         let body = response.into_body();
         if status == StatusCode::OK {
-            return Ok(FlowStream::new(send, body));
+            return Ok(FlowStream::new(send, body).at_home(self.shared.home.clone()));
         }
         Err(OpenError::Refused {
             target: target.to_string(),

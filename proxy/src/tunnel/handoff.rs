@@ -37,7 +37,7 @@ use tokio::sync::{Mutex, watch};
 
 use super::busy_poll::Polling;
 use super::datagrams::{self, Connected};
-use super::server::{Carried, FlowRequest, Handler, Link, Upstream, abort};
+use super::server::{Carried, Finished, FlowRequest, Handler, Link, Upstream, abort, at_home};
 
 /// How long connecting and the router's answer to the preface may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -564,7 +564,7 @@ fn connected_socket(
 }
 
 /// Relays one handed-over connection to the far end `handler` opens for it.
-async fn relay<H: Handler>(request: FlowRequest, mut app: TcpStream, handler: Arc<H>) {
+async fn relay<H: Handler>(request: FlowRequest, app: TcpStream, handler: Arc<H>) {
     let upstream = match handler.open(&request).await {
         Ok(upstream) => upstream,
         Err(refusal) => {
@@ -573,14 +573,39 @@ async fn relay<H: Handler>(request: FlowRequest, mut app: TcpStream, handler: Ar
             return abort(&app);
         }
     };
+    let home = match &upstream {
+        Upstream::Flow(flow) => flow.home().cloned(),
+        _ => None,
+    };
+    let finished = match home {
+        None => relay_to_end(upstream, app).await,
+        // The connection moves to the link's thread with its flow.
+        Some(home) => match app.into_std() {
+            Ok(app) => {
+                at_home(Some(home), async move {
+                    match TcpStream::from_std(app) {
+                        Ok(app) => relay_to_end(upstream, app).await,
+                        Err(error) => Finished::failed(error),
+                    }
+                })
+                .await
+            }
+            Err(error) => Finished::failed(error),
+        },
+    };
+    handler.finished(&request, &finished);
+}
+
+/// Relays a handed-over connection to `upstream` until both ways ended, then closes it: as any
+/// connection closes when the relay ran to its end, with a reset when it broke.
+async fn relay_to_end(upstream: Upstream, mut app: TcpStream) -> Finished {
     let finished = super::server::carry(upstream, &mut app).await;
     if finished.result.is_ok() {
-        // Relayed to its end: close it as any connection closes.
         let _ = socket2::SockRef::from(&app).set_linger(None);
     } else {
         abort(&app);
     }
-    handler.finished(&request, &finished);
+    finished
 }
 
 /// Relays one handed-over UDP client to the far end `handler` opens for it, until the flow has

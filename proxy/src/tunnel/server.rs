@@ -23,6 +23,7 @@ use servicekeel_api::tunnel::{
     VERSION_HEADER, check_version,
 };
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use super::busy_poll::Polling;
@@ -135,6 +136,33 @@ pub struct Finished {
     /// Bytes from the endpoint towards the client.
     pub received: u64,
     pub result: io::Result<()>,
+}
+
+impl Finished {
+    /// A flow that ended before carrying anything.
+    pub(crate) fn failed(error: io::Error) -> Finished {
+        Finished {
+            sent: 0,
+            received: 0,
+            result: Err(error),
+        }
+    }
+}
+
+/// Runs `relay` on `home`, the runtime of the link carrying its flow, when there is one (so
+/// the flow's bytes are copied on the thread that frames and seals them), or here.
+pub(crate) async fn at_home(
+    home: Option<Handle>,
+    relay: impl Future<Output = Finished> + Send + 'static,
+) -> Finished {
+    match home {
+        None => relay.await,
+        Some(home) => home.spawn(relay).await.unwrap_or_else(|error| {
+            Finished::failed(io::Error::other(format!(
+                "the link's thread ended the relay: {error}"
+            )))
+        }),
+    }
 }
 
 /// Bytes a UDP relay carried each way, as they go, for its [`Finished`].
@@ -505,11 +533,8 @@ async fn open_flow<H: Handler>(
         Ok(send) => send,
         Err(error) => {
             tracing::debug!(%error, "client went away before the flow opened");
-            let finished = Finished {
-                sent: 0,
-                received: 0,
-                result: Err(io::Error::new(io::ErrorKind::ConnectionAborted, error)),
-            };
+            let finished =
+                Finished::failed(io::Error::new(io::ErrorKind::ConnectionAborted, error));
             return handler.finished(&request, &finished);
         }
     };
@@ -522,7 +547,13 @@ async fn open_flow<H: Handler>(
             }
             finished_copy(result)
         }
-        Upstream::Flow(mut far) => finished_copy(super::pipe_flows(&mut flow, &mut far).await),
+        Upstream::Flow(mut far) => {
+            let home = far.home().cloned();
+            at_home(home, async move {
+                finished_copy(super::pipe_flows(&mut flow, &mut far).await)
+            })
+            .await
+        }
         Upstream::Udp(socket) => {
             // The endpoint is the local side here: what comes in from the flow is sent to it.
             let carried = Carried::default();
@@ -556,14 +587,10 @@ pub(crate) async fn carry(upstream: Upstream, app: &mut TcpStream) -> Finished {
                 .await
                 .map(|(back, forth)| (forth, back)),
         ),
-        Upstream::Udp(_) => Finished {
-            sent: 0,
-            received: 0,
-            result: Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a TCP connection cannot be relayed to a UDP endpoint",
-            )),
-        },
+        Upstream::Udp(_) => Finished::failed(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a TCP connection cannot be relayed to a UDP endpoint",
+        )),
     }
 }
 
@@ -585,4 +612,59 @@ fn finished_copy(result: io::Result<(u64, u64)>) -> Finished {
 /// Ends a TCP connection with a reset rather than a FIN, so the peer sees the failure.
 pub fn abort(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::links::LinkThreads;
+
+    /// A relay that finishes naming the thread it ran on in its error.
+    async fn naming_its_thread() -> Finished {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or_default()
+            .to_string();
+        Finished::failed(io::Error::other(name))
+    }
+
+    fn error_of(finished: Finished) -> String {
+        finished.result.expect_err("an error").to_string()
+    }
+
+    #[tokio::test]
+    async fn a_relay_runs_on_its_links_thread_or_here() {
+        let threads = LinkThreads::start(1).expect("threads");
+        let on_link = at_home(Some(threads.next()), naming_its_thread()).await;
+        assert_eq!(error_of(on_link), "link-0");
+        let here = std::thread::current()
+            .name()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(error_of(at_home(None, naming_its_thread()).await), here);
+    }
+
+    #[tokio::test]
+    async fn a_relay_for_a_link_whose_threads_ended_fails_cleanly() {
+        let threads = LinkThreads::start(1).expect("threads");
+        let home = threads.next();
+        drop(threads);
+        // The thread ends soon after; until then the relay may still run there.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let error = error_of(at_home(Some(home.clone()), naming_its_thread()).await);
+            if error != "link-0" {
+                assert!(
+                    error.contains("the link's thread ended the relay"),
+                    "{error}"
+                );
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the link thread outlived its last clone"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }

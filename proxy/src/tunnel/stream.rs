@@ -14,6 +14,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::runtime::Handle;
 
 use super::pipe::{Sink, Source};
 
@@ -26,6 +27,9 @@ pub struct FlowStream {
     recv: RecvStream,
     unread: Bytes,
     send_ended: bool,
+    /// The runtime of the connection that carries it, when that connection has a thread of its
+    /// own (a link between routers): the flow's relay runs best there.
+    home: Option<Handle>,
 }
 
 impl FlowStream {
@@ -35,7 +39,19 @@ impl FlowStream {
             recv,
             unread: Bytes::new(),
             send_ended: false,
+            home: None,
         }
+    }
+
+    /// The same flow, carried by a connection that runs on `home`.
+    pub(crate) fn at_home(mut self, home: Option<Handle>) -> Self {
+        self.home = home;
+        self
+    }
+
+    /// The runtime of the connection carrying it, if it has one of its own.
+    pub fn home(&self) -> Option<&Handle> {
+        self.home.as_ref()
     }
 }
 
