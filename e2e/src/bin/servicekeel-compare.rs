@@ -4,7 +4,7 @@
 //! same for side B; the side that goes first alternates from pair to pair. Every proxy starts
 //! fresh for its run, so neither side inherits the other's state.
 //!
-//! `cargo run --release -p servicekeel-e2e --bin servicekeel-compare -- --load across \
+//! `cargo run --release -p servicekeel-e2e --bin servicekeel-compare -- --load bulk --across \
 //!   --b-router-env TOKIO_WORKER_THREADS=1`
 
 use std::net::SocketAddr;
@@ -26,6 +26,10 @@ struct Cli {
     /// The load both sides carry.
     #[arg(long, value_enum)]
     load: LoadKind,
+    /// Carry a data-path load to a server on another node: the client's sidecar, its node's
+    /// router, the mutual-TLS link, the server node's router (not for `dns`).
+    #[arg(long)]
+    across: bool,
     /// Pairs of runs (the medians are reported).
     #[arg(long, default_value_t = 8)]
     pairs: usize,
@@ -52,10 +56,8 @@ struct Cli {
 /// The loads, as `servicekeel-bench` runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LoadKind {
-    /// TCP bulk, 256 MiB per run, on one node.
+    /// TCP bulk, 256 MiB per run.
     Bulk,
-    /// TCP bulk, 256 MiB per run, across two routers and their mutual-TLS link.
-    Across,
     /// 2,000 new TCP connections, one 1-byte request each, 16 at a time.
     Connections,
     /// 1,000 64-byte requests at 1k req/s on one connection.
@@ -67,18 +69,11 @@ enum LoadKind {
 }
 
 impl LoadKind {
-    fn layout(self) -> Layout {
-        match self {
-            LoadKind::Across => Layout::TwoNodes,
-            _ => Layout::OneNode,
-        }
-    }
-
     /// The unit of its rate and what the rate is divided by to show it; the unit CPU time is
     /// given per, and how many units of work that is.
     fn units(self) -> (&'static str, f64, &'static str, f64) {
         match self {
-            LoadKind::Bulk | LoadKind::Across => ("MB/s", 1e6, "MiB", 1048576.0),
+            LoadKind::Bulk => ("MB/s", 1e6, "MiB", 1048576.0),
             LoadKind::Connections => ("conn/s", 1.0, "conn", 1.0),
             LoadKind::Paced => ("req/s", 1.0, "req", 1.0),
             LoadKind::Udp => ("dgram/s", 1.0, "dgram", 1.0),
@@ -164,6 +159,14 @@ const IMPORTED_NAME: &str = "sink.default.svc.cluster.local";
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let load = cli.load;
+    anyhow::ensure!(
+        !(cli.across && load == LoadKind::Dns),
+        "--across is for the data-path loads: DNS is answered by the client's sidecar alone"
+    );
+    let layout = match cli.across {
+        true => Layout::TwoNodes,
+        false => Layout::OneNode,
+    };
     let sides = [
         (
             "A",
@@ -205,7 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
         for index in order {
             let settings = &sides[index].1;
-            let proxies = Proxies::start_with(tcp, udp, load.layout(), settings)
+            let proxies = Proxies::start_with(tcp, udp, layout, settings)
                 .await
                 .with_context(|| format!("starting side {}'s proxies", sides[index].0))?;
             runs[index] = Some(match &dnsmasq {
@@ -224,7 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         pairs.push((a, b));
     }
-    print!("{}", render(load, &sides, &pairs));
+    print!("{}", render(load, cli.across, &sides, &pairs));
     Ok(())
 }
 
@@ -239,9 +242,7 @@ async fn data_run(
         &|| -> anyhow::Result<Duration> { Ok(bench::cpu_of(std::process::id())? + proxies.cpu()?) };
     let once = |tcp: SocketAddr, udp: SocketAddr| async move {
         match load {
-            LoadKind::Bulk | LoadKind::Across => {
-                Ok((bench::tcp_bulk(tcp, 256 << 20).await?, Vec::new()))
-            }
+            LoadKind::Bulk => Ok((bench::tcp_bulk(tcp, 256 << 20).await?, Vec::new())),
             LoadKind::Connections => Ok((bench::tcp_connections(tcp, 2000).await?, Vec::new())),
             LoadKind::Paced => {
                 let latencies = bench::tcp_paced(tcp, 1000, 1000).await?;
@@ -293,7 +294,12 @@ fn describe(settings: &ProxySettings) -> String {
     )
 }
 
-fn render(load: LoadKind, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) -> String {
+fn render(
+    load: LoadKind,
+    across: bool,
+    sides: &[(&str, ProxySettings); 2],
+    pairs: &[(Run, Run)],
+) -> String {
     use std::fmt::Write as _;
     let (unit, scale, per, per_unit) = load.units();
     let reference = match load {
@@ -303,7 +309,8 @@ fn render(load: LoadKind, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# {load:?}: A against B, {} pairs, on {}\n",
+        "# {load:?}{}: A against B, {} pairs, on {}\n",
+        if across { " across nodes" } else { "" },
         pairs.len(),
         bench::machine()
     );
