@@ -286,9 +286,7 @@ impl Proxies {
     ) -> anyhow::Result<Proxies> {
         let binary = match &settings.binary {
             Some(binary) => binary.clone(),
-            None => images::static_binaries(&[images::PROXY], images::Profile::Release)?
-                .pop()
-                .context("no proxy binary built")?,
+            None => proxy_binary()?,
         };
         let dir = tempfile::tempdir()?;
         let router = |node: &str, links: &[String]| -> anyhow::Result<(Running, PathBuf)> {
@@ -492,6 +490,13 @@ impl Proxies {
     pub fn cpu(&self) -> anyhow::Result<Duration> {
         self.processes.iter().map(|(_, p)| cpu_of(p.0.id())).sum()
     }
+}
+
+/// The proxy image's static release binary, built first if it is not up to date.
+pub fn proxy_binary() -> anyhow::Result<PathBuf> {
+    images::static_binaries(&[images::PROXY], images::Profile::Release)?
+        .pop()
+        .context("no proxy binary built")
 }
 
 /// A CA of the benchmark's cluster and one router certificate it issued, shared by both routers
