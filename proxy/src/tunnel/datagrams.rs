@@ -169,6 +169,17 @@ impl Connected {
             early: early.into(),
         }
     }
+
+    /// The same socket and datagrams, the socket served by the runtime `home` from now on (the
+    /// thread of the link carrying its flow).
+    pub fn moved_to(self, home: &tokio::runtime::Handle) -> io::Result<Connected> {
+        let socket = self.socket.into_std()?;
+        let _entered = home.enter();
+        Ok(Connected {
+            socket: UdpSocket::from_std(socket)?,
+            early: self.early,
+        })
+    }
 }
 
 thread_local! {
@@ -290,6 +301,48 @@ mod tests {
             .await
             .expect("connect");
         (one, two)
+    }
+
+    #[test]
+    fn a_client_moved_to_a_link_thread_is_served_there_with_its_early_datagrams() {
+        // Made on a runtime that is not driven afterwards: a socket left registered with it
+        // would never be woken on the link thread.
+        let made = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let threads = crate::links::LinkThreads::start(1).expect("threads");
+        let home = threads.next();
+        let (app, mut moved) = made.block_on(async {
+            let (app, near) = connected_pair().await;
+            let client = Connected::with_early(near, vec![Bytes::from_static(b"early")]);
+            (app, client.moved_to(&home).expect("moved"))
+        });
+        let app = app.into_std().expect("std");
+        app.set_nonblocking(false).expect("blocking");
+        app.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let (done, received) = std::sync::mpsc::channel();
+        home.spawn(async move {
+            let first = moved.recv().await.expect("recv").expect("a datagram");
+            let second = moved.recv().await.expect("recv").expect("a datagram");
+            moved.send(b"answer").await.expect("send");
+            let thread = std::thread::current().name().map(str::to_string);
+            let _ = done.send(((first, second), thread));
+        });
+        app.send(b"later").expect("send");
+        let (datagrams, thread) = received
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the moved socket was served on the link thread");
+        assert_eq!(
+            datagrams,
+            (Bytes::from_static(b"early"), Bytes::from_static(b"later"))
+        );
+        assert_eq!(thread.as_deref(), Some("link-0"));
+        let mut answer = [0u8; 16];
+        let n = app.recv(&mut answer).expect("answer");
+        assert_eq!(&answer[..n], b"answer");
+        drop(made);
     }
 
     /// An app and a server bridged as the router bridges them, busy polling for `budget`;

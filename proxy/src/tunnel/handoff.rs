@@ -35,6 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket, UnixStream};
 use tokio::sync::{Mutex, watch};
 
+use super::FlowStream;
 use super::busy_poll::Polling;
 use super::datagrams::{self, Connected};
 use super::server::{Carried, Finished, FlowRequest, Handler, Link, Upstream, abort, at_home};
@@ -577,23 +578,23 @@ async fn relay<H: Handler>(request: FlowRequest, app: TcpStream, handler: Arc<H>
         Upstream::Flow(flow) => flow.home().cloned(),
         _ => None,
     };
-    let finished = match home {
-        None => relay_to_end(upstream, app).await,
-        // The connection moves to the link's thread with its flow.
-        Some(home) => match app.into_std() {
-            Ok(app) => {
-                at_home(Some(home), async move {
-                    match TcpStream::from_std(app) {
-                        Ok(app) => relay_to_end(upstream, app).await,
-                        Err(error) => Finished::failed(error),
-                    }
-                })
-                .await
-            }
-            Err(error) => Finished::failed(error),
-        },
+    // The connection moves to the link's thread with its flow.
+    let app = match &home {
+        Some(home) => tcp_moved_to(app, home),
+        None => Ok(app),
+    };
+    let finished = match app {
+        Ok(app) => at_home(home, relay_to_end(upstream, app)).await,
+        Err(error) => Finished::failed(error),
     };
     handler.finished(&request, &finished);
+}
+
+/// The same connection, served by the runtime `home` from now on.
+fn tcp_moved_to(stream: TcpStream, home: &tokio::runtime::Handle) -> io::Result<TcpStream> {
+    let stream = stream.into_std()?;
+    let _entered = home.enter();
+    TcpStream::from_std(stream)
 }
 
 /// Relays a handed-over connection to `upstream` until both ways ended, then closes it: as any
@@ -627,18 +628,38 @@ async fn relay_udp<H: Handler>(
         }
     };
     // The client is the local side here: what it sends goes towards the endpoint.
-    let carried = Carried::default();
-    let meter = |way, n| carried.count(way == datagrams::Way::Out, n);
-    let result = match upstream {
+    let finished = match upstream {
         Upstream::Udp(endpoint) => {
-            datagrams::bridge(client, Connected::new(endpoint), idle, polling, meter).await
+            let carried = Carried::default();
+            let meter = |way, n| carried.count(way == datagrams::Way::Out, n);
+            let result =
+                datagrams::bridge(client, Connected::new(endpoint), idle, polling, meter).await;
+            carried.finished(result)
         }
-        Upstream::Flow(far) => datagrams::relay(far, client, idle, meter).await,
-        Upstream::Tcp(_) => Err(io::Error::new(
+        // The client's socket moves to the link's thread with its flow, as a TCP connection does.
+        Upstream::Flow(far) => {
+            let home = far.home().cloned();
+            let client = match &home {
+                Some(home) => client.moved_to(home),
+                None => Ok(client),
+            };
+            match client {
+                Ok(client) => at_home(home, udp_to_flow(far, client, idle)).await,
+                Err(error) => Finished::failed(error),
+            }
+        }
+        Upstream::Tcp(_) => Finished::failed(io::Error::new(
             io::ErrorKind::InvalidInput,
             "a UDP client cannot be relayed to a TCP endpoint",
         )),
     };
-    let finished = carried.finished(result);
     handler.finished(&request, &finished);
+}
+
+/// Relays a handed-over UDP client to the flow `far` until it has been idle for `idle`.
+async fn udp_to_flow(far: FlowStream, client: Connected, idle: Duration) -> Finished {
+    let carried = Carried::default();
+    let meter = |way, n| carried.count(way == datagrams::Way::Out, n);
+    let result = datagrams::relay(far, client, idle, meter).await;
+    carried.finished(result)
 }
