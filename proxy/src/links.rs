@@ -33,10 +33,10 @@ use crate::tunnel::server::{Handler, Link, LinkId, Peer, serve_connection};
 
 /// The threads links run on, each with a single-threaded runtime of its own. A link runs whole
 /// on one of them, given in turn: its TLS session, its HTTP/2 connection, and the relays of the
-/// TCP flows it carries (a connection handed over by a sidecar moves there with its flow), so a
-/// flow's bytes are read, framed and sealed on one thread instead of passing between the
-/// threads of the router's main runtime. Links to different peers spread over the threads; one
-/// link uses at most one core. The threads end once every clone of this is dropped.
+/// flows it carries (a TCP connection or UDP client handed over by a sidecar moves there with its
+/// flow), so a flow's bytes are read, framed and sealed on one thread instead of passing between
+/// the threads of the router's main runtime. Links to different peers spread over the threads;
+/// one link uses at most one core. The threads end once every clone of this is dropped.
 #[derive(Debug, Clone)]
 pub struct LinkThreads {
     inner: Arc<Threads>,
