@@ -125,6 +125,9 @@ impl Run {
 #[derive(Debug, PartialEq)]
 struct Summary {
     ratio: (f64, f64),
+    /// Each side's own rate, and its CPU per unit of work in µs.
+    rate: (f64, f64),
+    cpu: (f64, f64),
     added_p50: (f64, f64),
     added_p99: (f64, f64),
     b_ahead: usize,
@@ -144,6 +147,14 @@ fn summarize(pairs: &[(Run, Run)], by_latency: bool) -> Summary {
         .count();
     Summary {
         ratio: (median(&|(a, _)| a.ratio()), median(&|(_, b)| b.ratio())),
+        rate: (
+            median(&|(a, _)| a.side.rate()),
+            median(&|(_, b)| b.side.rate()),
+        ),
+        cpu: (
+            median(&|(a, _)| a.side.cpu_per_unit_us()),
+            median(&|(_, b)| b.side.cpu_per_unit_us()),
+        ),
         added_p50: (median(&|(a, _)| a.added().0), median(&|(_, b)| b.added().0)),
         added_p99: (median(&|(a, _)| a.added().1), median(&|(_, b)| b.added().1)),
         b_ahead,
@@ -352,9 +363,13 @@ fn render(
     };
     let _ = writeln!(
         out,
-        "\nMedians: A {:.3}× {reference}, B {:.3}×{latencies}. B ahead (by {}) in {} of {} pairs.",
+        "\nMedians: A {:.3}× {reference}, B {:.3}×; A {:.0} {unit}, B {:.0} {unit}; CPU A {:.1}, B {:.1} µs/{per}{latencies}. B ahead (by {}) in {} of {} pairs.",
         summary.ratio.0,
         summary.ratio.1,
+        summary.rate.0 / scale,
+        summary.rate.1 / scale,
+        summary.cpu.0 * per_unit,
+        summary.cpu.1 * per_unit,
         if load.judged_by_latency() {
             "p50 added"
         } else {
@@ -390,9 +405,10 @@ mod tests {
     /// A run whose reference does `reference` units and the side `side` units in one second,
     /// with p50s of `p50s` µs.
     fn run(reference: u64, side: u64, p50s: (u64, u64)) -> Run {
+        // CPU per unit is the p50 in µs, to tell the sides apart.
         let sample = |units, p50: u64| Sample {
             wall: Duration::from_secs(1),
-            cpu: Duration::ZERO,
+            cpu: Duration::from_micros(units * p50),
             units,
             p50: Some(Duration::from_micros(p50)),
             p99: Some(Duration::from_micros(p50 * 2)),
@@ -412,6 +428,8 @@ mod tests {
         ];
         let by_rate = summarize(&pairs, false);
         assert_eq!(by_rate.ratio, (0.32, 0.31));
+        assert_eq!(by_rate.rate, (32.0, 40.0), "the sides' own rates");
+        assert_eq!(by_rate.cpu, (25.0, 20.0), "the sides' own CPU per unit");
         assert_eq!(by_rate.b_ahead, 1, "only the first pair's B beat its A");
         assert_eq!(by_rate.added_p50, (15.0, 10.0));
         assert_eq!(by_rate.added_p99, (30.0, 20.0));
