@@ -29,7 +29,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::shutdown::stopped;
 use crate::tunnel::BoxIo;
 use crate::tunnel::client::Connector;
-use crate::tunnel::server::{Handler, Link, LinkId, Peer, serve_connection};
+use crate::tunnel::server::{Handler, Link, LinkId, Peer, serve_connection, tcp_moved_to};
 
 /// The threads links run on, each with a single-threaded runtime of its own. A link runs whole
 /// on one of them, given in turn: its TLS session, its HTTP/2 connection, and the relays of the
@@ -396,7 +396,8 @@ pub async fn accept<H: Handler>(
         };
         tune(&tcp);
         // The connection moves to its link's thread.
-        let tcp = match tcp.into_std() {
+        let home = threads.next();
+        let tcp = match tcp_moved_to(tcp, &home) {
             Ok(tcp) => tcp,
             Err(error) => {
                 tracing::warn!(%addr, %error, "peer connection dropped");
@@ -410,14 +411,7 @@ pub async fn accept<H: Handler>(
             refused.clone(),
             shutdown.clone(),
         );
-        threads.next().spawn(async move {
-            let tcp = match TcpStream::from_std(tcp) {
-                Ok(tcp) => tcp,
-                Err(error) => {
-                    tracing::warn!(%addr, %error, "peer connection dropped");
-                    return refused(Refused::Other);
-                }
-            };
+        home.spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {

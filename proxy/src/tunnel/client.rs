@@ -113,12 +113,11 @@ struct Shared {
     /// A flow found the link down and wants an attempt now.
     wake: Notify,
     registration: watch::Sender<Option<Registration>>,
-    /// Ping the peer and drop the connection when it stops answering (links between routers,
-    /// where a peer can vanish without closing the socket).
-    keepalive: bool,
     /// Set by [`Client::close`].
     closed: watch::Sender<bool>,
     /// The runtime the connection runs on, when it is not the caller's: a link's own thread.
+    /// A link is also pinged, and dropped when its peer stops answering (a peer router can
+    /// vanish without closing the socket).
     home: Option<Handle>,
 }
 
@@ -171,7 +170,6 @@ impl Client {
             link: watch::Sender::new(Link::Connecting),
             wake: Notify::new(),
             registration: watch::Sender::new(None),
-            keepalive: home.is_some(),
             closed: watch::Sender::new(false),
             home: home.clone(),
         });
@@ -265,7 +263,7 @@ impl Client {
         let status = response.status();
         let body = response.into_body();
         if status == StatusCode::OK {
-            return Ok(FlowStream::new(send, body).at_home(self.shared.home.clone()));
+            return Ok(FlowStream::new(send, body).with_home(self.shared.home.clone()));
         }
         Err(OpenError::Refused {
             target: target.to_string(),
@@ -344,7 +342,11 @@ async fn connect(shared: &Shared) -> Result<Connection, String> {
         .await
         .map_err(|_| "connect timed out".to_string())??;
     let router = shared.router.clone();
-    let pings = shared.keepalive.then(|| connection.ping_pong()).flatten();
+    let pings = shared
+        .home
+        .is_some()
+        .then(|| connection.ping_pong())
+        .flatten();
     let driver = tokio::spawn(async move {
         let ended = async {
             if let Err(error) = connection.await {

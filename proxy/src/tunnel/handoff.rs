@@ -38,7 +38,9 @@ use tokio::sync::{Mutex, watch};
 use super::FlowStream;
 use super::busy_poll::Polling;
 use super::datagrams::{self, Connected};
-use super::server::{Carried, Finished, FlowRequest, Handler, Link, Upstream, abort, at_home};
+use super::server::{
+    Carried, Finished, FlowRequest, Handler, Link, Upstream, abort, at_home, tcp_moved_to,
+};
 
 /// How long connecting and the router's answer to the preface may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -588,13 +590,6 @@ async fn relay<H: Handler>(request: FlowRequest, app: TcpStream, handler: Arc<H>
         Err(error) => Finished::failed(error),
     };
     handler.finished(&request, &finished);
-}
-
-/// The same connection, served by the runtime `home` from now on.
-fn tcp_moved_to(stream: TcpStream, home: &tokio::runtime::Handle) -> io::Result<TcpStream> {
-    let stream = stream.into_std()?;
-    let _entered = home.enter();
-    TcpStream::from_std(stream)
 }
 
 /// Relays a handed-over connection to `upstream` until both ways ended, then closes it: as any

@@ -165,6 +165,13 @@ pub(crate) async fn at_home(
     }
 }
 
+/// The same connection, served by the runtime `home` from now on (a link's thread).
+pub(crate) fn tcp_moved_to(stream: TcpStream, home: &Handle) -> io::Result<TcpStream> {
+    let stream = stream.into_std()?;
+    let _entered = home.enter();
+    TcpStream::from_std(stream)
+}
+
 /// Bytes a UDP relay carried each way, as they go, for its [`Finished`].
 #[derive(Debug, Default)]
 pub(crate) struct Carried {

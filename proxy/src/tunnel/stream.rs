@@ -44,7 +44,7 @@ impl FlowStream {
     }
 
     /// The same flow, carried by a connection that runs on `home`.
-    pub(crate) fn at_home(mut self, home: Option<Handle>) -> Self {
+    pub(crate) fn with_home(mut self, home: Option<Handle>) -> Self {
         self.home = home;
         self
     }
