@@ -492,11 +492,17 @@ impl Proxies {
     }
 }
 
-/// The proxy image's static release binary, built first if it is not up to date.
+/// The proxy image's static release binary, built first if it is not up to date; built once per
+/// process, as every start of the proxies asks for it.
 pub fn proxy_binary() -> anyhow::Result<PathBuf> {
-    images::static_binaries(&[images::PROXY], images::Profile::Release)?
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(binary) = BUILT.get() {
+        return Ok(binary.clone());
+    }
+    let binary = images::static_binaries(&[images::PROXY], images::Profile::Release)?
         .pop()
-        .context("no proxy binary built")
+        .context("no proxy binary built")?;
+    Ok(BUILT.get_or_init(|| binary).clone())
 }
 
 /// A CA of the benchmark's cluster and one router certificate it issued, shared by both routers

@@ -178,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         true => Layout::TwoNodes,
         false => Layout::OneNode,
     };
-    let mut sides = [
+    let sides = [
         (
             "A",
             ProxySettings {
@@ -196,15 +196,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             },
         ),
     ];
-    for (name, settings) in &mut sides {
-        match &settings.binary {
-            Some(binary) => anyhow::ensure!(
+    for (name, settings) in &sides {
+        if let Some(binary) = &settings.binary {
+            anyhow::ensure!(
                 binary.is_file(),
                 "side {name}'s binary {} does not exist",
                 binary.display()
-            ),
-            // Built once here rather than checked before every start.
-            None => settings.binary = Some(bench::proxy_binary()?),
+            );
         }
     }
     let (tcp, udp) = bench::servers().await?;
