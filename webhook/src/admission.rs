@@ -7,16 +7,15 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::config::Config;
-use crate::inject::{Injection, JsonPatch};
+use crate::inject::{InjectError, Injection, JsonPatch, SkipReason, inject};
 use crate::metrics::Outcome;
 use crate::pod::PodFacts;
 use crate::recent::Recent;
-use crate::view::ClusterView;
-use crate::view::inject_in_view;
+use crate::view::{ClusterView, Found};
 
 const API_VERSION: &str = "admission.k8s.io/v1";
 const KIND: &str = "AdmissionReview";
@@ -210,32 +209,23 @@ pub fn review(
     config: &Config,
     view: &dyn ClusterView,
 ) -> Result<Reviewed, ReviewError> {
-    // Pods are what the webhook is registered for, so decode the object as one in the same
-    // pass; only when that fails look closer, to tell a malformed pod or body from another kind
-    // of object (let through).
-    let request = match serde_json::from_slice::<Incoming<PodFacts>>(body) {
-        Ok(review) => review.request()?,
-        Err(pod_error) => {
-            let review: Incoming<IgnoredAny> =
-                serde_json::from_slice(body).map_err(ReviewError::Decode)?;
-            let request = review.request()?;
-            if is_pod(&request.kind) {
-                return Err(ReviewError::NotAPod(pod_error));
-            }
-            return Ok(ignored(&request));
-        }
-    };
+    // The object is read as its text first: a pod is decoded only when it is one being
+    // created, and a replica's, the same text as the last one's, not again.
+    let request = serde_json::from_slice::<Incoming<&RawValue>>(body)
+        .map_err(ReviewError::Decode)?
+        .request()?;
     if !is_pod(&request.kind) {
         return Ok(ignored(&request));
     }
-    let pod = match (
-        &request.object,
+    let object = match (
+        request.object,
         request.operation.as_str(),
         &request.sub_resource,
     ) {
-        (Some(pod), "CREATE", None) => pod,
+        (Some(object), "CREATE", None) => object,
         _ => return Ok(Reviewed::new(&request.uid, Outcome::Ignored)),
     };
+    let pod = &decoded(object)?;
     let metadata = pod.metadata.as_ref();
     let namespace = request
         .namespace
@@ -246,21 +236,27 @@ pub fn review(
         .and_then(|m| m.name.as_deref().or(m.generate_name.as_deref()))
         .unwrap_or_default();
 
-    match inject_in_view(pod, namespace, config, view) {
-        Ok(Injection::Skip(reason)) => {
+    let (found, mut warnings) = Found::look(pod, namespace, config, view);
+    match made(pod, namespace, &found, config) {
+        Ok(Made::Skip(reason)) => {
             tracing::debug!(ns = namespace, name, reason = reason.as_str(), "skipped");
             Ok(Reviewed::new(&request.uid, Outcome::Skipped))
         }
-        Ok(Injection::Patch { patch, warnings }) => {
+        Ok(Made::Patch {
+            patch,
+            warnings: inject_warnings,
+        }) => {
             tracing::debug!(ns = namespace, name, "injected");
             let mut reviewed = Reviewed::new(&request.uid, Outcome::Patched);
             let response = &mut reviewed.answer.response;
-            response.patch = Some(encoded(patch)?);
+            response.patch = Some(patch);
             response.patch_type = Some("JSONPatch");
+            warnings.extend(inject_warnings);
             response.warnings = warnings;
             Ok(reviewed)
         }
-        Err(error) => {
+        Err(NotMade::Encode(error)) => Err(error),
+        Err(NotMade::Refused(error)) => {
             tracing::info!(ns = namespace, name, %error, "denied");
             let mut reviewed = Reviewed::new(&request.uid, Outcome::Denied);
             let response = &mut reviewed.answer.response;
@@ -277,8 +273,75 @@ pub fn review(
     }
 }
 
-/// The patch for the answer, remembered for the last patches made: the replicas of a workload get
-/// the same one, so its JSON and base64 are written once for all of them.
+/// The pod `object` holds, remembered by its text for the last pods decoded: at admission a
+/// workload's replicas have no name of their own yet, so their objects are the same text.
+fn decoded(object: &RawValue) -> Result<Arc<PodFacts>, ReviewError> {
+    static RECENT: Recent<Box<str>, Arc<PodFacts>> = Recent::new(8);
+    let text = object.get();
+    RECENT.get_or_try(
+        |seen| **seen == *text,
+        || text.into(),
+        || {
+            serde_json::from_str(text)
+                .map(Arc::new)
+                .map_err(ReviewError::NotAPod)
+        },
+    )
+}
+
+/// What injecting a pod made, as the answer carries it: the patch already encoded.
+#[derive(Debug, Clone)]
+enum Made {
+    Skip(SkipReason),
+    Patch {
+        patch: Base64Patch,
+        warnings: Vec<String>,
+    },
+}
+
+#[derive(Debug)]
+enum NotMade {
+    Refused(InjectError),
+    Encode(ReviewError),
+}
+
+/// [`inject`] and the patch's encoding, remembered by everything injection reads for the last
+/// pods reviewed: a workload's replicas are the same pod (at admission they have no name of
+/// their own yet), in the same namespace with the same Services, so a scale-up injects once.
+/// A pod that differs in anything injection reads, or whose view changed (a Service added, a
+/// namespace default edited), is injected anew. Refusals are not remembered.
+fn made(
+    pod: &Arc<PodFacts>,
+    namespace: &str,
+    found: &Found,
+    config: &Config,
+) -> Result<Made, NotMade> {
+    type Key = (Arc<PodFacts>, String, Found, Config);
+    static RECENT: Recent<Key, Made> = Recent::new(8);
+    let same_pod = |p: &Arc<PodFacts>| Arc::ptr_eq(p, pod) || p == pod;
+    RECENT.get_or_try(
+        |(p, ns, f, c)| ns == namespace && same_pod(p) && f == found && c == config,
+        || {
+            (
+                pod.clone(),
+                namespace.to_string(),
+                found.clone(),
+                config.clone(),
+            )
+        },
+        || match inject(pod, &found.target(namespace), config).map_err(NotMade::Refused)? {
+            Injection::Skip(reason) => Ok(Made::Skip(reason)),
+            Injection::Patch { patch, warnings } => Ok(Made::Patch {
+                patch: encoded(patch).map_err(NotMade::Encode)?,
+                warnings,
+            }),
+        },
+    )
+}
+
+/// The patch for the answer, remembered for the last patches made: pods that differ only in
+/// what the patch does not carry (the pods of a StatefulSet, each with its own name) get the
+/// same one, so its JSON and base64 are written once for all of them.
 fn encoded(patch: JsonPatch) -> Result<Base64Patch, ReviewError> {
     static RECENT: Recent<JsonPatch, Base64Patch> = Recent::new(8);
     RECENT.get_or_try_owned(patch, JsonPatch::encodes_as, |patch| {
@@ -357,6 +420,83 @@ mod tests {
         assert!(!imported(&second).contains("payments"), "{second}");
         assert_eq!(patch_of(body), first);
         assert_eq!(patch_of(&other), second);
+    }
+
+    /// A view whose Services and namespace default can change between reviews.
+    #[derive(Debug, Default)]
+    struct Changing {
+        services: std::sync::Mutex<Vec<Arc<k8s_openapi::api::core::v1::Service>>>,
+        default: std::sync::Mutex<Option<String>>,
+    }
+
+    impl ClusterView for Changing {
+        fn namespace_defaults(
+            &self,
+            namespace: &str,
+        ) -> Result<Option<servicekeel_api::ServiceList>, String> {
+            let text = self.default.lock().unwrap().clone();
+            text.map(|text| crate::view::parse_namespace_defaults(namespace, &text))
+                .transpose()
+        }
+
+        fn services(
+            &self,
+            _namespace: &str,
+        ) -> Option<Vec<Arc<k8s_openapi::api::core::v1::Service>>> {
+            Some(self.services.lock().unwrap().clone())
+        }
+
+        fn forbids_host_path(&self, _namespace: &str) -> bool {
+            false
+        }
+    }
+
+    /// The same replica reviewed again after its view changed gets a patch for the new view,
+    /// not the one remembered for the old; the view's warnings come with every answer,
+    /// remembered or not.
+    #[test]
+    fn a_remembered_injection_follows_the_view() {
+        let body = include_bytes!("../tests/fixtures/review-create-pod.json");
+        let config = Config::default();
+        let view = Changing::default();
+        let reviewed = |view: &Changing| {
+            let answer = review(body, &config, view).unwrap().answer.response;
+            let patch: Value =
+                serde_json::from_slice(&answer.patch.expect("a patch").decode()).unwrap();
+            let exported = patch
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|op| op["path"] == "/metadata/annotations/servicekeel.io~1exported-services")
+                .map(|op| op["value"].as_str().unwrap().to_string());
+            (exported, answer.warnings)
+        };
+        let (none, warnings) = reviewed(&view);
+        assert_eq!(none, None, "no Service selects the pod");
+        assert!(warnings.is_empty(), "{warnings:?}");
+
+        let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "checkout", "namespace": "shop"},
+            "spec": {"selector": {"app": "checkout"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        }))
+        .unwrap();
+        view.services.lock().unwrap().push(Arc::new(service));
+        for _ in 0..2 {
+            let (exported, _) = reviewed(&view);
+            assert!(
+                exported.as_deref().is_some_and(|e| e.contains("checkout")),
+                "{exported:?}"
+            );
+        }
+
+        *view.default.lock().unwrap() = Some("services: [{name: }]".into());
+        for _ in 0..2 {
+            let (_, warnings) = reviewed(&view);
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert!(warnings[0].contains("namespace shop"), "{warnings:?}");
+        }
+        view.services.lock().unwrap().clear();
+        assert_eq!(reviewed(&view).0, None, "the Service is gone");
     }
 
     #[test]

@@ -68,41 +68,75 @@ pub fn parse_namespace_defaults(namespace: &str, value: &str) -> Result<ServiceL
     })
 }
 
-/// Injects `pod` of `namespace` with what `view` knows: the namespace's default imports and the
-/// exports computed from its Services. Problems with those (an invalid namespace default, a
-/// Service port that cannot be resolved) are warnings, never a refusal.
+/// What injection reads of the view for one pod: the namespace's default imports, the exports
+/// computed from the Services selecting the pod, and how its sidecar reaches the router. With
+/// the pod, its namespace and the config, this is everything [`inject`] depends on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Found {
+    pub namespace_defaults: Option<ServiceList>,
+    /// `None` while the namespace's Services are not known (a cache not synced yet): no
+    /// exports; the reconciler adds them later.
+    pub exports: Option<ServiceList>,
+    pub router_over_tcp: bool,
+}
+
+impl Found {
+    /// What `view` knows for `pod` of `namespace`, and the problems met on the way (an invalid
+    /// namespace default, a Service port that cannot be resolved), which are warnings, never a
+    /// refusal.
+    pub fn look(
+        pod: &PodFacts,
+        namespace: &str,
+        config: &Config,
+        view: &dyn ClusterView,
+    ) -> (Found, Vec<String>) {
+        let mut warnings = Vec::new();
+        let namespace_defaults = view
+            .namespace_defaults(namespace)
+            .unwrap_or_else(|message| {
+                tracing::warn!(ns = namespace, "{message}");
+                warnings.push(message);
+                None
+            });
+        let exports = view.services(namespace).map(|services| {
+            let (list, export_warnings) = exports_for(
+                pod,
+                namespace,
+                services.iter().map(|s| s.as_ref()),
+                &config.cluster_name,
+            );
+            warnings.extend(export_warnings);
+            list
+        });
+        let found = Found {
+            namespace_defaults,
+            exports,
+            router_over_tcp: view.forbids_host_path(namespace),
+        };
+        (found, warnings)
+    }
+
+    /// The target of injecting a pod of `namespace` with what was found.
+    pub fn target<'a>(&'a self, namespace: &'a str) -> Target<'a> {
+        Target {
+            namespace,
+            namespace_defaults: self.namespace_defaults.as_ref(),
+            exports: self.exports.as_ref(),
+            router_over_tcp: self.router_over_tcp,
+        }
+    }
+}
+
+/// Injects `pod` of `namespace` with what `view` knows ([`Found::look`]); the view's warnings
+/// come first among the patch's.
 pub fn inject_in_view(
     pod: &PodFacts,
     namespace: &str,
     config: &Config,
     view: &dyn ClusterView,
 ) -> Result<Injection, InjectError> {
-    let mut warnings = Vec::new();
-    let namespace_defaults = view
-        .namespace_defaults(namespace)
-        .unwrap_or_else(|message| {
-            tracing::warn!(ns = namespace, "{message}");
-            warnings.push(message);
-            None
-        });
-    // Unknown Services (a cache not synced yet): no exports; the reconciler adds them later.
-    let exports = view.services(namespace).map(|services| {
-        let (list, export_warnings) = exports_for(
-            pod,
-            namespace,
-            services.iter().map(|s| s.as_ref()),
-            &config.cluster_name,
-        );
-        warnings.extend(export_warnings);
-        list
-    });
-    let target = Target {
-        namespace,
-        namespace_defaults: namespace_defaults.as_ref(),
-        exports: exports.as_ref(),
-        router_over_tcp: view.forbids_host_path(namespace),
-    };
-    Ok(match inject(pod, &target, config)? {
+    let (found, mut warnings) = Found::look(pod, namespace, config, view);
+    Ok(match inject(pod, &found.target(namespace), config)? {
         Injection::Patch {
             patch,
             warnings: inject_warnings,
