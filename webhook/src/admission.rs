@@ -195,6 +195,17 @@ struct Kind {
     kind: String,
 }
 
+impl Incoming<&RawValue> {
+    /// Whether the request's object is the `0` at `at` in `text`, the bytes decoded (not a
+    /// longer number starting there, which the body's bytes after its object would make).
+    fn object_is_at(&self, text: &[u8], at: usize) -> bool {
+        let object = self.request.as_ref().and_then(|r| r.object);
+        object.is_some_and(|object| {
+            object.get() == "0" && std::ptr::eq(object.get().as_ptr(), text[at..].as_ptr())
+        })
+    }
+}
+
 impl<O> Incoming<O> {
     fn request(self) -> Result<Request<O>, ReviewError> {
         if self.api_version != API_VERSION || self.kind != KIND {
@@ -210,10 +221,26 @@ pub fn review(
     view: &dyn ClusterView,
 ) -> Result<Reviewed, ReviewError> {
     // The object is read as its text first: a pod is decoded only when it is one being
-    // created, and a replica's, the same text as the last one's, not again.
+    // created, and a replica's, the same text as a recent one's, not again.
+    if let Some(Known { rest, at, pod }) = known_object(body)
+        && let Ok(incoming) = serde_json::from_slice::<Incoming<&RawValue>>(&rest)
+        && incoming.object_is_at(&rest, at)
+    {
+        return answer(incoming.request()?, |_| Ok(pod), config, view);
+    }
     let request = serde_json::from_slice::<Incoming<&RawValue>>(body)
         .map_err(ReviewError::Decode)?
         .request()?;
+    answer(request, |object| decoded(body, object), config, view)
+}
+
+/// The answer to `request`, its object decoded by `decode` when it is a pod being created.
+fn answer<'a>(
+    request: Request<&'a RawValue>,
+    decode: impl FnOnce(&'a RawValue) -> Result<Arc<PodFacts>, ReviewError>,
+    config: &Config,
+    view: &dyn ClusterView,
+) -> Result<Reviewed, ReviewError> {
     if !is_pod(&request.kind) {
         return Ok(ignored(&request));
     }
@@ -225,7 +252,7 @@ pub fn review(
         (Some(object), "CREATE", None) => object,
         _ => return Ok(Reviewed::new(&request.uid, Outcome::Ignored)),
     };
-    let pod = &decoded(object)?;
+    let pod = &decode(object)?;
     let metadata = pod.metadata.as_ref();
     let namespace = request
         .namespace
@@ -273,20 +300,49 @@ pub fn review(
     }
 }
 
-/// The pod `object` holds, remembered by its text for the last pods decoded: at admission a
-/// workload's replicas have no name of their own yet, so their objects are the same text.
-fn decoded(object: &RawValue) -> Result<Arc<PodFacts>, ReviewError> {
-    static RECENT: Recent<Box<str>, Arc<PodFacts>> = Recent::new(8);
+/// Pods recently decoded, by the place of their object in the review's body and its text: at
+/// admission a ReplicaSet's pods have no name of their own yet, so those created within the
+/// same second (the time their managed fields carry) are the same text, and the reviews of one
+/// controller put it at the same place.
+static OBJECTS: Recent<(usize, Box<str>), Arc<PodFacts>> = Recent::new(8);
+
+/// The pod `object` (a part of `body`) holds, decoded or remembered.
+fn decoded(body: &[u8], object: &RawValue) -> Result<Arc<PodFacts>, ReviewError> {
     let text = object.get();
-    RECENT.get_or_try(
-        |seen| **seen == *text,
-        || text.into(),
+    let at = (text.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+    OBJECTS.get_or_try(
+        |(_, seen)| **seen == *text,
+        || (at, text.into()),
         || {
             serde_json::from_str(text)
                 .map(Arc::new)
                 .map_err(ReviewError::NotAPod)
         },
     )
+}
+
+/// A review's body whose object is a recently decoded one: the rest of the body with a `0` at
+/// `at` in the object's place, and the pod.
+struct Known {
+    rest: Vec<u8>,
+    at: usize,
+    pod: Arc<PodFacts>,
+}
+
+/// The body without a recently decoded object found at its place in it: decoding the rest
+/// then reads a third of the bytes. It stands for the body only when the `0` is the review's
+/// `object` ([`Incoming::object_is_at`]): a JSON document with one value put in place of
+/// another is as valid as before, so the body is then exactly as valid as the rest.
+fn known_object(body: &[u8]) -> Option<Known> {
+    let (at, len, pod) = OBJECTS.find_map(|(at, text), pod| {
+        let end = at.checked_add(text.len())?;
+        (body.get(*at..end)? == text.as_bytes()).then(|| (*at, text.len(), pod.clone()))
+    })?;
+    let mut rest = Vec::with_capacity(body.len() - len + 1);
+    rest.extend_from_slice(&body[..at]);
+    rest.push(b'0');
+    rest.extend_from_slice(&body[at + len..]);
+    Some(Known { rest, at, pod })
 }
 
 /// What injecting a pod made, as the answer carries it: the patch already encoded.
@@ -497,6 +553,62 @@ mod tests {
         }
         view.services.lock().unwrap().clear();
         assert_eq!(reviewed(&view).0, None, "the Service is gone");
+    }
+
+    /// The fixture, reviewed once so that its object is remembered, and its object's span.
+    fn remembered_fixture() -> (&'static [u8], std::ops::Range<usize>) {
+        let body: &'static [u8] = include_bytes!("../tests/fixtures/review-create-pod.json");
+        review(body, &Config::default(), &crate::view::NoCluster).unwrap();
+        let incoming: Incoming<&RawValue> = serde_json::from_slice(body).unwrap();
+        let object = incoming.request.unwrap().object.unwrap().get();
+        let at = object.as_ptr() as usize - body.as_ptr() as usize;
+        (body, at..at + object.len())
+    }
+
+    /// `body` with `insert` put at `at`.
+    fn with_inserted(body: &[u8], at: usize, insert: &str) -> Vec<u8> {
+        [&body[..at], insert.as_bytes(), &body[at..]].concat()
+    }
+
+    /// A remembered object at its place stands for the pod only as the review's `object`: the
+    /// same text at the same place under another key leaves the review's own object to be read.
+    #[test]
+    fn a_remembered_object_counts_only_as_the_reviews_object() {
+        let (body, object) = remembered_fixture();
+        let key = body[..object.start]
+            .windows(8)
+            .rposition(|w| w == b"\"object\"")
+            .unwrap();
+        let mut renamed = body.to_vec();
+        renamed[key..key + 8].copy_from_slice(b"\"objecx\"");
+        let moved = with_inserted(
+            &renamed,
+            object.end,
+            r#","object":{"metadata":{"namespace":"shop"},"spec":{"containers":[{"name":"other"}]}}"#,
+        );
+        let patch = patch_of(&moved).to_string();
+        assert!(!patch.contains("payments"), "{patch}");
+        assert!(patch_of(body).to_string().contains("payments"));
+        // The review's object a `0` too, elsewhere: not a pod.
+        let zero = with_inserted(&renamed, object.end, r#","object":0"#);
+        let error = review(&zero, &Config::default(), &crate::view::NoCluster).unwrap_err();
+        assert!(matches!(error, ReviewError::NotAPod(_)), "{error}");
+    }
+
+    /// A body that is not JSON is refused whether or not its object is remembered: bytes after
+    /// the object that would make a number of the `0` in its place, or a broken rest.
+    #[test]
+    fn a_remembered_object_does_not_make_a_broken_body_valid() {
+        let (body, object) = remembered_fixture();
+        for broken in [
+            with_inserted(body, object.end, ".5"),
+            with_inserted(body, object.end, "e1"),
+            with_inserted(body, object.end, ","),
+            body[..body.len() - 3].to_vec(),
+        ] {
+            let error = review(&broken, &Config::default(), &crate::view::NoCluster).unwrap_err();
+            assert!(matches!(error, ReviewError::Decode(_)), "{error}");
+        }
     }
 
     #[test]

@@ -56,6 +56,11 @@ impl<K: PartialEq, V: Clone> Recent<K, V> {
         Ok(made)
     }
 
+    /// The first of `f`'s answers for the remembered entries, newest last.
+    pub fn find_map<R>(&self, f: impl Fn(&K, &V) -> Option<R>) -> Option<R> {
+        self.lock().iter().find_map(|(k, v)| f(k, v))
+    }
+
     fn find(&self, matches: impl Fn(&K) -> bool) -> Option<V> {
         let entries = self.lock();
         entries

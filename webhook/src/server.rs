@@ -38,28 +38,40 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the handlers share.
+/// What the handlers share, behind one reference count: the router clones it for every
+/// request.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+#[derive(Debug)]
+pub struct Shared {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub view: Arc<dyn ClusterView>,
-    ready: Arc<AtomicBool>,
+    ready: AtomicBool,
 }
 
 impl AppState {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, view: Arc<dyn ClusterView>) -> Self {
-        AppState {
+        AppState(Arc::new(Shared {
             config,
             metrics,
             view,
-            ready: Arc::new(AtomicBool::new(true)),
-        }
+            ready: AtomicBool::new(true),
+        }))
     }
 
     /// Makes `/readyz` fail, so no new traffic is sent while draining.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
+        self.0.ready.store(ready, Ordering::SeqCst);
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }
 
