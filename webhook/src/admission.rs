@@ -3,6 +3,7 @@
 //! `admission.k8s.io/v1` AdmissionReview is an error (the server answers 400); everything else
 //! gets an answer.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -167,35 +168,45 @@ impl Reviewed {
     }
 }
 
-/// The parts of an AdmissionReview a review reads, with the object as `O`.
+/// The parts of an AdmissionReview a review reads, its text borrowed from the body where it
+/// has no escapes.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Incoming<O> {
-    api_version: String,
-    kind: String,
-    request: Option<Request<O>>,
+struct Incoming<'a> {
+    #[serde(borrow)]
+    api_version: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    request: Option<Request<'a>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Request<O> {
-    uid: String,
-    kind: Kind,
-    operation: String,
+struct Request<'a> {
+    #[serde(borrow)]
+    uid: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Kind<'a>,
+    #[serde(borrow)]
+    operation: Cow<'a, str>,
     sub_resource: Option<String>,
     namespace: Option<String>,
-    object: Option<O>,
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct Kind {
-    #[serde(default)]
-    group: String,
-    version: String,
-    kind: String,
+struct Kind<'a> {
+    #[serde(borrow, default)]
+    group: Cow<'a, str>,
+    #[serde(borrow)]
+    version: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
 }
 
-impl Incoming<&RawValue> {
+impl<'a> Incoming<'a> {
     /// Whether the request's object is the `0` at `at` in `text`, the bytes decoded (not a
     /// longer number starting there, which the body's bytes after its object would make).
     fn object_is_at(&self, text: &[u8], at: usize) -> bool {
@@ -204,12 +215,13 @@ impl Incoming<&RawValue> {
             object.get() == "0" && std::ptr::eq(object.get().as_ptr(), text[at..].as_ptr())
         })
     }
-}
 
-impl<O> Incoming<O> {
-    fn request(self) -> Result<Request<O>, ReviewError> {
+    fn request(self) -> Result<Request<'a>, ReviewError> {
         if self.api_version != API_VERSION || self.kind != KIND {
-            return Err(ReviewError::Version(self.api_version, self.kind));
+            return Err(ReviewError::Version(
+                self.api_version.into_owned(),
+                self.kind.into_owned(),
+            ));
         }
         self.request.ok_or(ReviewError::NoRequest)
     }
@@ -223,12 +235,12 @@ pub fn review(
     // The object is read as its text first: a pod is decoded only when it is one being
     // created, and a replica's, the same text as a recent one's, not again.
     if let Some(Known { rest, at, pod }) = known_object(body)
-        && let Ok(incoming) = serde_json::from_slice::<Incoming<&RawValue>>(&rest)
+        && let Ok(incoming) = serde_json::from_slice::<Incoming>(&rest)
         && incoming.object_is_at(&rest, at)
     {
         return answer(incoming.request()?, |_| Ok(pod), config, view);
     }
-    let request = serde_json::from_slice::<Incoming<&RawValue>>(body)
+    let request = serde_json::from_slice::<Incoming>(body)
         .map_err(ReviewError::Decode)?
         .request()?;
     answer(request, |object| decoded(body, object), config, view)
@@ -236,7 +248,7 @@ pub fn review(
 
 /// The answer to `request`, its object decoded by `decode` when it is a pod being created.
 fn answer<'a>(
-    request: Request<&'a RawValue>,
+    request: Request<'a>,
     decode: impl FnOnce(&'a RawValue) -> Result<Arc<PodFacts>, ReviewError>,
     config: &Config,
     view: &dyn ClusterView,
@@ -244,11 +256,7 @@ fn answer<'a>(
     if !is_pod(&request.kind) {
         return Ok(ignored(&request));
     }
-    let object = match (
-        request.object,
-        request.operation.as_str(),
-        &request.sub_resource,
-    ) {
+    let object = match (request.object, &*request.operation, &request.sub_resource) {
         (Some(object), "CREATE", None) => object,
         _ => return Ok(Reviewed::new(&request.uid, Outcome::Ignored)),
     };
@@ -406,12 +414,12 @@ fn encoded(patch: JsonPatch) -> Result<Base64Patch, ReviewError> {
     })
 }
 
-fn ignored<O>(request: &Request<O>) -> Reviewed {
+fn ignored(request: &Request<'_>) -> Reviewed {
     tracing::warn!(kind = %request.kind.kind, "not a pod; allowed unchanged (check the webhook's rules)");
     Reviewed::new(&request.uid, Outcome::Ignored)
 }
 
-fn is_pod(kind: &Kind) -> bool {
+fn is_pod(kind: &Kind<'_>) -> bool {
     kind.group.is_empty() && kind.version == "v1" && kind.kind == "Pod"
 }
 
@@ -559,7 +567,7 @@ mod tests {
     fn remembered_fixture() -> (&'static [u8], std::ops::Range<usize>) {
         let body: &'static [u8] = include_bytes!("../tests/fixtures/review-create-pod.json");
         review(body, &Config::default(), &crate::view::NoCluster).unwrap();
-        let incoming: Incoming<&RawValue> = serde_json::from_slice(body).unwrap();
+        let incoming: Incoming = serde_json::from_slice(body).unwrap();
         let object = incoming.request.unwrap().object.unwrap().get();
         let at = object.as_ptr() as usize - body.as_ptr() as usize;
         (body, at..at + object.len())
@@ -609,6 +617,26 @@ mod tests {
             let error = review(&broken, &Config::default(), &crate::view::NoCluster).unwrap_err();
             assert!(matches!(error, ReviewError::Decode(_)), "{error}");
         }
+    }
+
+    /// Text with escapes in the review's own fields reads as the same text without them.
+    #[test]
+    fn escaped_text_in_the_review_reads_as_its_value() {
+        let body = include_bytes!("../tests/fixtures/review-create-pod.json");
+        let mut review_value: Value = serde_json::from_slice(body).unwrap();
+        review_value["request"]["uid"] = "quote \" and é".into();
+        let text = serde_json::to_string(&review_value)
+            .unwrap()
+            .replace(r#""operation":"CREATE""#, r#""operation":"CR\u0045ATE""#)
+            .replace(
+                r#""group":"","kind":"Pod","version":"v1""#,
+                r#""group":"","kind":"P\u006fd","version":"v\u0031""#,
+            );
+        assert!(text.contains(r#"CR\u0045ATE"#) && text.contains(r#"P\u006fd"#));
+        let reviewed =
+            review(text.as_bytes(), &Config::default(), &crate::view::NoCluster).unwrap();
+        assert_eq!(reviewed.outcome, Outcome::Patched);
+        assert_eq!(reviewed.answer.response.uid, "quote \" and é");
     }
 
     #[test]
