@@ -100,8 +100,9 @@ pub struct RouterArgs {
     pub drain_timeout: std::time::Duration,
     /// How long to busy poll a UDP flow to an endpoint on this node after each datagram, before
     /// sleeping (50us; 0 never; at most 1ms); one flow at a time, only flows answered within it.
-    #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", default_value = defaults::ROUTER_BUSY_POLL, value_parser = parse_busy_poll)]
-    pub busy_poll: std::time::Duration,
+    /// Default: 50us, or 0 where the router may use only one CPU.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", value_parser = parse_busy_poll)]
+    pub busy_poll: Option<std::time::Duration>,
     /// Most flows carried at once; past it, new flows are refused (503).
     #[arg(long, env = "SERVICEKEEL_ROUTER_MAX_FLOWS", default_value_t = defaults::ROUTER_MAX_FLOWS, value_parser = parse_limit)]
     pub max_flows: usize,
@@ -123,6 +124,21 @@ fn parse_limit(text: &str) -> Result<usize, String> {
 
 /// Longest busy poll taken: past it a wakeup costs less than the polling.
 const MAX_BUSY_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Busy polling unless set: none with one CPU, where the answer polled for cannot come while
+/// the poll holds the only CPU (on a one-CPU machine it cost a quarter of the UDP round trips
+/// and more CPU per datagram).
+fn default_busy_poll(cpus: usize) -> std::time::Duration {
+    match cpus {
+        0 | 1 => std::time::Duration::ZERO,
+        _ => parse_busy_poll(defaults::ROUTER_BUSY_POLL).expect("the default is valid"),
+    }
+}
+
+/// The CPUs this process may use (its affinity and CPU quota).
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 fn parse_busy_poll(text: &str) -> Result<std::time::Duration, String> {
     let poll = servicekeel_api::duration::parse_duration(text)?;
@@ -159,9 +175,7 @@ impl RouterArgs {
                 certificate: self.tls_cert,
                 key: self.tls_key,
                 ca: self.tls_ca,
-                threads: self
-                    .link_threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                threads: self.link_threads.unwrap_or_else(cpus),
             }),
         };
         if links.is_none() && self.peers.is_some() {
@@ -195,7 +209,7 @@ impl RouterArgs {
         Ok(RouterConfig {
             sidecar_tcp,
             drain_timeout: self.drain_timeout,
-            busy_poll: self.busy_poll,
+            busy_poll: self.busy_poll.unwrap_or_else(|| default_busy_poll(cpus())),
             max_flows: self.max_flows,
             api,
             links,
@@ -238,9 +252,8 @@ mod tests {
 
     #[test]
     fn link_threads_default_to_one_per_cpu_and_need_links() {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = |args: &[&str]| router_config(args).map(|c| c.links.map(|l| l.threads));
-        assert_eq!(threads(&["--peer-listen=127.0.0.1:0"]), Ok(Some(cpus)));
+        assert_eq!(threads(&["--peer-listen=127.0.0.1:0"]), Ok(Some(cpus())));
         assert_eq!(
             threads(&["--peer-listen=127.0.0.1:0", "--link-threads=3"]),
             Ok(Some(3))
@@ -276,5 +289,17 @@ mod tests {
             parse_busy_poll(servicekeel_api::defaults::ROUTER_BUSY_POLL),
             Ok(Duration::from_micros(50))
         );
+    }
+
+    #[test]
+    fn busy_polling_is_off_by_default_with_one_cpu_only() {
+        use std::time::Duration;
+        assert_eq!(default_busy_poll(1), Duration::ZERO);
+        assert_eq!(default_busy_poll(2), Duration::from_micros(50));
+        assert_eq!(default_busy_poll(64), Duration::from_micros(50));
+        let poll = |args: &[&str]| router_config(args).map(|c| c.busy_poll);
+        assert_eq!(poll(&[]), Ok(default_busy_poll(cpus())));
+        assert_eq!(poll(&["--busy-poll=20us"]), Ok(Duration::from_micros(20)));
+        assert_eq!(poll(&["--busy-poll=0"]), Ok(Duration::ZERO));
     }
 }
