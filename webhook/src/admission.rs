@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::Config;
-use crate::inject::{InjectError, Injection, JsonPatch, SkipReason, inject};
+use crate::inject::{InjectError, Injection, JsonPatch, inject};
 use crate::metrics::Outcome;
 use crate::pod::PodFacts;
 use crate::recent::Recent;
@@ -31,8 +31,6 @@ pub enum ReviewError {
     NoRequest,
     #[error("request.object is not a valid Pod: {0}")]
     NotAPod(serde_json::Error),
-    #[error("cannot encode the patch: {0}")]
-    Encode(String),
 }
 
 /// The answer to one review, in the `admission.k8s.io/v1` shape.
@@ -273,11 +271,11 @@ fn answer<'a>(
 
     let (found, mut warnings) = Found::look(pod, namespace, config, view);
     match made(pod, namespace, &found, config) {
-        Ok(Made::Skip(reason)) => {
+        Ok(Injection::Skip(reason)) => {
             tracing::debug!(ns = namespace, name, reason = reason.as_str(), "skipped");
             Ok(Reviewed::new(&request.uid, Outcome::Skipped))
         }
-        Ok(Made::Patch {
+        Ok(Injection::Patch {
             patch,
             warnings: inject_warnings,
         }) => {
@@ -290,8 +288,7 @@ fn answer<'a>(
             response.warnings = warnings;
             Ok(reviewed)
         }
-        Err(NotMade::Encode(error)) => Err(error),
-        Err(NotMade::Refused(error)) => {
+        Err(error) => {
             tracing::info!(ns = namespace, name, %error, "denied");
             let mut reviewed = Reviewed::new(&request.uid, Outcome::Denied);
             let response = &mut reviewed.answer.response;
@@ -353,22 +350,6 @@ fn known_object(body: &[u8]) -> Option<Known> {
     Some(Known { rest, at, pod })
 }
 
-/// What injecting a pod made, as the answer carries it: the patch already encoded.
-#[derive(Debug, Clone)]
-enum Made {
-    Skip(SkipReason),
-    Patch {
-        patch: Base64Patch,
-        warnings: Vec<String>,
-    },
-}
-
-#[derive(Debug)]
-enum NotMade {
-    Refused(InjectError),
-    Encode(ReviewError),
-}
-
 /// [`inject`] and the patch's encoding, remembered by everything injection reads for the last
 /// pods reviewed: a workload's replicas are the same pod (at admission they have no name of
 /// their own yet), in the same namespace with the same Services, so a scale-up injects once.
@@ -379,9 +360,9 @@ fn made(
     namespace: &str,
     found: &Found,
     config: &Config,
-) -> Result<Made, NotMade> {
+) -> Result<Injection<Base64Patch>, InjectError> {
     type Key = (Arc<PodFacts>, String, Found, Config);
-    static RECENT: Recent<Key, Made> = Recent::new(8);
+    static RECENT: Recent<Key, Injection<Base64Patch>> = Recent::new(8);
     let same_pod = |p: &Arc<PodFacts>| Arc::ptr_eq(p, pod) || p == pod;
     RECENT.get_or_try(
         |(p, ns, f, c)| ns == namespace && same_pod(p) && f == found && c == config,
@@ -393,24 +374,17 @@ fn made(
                 config.clone(),
             )
         },
-        || match inject(pod, &found.target(namespace), config).map_err(NotMade::Refused)? {
-            Injection::Skip(reason) => Ok(Made::Skip(reason)),
-            Injection::Patch { patch, warnings } => Ok(Made::Patch {
-                patch: encoded(patch).map_err(NotMade::Encode)?,
-                warnings,
-            }),
-        },
+        || inject(pod, &found.target(namespace), config).map(|made| made.map_patch(encoded)),
     )
 }
 
 /// The patch for the answer, remembered for the last patches made: pods that differ only in
 /// what the patch does not carry (the pods of a StatefulSet, each with its own name) get the
 /// same one, so its JSON and base64 are written once for all of them.
-fn encoded(patch: JsonPatch) -> Result<Base64Patch, ReviewError> {
+fn encoded(patch: JsonPatch) -> Base64Patch {
     static RECENT: Recent<JsonPatch, Base64Patch> = Recent::new(8);
-    RECENT.get_or_try_owned(patch, JsonPatch::encodes_as, |patch| {
-        let json = serde_json::to_vec(patch).map_err(|e| ReviewError::Encode(e.to_string()))?;
-        Ok(Base64Patch::of(&json))
+    RECENT.get_or_owned(patch, JsonPatch::encodes_as, |patch| {
+        Base64Patch::of(&patch.to_vec())
     })
 }
 
@@ -594,11 +568,19 @@ mod tests {
             object.end,
             r#","object":{"metadata":{"namespace":"shop"},"spec":{"containers":[{"name":"other"}]}}"#,
         );
+        assert!(
+            known_object(&moved).is_some(),
+            "the object is found at its place"
+        );
         let patch = patch_of(&moved).to_string();
         assert!(!patch.contains("payments"), "{patch}");
         assert!(patch_of(body).to_string().contains("payments"));
         // The review's object a `0` too, elsewhere: not a pod.
         let zero = with_inserted(&renamed, object.end, r#","object":0"#);
+        assert!(
+            known_object(&zero).is_some(),
+            "the object is found at its place"
+        );
         let error = review(&zero, &Config::default(), &crate::view::NoCluster).unwrap_err();
         assert!(matches!(error, ReviewError::NotAPod(_)), "{error}");
     }
@@ -614,6 +596,10 @@ mod tests {
             with_inserted(body, object.end, ","),
             body[..body.len() - 3].to_vec(),
         ] {
+            assert!(
+                known_object(&broken).is_some(),
+                "the object is found at its place"
+            );
             let error = review(&broken, &Config::default(), &crate::view::NoCluster).unwrap_err();
             assert!(matches!(error, ReviewError::Decode(_)), "{error}");
         }

@@ -59,15 +59,27 @@ pub struct Status {
     pub user_exported: Vec<String>,
 }
 
+/// What injection decided, with the patch as `P`: a [`JsonPatch`] as made, or as the answer
+/// carries it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Injection {
+pub enum Injection<P = JsonPatch> {
     /// Allowed unchanged.
     Skip(SkipReason),
     /// Allowed with this patch; the warnings go back to the client.
-    Patch {
-        patch: JsonPatch,
-        warnings: Vec<String>,
-    },
+    Patch { patch: P, warnings: Vec<String> },
+}
+
+impl<P> Injection<P> {
+    /// The same decision with the patch turned into `f`'s.
+    pub fn map_patch<Q>(self, f: impl FnOnce(P) -> Q) -> Injection<Q> {
+        match self {
+            Injection::Skip(reason) => Injection::Skip(reason),
+            Injection::Patch { patch, warnings } => Injection::Patch {
+                patch: f(patch),
+                warnings,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

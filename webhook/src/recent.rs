@@ -94,6 +94,17 @@ impl<K: PartialEq, V: Clone> Recent<K, V> {
         value
     }
 
+    /// [`Recent::get_or_try_owned`] for a `make` that cannot fail.
+    pub fn get_or_owned(
+        &self,
+        input: K,
+        same: impl Fn(&K, &K) -> bool,
+        make: impl FnOnce(&K) -> V,
+    ) -> V {
+        let Ok(value) = self.get_or_try_owned::<Infallible>(input, same, |input| Ok(make(input)));
+        value
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(K, V)>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }

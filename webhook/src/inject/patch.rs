@@ -94,10 +94,14 @@ impl JsonPatch {
                 .all(|((a, x), (b, y))| a == b && x.encodes_as(y))
     }
 
+    /// The RFC 6902 document, as JSON text.
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a patch always serializes")
+    }
+
     /// The operations as a `json_patch::Patch`, to apply to a document.
     pub fn to_patch(&self) -> json_patch::Patch {
-        let text = serde_json::to_vec(self).expect("a patch always serializes");
-        serde_json::from_slice(&text).expect("a serialized patch decodes")
+        serde_json::from_slice(&self.to_vec()).expect("a serialized patch decodes")
     }
 }
 
