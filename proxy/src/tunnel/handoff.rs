@@ -626,9 +626,9 @@ async fn relay_udp<H: Handler>(
     let finished = match upstream {
         Upstream::Udp(endpoint) => {
             let carried = Carried::default();
-            let meter = |way, n| carried.count(way == datagrams::Way::Out, n);
-            let result =
-                datagrams::bridge(client, Connected::new(endpoint), idle, polling, meter).await;
+            let endpoint = Connected::new(endpoint);
+            let meter = carried.meter(datagrams::Way::Out);
+            let result = datagrams::bridge(client, endpoint, idle, polling, meter).await;
             carried.finished(result)
         }
         // The client's socket moves to the link's thread with its flow, as a TCP connection does.
@@ -654,7 +654,6 @@ async fn relay_udp<H: Handler>(
 /// Relays a handed-over UDP client to the flow `far` until it has been idle for `idle`.
 async fn udp_to_flow(far: FlowStream, client: Connected, idle: Duration) -> Finished {
     let carried = Carried::default();
-    let meter = |way, n| carried.count(way == datagrams::Way::Out, n);
-    let result = datagrams::relay(far, client, idle, meter).await;
+    let result = datagrams::relay(far, client, idle, carried.meter(datagrams::Way::Out)).await;
     carried.finished(result)
 }

@@ -180,8 +180,17 @@ pub(crate) struct Carried {
 }
 
 impl Carried {
+    /// The meter for a datagram relay whose datagrams going `towards_endpoint` are the ones
+    /// sent to the endpoint, the others received from it.
+    pub(crate) fn meter(
+        &self,
+        towards_endpoint: datagrams::Way,
+    ) -> impl Fn(datagrams::Way, usize) + Send + '_ {
+        move |way, n| self.count(way == towards_endpoint, n)
+    }
+
     /// Counts a datagram of `n` bytes, sent towards the endpoint or received from it.
-    pub(crate) fn count(&self, towards_endpoint: bool, n: usize) {
+    fn count(&self, towards_endpoint: bool, n: usize) {
         let counter = if towards_endpoint {
             &self.sent
         } else {
@@ -568,7 +577,7 @@ async fn open_flow<H: Handler>(
                 flow,
                 Connected::new(socket),
                 super::UDP_IDLE_TIMEOUT,
-                |way, n| carried.count(way == datagrams::Way::In, n),
+                carried.meter(datagrams::Way::In),
             )
             .await;
             carried.finished(result)
