@@ -230,6 +230,16 @@ pub fn review(
     config: &Config,
     view: &dyn ClusterView,
 ) -> Result<Reviewed, ReviewError> {
+    // A replica's review is a recent one's text with another uid: nothing in it is read again.
+    if let Some((uid, known)) = known_review(body) {
+        return Ok(created(
+            uid,
+            known.namespace.as_deref(),
+            &known.pod,
+            config,
+            view,
+        ));
+    }
     // The object is read as its text first: a pod is decoded only when it is one being
     // created, and a replica's, the same text as a recent one's, not again.
     if let Some(Known { rest, at, pod }) = known_object(body)
@@ -241,7 +251,27 @@ pub fn review(
     let request = serde_json::from_slice::<Incoming>(body)
         .map_err(ReviewError::Decode)?
         .request()?;
-    answer(request, |object| decoded(body, object), config, view)
+    let uid = Around::uid_of(body, &request.uid);
+    let namespace: Option<Arc<str>> = request.namespace.as_deref().map(Into::into);
+    answer(
+        request,
+        |object| {
+            let pod = decoded(body, object)?;
+            if let Some(uid) = uid {
+                REVIEWS.remember(
+                    Around::of(body, uid),
+                    Created {
+                        namespace,
+                        pod: pod.clone(),
+                    },
+                    |a, b| a == b,
+                );
+            }
+            Ok(pod)
+        },
+        config,
+        view,
+    )
 }
 
 /// The answer to `request`, its object decoded by `decode` when it is a pod being created.
@@ -258,11 +288,27 @@ fn answer<'a>(
         (Some(object), "CREATE", None) => object,
         _ => return Ok(Reviewed::new(&request.uid, Outcome::Ignored)),
     };
-    let pod = &decode(object)?;
+    let pod = decode(object)?;
+    Ok(created(
+        &request.uid,
+        request.namespace.as_deref(),
+        &pod,
+        config,
+        view,
+    ))
+}
+
+/// The answer to the review `uid` of `pod` being created, in the review's `namespace` if it
+/// names one.
+fn created(
+    uid: &str,
+    namespace: Option<&str>,
+    pod: &Arc<PodFacts>,
+    config: &Config,
+    view: &dyn ClusterView,
+) -> Reviewed {
     let metadata = pod.metadata.as_ref();
-    let namespace = request
-        .namespace
-        .as_deref()
+    let namespace = namespace
         .or(metadata.and_then(|m| m.namespace.as_deref()))
         .unwrap_or("default");
     let name = metadata
@@ -273,24 +319,24 @@ fn answer<'a>(
     match made(pod, namespace, &found, config) {
         Ok(Injection::Skip(reason)) => {
             tracing::debug!(ns = namespace, name, reason = reason.as_str(), "skipped");
-            Ok(Reviewed::new(&request.uid, Outcome::Skipped))
+            Reviewed::new(uid, Outcome::Skipped)
         }
         Ok(Injection::Patch {
             patch,
             warnings: inject_warnings,
         }) => {
             tracing::debug!(ns = namespace, name, "injected");
-            let mut reviewed = Reviewed::new(&request.uid, Outcome::Patched);
+            let mut reviewed = Reviewed::new(uid, Outcome::Patched);
             let response = &mut reviewed.answer.response;
             response.patch = Some(patch);
             response.patch_type = Some("JSONPatch");
             warnings.extend(inject_warnings);
             response.warnings = warnings;
-            Ok(reviewed)
+            reviewed
         }
         Err(error) => {
             tracing::info!(ns = namespace, name, %error, "denied");
-            let mut reviewed = Reviewed::new(&request.uid, Outcome::Denied);
+            let mut reviewed = Reviewed::new(uid, Outcome::Denied);
             let response = &mut reviewed.answer.response;
             response.allowed = false;
             // Kubernetes' own code for a refused, invalid object.
@@ -300,9 +346,65 @@ fn answer<'a>(
                 reason: "Invalid",
                 message: error.to_string(),
             });
-            Ok(reviewed)
+            reviewed
         }
     }
+}
+
+/// A review's body around its `request.uid`: the bytes up to the uid's text and from its
+/// closing quote on.
+#[derive(PartialEq)]
+struct Around {
+    before: Box<[u8]>,
+    after: Box<[u8]>,
+}
+
+impl Around {
+    /// Where the text of the uid `uid` (decoded from `body`) is in `body`: known only when it
+    /// was read without escapes, borrowed from the body's own bytes (a decoded copy lies
+    /// elsewhere in memory).
+    fn uid_of(body: &[u8], uid: &str) -> Option<std::ops::Range<usize>> {
+        let at = (uid.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+        (at + uid.len() <= body.len()).then_some(at..at + uid.len())
+    }
+
+    fn of(body: &[u8], uid: std::ops::Range<usize>) -> Self {
+        Around {
+            before: body[..uid.start].into(),
+            after: body[uid.end..].into(),
+        }
+    }
+
+    /// The uid of `body` if it is this body with another uid in its place: text without a
+    /// quote, backslash or control character, so that it ends at the same quote and the body is
+    /// exactly as valid as the one remembered, read the same but for the uid.
+    fn uid_in<'b>(&self, body: &'b [u8]) -> Option<&'b str> {
+        let rest = body.strip_prefix(&*self.before)?;
+        let end = rest
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        if rest[end..] != *self.after {
+            return None;
+        }
+        std::str::from_utf8(&rest[..end]).ok()
+    }
+}
+
+/// What the answer to a remembered review needs besides its uid.
+#[derive(Clone)]
+struct Created {
+    namespace: Option<Arc<str>>,
+    pod: Arc<PodFacts>,
+}
+
+/// Reviews of pods being created, recently decoded, by their body around the uid: the
+/// apiserver writes a review's fields in one order, and the reviews of a controller's replicas
+/// created within the same second differ only in their uid.
+static REVIEWS: Recent<Around, Created> = Recent::new(8);
+
+/// A remembered review that `body` is with another uid, and that uid.
+fn known_review(body: &[u8]) -> Option<(&str, Created)> {
+    REVIEWS.find_map(|around, created| Some((around.uid_in(body)?, created.clone())))
 }
 
 /// Pods recently decoded, by the place of their object in the review's body and its text: at
@@ -623,6 +725,81 @@ mod tests {
             review(text.as_bytes(), &Config::default(), &crate::view::NoCluster).unwrap();
         assert_eq!(reviewed.outcome, Outcome::Patched);
         assert_eq!(reviewed.answer.response.uid, "quote \" and é");
+    }
+
+    /// The fixture, reviewed once so that it is remembered, and the span of its uid's text.
+    fn remembered_review() -> (&'static [u8], std::ops::Range<usize>) {
+        let body: &'static [u8] = include_bytes!("../tests/fixtures/review-create-pod.json");
+        review(body, &Config::default(), &crate::view::NoCluster).unwrap();
+        let incoming: Incoming = serde_json::from_slice(body).unwrap();
+        let uid = Around::uid_of(body, &incoming.request.unwrap().uid).expect("a plain uid");
+        (body, uid)
+    }
+
+    /// `body` with `uid` (bytes, written as given) in place of its uid's text at `span`.
+    fn with_uid(body: &[u8], span: &std::ops::Range<usize>, uid: &[u8]) -> Vec<u8> {
+        [&body[..span.start], uid, &body[span.end..]].concat()
+    }
+
+    /// A replica's review, a remembered one with another uid (any length, any plain text),
+    /// is answered from what was remembered, with its own uid and the same patch.
+    #[test]
+    fn a_review_with_another_uid_is_answered_as_remembered() {
+        let (body, span) = remembered_review();
+        let first = review(body, &Config::default(), &crate::view::NoCluster).unwrap();
+        assert_eq!(first.outcome, Outcome::Patched);
+        let long = "u".repeat(300);
+        for uid in [
+            "0b7c1e2d-0000-4a8f-9d0b-7c1f2e3a4b5c",
+            "",
+            "x",
+            "été ✓",
+            &long,
+        ] {
+            let other = with_uid(body, &span, uid.as_bytes());
+            let found = known_review(&other).map(|(uid, _)| uid.to_string());
+            assert_eq!(found.as_deref(), Some(uid), "the review is remembered");
+            let reviewed = review(&other, &Config::default(), &crate::view::NoCluster).unwrap();
+            assert_eq!(reviewed.outcome, Outcome::Patched);
+            assert_eq!(reviewed.answer.response.uid, uid);
+            assert_eq!(reviewed.answer.response.patch, first.answer.response.patch);
+        }
+    }
+
+    /// Uid text that would change how the body reads does not stand for another uid: an escape,
+    /// a quote that ends the text early, a control character, bytes that are not UTF-8. Such a
+    /// body is read in full: escapes are decoded, broken JSON refused. Nor does a body that
+    /// differs anywhere else.
+    #[test]
+    fn only_plain_uid_text_stands_in_for_a_remembered_one() {
+        let (body, span) = remembered_review();
+        let read = |uid: &[u8]| {
+            let other = with_uid(body, &span, uid);
+            assert!(
+                known_review(&other).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(uid)
+            );
+            review(&other, &Config::default(), &crate::view::NoCluster)
+        };
+        let escaped = read(br"a\u0041b").unwrap();
+        assert_eq!(escaped.answer.response.uid, "aAb");
+        for broken in [&b"a\tb"[..], br#"x","uid":"y"#, b"a\xffb", br"a\"] {
+            let error = read(broken).unwrap_err();
+            assert!(matches!(error, ReviewError::Decode(_)), "{error}");
+        }
+        let mut elsewhere = with_uid(body, &span, b"other");
+        let at = elsewhere.windows(6).position(|w| w == b"\"shop\"").unwrap();
+        elsewhere[at + 1..at + 5].copy_from_slice(b"mall");
+        assert!(known_review(&elsewhere).is_none());
+        let reviewed = review(&elsewhere, &Config::default(), &crate::view::NoCluster).unwrap();
+        assert_eq!(reviewed.answer.response.uid, "other");
+        let patch = serde_json::from_slice::<Value>(
+            &reviewed.answer.response.patch.expect("a patch").decode(),
+        )
+        .unwrap()
+        .to_string();
+        assert!(patch.contains("mall.svc.cluster.local"), "{patch}");
     }
 
     #[test]

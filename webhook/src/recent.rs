@@ -72,7 +72,7 @@ impl<K: PartialEq, V: Clone> Recent<K, V> {
     /// Remembers `value` under `key`, unless another caller made it meanwhile (made without
     /// the lock held, a slow input does not hold up the others), forgetting the oldest when
     /// full.
-    fn remember(&self, key: K, value: V, same: impl Fn(&K, &K) -> bool) {
+    pub fn remember(&self, key: K, value: V, same: impl Fn(&K, &K) -> bool) {
         let mut entries = self.lock();
         if entries.iter().any(|(k, _)| same(k, &key)) {
             return;
