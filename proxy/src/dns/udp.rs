@@ -87,10 +87,8 @@ impl ReadOnlyUdp {
             match self.send_segmented(&datagrams[run.clone()]).await {
                 Ok(()) => {}
                 Err(error) if cannot_segment(&error) => {
-                    if error.raw_os_error() != Some(rustix::io::Errno::MSGSIZE.raw_os_error()) {
-                        tracing::debug!(%error, "sending answers one by one from now on");
-                        self.segmenting.store(false, Ordering::Relaxed);
-                    }
+                    tracing::debug!(%error, "sending answers one by one from now on");
+                    self.segmenting.store(false, Ordering::Relaxed);
                     self.send_each(&datagrams[run], &mut refused).await?;
                 }
                 Err(error) => {
