@@ -205,15 +205,6 @@ struct Kind<'a> {
 }
 
 impl<'a> Incoming<'a> {
-    /// Whether the request's object is the `0` at `at` in `text`, the bytes decoded (not a
-    /// longer number starting there, which the body's bytes after its object would make).
-    fn object_is_at(&self, text: &[u8], at: usize) -> bool {
-        let object = self.request.as_ref().and_then(|r| r.object);
-        object.is_some_and(|object| {
-            object.get() == "0" && std::ptr::eq(object.get().as_ptr(), text[at..].as_ptr())
-        })
-    }
-
     fn request(self) -> Result<Request<'a>, ReviewError> {
         if self.api_version != API_VERSION || self.kind != KIND {
             return Err(ReviewError::Version(
@@ -241,13 +232,7 @@ pub fn review(
         ));
     }
     // The object is read as its text first: a pod is decoded only when it is one being
-    // created, and a replica's, the same text as a recent one's, not again.
-    if let Some(Known { rest, at, pod }) = known_object(body)
-        && let Ok(incoming) = serde_json::from_slice::<Incoming>(&rest)
-        && incoming.object_is_at(&rest, at)
-    {
-        return answer(incoming.request()?, |_| Ok(pod), config, view);
-    }
+    // created, and not again when its text is a recent one's.
     let request = serde_json::from_slice::<Incoming>(body)
         .map_err(ReviewError::Decode)?
         .request()?;
@@ -256,7 +241,7 @@ pub fn review(
     answer(
         request,
         |object| {
-            let pod = decoded(body, object)?;
+            let pod = decoded(object)?;
             if let Some(uid) = uid {
                 REVIEWS.remember(
                     Around::of(body, uid),
@@ -407,49 +392,23 @@ fn known_review(body: &[u8]) -> Option<(&str, Created)> {
     REVIEWS.find_map(|around, created| Some((around.uid_in(body)?, created.clone())))
 }
 
-/// Pods recently decoded, by the place of their object in the review's body and its text: at
-/// admission a ReplicaSet's pods have no name of their own yet, so those created within the
-/// same second (the time their managed fields carry) are the same text, and the reviews of one
-/// controller put it at the same place.
-static OBJECTS: Recent<(usize, Box<str>), Arc<PodFacts>> = Recent::new(8);
+/// Pods recently decoded, by their object's text: at admission a ReplicaSet's pods have no name
+/// of their own yet, so those created within the same second (the time their managed fields
+/// carry) are the same text, which a review not otherwise like a remembered one may carry.
+static OBJECTS: Recent<Box<str>, Arc<PodFacts>> = Recent::new(8);
 
-/// The pod `object` (a part of `body`) holds, decoded or remembered.
-fn decoded(body: &[u8], object: &RawValue) -> Result<Arc<PodFacts>, ReviewError> {
+/// The pod `object` holds, decoded or remembered.
+fn decoded(object: &RawValue) -> Result<Arc<PodFacts>, ReviewError> {
     let text = object.get();
-    let at = (text.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
     OBJECTS.get_or_try(
-        |(_, seen)| **seen == *text,
-        || (at, text.into()),
+        |seen| **seen == *text,
+        || text.into(),
         || {
             serde_json::from_str(text)
                 .map(Arc::new)
                 .map_err(ReviewError::NotAPod)
         },
     )
-}
-
-/// A review's body whose object is a recently decoded one: the rest of the body with a `0` at
-/// `at` in the object's place, and the pod.
-struct Known {
-    rest: Vec<u8>,
-    at: usize,
-    pod: Arc<PodFacts>,
-}
-
-/// The body without a recently decoded object found at its place in it: decoding the rest
-/// then reads a third of the bytes. It stands for the body only when the `0` is the review's
-/// `object` ([`Incoming::object_is_at`]): a JSON document with one value put in place of
-/// another is as valid as before, so the body is then exactly as valid as the rest.
-fn known_object(body: &[u8]) -> Option<Known> {
-    let (at, len, pod) = OBJECTS.find_map(|(at, text), pod| {
-        let end = at.checked_add(text.len())?;
-        (body.get(*at..end)? == text.as_bytes()).then(|| (*at, text.len(), pod.clone()))
-    })?;
-    let mut rest = Vec::with_capacity(body.len() - len + 1);
-    rest.extend_from_slice(&body[..at]);
-    rest.push(b'0');
-    rest.extend_from_slice(&body[at + len..]);
-    Some(Known { rest, at, pod })
 }
 
 /// [`inject`] and the patch's encoding, remembered by everything injection reads for the last
@@ -639,7 +598,8 @@ mod tests {
         assert_eq!(reviewed(&view).0, None, "the Service is gone");
     }
 
-    /// The fixture, reviewed once so that its object is remembered, and its object's span.
+    /// The fixture, reviewed once so that it and its object are remembered, and its object's
+    /// span.
     fn remembered_fixture() -> (&'static [u8], std::ops::Range<usize>) {
         let body: &'static [u8] = include_bytes!("../tests/fixtures/review-create-pod.json");
         review(body, &Config::default(), &crate::view::NoCluster).unwrap();
@@ -654,8 +614,8 @@ mod tests {
         [&body[..at], insert.as_bytes(), &body[at..]].concat()
     }
 
-    /// A remembered object at its place stands for the pod only as the review's `object`: the
-    /// same text at the same place under another key leaves the review's own object to be read.
+    /// A remembered object's text stands for the pod only as the review's `object`: the same
+    /// text at the same place under another key leaves the review's own object to be read.
     #[test]
     fn a_remembered_object_counts_only_as_the_reviews_object() {
         let (body, object) = remembered_fixture();
@@ -670,25 +630,19 @@ mod tests {
             object.end,
             r#","object":{"metadata":{"namespace":"shop"},"spec":{"containers":[{"name":"other"}]}}"#,
         );
-        assert!(
-            known_object(&moved).is_some(),
-            "the object is found at its place"
-        );
+        assert!(known_review(&moved).is_none(), "not the remembered review");
         let patch = patch_of(&moved).to_string();
         assert!(!patch.contains("payments"), "{patch}");
         assert!(patch_of(body).to_string().contains("payments"));
         // The review's object a `0` too, elsewhere: not a pod.
         let zero = with_inserted(&renamed, object.end, r#","object":0"#);
-        assert!(
-            known_object(&zero).is_some(),
-            "the object is found at its place"
-        );
+        assert!(known_review(&zero).is_none(), "not the remembered review");
         let error = review(&zero, &Config::default(), &crate::view::NoCluster).unwrap_err();
         assert!(matches!(error, ReviewError::NotAPod(_)), "{error}");
     }
 
-    /// A body that is not JSON is refused whether or not its object is remembered: bytes after
-    /// the object that would make a number of the `0` in its place, or a broken rest.
+    /// A body that is not JSON is refused though its review and object are remembered: bytes
+    /// after the object, or a broken rest.
     #[test]
     fn a_remembered_object_does_not_make_a_broken_body_valid() {
         let (body, object) = remembered_fixture();
@@ -698,10 +652,7 @@ mod tests {
             with_inserted(body, object.end, ","),
             body[..body.len() - 3].to_vec(),
         ] {
-            assert!(
-                known_object(&broken).is_some(),
-                "the object is found at its place"
-            );
+            assert!(known_review(&broken).is_none(), "not the remembered review");
             let error = review(&broken, &Config::default(), &crate::view::NoCluster).unwrap_err();
             assert!(matches!(error, ReviewError::Decode(_)), "{error}");
         }
