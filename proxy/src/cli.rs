@@ -99,7 +99,7 @@ pub struct RouterArgs {
     #[arg(long, env = "SERVICEKEEL_ROUTER_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = servicekeel_api::duration::parse_duration)]
     pub drain_timeout: std::time::Duration,
     /// How long to busy poll a UDP flow to an endpoint on this node after each datagram, before
-    /// sleeping (50us; 0 never; at most 1ms); one flow at a time, only flows answered within it.
+    /// sleeping (0 never; at most 1ms); one flow at a time, only flows answered within it.
     /// Default: 50us, or 0 where the router may use only one CPU.
     #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", value_parser = parse_busy_poll)]
     pub busy_poll: Option<std::time::Duration>,
@@ -164,6 +164,8 @@ impl RouterArgs {
         if self.node.is_empty() {
             return Err("--node (NODE_NAME) must not be empty".into());
         }
+        // Read once: it looks at the process's affinity and CPU quota.
+        let cpus = cpus();
         let links = match self.peer_listen {
             None => None,
             Some(listen) => Some(LinksConfig {
@@ -175,7 +177,7 @@ impl RouterArgs {
                 certificate: self.tls_cert,
                 key: self.tls_key,
                 ca: self.tls_ca,
-                threads: self.link_threads.unwrap_or_else(cpus),
+                threads: self.link_threads.unwrap_or(cpus),
             }),
         };
         if links.is_none() && self.peers.is_some() {
@@ -209,7 +211,7 @@ impl RouterArgs {
         Ok(RouterConfig {
             sidecar_tcp,
             drain_timeout: self.drain_timeout,
-            busy_poll: self.busy_poll.unwrap_or_else(|| default_busy_poll(cpus())),
+            busy_poll: self.busy_poll.unwrap_or_else(|| default_busy_poll(cpus)),
             max_flows: self.max_flows,
             api,
             links,

@@ -167,7 +167,7 @@ impl ReadOnlyUdp {
     }
 }
 
-/// Most datagrams in one segmented send: the kernel's `UDP_MAX_SEGMENTS` (64 before Linux 6.9).
+/// Most datagrams in one segmented send: the kernel's `UDP_MAX_SEGMENTS` as Linux first set it.
 const MAX_SEGMENTS: usize = 64;
 /// Most bytes in one segmented send: what one UDP datagram over IPv4 can carry.
 const MAX_SEGMENTED_BYTES: usize = 65_507;
@@ -183,11 +183,14 @@ fn run_length(datagrams: &[(SocketAddr, &[u8])]) -> usize {
         return 0;
     };
     let size = first.len();
+    // A segment length of 0 sends no segments.
+    if size == 0 {
+        return 1;
+    }
     let mut total = size;
     let mut count = 1;
     for &(to, bytes) in &datagrams[1..] {
-        if size == 0
-            || to != dst
+        if to != dst
             || bytes.len() > size
             || count == MAX_SEGMENTS
             || total + bytes.len() > MAX_SEGMENTED_BYTES
