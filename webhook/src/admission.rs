@@ -383,8 +383,8 @@ struct Created {
 }
 
 /// Reviews of pods being created, recently decoded, by their body around the uid: the
-/// apiserver writes a review's fields in one order, and the reviews of a controller's replicas
-/// created within the same second differ only in their uid.
+/// apiserver writes a review's fields in one order, so the reviews of a controller's replicas
+/// created within the same second are expected to differ only in their uid.
 static REVIEWS: Recent<Around, Created> = Recent::new(8);
 
 /// A remembered review that `body` is with another uid, and that uid.
