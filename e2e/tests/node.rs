@@ -65,6 +65,10 @@ fn main() -> ExitCode {
             |s| Box::pin(replicas_spread_and_deletion(s)),
         ),
         (
+            "a_deployments_replicas_are_answered_from_a_remembered_review_injected_alike",
+            |s| Box::pin(replicas_remembered(s)),
+        ),
+        (
             "pod_creations_succeed_when_retried_with_backoff_while_a_webhook_replica_is_killed",
             |s| Box::pin(webhook_replica_killed(s)),
         ),
@@ -600,6 +604,123 @@ async fn replicas_spread_and_deletion(shared: Arc<Shared>) -> anyhow::Result<()>
         "deployment/echo",
         "--timeout=120s",
     ])?;
+    Ok(())
+}
+
+/// Replicas of the Deployment in `replicas_remembered`: its ReplicaSet creates them in batches
+/// of 1, 2, 4 and 1 (client-go's slow start).
+const REMEMBERED_REPLICAS: usize = 8;
+
+/// The webhook replicas' `servicekeel_webhook_remembered_reviews_total`, summed, read through the
+/// API server's proxy to each pod.
+async fn remembered_reviews(shared: &Shared) -> anyhow::Result<u64> {
+    let webhooks = shared
+        .pods_in(webhook::SYSTEM_NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
+        .await?;
+    let mut sum = 0;
+    for pod in webhooks.items {
+        let name = pod.metadata.name.unwrap_or_default();
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/https:{name}:8443/proxy/metrics",
+            webhook::SYSTEM_NAMESPACE
+        );
+        let text = shared
+            .client
+            .request_text(::http::Request::get(path).body(Vec::new())?)
+            .await
+            .with_context(|| format!("the metrics of {name}"))?;
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix("servicekeel_webhook_remembered_reviews_total "))
+            .with_context(|| format!("{name} has no remembered reviews counter:\n{text}"))?;
+        sum += value.trim().parse::<u64>()?;
+    }
+    Ok(sum)
+}
+
+/// The API server's reviews of a ReplicaSet's replicas created together are the same text but
+/// for their uid and the random end of their token volume's name (the pods have no name of
+/// their own at admission, and their managed fields carry the same second), so the webhook
+/// answers all but the first it sees from the review it remembered, decoding nothing. Shown on the real API server and controller-
+/// manager: some of the replicas are counted as answered so, never the first, and every replica
+/// is stored with the same sidecar. The pods name a node that does not exist and stay Pending.
+async fn replicas_remembered(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let name = "remembered";
+    let before = remembered_reviews(&shared).await?;
+    shared.apply(&json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "replicas": REMEMBERED_REPLICAS,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "nodeSelector": {"servicekeel.io/e2e": "no-such-node"},
+                    "containers": [{
+                        "name": "app",
+                        "image": "servicekeel/demo:0.1.0",
+                        "imagePullPolicy": "IfNotPresent",
+                        "args": ["sleep"],
+                    }],
+                },
+            },
+        },
+    }))?;
+    let selector = ListParams::default().labels(&format!("app={name}"));
+    let pods = eventually(
+        &format!("the ReplicaSet creates {REMEMBERED_REPLICAS} pods"),
+        Duration::from_secs(60),
+        || async {
+            let pods = shared.pods().list(&selector).await?.items;
+            ensure!(
+                pods.len() == REMEMBERED_REPLICAS,
+                "{} pods so far",
+                pods.len()
+            );
+            Ok(pods)
+        },
+    )
+    .await;
+    let after = remembered_reviews(&shared).await;
+    shared.kubectl(&["delete", "deployment", name, "-n", NAMESPACE, "--wait=true"])?;
+    let (pods, after) = (pods?, after?);
+    let sidecars: BTreeSet<String> = pods
+        .iter()
+        .map(|pod| {
+            let spec = pod.spec.clone().unwrap_or_default();
+            let mut sidecar = spec
+                .init_containers
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.name == "servicekeel-proxy");
+            // The apiserver mounts each pod's own token volume into every container.
+            if let Some(mounts) = sidecar.as_mut().and_then(|c| c.volume_mounts.as_mut()) {
+                mounts.retain(|m| !m.name.starts_with("kube-api-access-"));
+            }
+            serde_json::to_string(&sidecar).unwrap_or_default()
+        })
+        .collect();
+    ensure!(
+        pods.iter().all(webhook::is_injected),
+        "not every replica has the sidecar"
+    );
+    ensure!(
+        sidecars.len() == 1,
+        "the replicas' sidecars differ: {sidecars:#?}"
+    );
+    let remembered = after.saturating_sub(before);
+    eprintln!("{remembered} of {REMEMBERED_REPLICAS} replicas answered from a remembered review");
+    ensure!(
+        remembered >= 1,
+        "no replica was answered from a remembered review ({before} -> {after})"
+    );
+    ensure!(
+        remembered < REMEMBERED_REPLICAS as u64,
+        "{remembered} remembered: the first replica's review cannot have been"
+    );
     Ok(())
 }
 

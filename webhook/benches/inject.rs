@@ -1,8 +1,9 @@
 //! The webhook's own time for a typical pod review: the pure `inject` function alone, and the
 //! whole `review` path (decode the AdmissionReview, inject, encode the answer). The baseline in
 //! the same run decodes the whole review into generic JSON and encodes it again, the least a
-//! webhook that read the whole object would do. The typical review is a replica's, whose service annotation
-//! the webhook has seen before; the first pod of a workload is measured too.
+//! webhook that read the whole object would do. The typical review is a replica's, as the
+//! apiserver sends it (its own uid and token volume's name), whose service annotation the
+//! webhook has seen before; the first pod of a workload is measured too.
 
 use std::hint::black_box;
 
@@ -13,6 +14,7 @@ use servicekeel_webhook::config::Config;
 use servicekeel_webhook::inject::{Target, inject};
 use servicekeel_webhook::metrics::Outcome;
 use servicekeel_webhook::pod::PodFacts;
+use servicekeel_webhook::shape::replica;
 use servicekeel_webhook::view::NoCluster;
 
 /// The allocator the webhook binary uses.
@@ -43,9 +45,16 @@ fn benches(c: &mut Criterion) {
     c.bench_function("inject (pure)", |b| {
         b.iter(|| black_box(inject(black_box(&pod), &target, &config)))
     });
+    // Replicas' reviews as the apiserver sends them: each with its own uid and token volume.
+    let replicas: Vec<Vec<u8>> = (0..1024)
+        .map(|n| replica(&body, n).expect("the fixture's pod has a token volume"))
+        .collect();
+    let mut next = 0;
     c.bench_function("review (decode + inject + encode)", |b| {
         b.iter(|| {
-            let reviewed = review(black_box(&body), &config, &NoCluster).expect("reviews");
+            next = (next + 1) % replicas.len();
+            let reviewed =
+                review(black_box(&replicas[next]), &config, &NoCluster).expect("reviews");
             black_box(reviewed.answer.to_json())
         })
     });

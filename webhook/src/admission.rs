@@ -16,6 +16,7 @@ use crate::inject::{InjectError, Injection, JsonPatch, inject};
 use crate::metrics::Outcome;
 use crate::pod::PodFacts;
 use crate::recent::Recent;
+use crate::shape::{Fit, Shape, span_in};
 use crate::view::{ClusterView, Found};
 
 const API_VERSION: &str = "admission.k8s.io/v1";
@@ -144,6 +145,8 @@ pub struct Status {
 pub struct Reviewed {
     pub answer: Answer,
     pub outcome: Outcome,
+    /// Answered from a remembered review, as a replica's of it, nothing decoded.
+    pub remembered: bool,
 }
 
 impl Reviewed {
@@ -162,6 +165,7 @@ impl Reviewed {
                 },
             },
             outcome,
+            remembered: false,
         }
     }
 }
@@ -221,30 +225,35 @@ pub fn review(
     config: &Config,
     view: &dyn ClusterView,
 ) -> Result<Reviewed, ReviewError> {
-    // A replica's review is a recent one's text with another uid: nothing in it is read again.
-    if let Some((uid, known)) = known_review(body) {
-        return Ok(created(
-            uid,
-            known.namespace.as_deref(),
-            &known.pod,
-            config,
-            view,
-        ));
+    // A replica's review is a recent one's text with another uid and token volume: nothing in
+    // it is read again, once another token volume's name is known to leave the pod the same.
+    let mut check = None;
+    match known_review(body) {
+        Some((Fit::Same(uid), known)) => {
+            let mut reviewed = created(uid, known.namespace.as_deref(), &known.pod, config, view);
+            reviewed.remembered = true;
+            return Ok(reviewed);
+        }
+        Some((Fit::Check(renaming), known)) => check = Some((renaming, known.pod)),
+        None => {}
     }
     // The object is read as its text first: a pod is decoded only when it is one being
     // created, and not again when its text is a recent one's.
     let request = serde_json::from_slice::<Incoming>(body)
         .map_err(ReviewError::Decode)?
         .request()?;
-    let uid = Around::uid_of(body, &request.uid);
+    let uid = span_in(body, request.uid.as_bytes());
     let namespace: Option<Arc<str>> = request.namespace.as_deref().map(Into::into);
     answer(
         request,
         |object| {
             let pod = decoded(object)?;
-            if let Some(uid) = uid {
+            if let Some((renaming, remembered)) = check {
+                renaming.learn(&remembered, &pod);
+            } else if let (Some(uid), Some(object)) = (uid, span_in(body, object.get().as_bytes()))
+            {
                 REVIEWS.remember(
-                    Around::of(body, uid),
+                    Shape::of(body, uid, object, &pod),
                     Created {
                         namespace,
                         pod: pod.clone(),
@@ -336,45 +345,6 @@ fn created(
     }
 }
 
-/// A review's body around its `request.uid`: the bytes up to the uid's text and from its
-/// closing quote on.
-#[derive(PartialEq)]
-struct Around {
-    before: Box<[u8]>,
-    after: Box<[u8]>,
-}
-
-impl Around {
-    /// Where the text of the uid `uid` (decoded from `body`) is in `body`: known only when it
-    /// was read without escapes, borrowed from the body's own bytes (a decoded copy lies
-    /// elsewhere in memory).
-    fn uid_of(body: &[u8], uid: &str) -> Option<std::ops::Range<usize>> {
-        let at = (uid.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
-        (at + uid.len() <= body.len()).then_some(at..at + uid.len())
-    }
-
-    fn of(body: &[u8], uid: std::ops::Range<usize>) -> Self {
-        Around {
-            before: body[..uid.start].into(),
-            after: body[uid.end..].into(),
-        }
-    }
-
-    /// The uid of `body` if it is this body with another uid in its place: text without a
-    /// quote, backslash or control character, so that it ends at the same quote and the body is
-    /// exactly as valid as the one remembered, read the same but for the uid.
-    fn uid_in<'b>(&self, body: &'b [u8]) -> Option<&'b str> {
-        let rest = body.strip_prefix(&*self.before)?;
-        let end = rest
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-        if rest[end..] != *self.after {
-            return None;
-        }
-        std::str::from_utf8(&rest[..end]).ok()
-    }
-}
-
 /// What the answer to a remembered review needs besides its uid.
 #[derive(Clone)]
 struct Created {
@@ -382,14 +352,13 @@ struct Created {
     pod: Arc<PodFacts>,
 }
 
-/// Reviews of pods being created, recently decoded, by their body around the uid: the
-/// apiserver writes a review's fields in one order, so the reviews of a controller's replicas
-/// created within the same second are expected to differ only in their uid.
-static REVIEWS: Recent<Around, Created> = Recent::new(8);
+/// Reviews of pods being created, recently decoded, by their [`Shape`]: the reviews of a
+/// controller's replicas created within the same second have one.
+static REVIEWS: Recent<Shape, Created> = Recent::new(8);
 
-/// A remembered review that `body` is with another uid, and that uid.
-fn known_review(body: &[u8]) -> Option<(&str, Created)> {
-    REVIEWS.find_map(|around, created| Some((around.uid_in(body)?, created.clone())))
+/// A remembered review that `body` is a replica's of, and how it fits.
+fn known_review(body: &[u8]) -> Option<(Fit<'_>, Created)> {
+    REVIEWS.find_map(|shape, created| Some((shape.fit(body)?, created.clone())))
 }
 
 /// Pods recently decoded, by their object's text: at admission a ReplicaSet's pods have no name
@@ -683,7 +652,7 @@ mod tests {
         let body: &'static [u8] = include_bytes!("../tests/fixtures/review-create-pod.json");
         review(body, &Config::default(), &crate::view::NoCluster).unwrap();
         let incoming: Incoming = serde_json::from_slice(body).unwrap();
-        let uid = Around::uid_of(body, &incoming.request.unwrap().uid).expect("a plain uid");
+        let uid = span_in(body, incoming.request.unwrap().uid.as_bytes()).expect("a plain uid");
         (body, uid)
     }
 
@@ -708,12 +677,130 @@ mod tests {
             &long,
         ] {
             let other = with_uid(body, &span, uid.as_bytes());
-            let found = known_review(&other).map(|(uid, _)| uid.to_string());
+            let found = known_uid(&other);
             assert_eq!(found.as_deref(), Some(uid), "the review is remembered");
             let reviewed = review(&other, &Config::default(), &crate::view::NoCluster).unwrap();
             assert_eq!(reviewed.outcome, Outcome::Patched);
+            assert!(reviewed.remembered, "{uid:?} is counted as remembered");
             assert_eq!(reviewed.answer.response.uid, uid);
             assert_eq!(reviewed.answer.response.patch, first.answer.response.patch);
+        }
+    }
+
+    /// `body` with `from` replaced by `to` wherever it stands.
+    fn replaced(body: &[u8], from: &str, to: &str) -> Vec<u8> {
+        String::from_utf8(body.to_vec())
+            .unwrap()
+            .replace(from, to)
+            .into_bytes()
+    }
+
+    /// The uid of `body` when it is known as a replica's review of a remembered one, with
+    /// nothing to check.
+    fn known_uid(body: &[u8]) -> Option<String> {
+        match known_review(body)? {
+            (Fit::Same(uid), _) => Some(uid.to_string()),
+            (Fit::Check(_), _) => None,
+        }
+    }
+
+    /// Whether `body` is known as a replica's review whose token volume's name is to be checked.
+    fn to_check(body: &[u8]) -> bool {
+        matches!(known_review(body), Some((Fit::Check(_), _)))
+    }
+
+    /// Replicas' reviews as the apiserver sends them: another uid, and another random end of
+    /// the token volume's name (in the volume and in its mount). The first is decoded, and shows
+    /// that another name leaves the pod the same; those after it are answered from what was
+    /// remembered, with their own uid and the same patch.
+    #[test]
+    fn a_replicas_review_with_its_own_token_volume_is_answered_as_remembered() {
+        // A namespace of its own: no other test renames this review's token volume.
+        let body = replaced(
+            include_bytes!("../tests/fixtures/review-create-pod.json"),
+            "\"shop\"",
+            "\"replicas\"",
+        );
+        let first = review(&body, &Config::default(), &crate::view::NoCluster).unwrap();
+        assert!(!first.remembered);
+        let renamed = crate::shape::replica(&body, 0).unwrap();
+        assert!(to_check(&renamed));
+        let checked = review(&renamed, &Config::default(), &crate::view::NoCluster).unwrap();
+        assert!(!checked.remembered, "decoded, to check the renamed volume");
+        assert_eq!(checked.answer.response.patch, first.answer.response.patch);
+        let mut uids = std::collections::BTreeSet::new();
+        for n in [0, 1, 26, 27, 1 << 40] {
+            let other = crate::shape::replica(&body, n).unwrap();
+            assert!(known_uid(&other).is_some(), "replica {n}");
+            let reviewed = review(&other, &Config::default(), &crate::view::NoCluster).unwrap();
+            assert!(reviewed.remembered, "replica {n}");
+            assert_eq!(reviewed.answer.response.patch, first.answer.response.patch);
+            uids.insert(reviewed.answer.response.uid);
+        }
+        assert_eq!(uids.len(), 5, "each replica has its own uid: {uids:?}");
+        for suffix in ["b9c4d", "00000", "zzzzz", "x7k2p"] {
+            let other = replaced(
+                &replaced(&body, "x7k2p", suffix),
+                "5b2d6a10-3e1f-4a8f-9d0b-7c1f2e3a4b5c",
+                suffix,
+            );
+            assert_eq!(known_uid(&other).as_deref(), Some(suffix));
+            let reviewed = review(&other, &Config::default(), &crate::view::NoCluster).unwrap();
+            assert!(reviewed.remembered, "{suffix}");
+            assert_eq!(reviewed.answer.response.patch, first.answer.response.patch);
+        }
+    }
+
+    /// The token volume's name changed in one place and not the other, or to text of another
+    /// kind (another length, capitals, a quote), is not a replica's: such a body is read in full.
+    #[test]
+    fn a_token_volume_renamed_otherwise_is_read_in_full() {
+        let (body, span) = remembered_review();
+        let body = with_uid(body, &span, b"renamed");
+        let mount = body
+            .windows(23)
+            .rposition(|w| w == b"\"kube-api-access-x7k2p\"")
+            .unwrap();
+        let mut apart = body.clone();
+        apart[mount + 17..mount + 22].copy_from_slice(b"aaaaa");
+        for (what, other) in [
+            ("volume and mount apart", apart),
+            ("six characters", replaced(&body, "x7k2p", "x7k2pq")),
+            ("capitals", replaced(&body, "x7k2p", "X7K2P")),
+            ("a dash", replaced(&body, "x7k2p", "x7-2p")),
+        ] {
+            assert!(known_review(&other).is_none(), "{what}");
+            let reviewed = review(&other, &Config::default(), &crate::view::NoCluster).unwrap();
+            assert!(!reviewed.remembered, "{what}");
+            assert_eq!(reviewed.answer.response.uid, "renamed", "{what}");
+        }
+        let quoted = replaced(&body, "x7k2p", "x7k2\"");
+        assert!(known_review(&quoted).is_none());
+        review(&quoted, &Config::default(), &crate::view::NoCluster).unwrap_err();
+    }
+
+    /// Where the token volume's name also stands for something injection reads (here a
+    /// container's name), another name there changes the pod: the first review with another
+    /// name shows it, and from then on only the uid may change.
+    #[test]
+    fn a_token_volume_name_that_injection_reads_elsewhere_stays_read() {
+        let (body, span) = remembered_review();
+        let body = replaced(
+            &with_uid(body, &span, b"first"),
+            "\"checkout\"",
+            "\"kube-api-access-x7k2p\"",
+        );
+        let first = review(&body, &Config::default(), &crate::view::NoCluster).unwrap();
+        assert!(!first.remembered);
+        let uid_only = replaced(&body, "\"first\"", "\"second\"");
+        let reviewed = review(&uid_only, &Config::default(), &crate::view::NoCluster).unwrap();
+        assert!(reviewed.remembered, "the uid alone may change");
+        for (suffix, checked) in [("b9c4d", true), ("c8d5f", false)] {
+            let renamed = replaced(&uid_only, "x7k2p", suffix);
+            assert_eq!(to_check(&renamed), checked, "{suffix}");
+            assert!(known_uid(&renamed).is_none(), "{suffix}");
+            let reviewed = review(&renamed, &Config::default(), &crate::view::NoCluster).unwrap();
+            assert!(!reviewed.remembered, "{suffix}");
         }
     }
 
@@ -735,6 +822,7 @@ mod tests {
         };
         let escaped = read(br"a\u0041b").unwrap();
         assert_eq!(escaped.answer.response.uid, "aAb");
+        assert!(!escaped.remembered, "read in full");
         for broken in [&b"a\tb"[..], br#"x","uid":"y"#, b"a\xffb", br"a\"] {
             let error = read(broken).unwrap_err();
             assert!(matches!(error, ReviewError::Decode(_)), "{error}");
@@ -745,6 +833,7 @@ mod tests {
         assert!(known_review(&elsewhere).is_none());
         let reviewed = review(&elsewhere, &Config::default(), &crate::view::NoCluster).unwrap();
         assert_eq!(reviewed.answer.response.uid, "other");
+        assert!(!reviewed.remembered, "read in full");
         let patch = serde_json::from_slice::<Value>(
             &reviewed.answer.response.patch.expect("a patch").decode(),
         )

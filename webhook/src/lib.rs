@@ -19,5 +19,6 @@ pub mod pod;
 pub mod recent;
 pub mod reconcile;
 pub mod server;
+pub mod shape;
 pub mod tls;
 pub mod view;

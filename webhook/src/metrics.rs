@@ -1,5 +1,5 @@
-//! The webhook's Prometheus metrics: admission requests by outcome, their latency, and
-//! certificate reloads. Label values come from fixed sets, so cardinality stays bounded.
+//! The webhook's Prometheus metrics: admission requests by outcome, their latency, those
+//! answered from a remembered review, and certificate reloads. Label values come from fixed sets, so cardinality stays bounded.
 
 use std::time::Duration;
 
@@ -56,6 +56,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
     latency: Histogram,
+    remembered: Counter,
     reloads: Family<ResultLabels, Counter>,
 }
 
@@ -74,6 +75,13 @@ impl Default for Metrics {
             "Time spent handling an admission request, from body received to response built",
             latency.clone(),
         );
+        let remembered = Counter::default();
+        registry.register(
+            "remembered_reviews",
+            "Pod creations answered from a remembered review, as a replica's of it: nothing \
+             decoded",
+            remembered.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "certificate_reloads",
@@ -84,6 +92,7 @@ impl Default for Metrics {
             registry,
             requests,
             latency,
+            remembered,
             reloads,
         }
     }
@@ -97,6 +106,11 @@ impl Metrics {
             })
             .inc();
         self.latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// A review answered from a remembered one; counted besides [`Metrics::observe`].
+    pub fn remembered_review(&self) {
+        self.remembered.inc();
     }
 
     pub fn certificate_reload(&self, ok: bool) {

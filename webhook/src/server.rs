@@ -100,6 +100,9 @@ async fn mutate(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
         Ok(reviewed) => {
             let json = reviewed.answer.to_json();
             state.metrics.observe(reviewed.outcome, start.elapsed());
+            if reviewed.remembered {
+                state.metrics.remembered_review();
+            }
             ([(header::CONTENT_TYPE, "application/json")], json).into_response()
         }
         Err(error) => {

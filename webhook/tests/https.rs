@@ -15,6 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use servicekeel_webhook::config::Config;
+use servicekeel_webhook::shape::replica;
 use support::{TestCa, TestServer, write_pair};
 
 fn review_fixture() -> Value {
@@ -140,6 +141,67 @@ async fn a_pod_review_is_answered_with_a_patch_that_injects_the_sidecar() {
     assert!(answer["response"].get("patch").is_none(), "{answer}");
 }
 
+/// The server's `/metrics` text.
+async fn metrics(client: &reqwest::Client, server: &TestServer) -> String {
+    let response = client.get(server.url("/metrics")).send().await.unwrap();
+    response.text().await.unwrap()
+}
+
+/// The value of the counter `name` in the server's `/metrics`.
+async fn counter(client: &reqwest::Client, server: &TestServer, name: &str) -> u64 {
+    let text = metrics(client, server).await;
+    let line = text
+        .lines()
+        .find(|line| line.split(' ').next() == Some(name))
+        .unwrap_or_else(|| panic!("no {name} in {text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A replica's review (another's text with its own uid and token volume's name) is answered
+/// with its own uid and the same patch, and counted in
+/// `servicekeel_webhook_remembered_reviews_total`; the first review of a pod, the first with
+/// another token volume's name (decoded once to check it), and one that differs elsewhere, are
+/// not.
+#[tokio::test]
+async fn a_replicas_review_is_answered_as_remembered_and_counted() {
+    let Started { server, ca, .. } = start().await;
+    let client = ca.http_client(true);
+    let name = "servicekeel_webhook_remembered_reviews_total";
+    // A namespace of this test's own: other tests in this process review the fixture too.
+    let mut review = review_fixture();
+    review["request"]["namespace"] = json!("remembered-here");
+    review["request"]["object"]["metadata"]["namespace"] = json!("remembered-here");
+    let first = serde_json::to_vec(&review).unwrap();
+    let mut answers = Vec::new();
+    // The second is decoded: it shows that another token volume's name leaves the pod alike.
+    for (n, remembered) in [(None, 0), (Some(1), 0), (Some(2), 1), (Some(3), 2)] {
+        // Replicas as the apiserver sends them: their own uid and token volume's name.
+        let body = n.map_or(first.clone(), |n| replica(&first, n).unwrap());
+        let uid = serde_json::from_slice::<Value>(&body).unwrap()["request"]["uid"].clone();
+        let (status, body) = post(&client, &server, body).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["response"]["uid"], uid);
+        assert_eq!(counter(&client, &server, name).await, remembered, "{uid}");
+        answers.push(answer);
+    }
+    assert_eq!(
+        answers[0]["response"]["patch"],
+        answers[2]["response"]["patch"]
+    );
+    assert!(answers[0]["response"]["patch"].is_string());
+
+    review["request"]["uid"] = json!("elsewhere");
+    review["request"]["object"]["metadata"]["labels"]["app"] = json!("other");
+    let (status, body) = post(&client, &server, serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        counter(&client, &server, name).await,
+        2,
+        "a changed pod is read"
+    );
+}
+
 #[tokio::test]
 async fn an_invalid_annotation_is_denied_with_the_field_named() {
     let Started { server, ca, .. } = start().await;
@@ -242,14 +304,7 @@ async fn malformed_reviews_get_400_and_oversized_bodies_413() {
     let (status, _) = post(&client, &server, vec![b' '; 1024 * 1024]).await;
     assert_eq!(status, 400);
 
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&client, &server).await;
     assert!(
         metrics.contains(r#"servicekeel_webhook_admission_requests_total{outcome="invalid"} 8"#),
         "{metrics}"

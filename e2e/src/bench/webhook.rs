@@ -1,5 +1,7 @@
 //! The webhook row: keep-alive HTTPS reviews of a typical pod to the real `/mutate`, against a
-//! do-nothing axum handler served by the same TLS and HTTP stack on the same payload. Latencies
+//! do-nothing axum handler served by the same TLS and HTTP stack on the same payloads: the
+//! reviews of a ReplicaSet's replicas as the apiserver sends them, each with its own uid and
+//! its own token volume's name. Latencies
 //! are taken server-side, around each server's whole router (body read, handler, response built),
 //! so they leave out the client's share and its queueing on the shared cores.
 
@@ -17,6 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use servicekeel_webhook::config::Config;
 use servicekeel_webhook::metrics::Metrics;
 use servicekeel_webhook::server::{AppState, app, serve};
+use servicekeel_webhook::shape::replica;
 use servicekeel_webhook::view::NoCluster;
 use tokio::sync::watch;
 
@@ -28,11 +31,15 @@ pub struct Webhooks {
     pub real: SocketAddr,
     pub baseline: SocketAddr,
     pub client: reqwest::Client,
-    pub review: Bytes,
+    /// Distinct replicas' reviews, sent in turn.
+    pub replicas: Arc<[Bytes]>,
     /// Server-side latencies of the requests served since the last run.
     served: Arc<Mutex<Vec<Duration>>>,
     _stop: watch::Sender<bool>,
 }
+
+/// How many distinct replicas' reviews are sent in turn.
+const REPLICAS: u64 = 1024;
 
 /// A review the do-nothing handler answers, whatever it is sent.
 const ALLOWED: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"0","allowed":true}}"#;
@@ -104,11 +111,15 @@ impl Webhooks {
         let review =
             std::fs::read(paths::repo().join("webhook/tests/fixtures/review-create-pod.json"))
                 .context("the review fixture")?;
+        let reviews = (0..REPLICAS)
+            .map(|n| replica(&review, n).map(Bytes::from))
+            .collect::<Option<Arc<[Bytes]>>>()
+            .context("the review fixture is not of a pod with a token volume")?;
         Ok(Webhooks {
             real: addrs[0],
             baseline: addrs[1],
             client,
-            review: Bytes::from(review),
+            replicas: reviews,
             served,
             _stop: stop,
         })
@@ -122,9 +133,10 @@ impl Webhooks {
         let mut tasks = tokio::task::JoinSet::new();
         for worker in 0..8u64 {
             let share = count / 8 + u64::from(worker < count % 8);
-            let (client, url, review) = (self.client.clone(), url.clone(), self.review.clone());
+            let (client, url, reviews) = (self.client.clone(), url.clone(), self.replicas.clone());
             tasks.spawn(async move {
-                for _ in 0..share {
+                for sent in 0..share {
+                    let review = &reviews[((worker * share + sent) % REPLICAS) as usize];
                     let response = client
                         .post(&url)
                         .header("content-type", "application/json")
