@@ -238,7 +238,7 @@ pub fn review(
         None => {}
     }
     // The object is read as its text first: a pod is decoded only when it is one being
-    // created, and not again when its text is a recent one's.
+    // created.
     let request = serde_json::from_slice::<Incoming>(body)
         .map_err(ReviewError::Decode)?
         .request()?;
@@ -361,28 +361,16 @@ fn known_review(body: &[u8]) -> Option<(Fit<'_>, Created)> {
     REVIEWS.find_map(|shape, created| Some((shape.fit(body)?, created.clone())))
 }
 
-/// Pods recently decoded, by their object's text: at admission a ReplicaSet's pods have no name
-/// of their own yet, so those created within the same second (the time their managed fields
-/// carry) are the same text, which a review not otherwise like a remembered one may carry.
-static OBJECTS: Recent<Box<str>, Arc<PodFacts>> = Recent::new(8);
-
-/// The pod `object` holds, decoded or remembered.
+/// The pod `object` holds.
 fn decoded(object: &RawValue) -> Result<Arc<PodFacts>, ReviewError> {
-    let text = object.get();
-    OBJECTS.get_or_try(
-        |seen| **seen == *text,
-        || text.into(),
-        || {
-            serde_json::from_str(text)
-                .map(Arc::new)
-                .map_err(ReviewError::NotAPod)
-        },
-    )
+    serde_json::from_str(object.get())
+        .map(Arc::new)
+        .map_err(ReviewError::NotAPod)
 }
 
 /// [`inject`] and the patch's encoding, remembered by everything injection reads for the last
-/// pods reviewed: a workload's replicas are the same pod (at admission they have no name of
-/// their own yet), in the same namespace with the same Services, so a scale-up injects once.
+/// pods reviewed: a workload's replicas answered as a remembered review are its pod, in the
+/// same namespace with the same Services, so a scale-up injects once.
 /// A pod that differs in anything injection reads, or whose view changed (a Service added, a
 /// namespace default edited), is injected anew. Refusals are not remembered.
 fn made(
@@ -567,8 +555,7 @@ mod tests {
         assert_eq!(reviewed(&view).0, None, "the Service is gone");
     }
 
-    /// The fixture, reviewed once so that it and its object are remembered, and its object's
-    /// span.
+    /// The fixture, reviewed once so that it is remembered, and its object's span.
     fn remembered_fixture() -> (&'static [u8], std::ops::Range<usize>) {
         let body: &'static [u8] = include_bytes!("../tests/fixtures/review-create-pod.json");
         review(body, &Config::default(), &crate::view::NoCluster).unwrap();
@@ -583,7 +570,7 @@ mod tests {
         [&body[..at], insert.as_bytes(), &body[at..]].concat()
     }
 
-    /// A remembered object's text stands for the pod only as the review's `object`: the same
+    /// A remembered review's object stands for the pod only as the review's `object`: the same
     /// text at the same place under another key leaves the review's own object to be read.
     #[test]
     fn a_remembered_object_counts_only_as_the_reviews_object() {
@@ -610,8 +597,8 @@ mod tests {
         assert!(matches!(error, ReviewError::NotAPod(_)), "{error}");
     }
 
-    /// A body that is not JSON is refused though its review and object are remembered: bytes
-    /// after the object, or a broken rest.
+    /// A body that is not JSON is refused though a review like it is remembered: bytes after
+    /// the object, or a broken rest.
     #[test]
     fn a_remembered_object_does_not_make_a_broken_body_valid() {
         let (body, object) = remembered_fixture();
