@@ -81,7 +81,8 @@ impl Renaming {
 /// How a body fits a shape.
 #[derive(Debug)]
 pub enum Fit<'b> {
-    /// It reads as the shape's body but for its uid, given here.
+    /// It reads as the shape's body but for its uid, given here, and maybe a token volume's
+    /// name known to leave the pod the same.
     Same(&'b str),
     /// Its token volume has another name, not yet known to leave the pod the same: decode it
     /// and [`Renaming::learn`].
