@@ -58,6 +58,25 @@ impl Sample {
     }
 }
 
+/// Every thread of the processes `pids` allowed on the CPUs of `cpus` only; threads they start
+/// afterwards inherit it from the thread that starts them. A thread that ends meanwhile is
+/// skipped.
+pub fn pin_threads(pids: &[u32], cpus: &rustix::thread::CpuSet) -> anyhow::Result<()> {
+    for &pid in pids {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("the threads of process {pid}"))?;
+        for task in tasks {
+            let name = task?.file_name();
+            let tid = name.to_string_lossy().parse::<i32>()?;
+            match rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), cpus) {
+                Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+                Err(error) => bail!("cannot pin thread {tid} of process {pid}: {error}"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// CPU time (user + system) of process `pid`.
 pub fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
     cpu_ticks(pid, 2)

@@ -184,6 +184,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cand,
     });
 
+    // The same with every thread on one CPU, where no wakeup crosses CPUs: what the relay
+    // itself adds, beside what waking a thread on the other CPU costs on this machine.
+    let everyone: Vec<u32> = std::iter::once(std::process::id())
+        .chain(proxies.pids().into_iter().map(|(_, pid)| pid))
+        .collect();
+    let all = rustix::thread::sched_getaffinity(None)?;
+    let mut first = rustix::thread::CpuSet::new();
+    first.set(
+        (0..rustix::thread::CpuSet::MAX_CPU)
+            .find(|&cpu| all.is_set(cpu))
+            .unwrap_or(0),
+    );
+    bench::pin_threads(&everyone, &first)?;
+    let pinned = pairs(cpu, n, tcp, proxies.tcp, paced).await;
+    bench::pin_threads(&everyone, &all)?;
+    let (base, cand) = pinned?;
+    rows.push(Row {
+        what: "64-byte requests at 1k req/s on one connection, every thread on one CPU (the load, the servers and the proxies pinned to it)",
+        unit: "req/s",
+        scale: 1.0,
+        cpu_per: Some((1.0, "req")),
+        goal: "no goal set (what the relay adds where no wakeup crosses CPUs)",
+        met: None,
+        base,
+        cand,
+    });
+
     let (base, cand) = pairs(cpu, n, socat.addr, proxies.tcp, paced).await?;
     rows.push(Row {
         what: "64-byte requests at 1k req/s on one connection, baseline: `socat` doing the same two hops",
