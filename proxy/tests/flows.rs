@@ -17,7 +17,7 @@ use servicekeel_api::Protocol;
 use servicekeel_proxy::sidecar::Sidecar;
 use support::{
     Pod, RouterState, TestRouter, cut_at_once, datagrams_of_every_size, echo_through, echoes_again,
-    http_get, pattern, tcp_echo, udp_echo, udp_round_trip,
+    http_get, metrics_eventually, pattern, tcp_echo, udp_echo, udp_round_trip,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -89,21 +89,26 @@ async fn tcp_flows_are_byte_exact_with_half_close_and_large_transfers() {
     // An empty connection is a flow too.
     assert_eq!(echo_through(local, b"").await.unwrap(), b"");
 
-    let metrics = http_get(sidecar.admin_addr(), "/metrics").await;
-    for line in [
-        r#"servicekeel_sidecar_flows_total{protocol="TCP",outcome="completed"} 3"#,
-        r#"servicekeel_sidecar_active_flows{protocol="TCP"} 0"#,
-        &format!(
-            r#"servicekeel_sidecar_flow_bytes_total{{protocol="TCP",direction="sent"}} {}"#,
-            data.len() + 10
-        ),
-        &format!(
-            r#"servicekeel_sidecar_flow_bytes_total{{protocol="TCP",direction="received"}} {}"#,
-            data.len() + 10
-        ),
-    ] {
-        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
-    }
+    // Counted once the sidecar has seen both ends close, which may be just after the client
+    // read its echo.
+    let sent = format!(
+        r#"servicekeel_sidecar_flow_bytes_total{{protocol="TCP",direction="sent"}} {}"#,
+        data.len() + 10
+    );
+    let received = format!(
+        r#"servicekeel_sidecar_flow_bytes_total{{protocol="TCP",direction="received"}} {}"#,
+        data.len() + 10
+    );
+    metrics_eventually(
+        sidecar.admin_addr(),
+        &[
+            r#"servicekeel_sidecar_flows_total{protocol="TCP",outcome="completed"} 3"#,
+            r#"servicekeel_sidecar_active_flows{protocol="TCP"} 0"#,
+            &sent,
+            &received,
+        ],
+    )
+    .await;
     let sources = router.state.sources.lock().unwrap().clone();
     assert_eq!(sources[0], "default/client-0@10.244.1.7");
     sidecar.shutdown().await;
@@ -530,7 +535,8 @@ async fn a_router_without_handoffs_gets_the_connections_in_tunnel_flows() {
     for _ in 0..3 {
         assert_eq!(echo_through(local, b"hello").await.unwrap(), b"hello");
     }
-    let metrics = http_get(sidecar.admin_addr(), "/metrics").await;
+    // The sidecar counts a flow once it has seen both ends close, which may be just after the
+    // client read its echo.
     let line = r#"servicekeel_sidecar_flows_total{protocol="TCP",outcome="completed"} 3"#;
-    assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    metrics_eventually(sidecar.admin_addr(), &[line]).await;
 }
