@@ -15,7 +15,7 @@ use std::time::Duration;
 use servicekeel_proxy::router::peers::{Cluster, Peers};
 use servicekeel_proxy::router::{Api, LinksConfig, Router, RouterConfig};
 use support::pki::{Ca, Validity, assert_metrics_reach, matrix_refusals};
-use support::{closed_within, echo_through, http_get, pod_behind, tcp_echo};
+use support::{closed_within, echo_through, http_get, metrics_eventually, pod_behind, tcp_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -161,12 +161,13 @@ async fn a_client_in_cluster_b_reaches_a_service_of_cluster_a_through_the_gatewa
         metrics_b.contains("servicekeel_router_peers_up 1"),
         "{metrics_b}"
     );
-    let metrics_a = http_get(a.admin_addr(), "/metrics").await;
-    assert!(
-        metrics_a
-            .contains(r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#),
-        "cluster-a's gateway delivered it\n{metrics_a}"
-    );
+    // Cluster-a's gateway delivered it: counted once both ends closed, which may be just
+    // after the client read its echo.
+    metrics_eventually(
+        a.admin_addr(),
+        &[r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#],
+    )
+    .await;
     for sidecar in [client, server] {
         sidecar.shutdown().await;
     }
@@ -243,12 +244,12 @@ async fn an_endpoint_on_another_node_is_reached_through_its_router() {
             .unwrap(),
         b"via edge-2"
     );
-    let metrics_two = http_get(two.admin_addr(), "/metrics").await;
-    assert!(
-        metrics_two
-            .contains(r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#),
-        "edge-2's router delivered it\n{metrics_two}"
-    );
+    // Edge-2's router delivered it: counted once both ends closed.
+    metrics_eventually(
+        two.admin_addr(),
+        &[r#"servicekeel_router_flows_total{protocol="TCP",outcome="completed"} 1"#],
+    )
+    .await;
     for sidecar in [client, server] {
         sidecar.shutdown().await;
     }
