@@ -608,8 +608,12 @@ async fn replicas_spread_and_deletion(shared: Arc<Shared>) -> anyhow::Result<()>
 }
 
 /// Replicas of the Deployment in `replicas_remembered`: its ReplicaSet creates them in batches
-/// of 1, 2, 4 and 1 (client-go's slow start).
-const REMEMBERED_REPLICAS: usize = 8;
+/// of 1, 2, 4, 8 and 1 (its slow start), each batch at once and after the one before. A webhook
+/// pod decodes the first review of a shape and, in the next batch, checks the token volume's
+/// name; a later batch is answered from memory. Reviews carry the second they were made in, so
+/// a new second starts a new shape: with five batches, wherever a second ends, one side of it
+/// holds three batches or more.
+const REMEMBERED_REPLICAS: usize = 16;
 
 /// The webhook replicas' `servicekeel_webhook_remembered_reviews_total`, summed, read through the
 /// API server's proxy to each pod.
