@@ -173,6 +173,15 @@ impl Shared {
         Api::namespaced(self.client.clone(), namespace)
     }
 
+    /// The webhook's pods, as the manifests run them.
+    async fn webhook_pods(&self) -> anyhow::Result<Vec<Pod>> {
+        Ok(self
+            .pods_in(webhook::SYSTEM_NAMESPACE)
+            .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
+            .await?
+            .items)
+    }
+
     async fn echo_pods(&self) -> anyhow::Result<Vec<Pod>> {
         Ok(self
             .pods()
@@ -618,12 +627,8 @@ const REMEMBERED_REPLICAS: usize = 16;
 /// The webhook replicas' `servicekeel_webhook_remembered_reviews_total`, summed, read through the
 /// API server's proxy to each pod.
 async fn remembered_reviews(shared: &Shared) -> anyhow::Result<u64> {
-    let webhooks = shared
-        .pods_in(webhook::SYSTEM_NAMESPACE)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
-        .await?;
     let mut sum = 0;
-    for pod in webhooks.items {
+    for pod in shared.webhook_pods().await? {
         let name = pod.metadata.name.unwrap_or_default();
         let path = format!(
             "/api/v1/namespaces/{}/pods/https:{name}:8443/proxy/metrics",
@@ -699,7 +704,7 @@ async fn replicas_remembered(shared: Arc<Shared>) -> anyhow::Result<()> {
                 .init_containers
                 .unwrap_or_default()
                 .into_iter()
-                .find(|c| c.name == "servicekeel-proxy");
+                .find(|c| c.name == defaults::SIDECAR_CONTAINER);
             // The apiserver mounts each pod's own token volume into every container.
             if let Some(mounts) = sidecar.as_mut().and_then(|c| c.volume_mounts.as_mut()) {
                 mounts.retain(|m| !m.name.starts_with("kube-api-access-"));
@@ -740,15 +745,13 @@ const CREATE_TRIES: u32 = 6;
 /// a dial to the killed replica's address while the endpoints still list it ("connection
 /// refused").
 async fn webhook_replica_killed(shared: Arc<Shared>) -> anyhow::Result<()> {
-    let webhooks = Api::<Pod>::namespaced(shared.client.clone(), webhook::SYSTEM_NAMESPACE)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
-        .await?;
+    let webhooks = shared.webhook_pods().await?;
     ensure!(
-        webhooks.items.len() >= 2,
+        webhooks.len() >= 2,
         "the manifests run {} webhook replicas; this test needs 2",
-        webhooks.items.len()
+        webhooks.len()
     );
-    let victim = &webhooks.items[0];
+    let victim = &webhooks[0];
     let victim_name = victim.metadata.name.clone().unwrap_or_default();
     let uid = victim.metadata.uid.clone().context("no uid")?;
     let pid = node::pod_process(&uid, "servicekeel-webhook").context("no webhook process")?;

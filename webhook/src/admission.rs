@@ -555,14 +555,24 @@ mod tests {
         assert_eq!(reviewed(&view).0, None, "the Service is gone");
     }
 
-    /// The fixture, reviewed once so that it is remembered, and its object's span.
-    fn remembered_fixture() -> (&'static [u8], std::ops::Range<usize>) {
+    /// The fixture, reviewed once so that it is remembered, and the spans of its uid's text and
+    /// of its object.
+    struct Remembered {
+        body: &'static [u8],
+        uid: std::ops::Range<usize>,
+        object: std::ops::Range<usize>,
+    }
+
+    fn remembered() -> Remembered {
         let body: &'static [u8] = include_bytes!("../tests/fixtures/review-create-pod.json");
         review(body, &Config::default(), &crate::view::NoCluster).unwrap();
-        let incoming: Incoming = serde_json::from_slice(body).unwrap();
-        let object = incoming.request.unwrap().object.unwrap().get();
-        let at = object.as_ptr() as usize - body.as_ptr() as usize;
-        (body, at..at + object.len())
+        let request = serde_json::from_slice::<Incoming>(body)
+            .unwrap()
+            .request
+            .unwrap();
+        let uid = span_in(body, request.uid.as_bytes()).expect("a plain uid");
+        let object = span_in(body, request.object.unwrap().get().as_bytes()).unwrap();
+        Remembered { body, uid, object }
     }
 
     /// `body` with `insert` put at `at`.
@@ -570,11 +580,11 @@ mod tests {
         [&body[..at], insert.as_bytes(), &body[at..]].concat()
     }
 
-    /// A remembered review's object stands for the pod only as the review's `object`: the same
-    /// text at the same place under another key leaves the review's own object to be read.
+    /// A remembered review's object under another key is not that review: the review's own
+    /// object is read.
     #[test]
-    fn a_remembered_object_counts_only_as_the_reviews_object() {
-        let (body, object) = remembered_fixture();
+    fn a_remembered_reviews_object_under_another_key_is_not_taken_for_it() {
+        let Remembered { body, object, .. } = remembered();
         let key = body[..object.start]
             .windows(8)
             .rposition(|w| w == b"\"object\"")
@@ -600,8 +610,8 @@ mod tests {
     /// A body that is not JSON is refused though a review like it is remembered: bytes after
     /// the object, or a broken rest.
     #[test]
-    fn a_remembered_object_does_not_make_a_broken_body_valid() {
-        let (body, object) = remembered_fixture();
+    fn a_body_like_a_remembered_review_but_broken_is_refused() {
+        let Remembered { body, object, .. } = remembered();
         for broken in [
             with_inserted(body, object.end, ".5"),
             with_inserted(body, object.end, "e1"),
@@ -634,15 +644,6 @@ mod tests {
         assert_eq!(reviewed.answer.response.uid, "quote \" and é");
     }
 
-    /// The fixture, reviewed once so that it is remembered, and the span of its uid's text.
-    fn remembered_review() -> (&'static [u8], std::ops::Range<usize>) {
-        let body: &'static [u8] = include_bytes!("../tests/fixtures/review-create-pod.json");
-        review(body, &Config::default(), &crate::view::NoCluster).unwrap();
-        let incoming: Incoming = serde_json::from_slice(body).unwrap();
-        let uid = span_in(body, incoming.request.unwrap().uid.as_bytes()).expect("a plain uid");
-        (body, uid)
-    }
-
     /// `body` with `uid` (bytes, written as given) in place of its uid's text at `span`.
     fn with_uid(body: &[u8], span: &std::ops::Range<usize>, uid: &[u8]) -> Vec<u8> {
         [&body[..span.start], uid, &body[span.end..]].concat()
@@ -652,7 +653,9 @@ mod tests {
     /// is answered from what was remembered, with its own uid and the same patch.
     #[test]
     fn a_review_with_another_uid_is_answered_as_remembered() {
-        let (body, span) = remembered_review();
+        let Remembered {
+            body, uid: span, ..
+        } = remembered();
         let first = review(body, &Config::default(), &crate::view::NoCluster).unwrap();
         assert_eq!(first.outcome, Outcome::Patched);
         let long = "u".repeat(300);
@@ -742,7 +745,9 @@ mod tests {
     /// kind (another length, capitals, a quote), is not a replica's: such a body is read in full.
     #[test]
     fn a_token_volume_renamed_otherwise_is_read_in_full() {
-        let (body, span) = remembered_review();
+        let Remembered {
+            body, uid: span, ..
+        } = remembered();
         let body = with_uid(body, &span, b"renamed");
         let mount = body
             .windows(23)
@@ -771,7 +776,9 @@ mod tests {
     /// name shows it, and from then on only the uid may change.
     #[test]
     fn a_token_volume_name_that_injection_reads_elsewhere_stays_read() {
-        let (body, span) = remembered_review();
+        let Remembered {
+            body, uid: span, ..
+        } = remembered();
         let body = replaced(
             &with_uid(body, &span, b"first"),
             "\"checkout\"",
@@ -797,7 +804,9 @@ mod tests {
     /// differs anywhere else.
     #[test]
     fn only_plain_uid_text_stands_in_for_a_remembered_one() {
-        let (body, span) = remembered_review();
+        let Remembered {
+            body, uid: span, ..
+        } = remembered();
         let read = |uid: &[u8]| {
             let other = with_uid(body, &span, uid);
             assert!(
