@@ -14,7 +14,7 @@ use servicekeel_webhook::config::Config;
 use servicekeel_webhook::inject::{Target, inject};
 use servicekeel_webhook::metrics::Outcome;
 use servicekeel_webhook::pod::PodFacts;
-use servicekeel_webhook::shape::replica;
+use servicekeel_webhook::shape::{first_pod, replica};
 use servicekeel_webhook::view::NoCluster;
 
 /// The allocator the webhook binary uses.
@@ -61,22 +61,12 @@ fn benches(c: &mut Criterion) {
     // The same with an imported-services list never seen before (one more service, named anew
     // in each review), so neither its parse nor its patch is remembered: the first pod of a
     // workload.
-    let text = r#""servicekeel.io/imported-services": "services:\n"#;
-    let at = String::from_utf8_lossy(&body)
-        .find(text)
-        .expect("the fixture imports services in YAML")
-        + text.len();
     let mut unseen = 0u64;
     c.bench_function("review, annotation not seen before", |b| {
         b.iter_batched(
             || {
                 unseen += 1;
-                let mut changed = body[..at].to_vec();
-                changed.extend_from_slice(
-                    format!("  - name: s{unseen}\\n    ports:\\n      - port: 1\\n").as_bytes(),
-                );
-                changed.extend_from_slice(&body[at..]);
-                changed
+                first_pod(&body, unseen).expect("the fixture imports services in YAML")
             },
             |body| {
                 let reviewed = review(&body, &config, &NoCluster).expect("reviews");

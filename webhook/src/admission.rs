@@ -699,6 +699,16 @@ mod tests {
         matches!(known_review(body), Some((Fit::Check(_), _)))
     }
 
+    /// The fixture's review with its pod in `namespace`: a namespace of the test's own, where no
+    /// other test's reviews are remembered.
+    fn fixture_in(namespace: &str) -> Vec<u8> {
+        replaced(
+            include_bytes!("../tests/fixtures/review-create-pod.json"),
+            "\"shop\"",
+            &format!("\"{namespace}\""),
+        )
+    }
+
     /// Replicas' reviews as the apiserver sends them: another uid, and another random end of
     /// the token volume's name (in the volume and in its mount). The first is decoded, and shows
     /// that another name leaves the pod the same; those after it are answered from what was
@@ -706,11 +716,7 @@ mod tests {
     #[test]
     fn a_replicas_review_with_its_own_token_volume_is_answered_as_remembered() {
         // A namespace of its own: no other test renames this review's token volume.
-        let body = replaced(
-            include_bytes!("../tests/fixtures/review-create-pod.json"),
-            "\"shop\"",
-            "\"replicas\"",
-        );
+        let body = fixture_in("replicas");
         let first = review(&body, &Config::default(), &crate::view::NoCluster).unwrap();
         assert!(!first.remembered);
         let renamed = crate::shape::replica(&body, 0).unwrap();
@@ -738,6 +744,30 @@ mod tests {
             let reviewed = review(&other, &Config::default(), &crate::view::NoCluster).unwrap();
             assert!(reviewed.remembered, "{suffix}");
             assert_eq!(reviewed.answer.response.patch, first.answer.response.patch);
+        }
+    }
+
+    /// The first pods of other workloads like a remembered one's, each importing a service of
+    /// its own, are not taken for a replica's: each is decoded and injected, with its own list.
+    #[test]
+    fn the_first_pods_of_other_workloads_are_each_read_in_full() {
+        let body = fixture_in("firsts");
+        let first = review(&body, &Config::default(), &crate::view::NoCluster).unwrap();
+        assert_eq!(first.outcome, Outcome::Patched);
+        for n in [1, 2, 1 << 40] {
+            let other = crate::shape::first_pod(&body, n).unwrap();
+            let value: serde_json::Value = serde_json::from_slice(&other).unwrap();
+            let imports = value["request"]["object"]["metadata"]["annotations"]
+                ["servicekeel.io/imported-services"]
+                .as_str()
+                .unwrap();
+            let list = servicekeel_api::services::ServiceList::parse(imports).unwrap();
+            assert_eq!(list.services.len(), 3, "{imports}");
+            assert_eq!(list.services[0].name, format!("s{n}"));
+            assert!(known_review(&other).is_none(), "workload {n}");
+            let reviewed = review(&other, &Config::default(), &crate::view::NoCluster).unwrap();
+            assert!(!reviewed.remembered, "workload {n}");
+            assert_eq!(reviewed.outcome, Outcome::Patched, "workload {n}");
         }
     }
 

@@ -249,3 +249,15 @@ pub fn replica(review: &[u8], n: u64) -> Option<Vec<u8>> {
         );
     Some(replica.into_bytes())
 }
+
+/// `review` as the apiserver would send it for the first pod of the `n`th other workload like
+/// its own: [`replica`]'s, importing one more service, named after `n`, so that neither its
+/// annotation nor its pod is one seen before; `None` when `review` is not a review of a pod with
+/// a token volume that imports services in YAML. For benchmarks.
+pub fn first_pod(review: &[u8], n: u64) -> Option<Vec<u8>> {
+    const LIST: &str = r#""servicekeel.io/imported-services": "services:\n"#;
+    let replica = String::from_utf8(replica(review, n)?).ok()?;
+    let at = replica.find(LIST)? + LIST.len();
+    let (before, after) = replica.split_at(at);
+    Some(format!("{before}  - name: s{n}\\n    ports:\\n      - port: 1\\n{after}").into_bytes())
+}

@@ -1,7 +1,8 @@
 //! The webhook row: keep-alive HTTPS reviews of a typical pod to the real `/mutate`, against a
 //! do-nothing axum handler served by the same TLS and HTTP stack on the same payloads: the
 //! reviews of a ReplicaSet's replicas as the apiserver sends them, each with its own uid and
-//! its own token volume's name. Latencies
+//! its own token volume's name; and, apart, the first pods of workloads each unlike any other,
+//! which the webhook reads and injects in full. Latencies
 //! are taken server-side, around each server's whole router (body read, handler, response built),
 //! so they leave out the client's share and its queueing on the shared cores.
 
@@ -19,7 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use servicekeel_webhook::config::Config;
 use servicekeel_webhook::metrics::Metrics;
 use servicekeel_webhook::server::{AppState, app, serve};
-use servicekeel_webhook::shape::replica;
+use servicekeel_webhook::shape::{first_pod, replica};
 use servicekeel_webhook::view::NoCluster;
 use tokio::sync::watch;
 
@@ -33,13 +34,16 @@ pub struct Webhooks {
     pub client: reqwest::Client,
     /// Distinct replicas' reviews, sent in turn.
     pub replicas: Arc<[Bytes]>,
+    /// Reviews of distinct workloads' first pods, each importing a service of its own.
+    pub first_pods: Arc<[Bytes]>,
     /// Server-side latencies of the requests served since the last run.
     served: Arc<Mutex<Vec<Duration>>>,
     _stop: watch::Sender<bool>,
 }
 
-/// How many distinct replicas' reviews are sent in turn.
-const REPLICAS: u64 = 1024;
+/// How many distinct reviews of each kind are sent in turn: far more than the webhook
+/// remembers.
+const DISTINCT: u64 = 1024;
 
 /// A review the do-nothing handler answers, whatever it is sent.
 const ALLOWED: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"0","allowed":true}}"#;
@@ -111,32 +115,42 @@ impl Webhooks {
         let review =
             std::fs::read(paths::repo().join("webhook/tests/fixtures/review-create-pod.json"))
                 .context("the review fixture")?;
-        let reviews = (0..REPLICAS)
-            .map(|n| replica(&review, n).map(Bytes::from))
-            .collect::<Option<Arc<[Bytes]>>>()
-            .context("the review fixture is not of a pod with a token volume")?;
+        let made = |make: fn(&[u8], u64) -> Option<Vec<u8>>| {
+            (0..DISTINCT)
+                .map(|n| make(&review, n).map(Bytes::from))
+                .collect::<Option<Arc<[Bytes]>>>()
+                .context(
+                    "the review fixture is not of a pod with a token volume importing services",
+                )
+        };
         Ok(Webhooks {
             real: addrs[0],
             baseline: addrs[1],
             client,
-            replicas: reviews,
+            replicas: made(replica)?,
+            first_pods: made(first_pod)?,
             served,
             _stop: stop,
         })
     }
 
-    /// `count` reviews to the server at `addr`, 8 connections at a time; the server-side
-    /// latencies.
-    pub async fn reviews(&self, addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Duration>> {
+    /// `count` of `bodies` in turn to the server at `addr`, 8 connections at a time; the
+    /// server-side latencies.
+    pub async fn reviews(
+        &self,
+        addr: SocketAddr,
+        bodies: &Arc<[Bytes]>,
+        count: u64,
+    ) -> anyhow::Result<Vec<Duration>> {
         self.served.lock().expect("not poisoned").clear();
         let url = format!("https://{addr}/mutate");
         let mut tasks = tokio::task::JoinSet::new();
         for worker in 0..8u64 {
             let share = count / 8 + u64::from(worker < count % 8);
-            let (client, url, reviews) = (self.client.clone(), url.clone(), self.replicas.clone());
+            let (client, url, reviews) = (self.client.clone(), url.clone(), bodies.clone());
             tasks.spawn(async move {
                 for sent in 0..share {
-                    let review = &reviews[((worker * share + sent) % REPLICAS) as usize];
+                    let review = &reviews[((worker * share + sent) as usize) % reviews.len()];
                     let response = client
                         .post(&url)
                         .header("content-type", "application/json")
