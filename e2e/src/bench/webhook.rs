@@ -33,9 +33,11 @@ pub struct Webhooks {
     pub baseline: SocketAddr,
     pub client: reqwest::Client,
     /// Distinct replicas' reviews, sent in turn.
-    pub replicas: Arc<[Bytes]>,
+    replicas: Arc<[Bytes]>,
     /// Reviews of distinct workloads' first pods, each importing a service of its own.
-    pub first_pods: Arc<[Bytes]>,
+    first_pods: Arc<[Bytes]>,
+    /// The real server's metrics, which show how each review was answered.
+    metrics: Arc<Metrics>,
     /// Server-side latencies of the requests served since the last run.
     served: Arc<Mutex<Vec<Duration>>>,
     _stop: watch::Sender<bool>,
@@ -44,6 +46,17 @@ pub struct Webhooks {
 /// How many distinct reviews of each kind are sent in turn: far more than the webhook
 /// remembers.
 const DISTINCT: u64 = 1024;
+
+/// Which reviews a run sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reviews {
+    /// A ReplicaSet's replicas', each with its own uid and token volume: the real server answers
+    /// most from a remembered review.
+    Replicas,
+    /// Workloads' first pods, each importing a service never seen before: the real server reads
+    /// and injects every one in full.
+    FirstPods,
+}
 
 /// A review the do-nothing handler answers, whatever it is sent.
 const ALLOWED: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"0","allowed":true}}"#;
@@ -69,9 +82,10 @@ impl Webhooks {
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
         let tls = Arc::new(server);
 
+        let metrics = Arc::new(Metrics::default());
         let state = AppState::new(
             Arc::new(Config::default()),
-            Arc::new(Metrics::default()),
+            metrics.clone(),
             Arc::new(NoCluster),
         );
         state.set_ready(true);
@@ -129,19 +143,26 @@ impl Webhooks {
             client,
             replicas: made(replica)?,
             first_pods: made(first_pod)?,
+            metrics,
             served,
             _stop: stop,
         })
     }
 
-    /// `count` of `bodies` in turn to the server at `addr`, 8 connections at a time; the
-    /// server-side latencies.
+    /// `count` of the `kind` of reviews in turn to the server at `addr`, 8 connections at a
+    /// time; the server-side latencies. Sent to the real server, every review must come back
+    /// patched, and answered from a remembered review as `kind` says.
     pub async fn reviews(
         &self,
         addr: SocketAddr,
-        bodies: &Arc<[Bytes]>,
+        kind: Reviews,
         count: u64,
     ) -> anyhow::Result<Vec<Duration>> {
+        let bodies = match kind {
+            Reviews::Replicas => &self.replicas,
+            Reviews::FirstPods => &self.first_pods,
+        };
+        let before = self.answered();
         self.served.lock().expect("not poisoned").clear();
         let url = format!("https://{addr}/mutate");
         let mut tasks = tokio::task::JoinSet::new();
@@ -172,6 +193,59 @@ impl Webhooks {
             "{} requests served for {count} reviews sent",
             served.len()
         );
+        if addr == self.real {
+            let (patched, remembered) = self.answered();
+            let (patched, remembered) = (
+                patched.saturating_sub(before.0),
+                remembered.saturating_sub(before.1),
+            );
+            ensure!(patched == count, "{patched} of {count} reviews patched");
+            match kind {
+                Reviews::Replicas => ensure!(
+                    remembered > count / 2,
+                    "{remembered} of {count} replicas' reviews answered from a remembered one"
+                ),
+                Reviews::FirstPods => ensure!(
+                    remembered == 0,
+                    "{remembered} of {count} first pods' reviews answered from a remembered one"
+                ),
+            }
+        }
         Ok(served)
+    }
+
+    /// The real server's count of reviews patched, and of those answered from a remembered
+    /// review, as its `/metrics` shows them.
+    fn answered(&self) -> (u64, u64) {
+        let text = self.metrics.encode();
+        let counter = |series: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (
+            counter(r#"servicekeel_webhook_admission_requests_total{outcome="patched"}"#),
+            counter("servicekeel_webhook_remembered_reviews_total"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each row's reviews are answered as its title says: the real server patches every one,
+    /// most replicas' from a remembered review and no first pod's (checked by `reviews`); the
+    /// do-nothing handler serves them all too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_rows_reviews_are_answered_as_the_row_says() {
+        let webhooks = Webhooks::start().await.expect("the servers start");
+        for kind in [Reviews::Replicas, Reviews::FirstPods] {
+            for addr in [webhooks.baseline, webhooks.real] {
+                let served = webhooks.reviews(addr, kind, 64).await.expect("reviews");
+                assert_eq!(served.len(), 64, "{kind:?} to {addr}");
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use servicekeel_e2e::bench::baselines::SocatHops;
+use servicekeel_e2e::bench::webhook::Reviews;
 use servicekeel_e2e::bench::{self, Cpu, Layout, Proxies, Sample, sample};
 
 #[derive(Debug, Parser)]
@@ -244,15 +245,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let webhooks = bench::webhook::Webhooks::start().await?;
     let webhooks = &webhooks;
-    for (bodies, what, goal, met) in [
+    for (kind, what, goal, met) in [
         (
-            &webhooks.replicas,
+            Reviews::Replicas,
             "webhook: typical pod review (a ReplicaSet's pod) over keep-alive HTTPS, 8 at a time, 20,000 per run (baseline: do-nothing axum handler, same TLS/HTTP stack; latencies server-side)",
             "≥ 0.8× baseline; p99 ≤ 1 ms",
             Some(typical_review_met as fn(&Medians) -> bool),
         ),
         (
-            &webhooks.first_pods,
+            Reviews::FirstPods,
             "webhook: the first pod of a workload, each review another (one more imported service, never seen before: decoded and injected in full), otherwise as above",
             "no goal set (what a pod unlike any recent one costs)",
             None,
@@ -266,7 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             |addr| async move {
                 // A run of about half a second: the CPU time read from `/proc` counts in 10 ms
                 // ticks.
-                let latencies = webhooks.reviews(addr, bodies, REVIEWS).await?;
+                let latencies = webhooks.reviews(addr, kind, REVIEWS).await?;
                 Ok((latencies.len() as u64, latencies))
             },
         )
