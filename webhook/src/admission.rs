@@ -227,7 +227,8 @@ pub fn review(
 ) -> Result<Reviewed, ReviewError> {
     // A replica's review is a recent one's text with another uid and token volume: nothing in
     // it is read again, once another token volume's name is known to leave the pod the same.
-    let mut check = None;
+    // Known to change the pod, it is read in full, its shape remembered already.
+    let (mut check, mut remember) = (None, true);
     match known_review(body) {
         Some((Fit::Same(uid), known)) => {
             let mut reviewed = created(uid, known.namespace.as_deref(), &known.pod, config, view);
@@ -235,6 +236,7 @@ pub fn review(
             return Ok(reviewed);
         }
         Some((Fit::Check(renaming), known)) => check = Some((renaming, known.pod)),
+        Some((Fit::Read, _)) => remember = false,
         None => {}
     }
     // The object is read as its text first: a pod is decoded only when it is one being
@@ -250,7 +252,8 @@ pub fn review(
             let pod = decoded(object)?;
             if let Some((renaming, remembered)) = check {
                 renaming.learn(&remembered, &pod);
-            } else if let (Some(uid), Some(object)) = (uid, span_in(body, object.get().as_bytes()))
+            } else if remember
+                && let (Some(uid), Some(object)) = (uid, span_in(body, object.get().as_bytes()))
             {
                 REVIEWS.remember(
                     Shape::of(body, uid, object, &pod),
@@ -690,7 +693,7 @@ mod tests {
     fn known_uid(body: &[u8]) -> Option<String> {
         match known_review(body)? {
             (Fit::Same(uid), _) => Some(uid.to_string()),
-            (Fit::Check(_), _) => None,
+            (Fit::Check(_) | Fit::Read, _) => None,
         }
     }
 
@@ -822,6 +825,11 @@ mod tests {
         for (suffix, checked) in [("b9c4d", true), ("c8d5f", false)] {
             let renamed = replaced(&uid_only, "x7k2p", suffix);
             assert_eq!(to_check(&renamed), checked, "{suffix}");
+            assert_eq!(
+                matches!(known_review(&renamed), Some((Fit::Read, _))),
+                !checked,
+                "{suffix}: once checked, known to be read in full"
+            );
             assert!(known_uid(&renamed).is_none(), "{suffix}");
             let reviewed = review(&renamed, &Config::default(), &crate::view::NoCluster).unwrap();
             assert!(!reviewed.remembered, "{suffix}");

@@ -87,6 +87,9 @@ pub enum Fit<'b> {
     /// Its token volume has another name, not yet known to leave the pod the same: decode it
     /// and [`Renaming::learn`].
     Check(Arc<Renaming>),
+    /// Its token volume has another name, known to change the pod: decode it; its shape is
+    /// this one, remembered already.
+    Read,
 }
 
 /// Where `part` lies in `body`, when it is a slice of `body` itself: a string read without
@@ -135,8 +138,7 @@ impl Shape {
     /// without a quote, backslash or control character (so that it ends at the same quote),
     /// valid UTF-8; and one end of [`TOKEN_SUFFIX`] lowercase letters or digits in every place of
     /// the token volume's. Such a body is exactly as valid as the shape's and reads the same but
-    /// for its uid and that volume's name. It does not fit when another name is known to change
-    /// the pod.
+    /// for its uid and that volume's name.
     pub fn fit<'b>(&self, body: &'b [u8]) -> Option<Fit<'b>> {
         let (mut rest, mut uid, mut suffix) = (body, None, None);
         for (part, cut) in self.parts.iter().zip(self.cuts.iter()) {
@@ -170,7 +172,7 @@ impl Shape {
         match self.renaming.0.load(Ordering::Relaxed) {
             SAME => Some(Fit::Same(uid)),
             UNKNOWN => Some(Fit::Check(self.renaming.clone())),
-            _ => None,
+            _ => Some(Fit::Read),
         }
     }
 }
