@@ -297,3 +297,15 @@ pub fn is_injected(pod: &Pod) -> bool {
             .any(|c| c.name == defaults::SIDECAR_CONTAINER)
     })
 }
+
+/// The value of `series` (its name with any labels, as written) in the webhook's `/metrics`
+/// text; `None` when the text has no such line.
+pub fn counter(metrics: &str, series: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// The webhook's count of reviews answered from a remembered review.
+pub const REMEMBERED_REVIEWS: &str = "servicekeel_webhook_remembered_reviews_total";

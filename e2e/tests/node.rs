@@ -26,6 +26,7 @@ use servicekeel_e2e::harness::{self, Test};
 use servicekeel_e2e::node::{self, NODE_NAME};
 use servicekeel_e2e::process::{Lifetime, http_get};
 use servicekeel_e2e::{paths, webhook};
+use servicekeel_webhook::shape;
 use tokio::sync::Mutex;
 
 struct Shared {
@@ -639,21 +640,20 @@ async fn remembered_reviews(shared: &Shared) -> anyhow::Result<u64> {
             .request_text(::http::Request::get(path).body(Vec::new())?)
             .await
             .with_context(|| format!("the metrics of {name}"))?;
-        let value = text
-            .lines()
-            .find_map(|line| line.strip_prefix("servicekeel_webhook_remembered_reviews_total "))
+        sum += webhook::counter(&text, webhook::REMEMBERED_REVIEWS)
             .with_context(|| format!("{name} has no remembered reviews counter:\n{text}"))?;
-        sum += value.trim().parse::<u64>()?;
     }
     Ok(sum)
 }
 
 /// The API server's reviews of a ReplicaSet's replicas created together are the same text but
 /// for their uid and the random end of their token volume's name (the pods have no name of
-/// their own at admission, and their managed fields carry the same second), so the webhook
-/// answers all but the first it sees from the review it remembered, decoding nothing. Shown on the real API server and controller-
-/// manager: some of the replicas are counted as answered so, never the first, and every replica
-/// is stored with the same sidecar. The pods name a node that does not exist and stay Pending.
+/// their own at admission, and their managed fields carry the same second), so a webhook pod
+/// answers a replica from the review it remembered, decoding nothing, once it has decoded the
+/// first review of that shape and checked the first with another token volume. Shown on the
+/// real API server and controller-manager: some of the replicas are counted as answered so,
+/// never all, and every replica is stored with the same sidecar. The pods name a node that
+/// does not exist and stay Pending.
 async fn replicas_remembered(shared: Arc<Shared>) -> anyhow::Result<()> {
     let name = "remembered";
     let before = remembered_reviews(&shared).await?;
@@ -707,7 +707,7 @@ async fn replicas_remembered(shared: Arc<Shared>) -> anyhow::Result<()> {
                 .find(|c| c.name == defaults::SIDECAR_CONTAINER);
             // The apiserver mounts each pod's own token volume into every container.
             if let Some(mounts) = sidecar.as_mut().and_then(|c| c.volume_mounts.as_mut()) {
-                mounts.retain(|m| !m.name.starts_with("kube-api-access-"));
+                mounts.retain(|m| !shape::is_token_volume(&m.name));
             }
             serde_json::to_string(&sidecar).unwrap_or_default()
         })

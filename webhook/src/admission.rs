@@ -718,7 +718,6 @@ mod tests {
     /// remembered, with their own uid and the same patch.
     #[test]
     fn a_replicas_review_with_its_own_token_volume_is_answered_as_remembered() {
-        // A namespace of its own: no other test renames this review's token volume.
         let body = fixture_in("replicas");
         let first = review(&body, &Config::default(), &crate::view::NoCluster).unwrap();
         assert!(!first.remembered);

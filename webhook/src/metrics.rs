@@ -1,5 +1,6 @@
 //! The webhook's Prometheus metrics: admission requests by outcome, their latency, those
-//! answered from a remembered review, and certificate reloads. Label values come from fixed sets, so cardinality stays bounded.
+//! answered from a remembered review, and certificate reloads. Label values come from fixed
+//! sets, so cardinality stays bounded.
 
 use std::time::Duration;
 

@@ -184,7 +184,8 @@ fn is_suffix(text: &[u8]) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
-fn is_token_volume(name: &str) -> bool {
+/// Whether `name` is one the ServiceAccount admission gives a pod's token volume.
+pub fn is_token_volume(name: &str) -> bool {
     name.strip_prefix(TOKEN_VOLUME)
         .is_some_and(|suffix| is_suffix(suffix.as_bytes()))
 }

@@ -12,6 +12,7 @@ use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
 use servicekeel_api::keys;
+use servicekeel_webhook::shape::is_token_volume;
 
 use crate::cluster::NodeCluster;
 use crate::images::Profile;
@@ -272,10 +273,9 @@ async fn as_injected(client: &kube::Client) -> anyhow::Result<Pod> {
     let mut pod = PodBench::sent(Kind::Prefilled)?;
     pod.metadata.annotations = stored.metadata.annotations;
     let spec = pod.spec.as_mut().context("a pod without a spec")?;
-    let token = |name: &str| name.starts_with("kube-api-access-");
     let without_token = |mut container: Container| {
         if let Some(mounts) = container.volume_mounts.as_mut() {
-            mounts.retain(|mount| !token(&mount.name));
+            mounts.retain(|mount| !is_token_volume(&mount.name));
         }
         container
     };
@@ -293,7 +293,7 @@ async fn as_injected(client: &kube::Client) -> anyhow::Result<Pod> {
     spec.volumes = stored_spec.volumes.map(|volumes| {
         volumes
             .into_iter()
-            .filter(|volume| !token(&volume.name))
+            .filter(|volume| !is_token_volume(&volume.name))
             .collect()
     });
     spec.dns_config = stored_spec.dns_config;

@@ -25,6 +25,7 @@ use servicekeel_webhook::view::NoCluster;
 use tokio::sync::watch;
 
 use crate::paths;
+use crate::webhook::{REMEMBERED_REVIEWS, counter};
 
 /// The two servers and a client trusting them.
 #[derive(Debug)]
@@ -162,7 +163,7 @@ impl Webhooks {
             Reviews::Replicas => &self.replicas,
             Reviews::FirstPods => &self.first_pods,
         };
-        let before = self.answered();
+        let before = self.answered()?;
         self.served.lock().expect("not poisoned").clear();
         let url = format!("https://{addr}/mutate");
         let mut tasks = tokio::task::JoinSet::new();
@@ -194,7 +195,7 @@ impl Webhooks {
             served.len()
         );
         if addr == self.real {
-            let (patched, remembered) = self.answered();
+            let (patched, remembered) = self.answered()?;
             let (patched, remembered) = (
                 patched.saturating_sub(before.0),
                 remembered.saturating_sub(before.1),
@@ -214,20 +215,15 @@ impl Webhooks {
         Ok(served)
     }
 
-    /// The real server's count of reviews patched, and of those answered from a remembered
-    /// review, as its `/metrics` shows them.
-    fn answered(&self) -> (u64, u64) {
+    /// The real server's count of reviews patched (no line before the first), and of those
+    /// answered from a remembered review, as its `/metrics` shows them.
+    fn answered(&self) -> anyhow::Result<(u64, u64)> {
         let text = self.metrics.encode();
-        let counter = |series: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-                .and_then(|value| value.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        (
-            counter(r#"servicekeel_webhook_admission_requests_total{outcome="patched"}"#),
-            counter("servicekeel_webhook_remembered_reviews_total"),
-        )
+        let patched = r#"servicekeel_webhook_admission_requests_total{outcome="patched"}"#;
+        Ok((
+            counter(&text, patched).unwrap_or(0),
+            counter(&text, REMEMBERED_REVIEWS).context("no remembered reviews counter")?,
+        ))
     }
 }
 
