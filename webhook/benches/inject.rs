@@ -11,10 +11,10 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use serde_json::Value;
 use servicekeel_webhook::admission::review;
 use servicekeel_webhook::config::Config;
+use servicekeel_webhook::fixtures::{first_pod, replica};
 use servicekeel_webhook::inject::{Target, inject};
 use servicekeel_webhook::metrics::Outcome;
 use servicekeel_webhook::pod::PodFacts;
-use servicekeel_webhook::shape::{first_pod, replica};
 use servicekeel_webhook::view::NoCluster;
 
 /// The allocator the webhook binary uses.

@@ -721,14 +721,14 @@ mod tests {
         let body = fixture_in("replicas");
         let first = review(&body, &Config::default(), &crate::view::NoCluster).unwrap();
         assert!(!first.remembered);
-        let renamed = crate::shape::replica(&body, 0).unwrap();
+        let renamed = crate::fixtures::replica(&body, 0).unwrap();
         assert!(to_check(&renamed));
         let checked = review(&renamed, &Config::default(), &crate::view::NoCluster).unwrap();
         assert!(!checked.remembered, "decoded, to check the renamed volume");
         assert_eq!(checked.answer.response.patch, first.answer.response.patch);
         let mut uids = std::collections::BTreeSet::new();
         for n in [0, 1, 26, 27, 1 << 40] {
-            let other = crate::shape::replica(&body, n).unwrap();
+            let other = crate::fixtures::replica(&body, n).unwrap();
             assert!(known_uid(&other).is_some(), "replica {n}");
             let reviewed = review(&other, &Config::default(), &crate::view::NoCluster).unwrap();
             assert!(reviewed.remembered, "replica {n}");
@@ -757,7 +757,7 @@ mod tests {
         let first = review(&body, &Config::default(), &crate::view::NoCluster).unwrap();
         assert_eq!(first.outcome, Outcome::Patched);
         for n in [1, 2, 1 << 40] {
-            let other = crate::shape::first_pod(&body, n).unwrap();
+            let other = crate::fixtures::first_pod(&body, n).unwrap();
             let value: serde_json::Value = serde_json::from_slice(&other).unwrap();
             let imports = value["request"]["object"]["metadata"]["annotations"]
                 ["servicekeel.io/imported-services"]

@@ -11,6 +11,8 @@ pub mod certificates;
 pub mod cli;
 pub mod config;
 pub mod exports;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod inject;
 pub mod leader;
 pub mod metrics;

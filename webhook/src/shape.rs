@@ -16,8 +16,8 @@ use crate::pod::PodFacts;
 
 /// How the ServiceAccount admission names the pod's token volume: this prefix and
 /// [`TOKEN_SUFFIX`] random characters.
-const TOKEN_VOLUME: &str = "kube-api-access-";
-const TOKEN_SUFFIX: usize = 5;
+pub(crate) const TOKEN_VOLUME: &str = "kube-api-access-";
+pub(crate) const TOKEN_SUFFIX: usize = 5;
 
 /// A place cut out of a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,53 +214,4 @@ fn token_suffixes(body: &[u8], object: Range<usize>, pod: &PodFacts) -> Vec<Rang
             end - TOKEN_SUFFIX..end
         })
         .collect()
-}
-
-/// `review` as the apiserver would send it for the `n`th other replica of its pod: another
-/// uid, and another random end of the token volume's name wherever the name stands; `None`
-/// when `review` is not a review of a pod with such a volume. For benchmarks and tests.
-pub fn replica(review: &[u8], n: u64) -> Option<Vec<u8>> {
-    /// The characters the apiserver's random names are made of.
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let value: serde_json::Value = serde_json::from_slice(review).ok()?;
-    let request = &value["request"];
-    let uid = request["uid"].as_str()?;
-    let volumes = request["object"]["spec"]["volumes"].as_array()?;
-    let token = volumes
-        .iter()
-        .filter_map(|volume| volume["name"].as_str())
-        .find(|name| is_token_volume(name))?;
-    let suffix: String = (0..TOKEN_SUFFIX as u32)
-        .map(|digit| {
-            let base = ALPHABET.len() as u64;
-            char::from(ALPHABET[(n / base.pow(digit) % base) as usize])
-        })
-        .collect();
-    let text = std::str::from_utf8(review).ok()?;
-    let replica = text
-        .replace(
-            &format!("\"{uid}\""),
-            &format!(
-                "\"{:08x}-0000-4000-8000-{:012x}\"",
-                n >> 32,
-                n & 0xffff_ffff
-            ),
-        )
-        .replace(
-            &format!("\"{token}\""),
-            &format!("\"{TOKEN_VOLUME}{suffix}\""),
-        );
-    Some(replica.into_bytes())
-}
-
-/// `review` as the apiserver would send it for the first pod of the `n`th other workload like
-/// its own: [`replica`]'s, importing one more service, named after `n`, so that neither its
-/// annotation nor its pod is one seen before; `None` when `review` is not a review of a pod with
-/// a token volume that imports services in YAML. For benchmarks.
-pub fn first_pod(review: &[u8], n: u64) -> Option<Vec<u8>> {
-    const LIST: &str = r#""servicekeel.io/imported-services": "services:\n"#;
-    let replica = String::from_utf8(replica(review, n)?).ok()?;
-    let at = replica.find(LIST)? + LIST.len();
-    let (before, after) = replica.split_at(at);
-    Some(format!("{before}  - name: s{n}\\n    ports:\\n      - port: 1\\n{after}").into_bytes())
 }

@@ -15,7 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use servicekeel_webhook::config::Config;
-use servicekeel_webhook::shape::replica;
+use servicekeel_webhook::fixtures::replica;
 use support::{TestCa, TestServer, write_pair};
 
 fn review_fixture() -> Value {

@@ -18,9 +18,9 @@ use axum::routing::post;
 use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use servicekeel_webhook::config::Config;
+use servicekeel_webhook::fixtures::{first_pod, replica};
 use servicekeel_webhook::metrics::Metrics;
 use servicekeel_webhook::server::{AppState, app, serve};
-use servicekeel_webhook::shape::{first_pod, replica};
 use servicekeel_webhook::view::NoCluster;
 use tokio::sync::watch;
 
