@@ -116,8 +116,10 @@ impl Drop for Running {
     }
 }
 
-/// Runs a benchmark program's `main` on a runtime of one worker thread, which the load generator
-/// and the servers share; an error is printed after the program's `name` and fails the process.
+/// Runs a benchmark program's `main` on the calling thread, and what it spawns (the servers, and
+/// the tasks of a load that runs several at a time) on a runtime of one worker thread: a load
+/// awaited in `main` and the servers it reaches each have their own thread. An error is printed
+/// after the program's `name` and fails the process.
 pub fn run_main(
     name: &str,
     main: impl std::future::Future<Output = anyhow::Result<()>>,
