@@ -10,6 +10,7 @@ use servicekeel_api::defaults;
 
 use crate::router::peers::Peers;
 use crate::router::{Api, LinksConfig, RouterConfig, SidecarTcp};
+use crate::scheduling::Scheduling;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,6 +114,11 @@ pub struct RouterArgs {
     /// Do not watch an API server: route from registrations and the snapshot only.
     #[arg(long, env = "SERVICEKEEL_ROUTER_NO_API")]
     pub no_api: bool,
+    /// How the kernel schedules the router's threads: `normal`, or `batch` (`SCHED_BATCH`: a
+    /// woken relay does not preempt the application that woke it; faster on nodes with idle
+    /// CPUs, slower where every CPU is busy).
+    #[arg(long, env = "SERVICEKEEL_ROUTER_SCHEDULING", value_enum, default_value_t = Scheduling::Normal)]
+    pub scheduling: Scheduling,
 }
 
 fn parse_limit(text: &str) -> Result<usize, String> {
@@ -268,6 +274,26 @@ mod tests {
         let error =
             threads(&["--peer-listen=127.0.0.1:0", "--link-threads=0"]).expect_err("no thread");
         assert!(error.contains("not a positive number"), "{error}");
+    }
+
+    #[test]
+    fn scheduling_is_normal_unless_batch_is_asked_for() {
+        let scheduling = |args: &[&str]| {
+            let line = ["servicekeel-proxy", "router", "--node=n", "--cluster=c"];
+            match Cli::try_parse_from(line.iter().chain(args)).map(|cli| cli.command) {
+                Ok(Command::Router(args)) => Ok(args.scheduling),
+                Ok(other) => panic!("not the router: {other:?}"),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        assert_eq!(scheduling(&[]), Ok(Scheduling::Normal));
+        assert_eq!(scheduling(&["--scheduling=batch"]), Ok(Scheduling::Batch));
+        assert_eq!(scheduling(&["--scheduling=normal"]), Ok(Scheduling::Normal));
+        let error = scheduling(&["--scheduling=fifo"]).expect_err("not a choice");
+        assert!(
+            error.contains("normal") && error.contains("batch"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod podinfo;
 pub mod registry;
 pub mod router;
+pub mod scheduling;
 pub mod shutdown;
 pub mod sidecar;
 pub mod snapshot;

@@ -8,6 +8,7 @@ use clap::Parser;
 use servicekeel_proxy::cli::{Cli, Command};
 use servicekeel_proxy::config::SidecarConfig;
 use servicekeel_proxy::router::Router;
+use servicekeel_proxy::scheduling;
 use servicekeel_proxy::sidecar::Sidecar;
 use tracing_subscriber::EnvFilter;
 
@@ -37,13 +38,24 @@ fn main() -> ExitCode {
                 Ok(())
             },
         ),
-        Command::Router(args) => launch((*args).into_config(), |config| async move {
-            let router = Router::start(config).await.map_err(|e| e.to_string())?;
-            terminated().await?;
-            tracing::info!("shutting down");
-            router.shutdown().await;
-            Ok(())
-        }),
+        Command::Router(args) => {
+            let scheduling = args.scheduling;
+            launch((*args).into_config(), |config| {
+                // Before the runtime and the links start their threads, which inherit it. The
+                // router works either way, so a refusal is a warning.
+                match scheduling::apply(scheduling) {
+                    Ok(()) => tracing::info!(%scheduling, "threads scheduled"),
+                    Err(error) => tracing::warn!("{error}; the threads stay as they were"),
+                }
+                async move {
+                    let router = Router::start(config).await.map_err(|e| e.to_string())?;
+                    terminated().await?;
+                    tracing::info!("shutting down");
+                    router.shutdown().await;
+                    Ok(())
+                }
+            })
+        }
         Command::Wait(args) => {
             match servicekeel_proxy::wait::until_ready(args.admin_addr, args.timeout) {
                 Ok(()) => ExitCode::SUCCESS,
