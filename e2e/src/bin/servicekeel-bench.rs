@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use servicekeel_e2e::bench::baselines::SocatHops;
 use servicekeel_e2e::bench::webhook::Reviews;
-use servicekeel_e2e::bench::{self, Cpu, Layout, Proxies, Sample, sample};
+use servicekeel_e2e::bench::{self, Cpu, Layout, Proxies, ProxySettings, Sample, sample};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -207,6 +207,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         scale: 1.0,
         cpu_per: Some((1.0, "req")),
         goal: "no goal set (what the relay adds where no wakeup crosses CPUs)",
+        met: None,
+        base,
+        cand,
+    });
+
+    // The same through proxies of their own whose router runs with `--scheduling batch`.
+    let batch = Proxies::start_with(
+        tcp,
+        udp,
+        Layout::OneNode,
+        &ProxySettings {
+            router_env: vec![("SERVICEKEEL_ROUTER_SCHEDULING".into(), "batch".into())],
+            ..ProxySettings::default()
+        },
+    )
+    .await?;
+    let batch_cpu =
+        &|| -> anyhow::Result<Duration> { Ok(bench::cpu_of(std::process::id())? + batch.cpu()?) };
+    let (base, cand) = pairs(batch_cpu, n, tcp, batch.tcp, paced).await?;
+    drop(batch);
+    rows.push(Row {
+        what: "64-byte requests at 1k req/s on one connection, the router run with `--scheduling batch` (every thread of it under `SCHED_BATCH`)",
+        unit: "req/s",
+        scale: 1.0,
+        cpu_per: Some((1.0, "req")),
+        goal: "no goal set (an option, off by default: slower where every CPU is busy)",
         met: None,
         base,
         cand,
