@@ -160,7 +160,7 @@ where
 }
 
 /// The address the client's sidecar gives the imported service with [`Layout::OneNode`] (the
-/// first of its range).
+/// first of its range), unless other such proxies run already.
 pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 79, 1);
 
 /// Where the server pod runs: beside the client pod, or on another node, reached through the
@@ -190,6 +190,47 @@ pub struct Proxies {
     /// What the sidecars' environment adds to the pod's.
     sidecar_env: Vec<(String, String)>,
     dir: tempfile::TempDir,
+    /// Last, so that it is given back once the processes have stopped.
+    _range: ClientRange,
+}
+
+/// The third octets of the client sidecars' ranges (`127.0.N.0/24`) that running proxies hold,
+/// so that proxies started beside others get addresses of their own: two client sidecars on one
+/// address would leave every connection to the one that bound it first.
+static CLIENT_RANGES: std::sync::Mutex<std::collections::BTreeSet<u8>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// A client sidecar's range, held until dropped.
+#[derive(Debug)]
+struct ClientRange(u8);
+
+impl ClientRange {
+    /// The first range not held of the ten from `127.0.first.0/24` on.
+    fn take(first: u8) -> anyhow::Result<ClientRange> {
+        let mut held = CLIENT_RANGES.lock().expect("not poisoned");
+        let octet = (first..first + 10)
+            .find(|octet| !held.contains(octet))
+            .with_context(|| format!("the ten client ranges from 127.0.{first}.0/24 are in use"))?;
+        held.insert(octet);
+        Ok(ClientRange(octet))
+    }
+
+    fn cidr(&self) -> String {
+        format!("127.0.{}.0/24", self.0)
+    }
+
+    /// The address the sidecar gives its first imported service.
+    fn first(&self) -> Ipv4Addr {
+        Ipv4Addr::new(127, 0, self.0, 1)
+    }
+}
+
+impl Drop for ClientRange {
+    fn drop(&mut self) {
+        if let Ok(mut held) = CLIENT_RANGES.lock() {
+            held.remove(&self.0);
+        }
+    }
 }
 
 /// How the benchmark runs its proxies: by default the proxy image's static release binary, with
@@ -404,16 +445,18 @@ impl Proxies {
                 format!("servicekeel.io/exported-services={exported:?}\n"),
             )?,
         ));
-        // Each layout's client has its own addresses, so both can run at once.
-        let (range, service_ip) = match layout {
-            Layout::OneNode => ("127.0.79.0/24", SERVICE_IP),
-            Layout::TwoNodes => ("127.0.89.0/24", Ipv4Addr::new(127, 0, 89, 1)),
-        };
+        // Each client has addresses of its own, so that proxies can run beside others: the
+        // first with one node from 127.0.79.0/24, with two from 127.0.89.0/24.
+        let range = ClientRange::take(match layout {
+            Layout::OneNode => SERVICE_IP.octets()[2],
+            Layout::TwoNodes => 89,
+        })?;
+        let service_ip = range.first();
         processes.push((
             "client sidecar",
             sidecar(
                 "client",
-                range,
+                &range.cidr(),
                 client_dns,
                 &client_socket,
                 format!("servicekeel.io/imported-services={IMPORTED:?}\n"),
@@ -428,6 +471,7 @@ impl Proxies {
             udp: (service_ip, 9001).into(),
             dns: client_dns,
             dir,
+            _range: range,
         };
         // Ready when a request goes through.
         let started = Instant::now();
@@ -803,6 +847,28 @@ pub fn report_path() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Proxies running at once get client ranges of their own, and a range given back is taken
+    /// again. From 200, a block no proxies of the benchmark use.
+    #[test]
+    fn client_ranges_are_held_apart_until_given_back() {
+        let first = ClientRange::take(200).expect("free");
+        let second = ClientRange::take(200).expect("free");
+        assert_eq!(
+            (first.cidr(), second.cidr()),
+            ("127.0.200.0/24".to_string(), "127.0.201.0/24".to_string())
+        );
+        assert_eq!(second.first(), Ipv4Addr::new(127, 0, 201, 1));
+        drop(first);
+        let again = ClientRange::take(200).expect("given back");
+        assert_eq!(again.0, 200);
+        let all: Vec<_> = (0..8)
+            .map(|_| ClientRange::take(200).expect("free"))
+            .collect();
+        assert_eq!(all.len(), 8);
+        let error = ClientRange::take(200).expect_err("ten held");
+        assert!(error.to_string().contains("127.0.200.0/24"), "{error}");
+    }
 
     #[test]
     fn errors_logged_gives_the_last_lines_of_each_nonempty_error_output() {
