@@ -422,17 +422,18 @@ impl Proxies {
                        dns: SocketAddr,
                        socket: &PathBuf,
                        annotations: String|
-         -> anyhow::Result<Running> {
+         -> anyhow::Result<(Running, SocketAddr)> {
+            let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
             let launch = SidecarLaunch {
                 name,
                 range,
                 dns,
-                admin: SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?)),
+                admin,
                 socket,
                 annotations,
                 env: &settings.sidecar_env,
             };
-            launch.start(&binary, dir.path())
+            Ok((launch.start(&binary, dir.path())?, admin))
         };
         let server_dns = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
         processes.push((
@@ -443,7 +444,8 @@ impl Proxies {
                 server_dns,
                 &server_socket,
                 format!("servicekeel.io/exported-services={exported:?}\n"),
-            )?,
+            )?
+            .0,
         ));
         // Each client has addresses of its own, so that proxies can run beside others: the
         // first with one node from 127.0.79.0/24, with two from 127.0.89.0/24.
@@ -452,16 +454,14 @@ impl Proxies {
             Layout::TwoNodes => 89,
         })?;
         let service_ip = range.first();
-        processes.push((
-            "client sidecar",
-            sidecar(
-                "client",
-                &range.cidr(),
-                client_dns,
-                &client_socket,
-                format!("servicekeel.io/imported-services={IMPORTED:?}\n"),
-            )?,
-        ));
+        let (client, client_admin) = sidecar(
+            "client",
+            &range.cidr(),
+            client_dns,
+            &client_socket,
+            format!("servicekeel.io/imported-services={IMPORTED:?}\n"),
+        )?;
+        processes.push(("client sidecar", client));
         let mut proxies = Proxies {
             processes,
             binary,
@@ -473,7 +473,8 @@ impl Proxies {
             dir,
             _range: range,
         };
-        // Ready when a request goes through.
+        // Ready when the client sidecar says so (it is not while it cannot listen on an
+        // imported service's address) and a request goes through.
         let started = Instant::now();
         loop {
             for (role, running) in &mut proxies.processes {
@@ -484,12 +485,26 @@ impl Proxies {
                     );
                 }
             }
-            if tcp_requests(proxies.tcp, 1).await.is_ok() {
+            let reply = process::http_get(client_admin, "/readyz").await;
+            let ready = reply
+                .as_deref()
+                .ok()
+                .and_then(servicekeel_api::http::status)
+                == Some(200);
+            if ready && tcp_requests(proxies.tcp, 1).await.is_ok() {
                 return Ok(proxies);
             }
             if started.elapsed() > Duration::from_secs(20) {
+                let said = match &reply {
+                    Ok(text) => format!(
+                        " (its /readyz: {})",
+                        text.lines().last().unwrap_or("").trim()
+                    ),
+                    Err(error) => format!(" (its admin server: {error})"),
+                };
                 bail!(
-                    "no flow through the proxies after 20 s{}",
+                    "the client sidecar was not ready or no flow went through the proxies after \
+                     20 s{said}{}",
                     errors_logged(proxies.dir.path())
                 );
             }
