@@ -25,12 +25,14 @@ pub enum Scheduling {
     Batch,
 }
 
+/// As the flag takes it.
 impl fmt::Display for Scheduling {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Scheduling::Normal => "normal",
-            Scheduling::Batch => "batch",
-        })
+        use clap::ValueEnum;
+        let value = self
+            .to_possible_value()
+            .expect("every choice is a flag value");
+        f.write_str(value.get_name())
     }
 }
 
@@ -93,6 +95,12 @@ mod tests {
         })
         .join()
         .expect("join");
+    }
+
+    #[test]
+    fn choices_read_as_the_flag_takes_them() {
+        assert_eq!(Scheduling::Normal.to_string(), "normal");
+        assert_eq!(Scheduling::Batch.to_string(), "batch");
     }
 
     #[test]
