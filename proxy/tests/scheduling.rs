@@ -12,17 +12,22 @@ const PROXY: &str = env!("CARGO_BIN_EXE_servicekeel-proxy");
 const SCHED_OTHER: u32 = 0;
 const SCHED_BATCH: u32 = 3;
 
-/// A router without an API server or links, its socket in `dir`, with `args` added; returns
-/// once its socket is there (its runtime and threads have started).
-fn router(dir: &Path, args: &[&str]) -> Child {
+/// A router without an API server or links, its socket in `dir`, with `args` added and
+/// `scheduling` as its environment's `SERVICEKEEL_ROUTER_SCHEDULING` (unset when `None`);
+/// returns once its socket is there (its runtime and threads have started).
+fn router(dir: &Path, args: &[&str], scheduling: Option<&str>) -> Child {
     let socket = dir.join("router.sock");
-    let child = Command::new(PROXY)
+    let mut command = Command::new(PROXY);
+    match scheduling {
+        Some(value) => command.env("SERVICEKEEL_ROUTER_SCHEDULING", value),
+        None => command.env_remove("SERVICEKEEL_ROUTER_SCHEDULING"),
+    };
+    let child = command
         .args(["router", "--node=n", "--cluster=c", "--no-api"])
         .arg(format!("--socket={}", socket.display()))
         .arg(format!("--state-dir={}", dir.join("state").display()))
         .arg("--admin-addr=127.0.0.1:0")
         .args(args)
-        .env_remove("SERVICEKEEL_ROUTER_SCHEDULING")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -56,9 +61,9 @@ fn policies(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn threads_of_a_router_with(args: &[&str]) -> Vec<u32> {
+fn threads_of_a_router_with(args: &[&str], scheduling: Option<&str>) -> Vec<u32> {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = router(dir.path(), args);
+    let mut child = router(dir.path(), args, scheduling);
     let found = policies(child.id());
     child.kill().unwrap();
     child.wait().unwrap();
@@ -68,12 +73,20 @@ fn threads_of_a_router_with(args: &[&str]) -> Vec<u32> {
 
 #[test]
 fn batch_scheduling_covers_every_thread_of_the_router() {
-    let found = threads_of_a_router_with(&["--scheduling=batch"]);
+    let found = threads_of_a_router_with(&["--scheduling=batch"], None);
     assert!(found.iter().all(|p| *p == SCHED_BATCH), "{found:?}");
 }
 
 #[test]
+fn the_environment_sets_it_too_and_the_flag_wins() {
+    let found = threads_of_a_router_with(&[], Some("batch"));
+    assert!(found.iter().all(|p| *p == SCHED_BATCH), "{found:?}");
+    let found = threads_of_a_router_with(&["--scheduling=normal"], Some("batch"));
+    assert!(found.iter().all(|p| *p == SCHED_OTHER), "{found:?}");
+}
+
+#[test]
 fn the_router_is_scheduled_normally_by_default() {
-    let found = threads_of_a_router_with(&[]);
+    let found = threads_of_a_router_with(&[], None);
     assert!(found.iter().all(|p| *p == SCHED_OTHER), "{found:?}");
 }
