@@ -73,7 +73,7 @@ pub struct RouterArgs {
     /// Where peer routers connect (mutual TLS); no links to other routers when unset.
     #[arg(long, env = "SERVICEKEEL_ROUTER_PEER_LISTEN")]
     pub peer_listen: Option<SocketAddr>,
-    /// This router's certificate chain (PEM), for the identity servicekeel-router.<cluster>.
+    /// This router's certificate chain (PEM), for the identity `servicekeel-router.<cluster>`.
     #[arg(long, env = "SERVICEKEEL_ROUTER_TLS_CERT", default_value = defaults::ROUTER_TLS_CERT)]
     pub tls_cert: PathBuf,
     /// Its private key (PEM).

@@ -7,7 +7,7 @@
 //! - [`server`]: the router's side, serving flows and registrations for a [`server::Handler`]
 //!   that decides where each flow goes.
 //! - [`stream`]: a flow as `AsyncRead + AsyncWrite`.
-//! - [`pipe`]: a flow piped to a socket or another flow, both ways.
+//! - [`pipe`](mod@pipe): a flow piped to a socket or another flow, both ways.
 //! - [`splice`]: two sockets relayed without copies through this process.
 //! - [`datagrams`]: a UDP flow pumped between its framed stream and a socket.
 //! - [`busy_poll`]: relays polling their sockets a while before sleeping.

@@ -136,7 +136,7 @@ impl Shape {
 
     /// How `body` fits this shape, if it does: the same bytes between the cuts; a uid of text
     /// without a quote, backslash or control character (so that it ends at the same quote),
-    /// valid UTF-8; and one end of [`TOKEN_SUFFIX`] lowercase letters or digits in every place of
+    /// valid UTF-8; and one end of `TOKEN_SUFFIX` lowercase letters or digits in every place of
     /// the token volume's. Such a body is exactly as valid as the shape's and reads the same but
     /// for its uid and that volume's name.
     pub fn fit<'b>(&self, body: &'b [u8]) -> Option<Fit<'b>> {

@@ -65,7 +65,7 @@ impl ReadOnlyUdp {
 
     /// Sends every datagram to its destination, in order, as many per system call as the kernel
     /// takes. Consecutive datagrams to one destination that the kernel can cut from one buffer
-    /// ([`run_length`]) go as one segmented send (`UDP_SEGMENT`): they cross the sending half of the
+    /// (`run_length`) go as one segmented send (`UDP_SEGMENT`): they cross the sending half of the
     /// stack once and reach the receiver as the same separate datagrams. Where the kernel does not
     /// segment, the socket sends each datagram on its own from then on. A datagram the kernel
     /// refuses (`EHOSTUNREACH` and the like) is skipped and the rest still sent; the first such

@@ -84,7 +84,7 @@ pub struct JsonPatch {
 }
 
 impl JsonPatch {
-    /// Whether the two patches encode to the same bytes (see [`PatchValue::encodes_as`]).
+    /// Whether the two patches encode to the same bytes (see `PatchValue::encodes_as`).
     pub fn encodes_as(&self, other: &JsonPatch) -> bool {
         self.ops.len() == other.ops.len()
             && self
