@@ -55,12 +55,7 @@ pub fn apply(scheduling: Scheduling) -> Result<(), String> {
     let policy = scheduling.policy();
     let nice = rustix::process::getpriority_process(None)
         .map_err(|e| format!("cannot read this thread's nice value: {e}"))?;
-    // The library sets the nice value along with the policy, from a priority of 0 to 99; the
-    // one that gives the current nice value keeps it (every nice value has one).
-    let priority = (0..=99u8)
-        .filter_map(|value| ThreadPriorityValue::try_from(value).ok())
-        .map(ThreadPriority::Crossplatform)
-        .find(|priority| priority.to_posix(policy).ok() == Some(nice))
+    let priority = priority_keeping(nice, policy)
         .ok_or_else(|| format!("no priority keeps the nice value {nice}"))?;
     thread_priority::set_thread_priority_and_policy(
         thread_priority::thread_native_id(),
@@ -68,6 +63,15 @@ pub fn apply(scheduling: Scheduling) -> Result<(), String> {
         policy,
     )
     .map_err(|e| format!("cannot schedule this process as {scheduling}: {e:?}"))
+}
+
+/// The library sets the nice value along with the policy, from a priority of 0 to 99: the one
+/// that gives `nice` under `policy`, so that setting the policy keeps it.
+fn priority_keeping(nice: i32, policy: ThreadSchedulePolicy) -> Option<ThreadPriority> {
+    (0..=99u8)
+        .filter_map(|value| ThreadPriorityValue::try_from(value).ok())
+        .map(ThreadPriority::Crossplatform)
+        .find(|priority| priority.to_posix(policy).ok() == Some(nice))
 }
 
 #[cfg(test)]
@@ -115,12 +119,11 @@ mod tests {
 
     #[test]
     fn every_nice_value_has_a_priority_that_keeps_it() {
+        let policy = Scheduling::Batch.policy();
         for nice in -20..=19 {
-            let found = (0..=99u8)
-                .filter_map(|value| ThreadPriorityValue::try_from(value).ok())
-                .map(ThreadPriority::Crossplatform)
-                .any(|p| p.to_posix(Scheduling::Batch.policy()).ok() == Some(nice));
-            assert!(found, "nice {nice}");
+            let priority = priority_keeping(nice, policy);
+            let posix = priority.map(|p| p.to_posix(policy).expect("a priority of the policy"));
+            assert_eq!(posix, Some(nice), "nice {nice}");
         }
     }
 }
