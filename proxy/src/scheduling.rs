@@ -62,7 +62,13 @@ pub fn apply(scheduling: Scheduling) -> Result<(), String> {
         priority,
         policy,
     )
-    .map_err(|e| format!("cannot schedule this process as {scheduling}: {e:?}"))
+    .map_err(|error| {
+        let why = match error {
+            thread_priority::Error::OS(code) => std::io::Error::from_raw_os_error(code).to_string(),
+            other => other.to_string(),
+        };
+        format!("cannot schedule this process as {scheduling}: {why}")
+    })
 }
 
 /// The library sets the nice value along with the policy, from a priority of 0 to 99: the one

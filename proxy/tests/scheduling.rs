@@ -12,28 +12,24 @@ const PROXY: &str = env!("CARGO_BIN_EXE_servicekeel-proxy");
 const SCHED_OTHER: u32 = 0;
 const SCHED_BATCH: u32 = 3;
 
-/// A router without an API server or links, its socket in `dir`, with `args` added and
-/// `scheduling` as its environment's `SERVICEKEEL_ROUTER_SCHEDULING` (unset when `None`);
-/// returns once its socket is there (its runtime and threads have started).
-fn router(dir: &Path, args: &[&str], scheduling: Option<&str>) -> Child {
-    let socket = dir.join("router.sock");
-    let mut command = Command::new(PROXY);
-    match scheduling {
-        Some(value) => command.env("SERVICEKEEL_ROUTER_SCHEDULING", value),
-        None => command.env_remove("SERVICEKEEL_ROUTER_SCHEDULING"),
-    };
-    let child = command
+/// `command` (the proxy, or a program that runs it) given the arguments of a router without an
+/// API server or links, its socket in `dir`, and no `SERVICEKEEL_ROUTER_SCHEDULING`.
+fn router_in(mut command: Command, dir: &Path) -> Command {
+    command
         .args(["router", "--node=n", "--cluster=c", "--no-api"])
-        .arg(format!("--socket={}", socket.display()))
+        .arg(format!("--socket={}", dir.join("router.sock").display()))
         .arg(format!("--state-dir={}", dir.join("state").display()))
         .arg("--admin-addr=127.0.0.1:0")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .env_remove("SERVICEKEEL_ROUTER_SCHEDULING");
+    command
+}
+
+/// Starts `command` and returns once the router's socket in `dir` is there (its runtime and
+/// threads have started).
+fn started(command: &mut Command, dir: &Path) -> Child {
+    let child = command.spawn().unwrap();
     let started = Instant::now();
-    while !socket.exists() {
+    while !dir.join("router.sock").exists() {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "the router made no socket"
@@ -41,6 +37,20 @@ fn router(dir: &Path, args: &[&str], scheduling: Option<&str>) -> Child {
         std::thread::sleep(Duration::from_millis(10));
     }
     child
+}
+
+/// The router with `args` added and `scheduling` as its environment's
+/// `SERVICEKEEL_ROUTER_SCHEDULING` (unset when `None`), started.
+fn router(dir: &Path, args: &[&str], scheduling: Option<&str>) -> Child {
+    let mut command = router_in(Command::new(PROXY), dir);
+    command
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(value) = scheduling {
+        command.env("SERVICEKEEL_ROUTER_SCHEDULING", value);
+    }
+    started(&mut command, dir)
 }
 
 /// The scheduling policy of each thread of `pid`.
@@ -83,6 +93,47 @@ fn the_environment_sets_it_too_and_the_flag_wins() {
     assert!(found.iter().all(|p| *p == SCHED_BATCH), "{found:?}");
     let found = threads_of_a_router_with(&["--scheduling=normal"], Some("batch"));
     assert!(found.iter().all(|p| *p == SCHED_OTHER), "{found:?}");
+}
+
+/// The kernel refuses `SCHED_BATCH` to an unprivileged thread under `SCHED_IDLE` whose nice
+/// value is outside its `RLIMIT_NICE` (0 by default): the router says so, keeps its threads as
+/// they were and serves.
+#[test]
+fn a_refusal_is_a_warning_and_the_router_runs_as_it_was() {
+    const SCHED_IDLE: u32 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let mut permissions = std::fs::metadata(dir.path()).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o777);
+    std::fs::set_permissions(dir.path(), permissions).unwrap();
+    let mut unprivileged = Command::new("chrt");
+    unprivileged
+        .args([
+            "--idle",
+            "0",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .arg(PROXY);
+    let mut command = router_in(unprivileged, dir.path());
+    command
+        .arg("--scheduling=batch")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = started(&mut command, dir.path());
+    // `setpriv` and `chrt` exec the router, so the child is the router itself.
+    let found = policies(child.id());
+    child.kill().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let logs = String::from_utf8(output.stderr).unwrap();
+    assert!(found.len() > 1, "not the router's threads: {found:?}");
+    assert!(found.iter().all(|p| *p == SCHED_IDLE), "{found:?}");
+    assert!(
+        logs.contains("cannot schedule this process as batch: Operation not permitted"),
+        "{logs}"
+    );
 }
 
 #[test]
