@@ -227,18 +227,14 @@ pub fn review(
 ) -> Result<Reviewed, ReviewError> {
     // A replica's review is a recent one's text with another uid and token volume: nothing in
     // it is read again, once another token volume's name is known to leave the pod the same.
-    // Known to change the pod, it is read in full, its shape remembered already.
-    let (mut check, mut remember) = (None, true);
-    match known_review(body) {
+    let known = match known_review(body) {
         Some((Fit::Same(uid), known)) => {
             let mut reviewed = created(uid, known.namespace.as_deref(), &known.pod, config, view);
             reviewed.remembered = true;
             return Ok(reviewed);
         }
-        Some((Fit::Check(renaming), known)) => check = Some((renaming, known.pod)),
-        Some((Fit::Read, _)) => remember = false,
-        None => {}
-    }
+        other => other,
+    };
     // The object is read as its text first: a pod is decoded only when it is one being
     // created.
     let request = serde_json::from_slice::<Incoming>(body)
@@ -250,19 +246,24 @@ pub fn review(
         request,
         |object| {
             let pod = decoded(object)?;
-            if let Some((renaming, remembered)) = check {
-                renaming.learn(&remembered, &pod);
-            } else if remember
-                && let (Some(uid), Some(object)) = (uid, span_in(body, object.get().as_bytes()))
-            {
-                REVIEWS.remember(
-                    Shape::of(body, uid, object, &pod),
-                    Created {
-                        namespace,
-                        pod: pod.clone(),
-                    },
-                    |a, b| a == b,
-                );
+            match known {
+                Some((Fit::Check(renaming), remembered)) => renaming.learn(&remembered.pod, &pod),
+                // Its other token volume's name is known to change the pod (`Read`; `Same` was
+                // answered above): read in full, its shape remembered already.
+                Some(_) => {}
+                None => {
+                    if let (Some(uid), Some(object)) = (uid, span_in(body, object.get().as_bytes()))
+                    {
+                        REVIEWS.remember(
+                            Shape::of(body, uid, object, &pod),
+                            Created {
+                                namespace,
+                                pod: pod.clone(),
+                            },
+                            |a, b| a == b,
+                        );
+                    }
+                }
             }
             Ok(pod)
         },
