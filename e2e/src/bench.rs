@@ -486,12 +486,7 @@ impl Proxies {
                 }
             }
             let reply = process::http_get(client_admin, "/readyz").await;
-            let ready = reply
-                .as_deref()
-                .ok()
-                .and_then(servicekeel_api::http::status)
-                == Some(200);
-            if ready && tcp_requests(proxies.tcp, 1).await.is_ok() {
+            if says_ready(&reply) && tcp_requests(proxies.tcp, 1).await.is_ok() {
                 return Ok(proxies);
             }
             if started.elapsed() > Duration::from_secs(20) {
@@ -544,8 +539,7 @@ impl Proxies {
             let started = Instant::now();
             let mut sidecar = launch.start(&self.binary, self.dir.path())?;
             loop {
-                let reply = process::http_get(admin, "/readyz").await;
-                if reply.is_ok_and(|r| servicekeel_api::http::status(&r) == Some(200)) {
+                if says_ready(&process::http_get(admin, "/readyz").await) {
                     took.push(started.elapsed());
                     break;
                 }
@@ -570,6 +564,13 @@ impl Proxies {
     pub fn cpu(&self) -> anyhow::Result<Duration> {
         self.processes.iter().map(|(_, p)| cpu_of(p.0.id())).sum()
     }
+}
+
+/// Whether `reply`, an admin server's answer to `/readyz`, says ready (200).
+fn says_ready(reply: &std::io::Result<String>) -> bool {
+    reply
+        .as_deref()
+        .is_ok_and(|text| servicekeel_api::http::status(text) == Some(200))
 }
 
 /// The proxy image's static release binary, built first if it is not up to date; built once per
