@@ -94,7 +94,7 @@ mod tests {
         std::thread::spawn(|| {
             let nice = rustix::process::getpriority_process(None).expect("nice");
             assert_eq!(current(), Scheduling::Normal.policy());
-            apply(Scheduling::Batch).expect("an unprivileged thread may choose batch");
+            apply(Scheduling::Batch).expect("a thread may choose batch");
             assert_eq!(current(), Scheduling::Batch.policy());
             assert_eq!(
                 rustix::process::getpriority_process(None).expect("nice"),
