@@ -95,20 +95,17 @@ fn the_environment_sets_it_too_and_the_flag_wins() {
     assert!(found.iter().all(|p| *p == SCHED_OTHER), "{found:?}");
 }
 
-/// The kernel refuses `SCHED_BATCH` to an unprivileged thread under `SCHED_IDLE` whose nice
-/// value is outside its `RLIMIT_NICE` (0 by default): the router says so, keeps its threads as
-/// they were and serves.
-#[test]
-fn a_refusal_is_a_warning_and_the_router_runs_as_it_was() {
-    const SCHED_IDLE: u32 = 5;
-    let dir = tempfile::tempdir().unwrap();
-    let mut permissions = std::fs::metadata(dir.path()).unwrap().permissions();
+/// A router asking for `--scheduling=batch`, run as user and group 65534 under the policy
+/// `chrt` gives it (`policy`, such as `--other`), its socket in `dir`, which it may write; started,
+/// with the threads' policies found and its logs.
+fn unprivileged_router_under(policy: &str, dir: &Path) -> (Vec<u32>, String) {
+    let mut permissions = std::fs::metadata(dir).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o777);
-    std::fs::set_permissions(dir.path(), permissions).unwrap();
+    std::fs::set_permissions(dir, permissions).unwrap();
     let mut unprivileged = Command::new("chrt");
     unprivileged
         .args([
-            "--idle",
+            policy,
             "0",
             "setpriv",
             "--reuid=65534",
@@ -116,19 +113,37 @@ fn a_refusal_is_a_warning_and_the_router_runs_as_it_was() {
             "--clear-groups",
         ])
         .arg(PROXY);
-    let mut command = router_in(unprivileged, dir.path());
+    let mut command = router_in(unprivileged, dir);
     command
         .arg("--scheduling=batch")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = started(&mut command, dir.path());
-    // `setpriv` and `chrt` exec the router, so the child is the router itself.
+    let mut child = started(&mut command, dir);
+    // `chrt` and `setpriv` exec the router, so the child is the router itself.
     let found = policies(child.id());
     child.kill().unwrap();
     let output = child.wait_with_output().unwrap();
-    let logs = String::from_utf8(output.stderr).unwrap();
     assert!(found.len() > 1, "not the router's threads: {found:?}");
+    (found, String::from_utf8(output.stderr).unwrap())
+}
+
+/// Choosing `SCHED_BATCH` from the usual policy needs no privilege.
+#[test]
+fn an_unprivileged_router_gets_batch_scheduling() {
+    let dir = tempfile::tempdir().unwrap();
+    let (found, logs) = unprivileged_router_under("--other", dir.path());
+    assert!(found.iter().all(|p| *p == SCHED_BATCH), "{found:?}\n{logs}");
+}
+
+/// The kernel refuses `SCHED_BATCH` to an unprivileged thread under `SCHED_IDLE` whose nice
+/// value is outside its `RLIMIT_NICE` (0 by default): the router says so, keeps its threads as
+/// they were and serves.
+#[test]
+fn a_refusal_is_a_warning_and_the_router_runs_as_it_was() {
+    const SCHED_IDLE: u32 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let (found, logs) = unprivileged_router_under("--idle", dir.path());
     assert!(found.iter().all(|p| *p == SCHED_IDLE), "{found:?}");
     assert!(
         logs.contains("cannot schedule this process as batch: Operation not permitted"),
