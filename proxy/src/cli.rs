@@ -114,10 +114,11 @@ pub struct RouterArgs {
     /// Do not watch an API server: route from registrations and the snapshot only.
     #[arg(long, env = "SERVICEKEEL_ROUTER_NO_API")]
     pub no_api: bool,
-    /// How the kernel schedules the router's threads: `normal`, or `batch` (`SCHED_BATCH`: a
-    /// woken relay does not preempt the application that woke it; faster on nodes with idle
-    /// CPUs, slower where every CPU is busy).
-    #[arg(long, env = "SERVICEKEEL_ROUTER_SCHEDULING", value_enum, default_value_t = Scheduling::Normal)]
+    /// How the kernel schedules the router's threads: `auto` (`batch` while at least one of the
+    /// node's CPUs is idle, `normal` while none is, decided every second from `/proc/stat`),
+    /// `batch` (`SCHED_BATCH`: a woken relay does not preempt the application that woke it;
+    /// faster on nodes with idle CPUs, slower where every CPU is busy), or `normal`.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_SCHEDULING", value_enum, default_value_t = Scheduling::Auto)]
     pub scheduling: Scheduling,
 }
 
@@ -277,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn scheduling_is_normal_unless_batch_is_asked_for() {
+    fn scheduling_is_auto_unless_another_is_asked_for() {
         let scheduling = |args: &[&str]| {
             let line = ["servicekeel-proxy", "router", "--node=n", "--cluster=c"];
             match Cli::try_parse_from(line.iter().chain(args)).map(|cli| cli.command) {
@@ -286,12 +287,15 @@ mod tests {
                 Err(error) => Err(error.to_string()),
             }
         };
-        assert_eq!(scheduling(&[]), Ok(Scheduling::Normal));
+        assert_eq!(scheduling(&[]), Ok(Scheduling::Auto));
         assert_eq!(scheduling(&["--scheduling=batch"]), Ok(Scheduling::Batch));
         assert_eq!(scheduling(&["--scheduling=normal"]), Ok(Scheduling::Normal));
+        assert_eq!(scheduling(&["--scheduling=auto"]), Ok(Scheduling::Auto));
         let error = scheduling(&["--scheduling=fifo"]).expect_err("not a choice");
         assert!(
-            error.contains("normal") && error.contains("batch"),
+            ["normal", "batch", "auto"]
+                .iter()
+                .all(|c| error.contains(c)),
             "{error}"
         );
     }

@@ -59,6 +59,7 @@ impl LinkThreads {
         for index in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_unpark(crate::scheduling::follow)
                 .build()?;
             runtimes.push(runtime.handle().clone());
             let (end, ended) = tokio::sync::oneshot::channel::<()>();

@@ -85,10 +85,12 @@ fn launch<C: std::fmt::Debug, F: Future<Output = Result<(), String>>>(
     }
 }
 
-/// Runs `main` on a multi-threaded runtime; an error is logged and fails the process.
+/// Runs `main` on a multi-threaded runtime, whose threads follow `--scheduling auto` where the
+/// router runs with it; an error is logged and fails the process.
 fn run(main: impl Future<Output = Result<(), String>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_unpark(scheduling::follow)
         .build()
     {
         Ok(runtime) => runtime,

@@ -146,13 +146,146 @@ fn a_refusal_is_a_warning_and_the_router_runs_as_it_was() {
     let (found, logs) = unprivileged_router_under("--idle", dir.path());
     assert!(found.iter().all(|p| *p == SCHED_IDLE), "{found:?}");
     assert!(
-        logs.contains("cannot schedule this process as batch: Operation not permitted"),
+        logs.contains("cannot schedule the router's threads as batch: Operation not permitted"),
         "{logs}"
     );
 }
 
+/// Each thread of `pid`: its id, name and scheduling policy.
+fn threads(pid: u32) -> Vec<(u32, String, u32)> {
+    let policies = policies(pid);
+    let mut found = Vec::new();
+    for (task, policy) in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .zip(policies)
+    {
+        let task = task.unwrap();
+        let tid = task.file_name().to_str().unwrap().parse().unwrap();
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap();
+        found.push((tid, name.trim().to_string(), policy));
+    }
+    found
+}
+
 #[test]
-fn the_router_is_scheduled_normally_by_default() {
-    let found = threads_of_a_router_with(&[], None);
-    assert!(found.iter().all(|p| *p == SCHED_OTHER), "{found:?}");
+fn normal_leaves_every_thread_as_it_was_and_watches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = router(dir.path(), &["--scheduling=normal"], None);
+    let found = threads(child.id());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(found.len() > 1, "one thread only: {found:?}");
+    assert!(found.iter().all(|t| t.2 == SCHED_OTHER), "{found:?}");
+    assert!(found.iter().all(|t| t.1 != "scheduling"), "{found:?}");
+}
+
+#[test]
+fn by_default_the_router_watches_the_node_s_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = router(dir.path(), &[], None);
+    let found = threads(child.id());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        found.iter().any(|t| t.1 == "scheduling"),
+        "no watching thread: {found:?}"
+    );
+}
+
+/// `/proc/stat` of a 2-CPU node after `ticks` ticks, of which the share `idle` idled.
+fn node_stat(ticks: u64, idle: f64) -> String {
+    let idle_ticks = (ticks as f64 * idle) as u64;
+    format!(
+        "cpu  {} 0 0 {idle_ticks} 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n",
+        ticks - idle_ticks
+    )
+}
+
+/// Writes `/proc/stat` texts to `path` every 100 ms, 20 ticks of each CPU apart, the share of
+/// idle time the last value of `idle` gives, until `idle` is negative.
+fn feed(path: std::path::PathBuf, idle: std::sync::Arc<std::sync::Mutex<f64>>) {
+    let mut ticks = 1_000u64;
+    let mut idle_ticks = 500f64;
+    loop {
+        let share = *idle.lock().unwrap();
+        if share < 0.0 {
+            return;
+        }
+        ticks += 40;
+        idle_ticks += 40.0 * share;
+        // Written in place, so the bind mount keeps showing the file.
+        std::fs::write(&path, node_stat(ticks, idle_ticks / ticks as f64)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls until `found` holds for the threads of `pid`, waking the router by connecting to its
+/// socket in `dir` between looks; panics after 20 s.
+fn until(pid: u32, dir: &Path, what: &str, found: impl Fn(&[(u32, String, u32)]) -> bool) {
+    let started = Instant::now();
+    loop {
+        // A few connections at once, so that more than one worker wakes.
+        let wakers: Vec<_> = (0..8)
+            .filter_map(|_| std::os::unix::net::UnixStream::connect(dir.join("router.sock")).ok())
+            .collect();
+        drop(wakers);
+        let threads = threads(pid);
+        if found(&threads) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what}: {threads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `auto` against the node's CPUs as the router reads them: its `/proc/stat` is a file the test
+/// writes, bind-mounted over the real one in a mount namespace of the router's own (as LXCFS
+/// does for containers). While a whole CPU idles, the runtime's threads go under `SCHED_BATCH`
+/// as they wake; once none does, back to `SCHED_OTHER`.
+#[test]
+fn auto_follows_the_idle_cpus_the_router_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let stat = dir.path().join("stat");
+    std::fs::write(&stat, node_stat(1_000, 0.5)).unwrap();
+    let idle = std::sync::Arc::new(std::sync::Mutex::new(0.9));
+    let feeder = std::thread::spawn({
+        let (stat, idle) = (stat.clone(), idle.clone());
+        move || feed(stat, idle)
+    });
+    let mut namespaced = Command::new("unshare");
+    namespaced
+        .args(["--mount", "--propagation=private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /proc/stat && exec "$@""#)
+        .arg(&stat)
+        .arg(PROXY);
+    let mut command = router_in(namespaced, dir.path());
+    command
+        .arg("--scheduling=auto")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = started(&mut command, dir.path());
+    let pid = child.id();
+    let workers = |t: &&(u32, String, u32)| t.1.starts_with("tokio-r");
+    until(pid, dir.path(), "no worker went batch", |threads| {
+        threads.iter().filter(workers).any(|t| t.2 == SCHED_BATCH)
+    });
+    let batch: Vec<u32> = threads(pid)
+        .iter()
+        .filter(workers)
+        .filter(|t| t.2 == SCHED_BATCH)
+        .map(|t| t.0)
+        .collect();
+    *idle.lock().unwrap() = 0.2;
+    until(pid, dir.path(), "no batch worker went back", |threads| {
+        threads
+            .iter()
+            .any(|t| batch.contains(&t.0) && t.2 == SCHED_OTHER)
+    });
+    *idle.lock().unwrap() = -1.0;
+    feeder.join().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
