@@ -7,10 +7,10 @@
 //! does not preempt the one running: the writer goes on to wait for its answer, and the relay
 //! then wakes the reader on the CPU they share. The price is that on a node whose every CPU is
 //! busy with other work, a woken relay waits for the running thread's time slice instead of
-//! taking the CPU at once. `Auto`, the default, therefore follows the node: batch while at least one of its
-//! CPUs stands idle, normal while they are all busy, decided again every second from
-//! `/proc/stat`. Each thread puts itself under the policy wanted when it next wakes (the
-//! runtimes call [`follow`] as their threads unpark), as a thread can set only its own nice
+//! taking the CPU at once. `Auto`, the default, therefore follows the node: batch while at
+//! least one of its CPUs stands idle, normal while they are all busy, decided again every
+//! second from `/proc/stat`. Each thread puts itself under the policy wanted when it next wakes
+//! (the runtimes call [`follow`] as their threads unpark), as a thread can set only its own nice
 //! value and the library takes a thread's policy and nice value together.
 
 use std::cell::Cell;
@@ -52,6 +52,23 @@ impl Scheduling {
             Scheduling::Normal | Scheduling::Auto => NormalThreadSchedulePolicy::Other,
             Scheduling::Batch => NormalThreadSchedulePolicy::Batch,
         })
+    }
+
+    /// Its number in [`WANTED`].
+    fn index(self) -> u8 {
+        match self {
+            Scheduling::Normal => 0,
+            Scheduling::Batch => 1,
+            Scheduling::Auto => 2,
+        }
+    }
+
+    /// The policy a number in [`WANTED`] stands for: `None` for [`UNDECIDED`], and for `Auto`,
+    /// which is not a policy of its own.
+    fn from_index(index: u8) -> Option<Scheduling> {
+        [Scheduling::Normal, Scheduling::Batch]
+            .into_iter()
+            .find(|s| s.index() == index)
     }
 }
 
@@ -102,22 +119,6 @@ const UNDECIDED: u8 = u8::MAX;
 thread_local! {
     /// What the calling thread last put itself under through [`follow`].
     static HELD: Cell<u8> = const { Cell::new(UNDECIDED) };
-}
-
-impl Scheduling {
-    fn index(self) -> u8 {
-        match self {
-            Scheduling::Normal => 0,
-            Scheduling::Batch => 1,
-            Scheduling::Auto => 2,
-        }
-    }
-
-    fn from_index(index: u8) -> Option<Scheduling> {
-        [Scheduling::Normal, Scheduling::Batch]
-            .into_iter()
-            .find(|s| s.index() == index)
-    }
 }
 
 /// Puts the calling thread under the policy `Auto` wants, if it is not under it already: a
