@@ -81,7 +81,7 @@ pub fn apply(scheduling: Scheduling) -> Result<(), String> {
     match scheduling {
         Scheduling::Normal => Ok(()),
         Scheduling::Batch => set(Scheduling::Batch),
-        Scheduling::Auto => watch(PathBuf::from(PROC_STAT), WATCH_INTERVAL).map(drop),
+        Scheduling::Auto => watch(PathBuf::from(PROC_STAT), WATCH_INTERVAL),
     }
 }
 
@@ -206,8 +206,9 @@ impl Times {
 }
 
 /// Starts the thread that decides, every `interval`, what [`follow`] puts threads under, from
-/// the CPUs' times in `path`. Fails if `path` cannot be read to begin with.
-fn watch(path: PathBuf, interval: Duration) -> Result<std::thread::JoinHandle<()>, String> {
+/// the CPUs' times in `path`, for the life of the process. Fails if `path` cannot be read to
+/// begin with.
+fn watch(path: PathBuf, interval: Duration) -> Result<(), String> {
     let mut watch = Watch::new(path)?;
     std::thread::Builder::new()
         .name("scheduling".into())
@@ -219,6 +220,7 @@ fn watch(path: PathBuf, interval: Duration) -> Result<std::thread::JoinHandle<()
                 }
             }
         })
+        .map(drop)
         .map_err(|e| format!("cannot start the scheduling thread: {e}"))
 }
 

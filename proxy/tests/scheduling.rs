@@ -53,22 +53,42 @@ fn router(dir: &Path, args: &[&str], scheduling: Option<&str>) -> Child {
     started(&mut command, dir)
 }
 
-/// The scheduling policy of each thread of `pid`.
-fn policies(pid: u32) -> Vec<u32> {
+/// A thread of a running process, as `/proc/<pid>/task/<tid>/stat` gives it.
+#[derive(Debug)]
+struct Thread {
+    tid: u32,
+    name: String,
+    policy: u32,
+}
+
+/// Each thread of `pid`, each read from its one `stat` file.
+fn threads(pid: u32) -> Vec<Thread> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .map(|task| {
-            let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
-            // Fields after the command's closing parenthesis start at the third; the policy is
-            // the 41st.
-            let (_, rest) = stat.rsplit_once(')').unwrap();
-            rest.split_whitespace()
-                .nth(41 - 3)
-                .unwrap()
-                .parse()
-                .unwrap()
+            let task = task.unwrap();
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            // "tid (name) state ...": fields after the name's closing parenthesis start at the
+            // third; the policy is the 41st.
+            let (head, rest) = stat.rsplit_once(')').unwrap();
+            let (tid, name) = head.split_once(" (").unwrap();
+            Thread {
+                tid: tid.parse().unwrap(),
+                name: name.to_string(),
+                policy: rest
+                    .split_whitespace()
+                    .nth(41 - 3)
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+            }
         })
         .collect()
+}
+
+/// The scheduling policy of each thread of `pid`.
+fn policies(pid: u32) -> Vec<u32> {
+    threads(pid).into_iter().map(|t| t.policy).collect()
 }
 
 fn threads_of_a_router_with(args: &[&str], scheduling: Option<&str>) -> Vec<u32> {
@@ -151,22 +171,6 @@ fn a_refusal_is_a_warning_and_the_router_runs_as_it_was() {
     );
 }
 
-/// Each thread of `pid`: its id, name and scheduling policy.
-fn threads(pid: u32) -> Vec<(u32, String, u32)> {
-    let policies = policies(pid);
-    let mut found = Vec::new();
-    for (task, policy) in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .zip(policies)
-    {
-        let task = task.unwrap();
-        let tid = task.file_name().to_str().unwrap().parse().unwrap();
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap();
-        found.push((tid, name.trim().to_string(), policy));
-    }
-    found
-}
-
 #[test]
 fn normal_leaves_every_thread_as_it_was_and_watches_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,8 +179,8 @@ fn normal_leaves_every_thread_as_it_was_and_watches_nothing() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(found.len() > 1, "one thread only: {found:?}");
-    assert!(found.iter().all(|t| t.2 == SCHED_OTHER), "{found:?}");
-    assert!(found.iter().all(|t| t.1 != "scheduling"), "{found:?}");
+    assert!(found.iter().all(|t| t.policy == SCHED_OTHER), "{found:?}");
+    assert!(found.iter().all(|t| t.name != "scheduling"), "{found:?}");
 }
 
 #[test]
@@ -187,7 +191,7 @@ fn by_default_the_router_watches_the_node_s_cpus() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
-        found.iter().any(|t| t.1 == "scheduling"),
+        found.iter().any(|t| t.name == "scheduling"),
         "no watching thread: {found:?}"
     );
 }
@@ -221,7 +225,7 @@ fn feed(path: std::path::PathBuf, idle: std::sync::Arc<std::sync::Mutex<f64>>) {
 
 /// Polls until `found` holds for the threads of `pid`, waking the router by connecting to its
 /// socket in `dir` between looks; panics after 20 s.
-fn until(pid: u32, dir: &Path, what: &str, found: impl Fn(&[(u32, String, u32)]) -> bool) {
+fn until(pid: u32, dir: &Path, what: &str, found: impl Fn(&[Thread]) -> bool) {
     let started = Instant::now();
     loop {
         // A few connections at once, so that more than one worker wakes.
@@ -268,21 +272,24 @@ fn auto_follows_the_idle_cpus_the_router_reads() {
         .stderr(Stdio::null());
     let mut child = started(&mut command, dir.path());
     let pid = child.id();
-    let workers = |t: &&(u32, String, u32)| t.1.starts_with("tokio-r");
+    let workers = |t: &&Thread| t.name.starts_with("tokio-r");
     until(pid, dir.path(), "no worker went batch", |threads| {
-        threads.iter().filter(workers).any(|t| t.2 == SCHED_BATCH)
+        threads
+            .iter()
+            .filter(workers)
+            .any(|t| t.policy == SCHED_BATCH)
     });
     let batch: Vec<u32> = threads(pid)
         .iter()
         .filter(workers)
-        .filter(|t| t.2 == SCHED_BATCH)
-        .map(|t| t.0)
+        .filter(|t| t.policy == SCHED_BATCH)
+        .map(|t| t.tid)
         .collect();
     *idle.lock().unwrap() = 0.2;
     until(pid, dir.path(), "no batch worker went back", |threads| {
         threads
             .iter()
-            .any(|t| batch.contains(&t.0) && t.2 == SCHED_OTHER)
+            .any(|t| batch.contains(&t.tid) && t.policy == SCHED_OTHER)
     });
     *idle.lock().unwrap() = -1.0;
     feeder.join().unwrap();
