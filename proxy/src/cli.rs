@@ -100,10 +100,10 @@ pub struct RouterArgs {
     #[arg(long, env = "SERVICEKEEL_ROUTER_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = servicekeel_api::duration::parse_duration)]
     pub drain_timeout: std::time::Duration,
     /// How long to busy poll a UDP flow to an endpoint on this node after each datagram, before
-    /// sleeping (0 never; at most 1ms); one flow at a time, only flows answered within it.
-    /// Default: 50us, or 0 where the router may use only one CPU.
-    #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", value_parser = parse_busy_poll)]
-    pub busy_poll: Option<std::time::Duration>,
+    /// sleeping (0 never; at most 1ms), giving the CPU to any thread waiting for it between
+    /// polls; one flow at a time, only flows answered within it.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", default_value = defaults::ROUTER_BUSY_POLL, value_parser = parse_busy_poll)]
+    pub busy_poll: std::time::Duration,
     /// Most flows carried at once; past it, new flows are refused (503).
     #[arg(long, env = "SERVICEKEEL_ROUTER_MAX_FLOWS", default_value_t = defaults::ROUTER_MAX_FLOWS, value_parser = parse_limit)]
     pub max_flows: usize,
@@ -131,16 +131,6 @@ fn parse_limit(text: &str) -> Result<usize, String> {
 
 /// Longest busy poll taken: past it a wakeup costs less than the polling.
 const MAX_BUSY_POLL: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// Busy polling unless set: none with one CPU, where the answer polled for cannot come while
-/// the poll holds the only CPU (on a one-CPU machine it cost a quarter of the UDP round trips
-/// and more CPU per datagram).
-fn default_busy_poll(cpus: usize) -> std::time::Duration {
-    match cpus {
-        0 | 1 => std::time::Duration::ZERO,
-        _ => parse_busy_poll(defaults::ROUTER_BUSY_POLL).expect("the default is valid"),
-    }
-}
 
 /// The CPUs this process may use (its affinity and CPU quota).
 fn cpus() -> usize {
@@ -171,8 +161,6 @@ impl RouterArgs {
         if self.node.is_empty() {
             return Err("--node (NODE_NAME) must not be empty".into());
         }
-        // Read once: it looks at the process's affinity and CPU quota.
-        let cpus = cpus();
         let links = match self.peer_listen {
             None => None,
             Some(listen) => Some(LinksConfig {
@@ -184,7 +172,7 @@ impl RouterArgs {
                 certificate: self.tls_cert,
                 key: self.tls_key,
                 ca: self.tls_ca,
-                threads: self.link_threads.unwrap_or(cpus),
+                threads: self.link_threads.unwrap_or_else(cpus),
             }),
         };
         if links.is_none() && self.peers.is_some() {
@@ -218,7 +206,7 @@ impl RouterArgs {
         Ok(RouterConfig {
             sidecar_tcp,
             drain_timeout: self.drain_timeout,
-            busy_poll: self.busy_poll.unwrap_or_else(|| default_busy_poll(cpus)),
+            busy_poll: self.busy_poll,
             max_flows: self.max_flows,
             api,
             links,
@@ -324,13 +312,21 @@ mod tests {
     }
 
     #[test]
-    fn busy_polling_is_off_by_default_with_one_cpu_only() {
+    fn busy_polling_is_50us_by_default_even_with_one_cpu() {
         use std::time::Duration;
-        assert_eq!(default_busy_poll(1), Duration::ZERO);
-        assert_eq!(default_busy_poll(2), Duration::from_micros(50));
-        assert_eq!(default_busy_poll(64), Duration::from_micros(50));
         let poll = |args: &[&str]| router_config(args).map(|c| c.busy_poll);
-        assert_eq!(poll(&[]), Ok(default_busy_poll(cpus())));
+        assert_eq!(poll(&[]), Ok(Duration::from_micros(50)));
+        let on_one_cpu = std::thread::spawn(move || {
+            let mut one = rustix::thread::CpuSet::new();
+            one.set(0);
+            rustix::thread::sched_setaffinity(None, &one).expect("affinity");
+            assert_eq!(cpus(), 1, "this thread may use one CPU");
+            poll(&[])
+        });
+        assert_eq!(
+            on_one_cpu.join().expect("join"),
+            Ok(Duration::from_micros(50))
+        );
         assert_eq!(poll(&["--busy-poll=20us"]), Ok(Duration::from_micros(20)));
         assert_eq!(poll(&["--busy-poll=0"]), Ok(Duration::ZERO));
     }

@@ -96,7 +96,7 @@ pub async fn relay(
 /// Pumps datagrams between two local sockets (the router's side of a UDP client handed over:
 /// the client's socket `a`, the endpoint's `b`) until the flow has been idle for `idle` or a
 /// side fails. After each datagram it busy polls both sides as `polling` allows before it
-/// sleeps. `meter` sees `a`'s datagrams as [`Way::Out`] and `b`'s as [`Way::In`].
+/// sleeps, yielding the CPU between polls. `meter` sees `a`'s datagrams as [`Way::Out`] and `b`'s as [`Way::In`].
 pub async fn bridge(
     mut a: impl Datagrams,
     mut b: impl Datagrams,
@@ -119,7 +119,8 @@ pub async fn bridge(
                 if !window.open() {
                     break None;
                 }
-                std::hint::spin_loop();
+                // The thread whose datagram is awaited may be waiting for this very CPU.
+                std::thread::yield_now();
             },
             None => None,
         };
