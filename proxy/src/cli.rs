@@ -317,8 +317,12 @@ mod tests {
         let poll = |args: &[&str]| router_config(args).map(|c| c.busy_poll);
         assert_eq!(poll(&[]), Ok(Duration::from_micros(50)));
         let on_one_cpu = std::thread::spawn(move || {
+            let allowed = rustix::thread::sched_getaffinity(None).expect("affinity");
+            let first = (0..rustix::thread::CpuSet::MAX_CPU)
+                .find(|cpu| allowed.is_set(*cpu))
+                .expect("a CPU allowed");
             let mut one = rustix::thread::CpuSet::new();
-            one.set(0);
+            one.set(first);
             rustix::thread::sched_setaffinity(None, &one).expect("affinity");
             assert_eq!(cpus(), 1, "this thread may use one CPU");
             poll(&[])

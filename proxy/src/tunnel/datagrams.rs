@@ -96,7 +96,8 @@ pub async fn relay(
 /// Pumps datagrams between two local sockets (the router's side of a UDP client handed over:
 /// the client's socket `a`, the endpoint's `b`) until the flow has been idle for `idle` or a
 /// side fails. After each datagram it busy polls both sides as `polling` allows before it
-/// sleeps, yielding the CPU between polls. `meter` sees `a`'s datagrams as [`Way::Out`] and `b`'s as [`Way::In`].
+/// sleeps, yielding the CPU between polls. `meter` sees `a`'s datagrams as [`Way::Out`] and
+/// `b`'s as [`Way::In`].
 pub async fn bridge(
     mut a: impl Datagrams,
     mut b: impl Datagrams,
