@@ -61,13 +61,13 @@ struct Thread {
     policy: u32,
 }
 
-/// Each thread of `pid`, each read from its one `stat` file.
+/// Each thread of `pid`, each read from its one `stat` file; a thread that ends while they are
+/// read is left out.
 fn threads(pid: u32) -> Vec<Thread> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .map(|task| {
-            let task = task.unwrap();
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .map(|stat| {
             // "tid (name) state ...": fields after the name's closing parenthesis start at the
             // third; the policy is the 41st.
             let (head, rest) = stat.rsplit_once(')').unwrap();

@@ -114,6 +114,12 @@ impl Window<'_> {
     pub fn open(&self) -> bool {
         Instant::now() < self.until
     }
+
+    /// Between two polls: gives this CPU to any thread waiting for it (`sched_yield`), as the
+    /// thread whose datagram is awaited may be one of them; returns at once where none waits.
+    pub fn pause(&self) {
+        std::thread::yield_now();
+    }
 }
 
 impl Drop for Window<'_> {

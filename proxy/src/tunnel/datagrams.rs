@@ -120,8 +120,7 @@ pub async fn bridge(
                 if !window.open() {
                     break None;
                 }
-                // The thread whose datagram is awaited may be waiting for this very CPU.
-                std::thread::yield_now();
+                window.pause();
             },
             None => None,
         };
