@@ -2,7 +2,8 @@
 //! data-path benchmark. Each pair of runs starts side A's proxies, measures the load against its
 //! reference (the direct path, or `dnsmasq` for DNS) and through them, stops them, then does the
 //! same for side B; the side that goes first alternates from pair to pair. Every proxy starts
-//! fresh for its run, so neither side inherits the other's state.
+//! fresh for its run, so neither side inherits the other's state; with `--keep-proxies` each
+//! side's proxies start once and carry all of that side's runs, as a table's rows share theirs.
 //!
 //! `cargo run --release -p servicekeel-e2e --bin servicekeel-compare -- --load bulk --across \
 //!   --b-router-env TOKIO_WORKER_THREADS=1`
@@ -33,6 +34,10 @@ struct Cli {
     /// Pairs of runs (the medians are reported).
     #[arg(long, default_value_t = 8)]
     pairs: usize,
+    /// Start each side's proxies once and run all of that side's runs through them (by default
+    /// every run starts its side's proxies anew).
+    #[arg(long)]
+    keep_proxies: bool,
     /// Side A's proxy binary (default: the proxy image's static release build of this checkout).
     #[arg(long)]
     a_binary: Option<PathBuf>,
@@ -213,18 +218,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let start = |index: usize| {
+        let (name, settings) = &sides[index];
+        async move {
+            Proxies::start_with(tcp, udp, layout, settings)
+                .await
+                .with_context(|| format!("starting side {name}'s proxies"))
+        }
+    };
+    let mut kept = [None, None];
+    if cli.keep_proxies {
+        for index in [0, 1] {
+            kept[index] = Some(start(index).await?);
+        }
+    }
     let mut pairs = Vec::new();
     for pair in 0..cli.pairs.max(1) {
         let mut runs = [None, None];
         let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
         for index in order {
-            let settings = &sides[index].1;
-            let proxies = Proxies::start_with(tcp, udp, layout, settings)
-                .await
-                .with_context(|| format!("starting side {}'s proxies", sides[index].0))?;
+            let fresh;
+            let proxies = match &kept[index] {
+                Some(kept) => kept,
+                None => {
+                    fresh = start(index).await?;
+                    &fresh
+                }
+            };
             runs[index] = Some(match &dnsmasq {
-                Some(dnsmasq) => dns_run(dnsmasq, &proxies).await?,
-                None => data_run(load, tcp, udp, &proxies).await?,
+                Some(dnsmasq) => dns_run(dnsmasq, proxies).await?,
+                None => data_run(load, tcp, udp, proxies).await?,
             });
         }
         let [Some(a), Some(b)] = runs else {
@@ -238,7 +261,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         pairs.push((a, b));
     }
-    print!("{}", render(load, cli.across, &sides, &pairs));
+    print!(
+        "{}",
+        render(load, cli.across, cli.keep_proxies, &sides, &pairs)
+    );
     Ok(())
 }
 
@@ -308,6 +334,7 @@ fn describe(settings: &ProxySettings) -> String {
 fn render(
     load: LoadKind,
     across: bool,
+    kept: bool,
     sides: &[(&str, ProxySettings); 2],
     pairs: &[(Run, Run)],
 ) -> String {
@@ -328,6 +355,15 @@ fn render(
     for (name, settings) in sides {
         let _ = writeln!(out, "- {name}: {}", describe(settings));
     }
+    let _ = writeln!(
+        out,
+        "- {}",
+        if kept {
+            "each side's proxies started once and carried all of its runs"
+        } else {
+            "each run started its side's proxies anew"
+        }
+    );
     let _ = writeln!(
         out,
         "\n| pair | {reference} | A | A/{reference} | A adds p50, p99 µs | CPU A µs/{per} | {reference} | B | B/{reference} | B adds p50, p99 µs | CPU B µs/{per} |"
@@ -433,5 +469,20 @@ mod tests {
         assert_eq!(by_rate.added_p99, (30.0, 20.0));
         let by_latency = summarize(&pairs, true);
         assert_eq!(by_latency.b_ahead, 2, "B added less to p50 in two pairs");
+    }
+
+    #[test]
+    fn the_report_says_whether_each_run_started_its_proxies_anew() {
+        let sides = [
+            ("A", ProxySettings::default()),
+            ("B", ProxySettings::default()),
+        ];
+        let pairs = [(run(100, 50, (10, 20)), run(100, 60, (10, 20)))];
+        let kept = render(LoadKind::Udp, false, true, &sides, &pairs);
+        assert!(kept.contains("- each side's proxies started once and carried all of its runs\n"));
+        assert!(!kept.contains("anew"));
+        let fresh = render(LoadKind::Udp, false, false, &sides, &pairs);
+        assert!(fresh.contains("- each run started its side's proxies anew\n"));
+        assert!(!fresh.contains("started once"));
     }
 }
