@@ -3,7 +3,8 @@
 //! reference (the direct path, or `dnsmasq` for DNS) and through them, stops them, then does the
 //! same for side B; the side that goes first alternates from pair to pair. Every proxy starts
 //! fresh for its run, so neither side inherits the other's state; with `--keep-proxies` each
-//! side's proxies start once and carry all of that side's runs, as a table's rows share theirs.
+//! side's proxies start once and carry all of that side's runs, as a table's rows share theirs,
+//! the other side's staying up, idle, meanwhile.
 //!
 //! `cargo run --release -p servicekeel-e2e --bin servicekeel-compare -- --load bulk --across \
 //!   --b-router-env TOKIO_WORKER_THREADS=1`
