@@ -133,7 +133,7 @@ fn parse_limit(text: &str) -> Result<usize, String> {
 const MAX_BUSY_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The CPUs this process may use (its affinity and CPU quota).
-fn cpus() -> usize {
+pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 

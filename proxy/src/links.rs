@@ -54,6 +54,12 @@ impl LinkThreads {
     /// Starts `count` threads (at least one). They are made by the calling thread, and so are in
     /// its network namespace.
     pub fn start(count: usize) -> io::Result<LinkThreads> {
+        LinkThreads::start_named(count, "link")
+    }
+
+    /// The same, the threads named `name-0`, `name-1`, … (other relays that are best kept on
+    /// one thread each use them too: see [`Polling::on_threads`](crate::tunnel::busy_poll::Polling::on_threads)).
+    pub fn start_named(count: usize, name: &str) -> io::Result<LinkThreads> {
         let mut runtimes = Vec::new();
         let mut ends = Vec::new();
         for index in 0..count.max(1) {
@@ -65,7 +71,7 @@ impl LinkThreads {
             let (end, ended) = tokio::sync::oneshot::channel::<()>();
             ends.push(end);
             std::thread::Builder::new()
-                .name(format!("link-{index}"))
+                .name(format!("{name}-{index}"))
                 .spawn(move || {
                     runtime.block_on(async {
                         let _ = ended.await;

@@ -129,6 +129,8 @@ pub enum RouterError {
     },
     #[error("cannot start the link threads: {0}")]
     LinkThreads(std::io::Error),
+    #[error("cannot start the UDP relay threads: {0}")]
+    UdpThreads(std::io::Error),
     #[error("cannot listen for sidecars on {addr}: {cause}")]
     SidecarListen {
         addr: SocketAddr,
@@ -613,7 +615,12 @@ impl Router {
             ));
         }
         watch_api(&config, &shared, &stopped).await;
-        let polling = Polling::new(config.busy_poll);
+        let mut polling = Polling::new(config.busy_poll);
+        if !config.busy_poll.is_zero() {
+            let threads = LinkThreads::start_named(crate::cli::cpus(), "udp")
+                .map_err(RouterError::UdpThreads)?;
+            polling = polling.on_threads(threads);
+        }
         tokio::spawn(server::serve(listener, shared.clone(), polling, stopped));
         shared.listening.store(true, Ordering::SeqCst);
         tracing::info!(socket = %config.socket.display(), admin = %admin_addr, node = %config.node, "router ready");

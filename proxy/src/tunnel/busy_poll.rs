@@ -12,19 +12,26 @@
 //! - between two polls the relay yields its CPU (`sched_yield`): the thread it forwarded to, or
 //!   the one it forwarded for, is often woken on this same CPU, and spinning would hold it off
 //!   until the budget ran out. Where no other thread waits, the yield returns at once.
+//! - the relays may run on threads of their own ([`Polling::on_threads`]), each relay whole on
+//!   one: a relay that keeps catching datagrams never waits, so the runtime's cooperative budget
+//!   makes it yield every so often, and a runtime with other threads wakes one of them, which may
+//!   take the relay over; on a thread of its own it carries on where it was.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::datagrams::Way;
+use crate::links::LinkThreads;
 
-/// How relays busy poll: their budget, and the turn they take one at a time.
+/// How relays busy poll: their budget, the turn they take one at a time, and where they run.
 #[derive(Debug, Clone, Default)]
 pub struct Polling {
     budget: Duration,
     /// Held by the relay polling now.
     turn: Arc<AtomicBool>,
+    /// The threads relays run on, each whole on one; without them, where they are spawned.
+    threads: Option<LinkThreads>,
 }
 
 impl Polling {
@@ -33,7 +40,21 @@ impl Polling {
         Polling {
             budget,
             turn: Arc::default(),
+            threads: None,
         }
+    }
+
+    /// The same, each relay run whole on one of `threads`, given in turn.
+    pub fn on_threads(self, threads: LinkThreads) -> Self {
+        Polling {
+            threads: Some(threads),
+            ..self
+        }
+    }
+
+    /// The runtime of the thread for the next relay, when relays have threads of their own.
+    pub fn home(&self) -> Option<tokio::runtime::Handle> {
+        self.threads.as_ref().map(LinkThreads::next)
     }
 }
 
@@ -60,7 +81,7 @@ impl BusyPoll {
     /// A window to poll in now, if polling is worth it and no other relay polls: it closes a
     /// budget after the last datagram forwarded, and gives the turn back when dropped.
     pub fn window(&self) -> Option<Window<'_>> {
-        let Polling { budget, turn } = &self.polling;
+        let Polling { budget, turn, .. } = &self.polling;
         let (way, at) = self.last?;
         let quick = self.gaps[slot(way)].is_none_or(|gap| gap <= *budget);
         if budget.is_zero() || !quick {
@@ -184,6 +205,32 @@ mod tests {
         let window = short.window().expect("a window");
         std::thread::sleep(Duration::from_millis(1));
         assert!(!window.open());
+    }
+
+    #[test]
+    fn relays_run_where_they_are_spawned_unless_given_threads_then_on_each_in_turn() {
+        assert!(Polling::new(BUDGET).home().is_none());
+        let threads = LinkThreads::start_named(2, "relay-test").expect("threads");
+        let polling = Polling::new(BUDGET).on_threads(threads);
+        let ran_on: Vec<Option<String>> = (0..4)
+            .map(|_| {
+                let home = polling.home().expect("a thread");
+                futures::executor::block_on(
+                    home.spawn(async { std::thread::current().name().map(String::from) }),
+                )
+                .expect("ran")
+            })
+            .collect();
+        let named = |name: &str| Some(name.to_string());
+        assert_eq!(
+            ran_on,
+            [
+                named("relay-test-0"),
+                named("relay-test-1"),
+                named("relay-test-0"),
+                named("relay-test-1")
+            ]
+        );
     }
 
     #[test]

@@ -606,7 +606,8 @@ async fn relay_to_end(upstream: Upstream, mut app: TcpStream) -> Finished {
 
 /// Relays one handed-over UDP client to the far end `handler` opens for it, until the flow has
 /// been idle for `idle`; the client's socket is closed then, so its next datagram reaches the
-/// sidecar again. A bridge to an endpoint on this node busy polls as `polling` allows.
+/// sidecar again. A bridge to an endpoint on this node busy polls as `polling` allows, on the
+/// thread `polling` gives it when it has threads for relays.
 async fn relay_udp<H: Handler>(
     request: FlowRequest,
     client: Connected,
@@ -625,11 +626,26 @@ async fn relay_udp<H: Handler>(
     // The client is the local side here: what it sends goes towards the endpoint.
     let finished = match upstream {
         Upstream::Udp(endpoint) => {
-            let carried = Carried::default();
-            let endpoint = Connected::new(endpoint);
-            let meter = carried.meter(datagrams::Way::Out);
-            let result = datagrams::bridge(client, endpoint, idle, polling, meter).await;
-            carried.finished(result)
+            let home = polling.home();
+            let sockets = match &home {
+                Some(home) => client
+                    .moved_to(home)
+                    .and_then(|client| Ok((client, Connected::new(endpoint).moved_to(home)?))),
+                None => Ok((client, Connected::new(endpoint))),
+            };
+            match sockets {
+                Ok((client, endpoint)) => {
+                    at_home(home, async move {
+                        let carried = Carried::default();
+                        let meter = carried.meter(datagrams::Way::Out);
+                        let result =
+                            datagrams::bridge(client, endpoint, idle, polling, meter).await;
+                        carried.finished(result)
+                    })
+                    .await
+                }
+                Err(error) => Finished::failed(error),
+            }
         }
         // The client's socket moves to the link's thread with its flow, as a TCP connection does.
         Upstream::Flow(far) => {
