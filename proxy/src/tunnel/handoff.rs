@@ -39,7 +39,7 @@ use super::FlowStream;
 use super::busy_poll::Polling;
 use super::datagrams::{self, Connected};
 use super::server::{
-    Carried, Finished, FlowRequest, Handler, Link, Upstream, abort, at_home, tcp_moved_to,
+    Carried, Finished, FlowRequest, Handler, Link, Upstream, abort, moved_home, tcp_moved_to,
 };
 
 /// How long connecting and the router's answer to the preface may take.
@@ -581,14 +581,7 @@ async fn relay<H: Handler>(request: FlowRequest, app: TcpStream, handler: Arc<H>
         _ => None,
     };
     // The connection moves to the link's thread with its flow.
-    let app = match &home {
-        Some(home) => tcp_moved_to(app, home),
-        None => Ok(app),
-    };
-    let finished = match app {
-        Ok(app) => at_home(home, relay_to_end(upstream, app)).await,
-        Err(error) => Finished::failed(error),
-    };
+    let finished = moved_home(home, app, tcp_moved_to, |app| relay_to_end(upstream, app)).await;
     handler.finished(&request, &finished);
 }
 
@@ -625,39 +618,33 @@ async fn relay_udp<H: Handler>(
     };
     // The client is the local side here: what it sends goes towards the endpoint.
     let finished = match upstream {
+        // Both sockets move to the thread `polling` gives the bridge, when it gives one.
         Upstream::Udp(endpoint) => {
-            let home = polling.home();
-            let sockets = match &home {
-                Some(home) => client
-                    .moved_to(home)
-                    .and_then(|client| Ok((client, Connected::new(endpoint).moved_to(home)?))),
-                None => Ok((client, Connected::new(endpoint))),
+            let sockets = (client, Connected::new(endpoint));
+            let move_to = |(client, endpoint): (Connected, Connected),
+                           home: &tokio::runtime::Handle| {
+                Ok((client.moved_to(home)?, endpoint.moved_to(home)?))
             };
-            match sockets {
-                Ok((client, endpoint)) => {
-                    at_home(home, async move {
-                        let carried = Carried::default();
-                        let meter = carried.meter(datagrams::Way::Out);
-                        let result =
-                            datagrams::bridge(client, endpoint, idle, polling, meter).await;
-                        carried.finished(result)
-                    })
-                    .await
-                }
-                Err(error) => Finished::failed(error),
-            }
+            moved_home(
+                polling.home(),
+                sockets,
+                move_to,
+                |(client, endpoint)| async move {
+                    let carried = Carried::default();
+                    let meter = carried.meter(datagrams::Way::Out);
+                    let result = datagrams::bridge(client, endpoint, idle, polling, meter).await;
+                    carried.finished(result)
+                },
+            )
+            .await
         }
         // The client's socket moves to the link's thread with its flow, as a TCP connection does.
         Upstream::Flow(far) => {
             let home = far.home().cloned();
-            let client = match &home {
-                Some(home) => client.moved_to(home),
-                None => Ok(client),
-            };
-            match client {
-                Ok(client) => at_home(home, udp_to_flow(far, client, idle)).await,
-                Err(error) => Finished::failed(error),
-            }
+            moved_home(home, client, Connected::moved_to, |client| {
+                udp_to_flow(far, client, idle)
+            })
+            .await
         }
         Upstream::Tcp(_) => Finished::failed(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -165,6 +165,28 @@ pub(crate) async fn at_home(
     }
 }
 
+/// Runs `relay` with `sockets` on `home` as [`at_home`] does, the sockets moved there first by
+/// `move_to` (a socket is served by the runtime it is registered with); a failed move fails the
+/// relay.
+pub(crate) async fn moved_home<S, Fut>(
+    home: Option<Handle>,
+    sockets: S,
+    move_to: impl FnOnce(S, &Handle) -> io::Result<S>,
+    relay: impl FnOnce(S) -> Fut,
+) -> Finished
+where
+    Fut: Future<Output = Finished> + Send + 'static,
+{
+    let sockets = match &home {
+        Some(home) => move_to(sockets, home),
+        None => Ok(sockets),
+    };
+    match sockets {
+        Ok(sockets) => at_home(home, relay(sockets)).await,
+        Err(error) => Finished::failed(error),
+    }
+}
+
 /// The same connection, served by the runtime `home` from now on (a link's thread).
 pub(crate) fn tcp_moved_to(stream: TcpStream, home: &Handle) -> io::Result<TcpStream> {
     let stream = stream.into_std()?;
