@@ -799,6 +799,27 @@ pub async fn udp_echo(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Durati
     Ok(latencies)
 }
 
+/// `count` 512-byte datagrams echoed by `flows` sockets at once, each its share of them in turn
+/// (so every proxy on the way holds `flows` flows, each busy); returns all of their latencies.
+pub async fn udp_echo_flows(
+    addr: SocketAddr,
+    flows: usize,
+    count: u64,
+) -> anyhow::Result<Vec<Duration>> {
+    ensure!(flows > 0, "at least one flow echoes");
+    let share = count / flows as u64;
+    let extra = count % flows as u64;
+    let mut echoes = tokio::task::JoinSet::new();
+    for flow in 0..flows as u64 {
+        echoes.spawn(udp_echo(addr, share + u64::from(flow < extra)));
+    }
+    let mut latencies = Vec::with_capacity(count as usize);
+    while let Some(echoed) = echoes.join_next().await {
+        latencies.extend(echoed.context("a flow's echo task failed")??);
+    }
+    Ok(latencies)
+}
+
 /// `count` connections held open, each having carried one 64-byte request and its answer (so
 /// every proxy on the way holds the flow).
 pub async fn open_connections(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<TcpStream>> {
@@ -898,5 +919,28 @@ mod tests {
             told,
             "\nrouter-near.err:\n  line 3\n  line 4\n  line 5\n  line 6\n  line 7"
         );
+    }
+
+    #[tokio::test]
+    async fn udp_flows_share_the_datagrams_each_from_a_socket_of_its_own() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let echo = tokio::spawn(async move {
+            let mut from = std::collections::BTreeMap::<SocketAddr, u32>::new();
+            let mut buffer = [0u8; 2048];
+            for _ in 0..10 {
+                let (n, peer) = server.recv_from(&mut buffer).await.expect("recv");
+                *from.entry(peer).or_default() += 1;
+                server.send_to(&buffer[..n], peer).await.expect("send");
+            }
+            from.into_values().collect::<Vec<_>>()
+        });
+        let latencies = udp_echo_flows(addr, 3, 10).await.expect("echoed");
+        assert_eq!(latencies.len(), 10, "every datagram's round trip");
+        let mut per_flow = echo.await.expect("echo");
+        per_flow.sort();
+        assert_eq!(per_flow, [3, 3, 4], "three sockets, the rest to the first");
+        let none = udp_echo_flows(addr, 0, 10).await.expect_err("no flow");
+        assert!(none.to_string().contains("at least one flow"), "{none}");
     }
 }

@@ -39,6 +39,10 @@ struct Cli {
     /// every run starts its side's proxies anew).
     #[arg(long)]
     keep_proxies: bool,
+    /// With `--load udp`: this many flows echo at once, from sockets of their own, each its share
+    /// of the 5,000 datagrams in turn (so the router relays as many flows at once).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    flows: u16,
     /// Side A's proxy binary (default: the proxy image's static release build of this checkout).
     #[arg(long)]
     a_binary: Option<PathBuf>,
@@ -68,7 +72,7 @@ enum LoadKind {
     Connections,
     /// 1,000 64-byte requests at 1k req/s on one connection.
     Paced,
-    /// 5,000 512-byte datagrams echoed one at a time.
+    /// 5,000 512-byte datagrams echoed one at a time (by each of `--flows` at once).
     Udp,
     /// `dnsperf` flat out for 3 s on an imported name, against `dnsmasq` answering it.
     Dns,
@@ -103,6 +107,17 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
         return Err(format!("{key:?} is not an environment variable's name"));
     }
     Ok((key.to_string(), value.to_string()))
+}
+
+/// What every run of a comparison carries, as its report names it.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    load: LoadKind,
+    across: bool,
+    /// Each side's proxies started once for all of its runs.
+    kept: bool,
+    /// UDP flows echoing at once.
+    flows: usize,
 }
 
 /// One side's run of a pair: its reference and itself, measured back to back.
@@ -180,6 +195,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         !(cli.across && load == LoadKind::Dns),
         "--across is for the data-path loads: DNS is answered by the client's sidecar alone"
     );
+    anyhow::ensure!(
+        cli.flows == 1 || load == LoadKind::Udp,
+        "--flows is for --load udp: the other loads carry their own number of flows"
+    );
+    let plan = Plan {
+        load,
+        across: cli.across,
+        kept: cli.keep_proxies,
+        flows: usize::from(cli.flows),
+    };
     let layout = match cli.across {
         true => Layout::TwoNodes,
         false => Layout::OneNode,
@@ -248,7 +273,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             runs[index] = Some(match &dnsmasq {
                 Some(dnsmasq) => dns_run(dnsmasq, proxies).await?,
-                None => data_run(load, tcp, udp, proxies).await?,
+                None => data_run(plan, tcp, udp, proxies).await?,
             });
         }
         let [Some(a), Some(b)] = runs else {
@@ -262,16 +287,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         pairs.push((a, b));
     }
-    print!(
-        "{}",
-        render(load, cli.across, cli.keep_proxies, &sides, &pairs)
-    );
+    print!("{}", render(plan, &sides, &pairs));
     Ok(())
 }
 
 /// The data-path load against the direct path, then through `proxies`.
 async fn data_run(
-    load: LoadKind,
+    plan: Plan,
     tcp: SocketAddr,
     udp: SocketAddr,
     proxies: &Proxies,
@@ -279,7 +301,7 @@ async fn data_run(
     let cpu =
         &|| -> anyhow::Result<Duration> { Ok(bench::cpu_of(std::process::id())? + proxies.cpu()?) };
     let once = |tcp: SocketAddr, udp: SocketAddr| async move {
-        match load {
+        match plan.load {
             LoadKind::Bulk => Ok((bench::tcp_bulk(tcp, 256 << 20).await?, Vec::new())),
             LoadKind::Connections => Ok((bench::tcp_connections(tcp, 2000).await?, Vec::new())),
             LoadKind::Paced => {
@@ -287,7 +309,7 @@ async fn data_run(
                 Ok((latencies.len() as u64, latencies))
             }
             LoadKind::Udp => {
-                let latencies = bench::udp_echo(udp, 5000).await?;
+                let latencies = bench::udp_echo_flows(udp, plan.flows, 5000).await?;
                 Ok((latencies.len() as u64, latencies))
             }
             LoadKind::Dns => unreachable!("DNS is measured by dns_run"),
@@ -332,14 +354,9 @@ fn describe(settings: &ProxySettings) -> String {
     )
 }
 
-fn render(
-    load: LoadKind,
-    across: bool,
-    kept: bool,
-    sides: &[(&str, ProxySettings); 2],
-    pairs: &[(Run, Run)],
-) -> String {
+fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) -> String {
     use std::fmt::Write as _;
+    let load = plan.load;
     let (unit, scale, per, per_unit) = load.units();
     let reference = match load {
         LoadKind::Dns => "dnsmasq",
@@ -348,8 +365,12 @@ fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# {load:?}{}: A against B, {} pairs, on {}\n",
-        if across { " across nodes" } else { "" },
+        "# {load:?}{}{}: A against B, {} pairs, on {}\n",
+        match plan.flows {
+            1 => String::new(),
+            flows => format!(", {flows} flows at once"),
+        },
+        if plan.across { " across nodes" } else { "" },
         pairs.len(),
         bench::machine()
     );
@@ -359,7 +380,7 @@ fn render(
     let _ = writeln!(
         out,
         "- {}",
-        if kept {
+        if plan.kept {
             "each side's proxies started once and carried all of its runs"
         } else {
             "each run started its side's proxies anew"
@@ -472,18 +493,46 @@ mod tests {
         assert_eq!(by_latency.b_ahead, 2, "B added less to p50 in two pairs");
     }
 
-    #[test]
-    fn the_report_says_whether_each_run_started_its_proxies_anew() {
+    /// The report of one pair of default sides, for `plan`.
+    fn report(plan: Plan) -> String {
         let sides = [
             ("A", ProxySettings::default()),
             ("B", ProxySettings::default()),
         ];
         let pairs = [(run(100, 50, (10, 20)), run(100, 60, (10, 20)))];
-        let kept = render(LoadKind::Udp, false, true, &sides, &pairs);
+        render(plan, &sides, &pairs)
+    }
+
+    fn udp(kept: bool, flows: usize) -> Plan {
+        Plan {
+            load: LoadKind::Udp,
+            across: false,
+            kept,
+            flows,
+        }
+    }
+
+    #[test]
+    fn the_report_says_whether_each_run_started_its_proxies_anew() {
+        let kept = report(udp(true, 1));
         assert!(kept.contains("- each side's proxies started once and carried all of its runs\n"));
         assert!(!kept.contains("anew"));
-        let fresh = render(LoadKind::Udp, false, false, &sides, &pairs);
+        let fresh = report(udp(false, 1));
         assert!(fresh.contains("- each run started its side's proxies anew\n"));
         assert!(!fresh.contains("started once"));
+    }
+
+    #[test]
+    fn the_report_names_the_flows_echoing_at_once_when_more_than_one() {
+        let three = report(udp(false, 3));
+        assert!(three.starts_with("# Udp, 3 flows at once: A against B, 1 pairs, on "));
+        let across = report(Plan {
+            across: true,
+            ..udp(false, 2)
+        });
+        assert!(across.starts_with("# Udp, 2 flows at once across nodes: A against B"));
+        let one = report(udp(false, 1));
+        assert!(one.starts_with("# Udp: A against B, 1 pairs, on "));
+        assert!(!one.contains("flows"));
     }
 }
