@@ -29,9 +29,10 @@ pub struct Sample {
     pub cpu: Duration,
     /// Units of work done (bytes, connections, requests).
     pub units: u64,
-    /// Latencies' 50th and 99th percentiles, when the load measures them.
+    /// Latencies' 50th, 99th and 99.9th percentiles, when the load measures them.
     pub p50: Option<Duration>,
     pub p99: Option<Duration>,
+    pub p999: Option<Duration>,
 }
 
 impl Sample {
@@ -54,6 +55,7 @@ impl Sample {
             units: latencies.len() as u64,
             p50: has.then(|| percentile(&latencies, 0.50)),
             p99: has.then(|| percentile(&latencies, 0.99)),
+            p999: has.then(|| percentile(&latencies, 0.999)),
         }
     }
 }

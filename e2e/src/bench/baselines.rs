@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use super::{RouterTls, Running, Sample, cpu_of, percentile, wait_for};
+use super::{RouterTls, Running, Sample, cpu_of, wait_for};
 use crate::{paths, process};
 
 /// Installs what is missing (`e2e/bench/install.sh`; root, Debian's packages).
@@ -218,15 +218,11 @@ pub struct DnsperfRun {
 
 impl DnsperfRun {
     /// As a sample: queries completed, their latencies, and `cpu` spent serving them.
-    pub fn sample(mut self, cpu: Duration) -> Sample {
-        self.latencies.sort();
-        let has = !self.latencies.is_empty();
+    pub fn sample(self, cpu: Duration) -> Sample {
         Sample {
-            wall: self.wall,
             cpu,
             units: self.completed,
-            p50: has.then(|| percentile(&self.latencies, 0.50)),
-            p99: has.then(|| percentile(&self.latencies, 0.99)),
+            ..Sample::of_latencies(self.latencies, self.wall)
         }
     }
 }

@@ -132,13 +132,12 @@ impl Run {
         self.side.rate() / self.reference.rate()
     }
 
-    /// Microseconds the side adds to the reference's p50 and p99.
-    fn added(&self) -> (f64, f64) {
+    /// Microseconds the side adds to the reference's p50, p99 and p99.9.
+    fn added(&self) -> (f64, f64, f64) {
         let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
-        (
-            us(self.side.p50) - us(self.reference.p50),
-            us(self.side.p99) - us(self.reference.p99),
-        )
+        let added =
+            |of: fn(&Sample) -> Option<Duration>| us(of(&self.side)) - us(of(&self.reference));
+        (added(|s| s.p50), added(|s| s.p99), added(|s| s.p999))
     }
 }
 
@@ -151,6 +150,7 @@ struct Summary {
     cpu: (f64, f64),
     added_p50: (f64, f64),
     added_p99: (f64, f64),
+    added_p999: (f64, f64),
     b_ahead: usize,
 }
 
@@ -178,6 +178,7 @@ fn summarize(pairs: &[(Run, Run)], by_latency: bool) -> Summary {
         ),
         added_p50: (median(&|(a, _)| a.added().0), median(&|(_, b)| b.added().0)),
         added_p99: (median(&|(a, _)| a.added().1), median(&|(_, b)| b.added().1)),
+        added_p999: (median(&|(a, _)| a.added().2), median(&|(_, b)| b.added().2)),
         b_ahead,
     }
 }
@@ -388,14 +389,17 @@ fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) 
     );
     let _ = writeln!(
         out,
-        "\n| pair | {reference} | A | A/{reference} | A adds p50, p99 µs | CPU A µs/{per} | {reference} | B | B/{reference} | B adds p50, p99 µs | CPU B µs/{per} |"
+        "\n| pair | {reference} | A | A/{reference} | A adds p50, p99, p99.9 µs | CPU A µs/{per} | {reference} | B | B/{reference} | B adds p50, p99, p99.9 µs | CPU B µs/{per} |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (index, (a, b)) in pairs.iter().enumerate() {
         let _ = write!(out, "| {} ", index + 1);
         for run in [a, b] {
             let added = match run.side.p50 {
-                Some(_) => format!("{:+.0}, {:+.0}", run.added().0, run.added().1),
+                Some(_) => {
+                    let (p50, p99, p999) = run.added();
+                    format!("{p50:+.0}, {p99:+.0}, {p999:+.0}")
+                }
                 None => "—".into(),
             };
             let _ = write!(
@@ -412,8 +416,13 @@ fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) 
     let summary = summarize(pairs, load.judged_by_latency());
     let latencies = match pairs.first().and_then(|(a, _)| a.side.p50) {
         Some(_) => format!(
-            "; p50 added A {:+.0} µs, B {:+.0} µs; p99 added A {:+.0} µs, B {:+.0} µs",
-            summary.added_p50.0, summary.added_p50.1, summary.added_p99.0, summary.added_p99.1,
+            "; p50 added A {:+.0} µs, B {:+.0} µs; p99 added A {:+.0} µs, B {:+.0} µs; p99.9 added A {:+.0} µs, B {:+.0} µs",
+            summary.added_p50.0,
+            summary.added_p50.1,
+            summary.added_p99.0,
+            summary.added_p99.1,
+            summary.added_p999.0,
+            summary.added_p999.1,
         ),
         None => String::new(),
     };
@@ -468,6 +477,7 @@ mod tests {
             units,
             p50: Some(Duration::from_micros(p50)),
             p99: Some(Duration::from_micros(p50 * 2)),
+            p999: Some(Duration::from_micros(p50 * 3)),
         };
         Run {
             reference: sample(reference, p50s.0),
@@ -489,6 +499,7 @@ mod tests {
         assert_eq!(by_rate.b_ahead, 1, "only the first pair's B beat its A");
         assert_eq!(by_rate.added_p50, (15.0, 10.0));
         assert_eq!(by_rate.added_p99, (30.0, 20.0));
+        assert_eq!(by_rate.added_p999, (45.0, 30.0));
         let by_latency = summarize(&pairs, true);
         assert_eq!(by_latency.b_ahead, 2, "B added less to p50 in two pairs");
     }
