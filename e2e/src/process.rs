@@ -305,13 +305,71 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free for TCP and UDP a moment ago. It is taken below the kernel's
+/// range of ephemeral ports, so that the connections and sockets opened before the process it is
+/// meant for binds it (which take their ports from that range) cannot take it first; each
+/// process starts at its own place in that span and goes on from there.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
-    Ok(listener.local_addr()?.port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = ephemeral.saturating_sub(FIXED_PORTS_FROM);
+    if span < 1024 {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
+        return Ok(listener.local_addr()?.port());
+    }
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (FIXED_PORTS_FROM + (start + step) % span) as u16;
+        let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return Ok(port);
+        }
+    }
+    bail!("no loopback port free for TCP and UDP in {FIXED_PORTS_FROM}..{ephemeral}")
 }
+
+/// Where [`free_port`] starts looking: above the fixed ports of Kubernetes' own components
+/// (the kubelet's 10250 and its neighbours) and of common services.
+const FIXED_PORTS_FROM: u32 = 20_000;
 
 /// Arguments as the `OsString`s `Process::spawn` takes.
 pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(items: I) -> Vec<OsString> {
     items.into_iter().map(Into::into).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_free_for_tcp_and_udp_and_each_another() {
+        let ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("the kernel's ephemeral range")
+            .split_whitespace()
+            .next()
+            .and_then(|low| low.parse().ok())
+            .expect("its lower end");
+        let ports: Vec<u16> = (0..3).map(|_| free_port().expect("a port")).collect();
+        for &port in &ports {
+            assert!(
+                (FIXED_PORTS_FROM as u16..ephemeral).contains(&port),
+                "{port} not below {ephemeral}"
+            );
+            let _tcp = std::net::TcpListener::bind(("127.0.0.1", port)).expect("free for TCP");
+            let _udp = std::net::UdpSocket::bind(("127.0.0.1", port)).expect("free for UDP");
+        }
+        assert!(ports[0] != ports[1] && ports[1] != ports[2] && ports[0] != ports[2]);
+        // One held is not given.
+        let held = std::net::TcpListener::bind(("127.0.0.1", ports[2] + 1));
+        let next = free_port().expect("a port");
+        if held.is_ok() {
+            assert_ne!(next, ports[2] + 1, "the next port was held");
+        }
+    }
 }
