@@ -941,7 +941,11 @@ mod tests {
         assert_eq!(latencies.len(), 10, "every datagram's round trip");
         let mut per_flow = echo.await.expect("echo");
         per_flow.sort();
-        assert_eq!(per_flow, [3, 3, 4], "three sockets, the rest to the first");
+        assert_eq!(
+            per_flow,
+            [3, 3, 4],
+            "three sockets, one of them carrying the remainder"
+        );
         let none = udp_echo_flows(addr, 0, 10).await.expect_err("no flow");
         assert!(none.to_string().contains("at least one flow"), "{none}");
     }

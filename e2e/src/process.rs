@@ -311,10 +311,7 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
 /// process starts at its own place in that span and goes on from there.
 pub fn free_port() -> anyhow::Result<u16> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
+    let ephemeral = ephemeral_ports_from();
     let span = ephemeral.saturating_sub(FIXED_PORTS_FROM);
     if span < 1024 {
         let listener =
@@ -338,6 +335,18 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// (the kubelet's 10250 and its neighbours) and of common services.
 const FIXED_PORTS_FROM: u32 = 20_000;
 
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`), read once; Linux's
+/// default where it cannot be read.
+fn ephemeral_ports_from() -> u32 {
+    static FROM: OnceLock<u32> = OnceLock::new();
+    *FROM.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768)
+    })
+}
+
 /// Arguments as the `OsString`s `Process::spawn` takes.
 pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(items: I) -> Vec<OsString> {
     items.into_iter().map(Into::into).collect()
@@ -349,12 +358,13 @@ mod tests {
 
     #[test]
     fn free_ports_are_below_the_ephemeral_range_free_for_tcp_and_udp_and_each_another() {
-        let ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .expect("the kernel's ephemeral range")
-            .split_whitespace()
-            .next()
-            .and_then(|low| low.parse().ok())
-            .expect("its lower end");
+        let ephemeral = ephemeral_ports_from() as u16;
+        assert!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .expect("the kernel's ephemeral range")
+                .starts_with(&ephemeral.to_string()),
+            "the range's lower end, {ephemeral}, as the kernel gives it"
+        );
         let ports: Vec<u16> = (0..3).map(|_| free_port().expect("a port")).collect();
         for &port in &ports {
             assert!(
