@@ -101,7 +101,7 @@ pub struct RouterArgs {
     pub drain_timeout: std::time::Duration,
     /// How long to busy poll a UDP flow to an endpoint on this node after each datagram, before
     /// sleeping (0 never; at most 1ms), giving the CPU to any thread waiting for it between
-    /// polls; one flow at a time, only flows answered within it.
+    /// polls; one flow at a time, only flows answered within it, none while several are busy.
     #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", default_value = defaults::ROUTER_BUSY_POLL, value_parser = parse_busy_poll)]
     pub busy_poll: std::time::Duration,
     /// Most flows carried at once; past it, new flows are refused (503).

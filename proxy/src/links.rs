@@ -57,8 +57,8 @@ impl LinkThreads {
         LinkThreads::start_named(count, "link")
     }
 
-    /// The same, the threads named `name-0`, `name-1`, … (other relays that are best kept on
-    /// one thread each use them too: see [`Polling::on_threads`](crate::tunnel::busy_poll::Polling::on_threads)).
+    /// The same, the threads named `name-0`, `name-1`, … (a relay best kept on one thread uses
+    /// one too: see [`Polling::on_thread`](crate::tunnel::busy_poll::Polling::on_thread)).
     pub fn start_named(count: usize, name: &str) -> io::Result<LinkThreads> {
         let mut runtimes = Vec::new();
         let mut ends = Vec::new();

@@ -129,8 +129,8 @@ pub enum RouterError {
     },
     #[error("cannot start the link threads: {0}")]
     LinkThreads(std::io::Error),
-    #[error("cannot start the UDP relay threads: {0}")]
-    UdpThreads(std::io::Error),
+    #[error("cannot start the UDP relay thread: {0}")]
+    UdpThread(std::io::Error),
     #[error("cannot listen for sidecars on {addr}: {cause}")]
     SidecarListen {
         addr: SocketAddr,
@@ -617,9 +617,8 @@ impl Router {
         watch_api(&config, &shared, &stopped).await;
         let mut polling = Polling::new(config.busy_poll);
         if !config.busy_poll.is_zero() {
-            let threads = LinkThreads::start_named(crate::cli::cpus(), "udp")
-                .map_err(RouterError::UdpThreads)?;
-            polling = polling.on_threads(threads);
+            let thread = LinkThreads::start_named(1, "udp").map_err(RouterError::UdpThread)?;
+            polling = polling.on_thread(thread);
         }
         tokio::spawn(server::serve(listener, shared.clone(), polling, stopped));
         shared.listening.store(true, Ordering::SeqCst);

@@ -9,29 +9,59 @@
 //!   polling after one miss and starts again after one quick answer);
 //! - the relays sharing a [`Polling`] (all of a router's) poll one at a time, so at most one
 //!   thread spends its time so and the others keep serving every other flow;
+//! - while more than one flow is busy, none polls: a relay that wants to poll and finds the turn
+//!   taken holds all of them off for [`HOLD_OFF`] when its own flow is active (its last
+//!   [`ACTIVE_STREAK`] datagrams each within [`ACTIVE_GAP`] of the one before; a lookup's few
+//!   datagrams are not).
+//!   Polling pays where the CPU it spins on would otherwise wait for the one flow's next
+//!   datagram; with several flows busy, that CPU has their work to do;
 //! - between two polls the relay yields its CPU (`sched_yield`): the thread it forwarded to, or
 //!   the one it forwarded for, is often woken on this same CPU, and spinning would hold it off
 //!   until the budget ran out. Where no other thread waits, the yield returns at once.
-//! - the relays may run on threads of their own ([`Polling::on_threads`]), each relay whole on
+//! - the one busy flow runs on a thread of its own ([`Polling::on_thread`]) while it is the only
 //!   one: a relay that keeps catching datagrams never waits, so the runtime's cooperative budget
 //!   makes it yield every so often, and a runtime with other threads wakes one of them, which may
-//!   take the relay over; on a thread of its own it carries on where it was.
+//!   take the relay over; on a thread of its own it carries on where it was. A relay takes the
+//!   thread when it is active, its datagrams follow each other within the budget both ways and
+//!   no other flow is busy ([`BusyPoll::take_thread`]), and gives it back as soon as another
+//!   active flow wants to poll or finds the thread held ([`BusyPoll::crowded`]), or it waited
+//!   [`QUIET`] for a datagram, so that a quiet flow does not keep the thread from a busy one. With several flows busy, all run on the runtime that
+//!   spawned them: its threads find one flow's datagram ready while another's is on its way,
+//!   where a thread per relay would sleep for its own.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::datagrams::Way;
 use crate::links::LinkThreads;
 
-/// How relays busy poll: their budget, the turn they take one at a time, and where they run.
+/// How long no relay polls after one found the turn taken.
+pub const HOLD_OFF: Duration = Duration::from_millis(10);
+
+/// A flow is active while this many datagrams in a row each came within [`ACTIVE_GAP`] of the
+/// one forwarded before.
+pub const ACTIVE_STREAK: u8 = 8;
+
+/// See [`ACTIVE_STREAK`].
+pub const ACTIVE_GAP: Duration = Duration::from_millis(1);
+
+/// How long the relay on the thread of its own waits for a datagram before it gives the thread
+/// back.
+pub const QUIET: Duration = Duration::from_millis(10);
+
+/// How relays busy poll: their budget, the turn they take one at a time, and the thread the one
+/// busy flow runs on.
 #[derive(Debug, Clone, Default)]
 pub struct Polling {
     budget: Duration,
     /// Held by the relay polling now.
     turn: Arc<AtomicBool>,
-    /// The threads relays run on, each whole on one; without them, where they are spawned.
-    threads: Option<LinkThreads>,
+    /// When a relay last found the turn taken.
+    contended: Arc<Contention>,
+    /// The thread a relay runs on whole while it is the one busy flow, and whether one does;
+    /// without it, relays run where they are spawned.
+    thread: Option<(LinkThreads, Arc<AtomicBool>)>,
 }
 
 impl Polling {
@@ -39,22 +69,35 @@ impl Polling {
     pub fn new(budget: Duration) -> Self {
         Polling {
             budget,
-            turn: Arc::default(),
-            threads: None,
+            ..Polling::default()
         }
     }
 
-    /// The same, each relay run whole on one of `threads`, given in turn.
-    pub fn on_threads(self, threads: LinkThreads) -> Self {
+    /// The same, the one busy flow's relay run whole on `thread` (its first thread).
+    pub fn on_thread(self, thread: LinkThreads) -> Self {
         Polling {
-            threads: Some(threads),
+            thread: Some((thread, Arc::default())),
             ..self
         }
     }
+}
 
-    /// The runtime of the thread for the next relay, when relays have threads of their own.
-    pub fn home(&self) -> Option<tokio::runtime::Handle> {
-        self.threads.as_ref().map(LinkThreads::next)
+/// A relay's hold on the thread of [`Polling::on_thread`], given back when dropped.
+#[derive(Debug)]
+pub struct Home {
+    runtime: tokio::runtime::Handle,
+    held: Arc<AtomicBool>,
+}
+
+impl Home {
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        self.held.store(false, Ordering::Release);
     }
 }
 
@@ -67,6 +110,9 @@ pub struct BusyPoll {
     /// Per way ([`Way::Out`], [`Way::In`]): how soon the next datagram came after the last
     /// one forwarded that way; `None` until known.
     gaps: [Option<Duration>; 2],
+    /// How many datagrams in a row came within [`ACTIVE_GAP`] of the last one forwarded (up to
+    /// [`ACTIVE_STREAK`]).
+    streak: u8,
 }
 
 impl BusyPoll {
@@ -75,24 +121,95 @@ impl BusyPoll {
             polling,
             last: None,
             gaps: [None; 2],
+            streak: 0,
         }
     }
 
-    /// A window to poll in now, if polling is worth it and no other relay polls: it closes a
-    /// budget after the last datagram forwarded, and gives the turn back when dropped.
+    /// A window to poll in now, if polling is worth it, no other relay polls and none found
+    /// the turn taken within [`HOLD_OFF`]: it closes a budget after the last datagram
+    /// forwarded, and gives the turn back when dropped.
     pub fn window(&self) -> Option<Window<'_>> {
-        let Polling { budget, turn, .. } = &self.polling;
+        let Polling {
+            budget,
+            turn,
+            contended,
+            ..
+        } = &self.polling;
         let (way, at) = self.last?;
         let quick = self.gaps[slot(way)].is_none_or(|gap| gap <= *budget);
-        if budget.is_zero() || !quick {
+        if budget.is_zero() || !quick || self.crowded() {
             return None;
         }
-        turn.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .ok()?;
+        if turn
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            // A lookup's few datagrams leave the busy flow be.
+            if self.active() {
+                contended.seen(at);
+            }
+            return None;
+        }
         Some(Window {
             turn,
             until: at + *budget,
         })
+    }
+
+    /// The thread of [`Polling::on_thread`], held until the [`Home`] is dropped: given when
+    /// this flow is busy (a flow whose requests come at intervals does not move for each), no
+    /// other flow is ([`BusyPoll::crowded`]) and no other relay holds the thread. An active flow
+    /// that finds another holding the thread counts as another flow busy, as one finding the
+    /// turn at polling taken does: the flow on the thread then gives it back.
+    pub fn take_thread(&self) -> Option<Home> {
+        let (thread, held) = self.polling.thread.as_ref()?;
+        let (_, at) = self.last?;
+        if !self.active() || self.crowded() {
+            return None;
+        }
+        if held.load(Ordering::Relaxed) {
+            self.polling.contended.seen(at);
+            return None;
+        }
+        if !self.busy() {
+            return None;
+        }
+        if held
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            self.polling.contended.seen(at);
+            return None;
+        }
+        Some(Home {
+            runtime: thread.next(),
+            held: held.clone(),
+        })
+    }
+
+    /// Whether this flow is active: its last [`ACTIVE_STREAK`] datagrams each came within
+    /// [`ACTIVE_GAP`] of the one forwarded before (a lookup's few datagrams are not).
+    fn active(&self) -> bool {
+        self.streak >= ACTIVE_STREAK
+    }
+
+    /// Whether this flow is busy: polling on, active, and the last datagram forwarded each way
+    /// was followed by the next within the budget.
+    fn busy(&self) -> bool {
+        let budget = self.polling.budget;
+        !budget.is_zero()
+            && self.active()
+            && self
+                .gaps
+                .iter()
+                .all(|gap| gap.is_some_and(|gap| gap <= budget))
+    }
+
+    /// Whether another flow is busy too: a relay found the turn taken less than [`HOLD_OFF`]
+    /// before the last datagram this one forwarded.
+    pub fn crowded(&self) -> bool {
+        self.last
+            .is_some_and(|(_, at)| self.polling.contended.within(at, HOLD_OFF))
     }
 
     /// A datagram came (from either side): how long after the last one forwarded.
@@ -107,7 +224,13 @@ impl BusyPoll {
 
     fn arrived_at(&mut self, now: Instant) {
         if let Some((way, at)) = self.last {
-            self.gaps[slot(way)] = Some(now.saturating_duration_since(at));
+            let gap = now.saturating_duration_since(at);
+            self.gaps[slot(way)] = Some(gap);
+            self.streak = if gap <= ACTIVE_GAP {
+                (self.streak + 1).min(ACTIVE_STREAK)
+            } else {
+                0
+            };
         }
     }
 
@@ -120,6 +243,40 @@ fn slot(way: Way) -> usize {
     match way {
         Way::Out => 0,
         Way::In => 1,
+    }
+}
+
+/// The last time a relay found the turn taken, as microseconds after `since`, plus one (zero:
+/// never).
+#[derive(Debug)]
+struct Contention {
+    since: Instant,
+    last: AtomicU64,
+}
+
+impl Default for Contention {
+    fn default() -> Self {
+        Contention {
+            since: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Contention {
+    fn stamp(&self, at: Instant) -> u64 {
+        let micros = at.saturating_duration_since(self.since).as_micros();
+        u64::try_from(micros).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn seen(&self, at: Instant) {
+        self.last.fetch_max(self.stamp(at), Ordering::Relaxed);
+    }
+
+    /// Whether a relay found the turn taken less than `hold_off` before `at`.
+    fn within(&self, at: Instant, hold_off: Duration) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        last != 0 && self.stamp(at).saturating_sub(last) < hold_off.as_micros() as u64
     }
 }
 
@@ -148,7 +305,6 @@ impl Drop for Window<'_> {
         self.turn.store(false, Ordering::Release);
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +322,22 @@ mod tests {
         poll.forwarded_at(way, *now);
         *now += gap;
         poll.arrived_at(*now);
+    }
+
+    /// Makes `poll` a busy flow's: quick answers both ways, the last one forwarded out at
+    /// `now`.
+    fn busy_until(poll: &mut BusyPoll, now: Instant) {
+        exchanged(poll, now, usize::from(ACTIVE_STREAK), QUICK);
+    }
+
+    /// `datagrams` datagrams out and in by turns, each `gap` after the one before, the last
+    /// forwarded at `now`.
+    fn exchanged(poll: &mut BusyPoll, now: Instant, datagrams: usize, gap: Duration) {
+        let mut at = now - gap * u32::try_from(datagrams).expect("few");
+        for way in [Way::Out, Way::In].into_iter().cycle().take(datagrams) {
+            answered(poll, way, &mut at, gap);
+        }
+        poll.forwarded_at(Way::Out, now);
     }
 
     #[test]
@@ -208,44 +380,120 @@ mod tests {
     }
 
     #[test]
-    fn relays_run_where_they_are_spawned_unless_given_threads_then_on_each_in_turn() {
-        assert!(Polling::new(BUDGET).home().is_none());
-        let threads = LinkThreads::start_named(2, "relay-test").expect("threads");
-        let polling = Polling::new(BUDGET).on_threads(threads);
-        let ran_on: Vec<Option<String>> = (0..4)
-            .map(|_| {
-                let home = polling.home().expect("a thread");
-                futures::executor::block_on(
-                    home.spawn(async { std::thread::current().name().map(String::from) }),
-                )
-                .expect("ran")
-            })
-            .collect();
-        let named = |name: &str| Some(name.to_string());
-        assert_eq!(
-            ran_on,
-            [
-                named("relay-test-0"),
-                named("relay-test-1"),
-                named("relay-test-0"),
-                named("relay-test-1")
-            ]
-        );
-    }
-
-    #[test]
     fn relays_sharing_a_polling_poll_one_at_a_time() {
         let polling = Polling::new(BUDGET);
         let mut first = BusyPoll::new(polling.clone());
         let mut second = BusyPoll::new(polling);
         let mut apart = poll(BUDGET);
+        let start = Instant::now();
         for poll in [&mut first, &mut second, &mut apart] {
-            poll.forwarded(Way::Out);
+            poll.forwarded_at(Way::Out, start);
         }
         let window = first.window().expect("the first takes the turn");
         assert!(second.window().is_none(), "the turn is taken");
         assert!(apart.window().is_some(), "another polling has its own turn");
         drop(window);
+        // Past the hold-off the second one finding the turn taken started.
+        second.forwarded_at(Way::Out, start + HOLD_OFF);
         assert!(second.window().is_some(), "the turn is free again");
+    }
+
+    #[test]
+    fn a_busy_relay_finding_the_turn_taken_holds_every_relay_off_for_a_while() {
+        let polling = Polling::new(BUDGET);
+        let mut first = BusyPoll::new(polling.clone());
+        let mut second = BusyPoll::new(polling.clone());
+        let mut trying = BusyPoll::new(polling);
+        let start = Instant::now();
+        busy_until(&mut first, start);
+        busy_until(&mut second, start);
+        let window = first.window().expect("the first takes the turn");
+        // A flow whose answers are not known yet finds the turn taken: no other flow is busy.
+        trying.forwarded_at(Way::Out, start);
+        assert!(trying.window().is_none(), "the turn is taken");
+        assert!(!first.crowded(), "a flow trying its first answers");
+        assert!(second.window().is_none(), "the turn is taken");
+        drop(window);
+        // Two flows busy at once: the turn is free, and neither polls.
+        let soon = start + HOLD_OFF / 2;
+        first.forwarded_at(Way::Out, soon);
+        assert!(first.crowded());
+        assert!(
+            first.window().is_none(),
+            "the one that had the turn is held off"
+        );
+        second.forwarded_at(Way::Out, soon);
+        assert!(
+            second.window().is_none(),
+            "so is the one that found it taken"
+        );
+        // Held off without finding the turn taken, neither put the hold-off forward.
+        first.forwarded_at(Way::Out, start + HOLD_OFF);
+        assert!(!first.crowded());
+        assert!(first.window().is_some(), "polling again after the hold-off");
+    }
+
+    fn thread_name(home: &Home) -> Option<String> {
+        futures::executor::block_on(
+            home.runtime()
+                .spawn(async { std::thread::current().name().map(String::from) }),
+        )
+        .expect("ran")
+    }
+
+    #[test]
+    fn the_thread_goes_to_a_busy_flow_while_no_other_is_busy_one_relay_at_a_time() {
+        let mut nowhere = poll(BUDGET);
+        busy_until(&mut nowhere, Instant::now());
+        assert!(nowhere.take_thread().is_none(), "no thread given");
+
+        let thread = LinkThreads::start_named(1, "relay-test").expect("thread");
+        let polling = Polling::new(BUDGET).on_thread(thread);
+        let relay = || BusyPoll::new(polling.clone());
+        let now = Instant::now();
+        let mut lookup = relay();
+        exchanged(&mut lookup, now, 3, QUICK);
+        assert!(lookup.take_thread().is_none(), "a lookup's few datagrams");
+        let mut slow = relay();
+        exchanged(&mut slow, now, 20, SLOW);
+        assert!(
+            slow.take_thread().is_none(),
+            "answers slower than the budget"
+        );
+        assert!(!slow.crowded());
+
+        let mut first = relay();
+        busy_until(&mut first, now);
+        let home = first.take_thread().expect("busy and alone");
+        assert_eq!(thread_name(&home).as_deref(), Some("relay-test-0"));
+        assert!(!first.crowded());
+
+        // While the first holds it, the slow flow, active too, finds it held: another flow
+        // is busy, and the first gives the thread back at its next datagram.
+        slow.forwarded_at(Way::Out, now);
+        assert!(slow.take_thread().is_none(), "held by the first");
+        first.forwarded_at(Way::In, now);
+        assert!(first.crowded(), "a second active flow");
+        drop(home);
+        let mut second = relay();
+        busy_until(&mut second, now + HOLD_OFF / 2);
+        assert!(second.take_thread().is_none(), "crowded");
+
+        // Past the hold-off: free again.
+        busy_until(&mut second, now + HOLD_OFF);
+        let home = second.take_thread().expect("free again");
+        assert_eq!(thread_name(&home).as_deref(), Some("relay-test-0"));
+        drop(home);
+
+        // A busy relay finding the turn at polling taken counts the same.
+        let later = now + HOLD_OFF * 2;
+        busy_until(&mut second, later);
+        let window = second.window().expect("the turn");
+        let mut third = relay();
+        busy_until(&mut third, later);
+        assert!(third.window().is_none());
+        drop(window);
+        assert!(second.crowded());
+        assert!(second.take_thread().is_none(), "another flow is busy");
     }
 }

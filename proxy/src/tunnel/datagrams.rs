@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::FlowStream;
-use super::busy_poll::{BusyPoll, Polling};
+use super::busy_poll::{BusyPoll, Home, Polling, QUIET};
 use super::pipe::Source;
 
 /// The local end of a UDP flow.
@@ -96,58 +96,153 @@ pub async fn relay(
 /// Pumps datagrams between two local sockets (the router's side of a UDP client handed over:
 /// the client's socket `a`, the endpoint's `b`) until the flow has been idle for `idle` or a
 /// side fails. After each datagram it busy polls both sides as `polling` allows before it
-/// sleeps, yielding the CPU between polls. `meter` sees `a`'s datagrams as [`Way::Out`] and
-/// `b`'s as [`Way::In`].
+/// sleeps, yielding the CPU between polls; while it is the one busy flow it runs on the thread
+/// `polling` has for that, when it has one (see [`super::busy_poll`]), and where it was spawned
+/// otherwise. `meter` sees `a`'s datagrams as [`Way::Out`] and `b`'s as [`Way::In`].
 pub async fn bridge(
-    mut a: impl Datagrams,
-    mut b: impl Datagrams,
+    a: Connected,
+    b: Connected,
     idle: Duration,
     polling: Polling,
-    meter: impl Fn(Way, usize) + Send,
+    meter: impl Fn(Way, usize) + Send + 'static,
 ) -> io::Result<()> {
-    let deadline = tokio::time::sleep(idle);
-    tokio::pin!(deadline);
-    let mut poll = BusyPoll::new(polling);
+    let here = tokio::runtime::Handle::current();
+    let mut bridge = Bridge {
+        a,
+        b,
+        idle,
+        deadline: Instant::now() + idle,
+        poll: BusyPoll::new(polling),
+        meter,
+    };
+    // Held while the bridge runs on the thread for the one busy flow.
+    let mut home: Option<Home> = None;
     loop {
-        let caught = match poll.window() {
-            Some(window) => loop {
-                if let Some(datagram) = a.take_waiting()? {
-                    break Some((Way::Out, datagram));
-                }
-                if let Some(datagram) = b.take_waiting()? {
-                    break Some((Way::In, datagram));
-                }
-                if !window.open() {
-                    break None;
-                }
-                window.pause();
-            },
-            None => None,
+        let leg = match &home {
+            None => bridge.run(false).await?,
+            Some(home) => {
+                let (back, leg) = home
+                    .runtime()
+                    .spawn(async move {
+                        let leg = bridge.run(true).await;
+                        (bridge, leg)
+                    })
+                    .await
+                    .map_err(|error| {
+                        io::Error::other(format!("the relay thread ended the bridge: {error}"))
+                    })?;
+                bridge = back;
+                leg?
+            }
         };
-        let (way, datagram) = match caught {
-            Some(caught) => caught,
-            None => tokio::select! {
-                next = a.recv() => match next? {
-                    Some(datagram) => (Way::Out, datagram),
-                    None => break,
-                },
-                next = b.recv() => match next? {
-                    Some(datagram) => (Way::In, datagram),
-                    None => break,
-                },
-                _ = &mut deadline => break,
-            },
-        };
-        poll.arrived();
-        match way {
-            Way::Out => b.send(&datagram).await?,
-            Way::In => a.send(&datagram).await?,
+        match leg {
+            Leg::Ended => return Ok(()),
+            Leg::Move(thread) => {
+                bridge = bridge.moved_to(thread.runtime())?;
+                home = Some(thread);
+            }
+            Leg::Back => {
+                bridge = bridge.moved_to(&here)?;
+                // Given back once the sockets are off the thread.
+                home = None;
+            }
         }
-        meter(way, datagram.len());
-        poll.forwarded(way);
-        deadline.as_mut().reset(Instant::now() + idle);
     }
-    Ok(())
+}
+
+/// A bridge's sockets and state, which move with it between runtimes.
+struct Bridge<M> {
+    a: Connected,
+    b: Connected,
+    idle: Duration,
+    /// When the flow will have been idle for `idle`.
+    deadline: Instant,
+    poll: BusyPoll,
+    meter: M,
+}
+
+/// How a stretch of a bridge on one runtime ended.
+enum Leg {
+    /// The flow ended: a side was done, or it was idle for its idle time.
+    Ended,
+    /// The bridge took the thread for the one busy flow, and moves there.
+    Move(Home),
+    /// The bridge on that thread gives it back, and moves back where it was spawned.
+    Back,
+}
+
+impl<M: Fn(Way, usize) + Send> Bridge<M> {
+    /// Pumps until the flow ends or the bridge moves: off the thread (`on_thread` false) once
+    /// it takes the thread, on it once another flow is busy too or it waited [`QUIET`] for a
+    /// datagram.
+    async fn run(&mut self, on_thread: bool) -> io::Result<Leg> {
+        let deadline = tokio::time::sleep_until(self.deadline);
+        tokio::pin!(deadline);
+        loop {
+            let caught = match self.poll.window() {
+                Some(window) => loop {
+                    if let Some(datagram) = self.a.take_waiting()? {
+                        break Some((Way::Out, datagram));
+                    }
+                    if let Some(datagram) = self.b.take_waiting()? {
+                        break Some((Way::In, datagram));
+                    }
+                    if !window.open() {
+                        break None;
+                    }
+                    window.pause();
+                },
+                None => None,
+            };
+            let quiet = async {
+                if on_thread {
+                    tokio::time::sleep(QUIET).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            let (way, datagram) = match caught {
+                Some(caught) => caught,
+                None => tokio::select! {
+                    next = self.a.recv() => match next? {
+                        Some(datagram) => (Way::Out, datagram),
+                        None => return Ok(Leg::Ended),
+                    },
+                    next = self.b.recv() => match next? {
+                        Some(datagram) => (Way::In, datagram),
+                        None => return Ok(Leg::Ended),
+                    },
+                    _ = &mut deadline => return Ok(Leg::Ended),
+                    _ = quiet => return Ok(Leg::Back),
+                },
+            };
+            self.poll.arrived();
+            match way {
+                Way::Out => self.b.send(&datagram).await?,
+                Way::In => self.a.send(&datagram).await?,
+            }
+            (self.meter)(way, datagram.len());
+            self.poll.forwarded(way);
+            self.deadline = Instant::now() + self.idle;
+            deadline.as_mut().reset(self.deadline);
+            if on_thread {
+                if self.poll.crowded() {
+                    return Ok(Leg::Back);
+                }
+            } else if let Some(home) = self.poll.take_thread() {
+                return Ok(Leg::Move(home));
+            }
+        }
+    }
+
+    /// The same bridge, its sockets served by the runtime `home` from now on.
+    fn moved_to(self, home: &tokio::runtime::Handle) -> io::Result<Self> {
+        Ok(Bridge {
+            a: self.a.moved_to(home)?,
+            b: self.b.moved_to(home)?,
+            ..self
+        })
+    }
 }
 
 /// A socket connected to one peer: the endpoint (the router's side of a flow), or a client
@@ -357,8 +452,6 @@ mod tests {
         tokio::task::JoinHandle<io::Result<()>>,
         Arc<[AtomicUsize; 2]>,
     ) {
-        let (app, near) = connected_pair().await;
-        let (far, server) = connected_pair().await;
         let counted: Arc<[AtomicUsize; 2]> = Arc::default();
         let meter = {
             let counted = counted.clone();
@@ -366,14 +459,151 @@ mod tests {
                 counted[usize::from(way == Way::In)].fetch_add(n, Ordering::Relaxed);
             }
         };
+        let (app, server, bridge) = bridged_with(Polling::new(budget), idle, meter).await;
+        (app, server, bridge, counted)
+    }
+
+    async fn bridged_with(
+        polling: Polling,
+        idle: Duration,
+        meter: impl Fn(Way, usize) + Send + 'static,
+    ) -> (
+        UdpSocket,
+        UdpSocket,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let (app, near) = connected_pair().await;
+        let (far, server) = connected_pair().await;
         let bridge = tokio::spawn(bridge(
             Connected::new(near),
             Connected::new(far),
             idle,
-            Polling::new(budget),
+            polling,
             meter,
         ));
-        (app, server, bridge, counted)
+        (app, server, bridge)
+    }
+
+    /// A blocking socket for an app or a server of its own thread, as the router's peers are
+    /// processes of their own (a peer woken through the bridge's own runtime would wait for
+    /// the CPU the bridge polls on).
+    fn blocking(socket: UdpSocket) -> std::net::UdpSocket {
+        let socket = socket.into_std().expect("std");
+        socket.set_nonblocking(false).expect("blocking");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        socket
+    }
+
+    /// A server echoing each datagram on a thread of its own, until its socket times out.
+    fn echo_server(server: UdpSocket) {
+        let server = blocking(server);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 64];
+            while let Ok(n) = server.recv(&mut buffer) {
+                if server.send(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// One datagram from the app echoed back by the server, through the bridge.
+    fn echoed(app: &std::net::UdpSocket, datagram: &[u8]) {
+        let mut buffer = [0u8; 64];
+        app.send(datagram).expect("send");
+        let n = app.recv(&mut buffer).expect("echo");
+        assert_eq!(&buffer[..n], datagram);
+    }
+
+    /// Echoes until `until` holds for the threads the bridge forwarded on, calling `between`
+    /// after each round trip; whether it came to hold within 30 s (a loaded machine may
+    /// take many round trips to give a flow eight datagrams in a row within a millisecond).
+    fn echoed_until(
+        app: &std::net::UdpSocket,
+        forwarded_on: &std::sync::Mutex<Vec<Option<String>>>,
+        mut between: impl FnMut(),
+        until: impl Fn(&[Option<String>]) -> bool,
+    ) -> bool {
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        for i in 0u32.. {
+            if std::time::Instant::now() > give_up {
+                break;
+            }
+            echoed(app, &i.to_be_bytes());
+            between();
+            if until(&forwarded_on.lock().expect("names")) {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_one_busy_flow_moves_to_the_thread_and_back_when_crowded_or_quiet() {
+        let thread = crate::links::LinkThreads::start_named(1, "bridge-test").expect("thread");
+        let polling = Polling::new(Duration::from_millis(1)).on_thread(thread);
+        let forwarded_on: Arc<std::sync::Mutex<Vec<Option<String>>>> = Arc::default();
+        let meter = {
+            let forwarded_on = forwarded_on.clone();
+            move |_, _| {
+                let name = std::thread::current().name().map(String::from);
+                forwarded_on.lock().expect("names").push(name);
+            }
+        };
+        let (app, server, _bridge) =
+            bridged_with(polling.clone(), Duration::from_secs(60), meter).await;
+        echo_server(server);
+        let app = blocking(app);
+        let on_thread = |name: &Option<String>| name.as_deref() == Some("bridge-test-0");
+        let last_on_thread = |names: &[Option<String>]| names.last().is_some_and(on_thread);
+        let last_off_thread = |names: &[Option<String>]| !last_on_thread(names);
+        assert!(
+            echoed_until(&app, &forwarded_on, || {}, last_on_thread),
+            "a busy flow alone moved to the thread"
+        );
+        assert!(
+            !on_thread(&forwarded_on.lock().expect("names")[0]),
+            "its first datagram was forwarded where the bridge was spawned"
+        );
+
+        // Another busy flow wants to poll after each of its datagrams, and finds the turn taken
+        // while the bridge polls.
+        let mut other = BusyPoll::new(polling);
+        let another_busy_flow = || {
+            for way in [Way::Out, Way::In, Way::Out] {
+                other.arrived();
+                other.forwarded(way);
+            }
+            drop(other.window());
+        };
+        assert!(
+            echoed_until(&app, &forwarded_on, another_busy_flow, last_off_thread),
+            "crowded, the bridge gave the thread back"
+        );
+        forwarded_on.lock().expect("names").clear();
+        assert!(
+            echoed_until(&app, &forwarded_on, || {}, last_on_thread),
+            "alone again after the hold-off, it moved back to the thread"
+        );
+
+        // Quiet for longer than QUIET: the next datagrams are forwarded off the thread.
+        std::thread::sleep(QUIET * 3);
+        forwarded_on.lock().expect("names").clear();
+        echoed(&app, b"after a while");
+        // The meter counts a datagram once it is sent.
+        let metered = || forwarded_on.lock().expect("names").clone();
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        while metered().len() < 2 && std::time::Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let names = metered();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(
+            !names.iter().any(on_thread),
+            "quiet, the bridge gave the thread back: {names:?}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -600,7 +600,7 @@ async fn relay_to_end(upstream: Upstream, mut app: TcpStream) -> Finished {
 /// Relays one handed-over UDP client to the far end `handler` opens for it, until the flow has
 /// been idle for `idle`; the client's socket is closed then, so its next datagram reaches the
 /// sidecar again. A bridge to an endpoint on this node busy polls as `polling` allows, on the
-/// thread `polling` gives it when it has threads for relays.
+/// thread `polling` has for the one busy flow while it is that flow.
 async fn relay_udp<H: Handler>(
     request: FlowRequest,
     client: Connected,
@@ -618,25 +618,13 @@ async fn relay_udp<H: Handler>(
     };
     // The client is the local side here: what it sends goes towards the endpoint.
     let finished = match upstream {
-        // Both sockets move to the thread `polling` gives the bridge, when it gives one.
+        // The bridge moves itself to the thread for the one busy flow, and back.
         Upstream::Udp(endpoint) => {
-            let sockets = (client, Connected::new(endpoint));
-            let move_to = |(client, endpoint): (Connected, Connected),
-                           home: &tokio::runtime::Handle| {
-                Ok((client.moved_to(home)?, endpoint.moved_to(home)?))
-            };
-            moved_home(
-                polling.home(),
-                sockets,
-                move_to,
-                |(client, endpoint)| async move {
-                    let carried = Carried::default();
-                    let meter = carried.meter(datagrams::Way::Out);
-                    let result = datagrams::bridge(client, endpoint, idle, polling, meter).await;
-                    carried.finished(result)
-                },
-            )
-            .await
+            let carried = Carried::default();
+            let meter = carried.meter(datagrams::Way::Out);
+            let endpoint = Connected::new(endpoint);
+            let result = datagrams::bridge(client, endpoint, idle, polling, meter).await;
+            carried.finished(result)
         }
         // The client's socket moves to the link's thread with its flow, as a TCP connection does.
         Upstream::Flow(far) => {

@@ -194,11 +194,12 @@ pub(crate) fn tcp_moved_to(stream: TcpStream, home: &Handle) -> io::Result<TcpSt
     TcpStream::from_std(stream)
 }
 
-/// Bytes a UDP relay carried each way, as they go, for its [`Finished`].
+/// Bytes a UDP relay carried each way, as they go, for its [`Finished`]; its meters may go with
+/// the relay to another thread.
 #[derive(Debug, Default)]
 pub(crate) struct Carried {
-    sent: AtomicU64,
-    received: AtomicU64,
+    /// Sent towards the endpoint, received from it.
+    counts: Arc<[AtomicU64; 2]>,
 }
 
 impl Carried {
@@ -207,24 +208,19 @@ impl Carried {
     pub(crate) fn meter(
         &self,
         towards_endpoint: datagrams::Way,
-    ) -> impl Fn(datagrams::Way, usize) + Send + '_ {
-        move |way, n| self.count(way == towards_endpoint, n)
-    }
-
-    /// Counts a datagram of `n` bytes, sent towards the endpoint or received from it.
-    fn count(&self, towards_endpoint: bool, n: usize) {
-        let counter = if towards_endpoint {
-            &self.sent
-        } else {
-            &self.received
-        };
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+    ) -> impl Fn(datagrams::Way, usize) + Send + 'static {
+        let counts = self.counts.clone();
+        move |way, n| {
+            let counter = &counts[usize::from(way != towards_endpoint)];
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn finished(self, result: io::Result<()>) -> Finished {
+        let [sent, received] = &*self.counts;
         Finished {
-            sent: self.sent.into_inner(),
-            received: self.received.into_inner(),
+            sent: sent.load(Ordering::Relaxed),
+            received: received.load(Ordering::Relaxed),
             result,
         }
     }
