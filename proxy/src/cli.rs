@@ -207,6 +207,7 @@ impl RouterArgs {
             sidecar_tcp,
             drain_timeout: self.drain_timeout,
             busy_poll: self.busy_poll,
+            cpus: cpus(),
             max_flows: self.max_flows,
             api,
             links,

@@ -67,6 +67,9 @@ pub struct RouterConfig {
     pub drain_timeout: std::time::Duration,
     /// How long a UDP flow to an endpoint on this node is busy polled after each datagram.
     pub busy_poll: std::time::Duration,
+    /// The CPUs the router may use (its affinity and CPU quota): with one, every busy UDP flow
+    /// shares the relay thread.
+    pub cpus: usize,
     /// Most flows carried at once; past it new flows are refused (503).
     pub max_flows: usize,
     /// Sidecars over TCP as well as on the socket; none when `None`.
@@ -618,7 +621,11 @@ impl Router {
         let mut polling = Polling::new(config.busy_poll);
         if !config.busy_poll.is_zero() {
             let thread = LinkThreads::start_named(1, "udp").map_err(RouterError::UdpThread)?;
-            polling = polling.on_thread(thread);
+            polling = if config.cpus > 1 {
+                polling.on_thread(thread)
+            } else {
+                polling.on_shared_thread(thread)
+            };
         }
         tokio::spawn(server::serve(listener, shared.clone(), polling, stopped));
         shared.listening.store(true, Ordering::SeqCst);

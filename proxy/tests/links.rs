@@ -50,6 +50,7 @@ fn router_config(dir: &Path, node: &str, cluster: &str, links: LinksConfig) -> R
         api: Api::Off,
         drain_timeout: std::time::Duration::from_secs(20),
         busy_poll: std::time::Duration::from_micros(50),
+        cpus: 2,
         max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
         sidecar_tcp: None,
     }

@@ -25,7 +25,10 @@
 //!   thread when it is active, its datagrams follow each other within the budget both ways and
 //!   no other flow is busy ([`BusyPoll::take_thread`]), and gives it back as soon as another
 //!   active flow wants to poll or finds the thread held ([`BusyPoll::crowded`]), or it waited
-//!   [`QUIET`] for a datagram, so that a quiet flow does not keep the thread from a busy one. With several flows busy, all run on the runtime that
+//!   [`QUIET`] for a datagram, so that a quiet flow does not keep the thread from a busy one.
+//!   Where the router has one CPU, every busy flow runs on that thread and none holds polling
+//!   off ([`Polling::on_shared_thread`]): there, relays polling in turn with yields carried
+//!   several flows better than relays on the runtime that does not poll while several are busy. With several flows busy, all run on the runtime that
 //!   spawned them: its threads find one flow's datagram ready while another's is on its way,
 //!   where a thread per relay would sleep for its own.
 
@@ -59,9 +62,19 @@ pub struct Polling {
     turn: Arc<AtomicBool>,
     /// When a relay last found the turn taken.
     contended: Arc<Contention>,
-    /// The thread a relay runs on whole while it is the one busy flow, and whether one does;
-    /// without it, relays run where they are spawned.
-    thread: Option<(LinkThreads, Arc<AtomicBool>)>,
+    /// The thread busy flows' relays run on whole; without it, relays run where they are
+    /// spawned.
+    thread: Option<RelayThread>,
+}
+
+/// The thread of [`Polling::on_thread`] or [`Polling::on_shared_thread`].
+#[derive(Debug, Clone)]
+struct RelayThread {
+    runtime: LinkThreads,
+    /// Whether a relay holds it (the one busy flow's).
+    held: Arc<AtomicBool>,
+    /// Every busy flow's, none holding polling off.
+    shared: bool,
 }
 
 impl Polling {
@@ -75,18 +88,38 @@ impl Polling {
 
     /// The same, the one busy flow's relay run whole on `thread` (its first thread).
     pub fn on_thread(self, thread: LinkThreads) -> Self {
+        self.with_thread(thread, false)
+    }
+
+    /// The same, every busy flow's relay run whole on `thread`, and none holding polling off
+    /// while several are busy: for a router with one CPU, where polling in turn with yields
+    /// carried several flows as well as one.
+    pub fn on_shared_thread(self, thread: LinkThreads) -> Self {
+        self.with_thread(thread, true)
+    }
+
+    fn with_thread(self, runtime: LinkThreads, shared: bool) -> Self {
         Polling {
-            thread: Some((thread, Arc::default())),
+            thread: Some(RelayThread {
+                runtime,
+                held: Arc::default(),
+                shared,
+            }),
             ..self
         }
     }
+
+    fn shared(&self) -> bool {
+        self.thread.as_ref().is_some_and(|thread| thread.shared)
+    }
 }
 
-/// A relay's hold on the thread of [`Polling::on_thread`], given back when dropped.
+/// A relay's place on the thread of [`Polling::on_thread`] (held, given back when dropped) or
+/// of [`Polling::on_shared_thread`].
 #[derive(Debug)]
 pub struct Home {
     runtime: tokio::runtime::Handle,
-    held: Arc<AtomicBool>,
+    held: Option<Arc<AtomicBool>>,
 }
 
 impl Home {
@@ -97,7 +130,9 @@ impl Home {
 
 impl Drop for Home {
     fn drop(&mut self) {
-        self.held.store(false, Ordering::Release);
+        if let Some(held) = &self.held {
+            held.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -162,8 +197,15 @@ impl BusyPoll {
     /// that finds another holding the thread counts as another flow busy, as one finding the
     /// turn at polling taken does: the flow on the thread then gives it back.
     pub fn take_thread(&self) -> Option<Home> {
-        let (thread, held) = self.polling.thread.as_ref()?;
+        let thread = self.polling.thread.as_ref()?;
         let (_, at) = self.last?;
+        if thread.shared {
+            return self.busy().then(|| Home {
+                runtime: thread.runtime.next(),
+                held: None,
+            });
+        }
+        let held = &thread.held;
         if !self.active() || self.crowded() {
             return None;
         }
@@ -182,8 +224,8 @@ impl BusyPoll {
             return None;
         }
         Some(Home {
-            runtime: thread.next(),
-            held: held.clone(),
+            runtime: thread.runtime.next(),
+            held: Some(held.clone()),
         })
     }
 
@@ -205,11 +247,19 @@ impl BusyPoll {
                 .all(|gap| gap.is_some_and(|gap| gap <= budget))
     }
 
+    /// Whether this relay, on the thread, gives it back after waiting [`QUIET`] for a datagram:
+    /// so when it holds the thread, not on a shared one.
+    pub fn leaves_when_quiet(&self) -> bool {
+        !self.polling.shared()
+    }
+
     /// Whether another flow is busy too: a relay found the turn taken less than [`HOLD_OFF`]
-    /// before the last datagram this one forwarded.
+    /// before the last datagram this one forwarded (never so with a shared thread).
     pub fn crowded(&self) -> bool {
-        self.last
-            .is_some_and(|(_, at)| self.polling.contended.within(at, HOLD_OFF))
+        !self.polling.shared()
+            && self
+                .last
+                .is_some_and(|(_, at)| self.polling.contended.within(at, HOLD_OFF))
     }
 
     /// A datagram came (from either side): how long after the last one forwarded.
@@ -433,6 +483,13 @@ mod tests {
         assert!(first.window().is_some(), "polling again after the hold-off");
     }
 
+    /// A lookup's few datagrams, quickly answered, do not make a busy flow.
+    fn no_thread_for_a_lookup(polling: &Polling, now: Instant) {
+        let mut lookup = BusyPoll::new(polling.clone());
+        exchanged(&mut lookup, now, 3, QUICK);
+        assert!(lookup.take_thread().is_none(), "a lookup's few datagrams");
+    }
+
     fn thread_name(home: &Home) -> Option<String> {
         futures::executor::block_on(
             home.runtime()
@@ -451,9 +508,7 @@ mod tests {
         let polling = Polling::new(BUDGET).on_thread(thread);
         let relay = || BusyPoll::new(polling.clone());
         let now = Instant::now();
-        let mut lookup = relay();
-        exchanged(&mut lookup, now, 3, QUICK);
-        assert!(lookup.take_thread().is_none(), "a lookup's few datagrams");
+        no_thread_for_a_lookup(&polling, now);
         let mut slow = relay();
         exchanged(&mut slow, now, 20, SLOW);
         assert!(
@@ -495,5 +550,27 @@ mod tests {
         drop(window);
         assert!(second.crowded());
         assert!(second.take_thread().is_none(), "another flow is busy");
+    }
+
+    #[test]
+    fn a_shared_thread_goes_to_every_busy_flow_and_none_holds_polling_off() {
+        let thread = LinkThreads::start_named(1, "shared-test").expect("thread");
+        let polling = Polling::new(BUDGET).on_shared_thread(thread);
+        let relay = || BusyPoll::new(polling.clone());
+        let now = Instant::now();
+        no_thread_for_a_lookup(&polling, now);
+        let mut first = relay();
+        let mut second = relay();
+        busy_until(&mut first, now);
+        busy_until(&mut second, now);
+        let first_home = first.take_thread().expect("busy");
+        let second_home = second.take_thread().expect("busy too, the same thread");
+        assert_eq!(thread_name(&first_home).as_deref(), Some("shared-test-0"));
+        assert_eq!(thread_name(&second_home).as_deref(), Some("shared-test-0"));
+        let window = first.window().expect("the turn");
+        assert!(second.window().is_none(), "polling still one at a time");
+        drop(window);
+        assert!(!first.crowded() && !second.crowded());
+        assert!(second.window().is_some(), "nor held off");
     }
 }

@@ -173,8 +173,8 @@ enum Leg {
 
 impl<M: Fn(Way, usize) + Send> Bridge<M> {
     /// Pumps until the flow ends or the bridge moves: off the thread (`on_thread` false) once
-    /// it takes the thread, on it once another flow is busy too or it waited [`QUIET`] for a
-    /// datagram.
+    /// it takes the thread, on it once another flow is busy too or, holding the thread, it
+    /// waited [`QUIET`] for a datagram.
     async fn run(&mut self, on_thread: bool) -> io::Result<Leg> {
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
@@ -194,8 +194,9 @@ impl<M: Fn(Way, usize) + Send> Bridge<M> {
                 },
                 None => None,
             };
-            let quiet = async {
-                if on_thread {
+            let leaves_when_quiet = on_thread && self.poll.leaves_when_quiet();
+            let quiet = async move {
+                if leaves_when_quiet {
                     tokio::time::sleep(QUIET).await
                 } else {
                     std::future::pending().await

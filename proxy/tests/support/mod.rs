@@ -393,6 +393,7 @@ pub fn router_config(dir: &Path) -> servicekeel_proxy::router::RouterConfig {
         api: servicekeel_proxy::router::Api::Off,
         drain_timeout: Duration::from_secs(20),
         busy_poll: Duration::from_micros(50),
+        cpus: 2,
         max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
         sidecar_tcp: None,
     }
