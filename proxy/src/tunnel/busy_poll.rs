@@ -12,9 +12,8 @@
 //! - while more than one flow is busy, none polls: a relay that wants to poll and finds the turn
 //!   taken holds all of them off for [`HOLD_OFF`] when its own flow is active (its last
 //!   [`ACTIVE_STREAK`] datagrams each within [`ACTIVE_GAP`] of the one before; a lookup's few
-//!   datagrams are not).
-//!   Polling pays where the CPU it spins on would otherwise wait for the one flow's next
-//!   datagram; with several flows busy, that CPU has their work to do;
+//!   datagrams are not). Polling pays where the CPU it spins on would otherwise wait for the one
+//!   flow's next datagram; with several flows busy, that CPU has their work to do;
 //! - between two polls the relay yields its CPU (`sched_yield`): the thread it forwarded to, or
 //!   the one it forwarded for, is often woken on this same CPU, and spinning would hold it off
 //!   until the budget ran out. Where no other thread waits, the yield returns at once.
@@ -26,11 +25,13 @@
 //!   no other flow is busy ([`BusyPoll::take_thread`]), and gives it back as soon as another
 //!   active flow wants to poll or finds the thread held ([`BusyPoll::crowded`]), or it waited
 //!   [`QUIET`] for a datagram, so that a quiet flow does not keep the thread from a busy one.
-//!   Where the router has one CPU, every busy flow runs on that thread and none holds polling
-//!   off ([`Polling::on_shared_thread`]): there, relays polling in turn with yields carried
-//!   several flows better than relays on the runtime that does not poll while several are busy. With several flows busy, all run on the runtime that
-//!   spawned them: its threads find one flow's datagram ready while another's is on its way,
-//!   where a thread per relay would sleep for its own.
+//!   With several flows busy, all run on the runtime that spawned them: its threads find one
+//!   flow's datagram ready while another's is on its way, where a thread per relay would sleep
+//!   for its own;
+//! - where the router may use one CPU only, every busy flow runs on that thread and none holds
+//!   polling off ([`Polling::on_shared_thread`]): there, relays polling in turn with yields
+//!   carried several flows better than relays on the runtime that stop polling while several are
+//!   busy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
