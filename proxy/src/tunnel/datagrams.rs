@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use super::FlowStream;
 use super::busy_poll::{BusyPoll, Home, Polling, QUIET};
 use super::pipe::Source;
+use super::server::spawned_on;
 
 /// The local end of a UDP flow.
 pub trait Datagrams: Send {
@@ -121,16 +122,12 @@ pub async fn bridge(
         let leg = match &home {
             None => bridge.run(false).await?,
             Some(home) => {
-                let (back, leg) = home
-                    .runtime()
-                    .spawn(async move {
-                        let leg = bridge.run(true).await;
-                        (bridge, leg)
-                    })
-                    .await
-                    .map_err(|error| {
-                        io::Error::other(format!("the relay thread ended the bridge: {error}"))
-                    })?;
+                let on_thread = async move {
+                    let leg = bridge.run(true).await;
+                    (bridge, leg)
+                };
+                let (back, leg) =
+                    spawned_on(home.runtime(), "the UDP relay thread", on_thread).await?;
                 bridge = back;
                 leg?
             }

@@ -157,12 +157,22 @@ pub(crate) async fn at_home(
 ) -> Finished {
     match home {
         None => relay.await,
-        Some(home) => home.spawn(relay).await.unwrap_or_else(|error| {
-            Finished::failed(io::Error::other(format!(
-                "the link's thread ended the relay: {error}"
-            )))
-        }),
+        Some(home) => spawned_on(&home, "the link's thread", relay)
+            .await
+            .unwrap_or_else(Finished::failed),
     }
+}
+
+/// Runs `relay` on the runtime `home` (of the thread named by `thread`) and waits for it; a
+/// runtime that ended first, its thread stopped, fails it with an error saying so.
+pub(crate) async fn spawned_on<T: Send + 'static>(
+    home: &Handle,
+    thread: &str,
+    relay: impl Future<Output = T> + Send + 'static,
+) -> io::Result<T> {
+    home.spawn(relay)
+        .await
+        .map_err(|error| io::Error::other(format!("{thread} ended the relay: {error}")))
 }
 
 /// Runs `relay` with `sockets` on `home` as [`at_home`] does, the sockets moved there first by
