@@ -4,7 +4,7 @@
 //! involved spent, read from `/proc`. `servicekeel-bench` runs them and writes `BENCHMARKS.md`.
 //!
 //! The sidecars and the router are the release binaries, run as processes; the load
-//! generator and the servers run in this process on loopback.
+//! generator and the servers run in this process on loopback, the servers on a thread of their own.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -118,16 +118,17 @@ impl Drop for Running {
     }
 }
 
-/// Runs a benchmark program's `main` on the calling thread, and what it spawns (the servers, and
-/// the tasks of a load that runs several at a time) on a runtime of one worker thread: a load
-/// awaited in `main` and the servers it reaches each have their own thread. An error is printed
-/// after the program's `name` and fails the process.
+/// Runs a benchmark program's `main` on the calling thread, with a runtime of its own that
+/// drives its sockets there too, and every task it spawns (a load of several flows at a time):
+/// the load generator is one thread, as a client process would be, beside the servers' thread
+/// ([`servers`]) and the proxies' processes. (Its sockets driven from a worker thread instead,
+/// every round trip would cost it one wakeup more, the direct path and the proxied alike.) An
+/// error is printed after the program's `name` and fails the process.
 pub fn run_main(
     name: &str,
     main: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> std::process::ExitCode {
-    let done = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    let done = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -656,23 +657,46 @@ async fn wait_for(ready: impl Fn() -> bool, what: &str) -> anyhow::Result<()> {
 
 /// The servers: a TCP sink that answers the byte count after the client's FIN (or echoes one
 /// byte per byte when asked for requests), and a UDP echo.
-pub async fn servers() -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let tcp = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve_tcp(stream));
-        }
-    });
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
-    let udp = socket.local_addr()?;
-    tokio::spawn(async move {
-        let mut buffer = vec![0u8; 65_536];
-        while let Ok((n, peer)) = socket.recv_from(&mut buffer).await {
-            let _ = socket.send_to(&buffer[..n], peer).await;
-        }
-    });
-    Ok((tcp, udp))
+///
+/// They run on a thread of their own, as a server runs in a process of its own: a load's tasks
+/// never share a thread with the server they load, so every round trip, direct or through the
+/// proxies, ends with a wakeup on the other side, as between two processes. (Sharing the load's
+/// thread, a direct UDP round trip needs no wakeup at all and runs twice as fast as any two
+/// processes could.)
+pub fn servers() -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("cannot start the servers' runtime")?;
+    let (listener, socket) = {
+        let _on_it = runtime.enter();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_nonblocking(true)?;
+        (
+            TcpListener::from_std(listener)?,
+            UdpSocket::from_std(socket)?,
+        )
+    };
+    let addrs = (listener.local_addr()?, socket.local_addr()?);
+    std::thread::Builder::new()
+        .name("servers".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::spawn(async move {
+                    while let Ok((stream, _)) = listener.accept().await {
+                        tokio::spawn(serve_tcp(stream));
+                    }
+                });
+                let mut buffer = vec![0u8; 65_536];
+                while let Ok((n, peer)) = socket.recv_from(&mut buffer).await {
+                    let _ = socket.send_to(&buffer[..n], peer).await;
+                }
+            })
+        })
+        .context("cannot start the servers' thread")?;
+    Ok(addrs)
 }
 
 /// First byte `b'S'`: a sink (read to EOF, answer the count). Otherwise: echo, for requests.
@@ -886,6 +910,33 @@ pub fn report_path() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The servers answer from a thread of their own: a caller that blocks its own thread on
+    /// plain sockets, with no runtime of its own at all, is echoed and counted.
+    #[test]
+    fn the_servers_answer_from_a_thread_of_their_own() {
+        use std::io::{Read, Write};
+        let (tcp, udp) = servers().expect("the servers start");
+
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        socket.send_to(b"ping", udp).expect("send");
+        let mut echo = [0u8; 16];
+        let (n, from) = socket.recv_from(&mut echo).expect("the echo");
+        assert_eq!((&echo[..n], from), (&b"ping"[..], udp));
+
+        let mut stream = std::net::TcpStream::connect(tcp).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream.write_all(b"Sink me").expect("write");
+        stream.shutdown(std::net::Shutdown::Write).expect("FIN");
+        let mut count = [0u8; 8];
+        stream.read_exact(&mut count).expect("the count");
+        assert_eq!(u64::from_be_bytes(count), 7);
+    }
 
     /// Proxies running at once get client ranges of their own, and a range given back is taken
     /// again. From 200, a block no proxies of the benchmark use.

@@ -115,7 +115,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let (tcp, udp) = bench::servers().await?;
+    let (tcp, udp) = bench::servers()?;
     let proxies = Proxies::start(tcp, udp, Layout::OneNode).await?;
     let n = cli.pairs.max(1);
     const BULK: u64 = 256 << 20;

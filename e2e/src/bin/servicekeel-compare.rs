@@ -237,7 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
-    let (tcp, udp) = bench::servers().await?;
+    let (tcp, udp) = bench::servers()?;
     let dnsmasq = match load {
         LoadKind::Dns => {
             baselines::install()?;

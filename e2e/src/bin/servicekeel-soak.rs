@@ -109,7 +109,7 @@ async fn paced<F, Fut>(
 }
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let (tcp, udp) = bench::servers().await?;
+    let (tcp, udp) = bench::servers()?;
     let proxies = Proxies::start(tcp, udp, Layout::OneNode).await?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(cli.minutes * 60);
