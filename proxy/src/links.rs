@@ -87,13 +87,23 @@ impl LinkThreads {
         })
     }
 
+    /// How many threads there are.
+    pub fn count(&self) -> usize {
+        self.inner.runtimes.len()
+    }
+
+    /// The runtime of thread `index` (`name-index`), counted modulo [`LinkThreads::count`].
+    pub fn at(&self, index: usize) -> tokio::runtime::Handle {
+        self.inner.runtimes[index % self.inner.runtimes.len()].clone()
+    }
+
     /// The runtime of the thread for the next link.
     pub fn next(&self) -> tokio::runtime::Handle {
         let turn = self
             .inner
             .next
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.runtimes[turn % self.inner.runtimes.len()].clone()
+        self.at(turn)
     }
 }
 

@@ -67,8 +67,8 @@ pub struct RouterConfig {
     pub drain_timeout: std::time::Duration,
     /// How long a UDP flow to an endpoint on this node is busy polled after each datagram.
     pub busy_poll: std::time::Duration,
-    /// The CPUs the router may use (its affinity and CPU quota): with one, every busy UDP flow
-    /// shares the relay thread.
+    /// The CPUs the router may use (its affinity and CPU quota): as many UDP relay threads, one
+    /// per busy flow; with one, every busy UDP flow shares the one.
     pub cpus: usize,
     /// Most flows carried at once; past it new flows are refused (503).
     pub max_flows: usize,
@@ -132,8 +132,8 @@ pub enum RouterError {
     },
     #[error("cannot start the link threads: {0}")]
     LinkThreads(std::io::Error),
-    #[error("cannot start the UDP relay thread: {0}")]
-    UdpThread(std::io::Error),
+    #[error("cannot start the UDP relay threads: {0}")]
+    UdpThreads(std::io::Error),
     #[error("cannot listen for sidecars on {addr}: {cause}")]
     SidecarListen {
         addr: SocketAddr,
@@ -620,11 +620,13 @@ impl Router {
         watch_api(&config, &shared, &stopped).await;
         let mut polling = Polling::new(config.busy_poll);
         if !config.busy_poll.is_zero() {
-            let thread = LinkThreads::start_named(1, "udp").map_err(RouterError::UdpThread)?;
+            // One per CPU for busy flows, or the one every busy flow shares.
+            let threads =
+                LinkThreads::start_named(config.cpus, "udp").map_err(RouterError::UdpThreads)?;
             polling = if config.cpus > 1 {
-                polling.on_thread(thread)
+                polling.on_threads(threads)
             } else {
-                polling.on_shared_thread(thread)
+                polling.on_shared_thread(threads)
             };
         }
         tokio::spawn(server::serve(listener, shared.clone(), polling, stopped));

@@ -9,29 +9,30 @@
 //!   polling after one miss and starts again after one quick answer);
 //! - the relays sharing a [`Polling`] (all of a router's) poll one at a time, so at most one
 //!   thread spends its time so and the others keep serving every other flow;
-//! - while more than one flow is busy, none polls: a relay that wants to poll and finds the turn
-//!   taken holds all of them off for [`HOLD_OFF`] when its own flow is active (its last
-//!   [`ACTIVE_STREAK`] datagrams each within [`ACTIVE_GAP`] of the one before; a lookup's few
-//!   datagrams are not). Polling pays where the CPU it spins on would otherwise wait for the one
-//!   flow's next datagram; with several flows busy, that CPU has their work to do;
+//! - while more flows are busy than there are threads for them (below), none polls: an active
+//!   flow (its last [`ACTIVE_STREAK`] datagrams each within [`ACTIVE_GAP`] of the one before; a
+//!   lookup's few datagrams are not) that finds every thread held holds all of them off for
+//!   [`HOLD_OFF`]. Polling pays where the CPU it spins on would otherwise wait for its flow's
+//!   next datagram; with more flows busy than CPUs, that CPU has their work to do;
 //! - between two polls the relay yields its CPU (`sched_yield`): the thread it forwarded to, or
 //!   the one it forwarded for, is often woken on this same CPU, and spinning would hold it off
 //!   until the budget ran out. Where no other thread waits, the yield returns at once.
-//! - the one busy flow runs on a thread of its own ([`Polling::on_thread`]) while it is the only
-//!   one: a relay that keeps catching datagrams never waits, so the runtime's cooperative budget
-//!   makes it yield every so often, and a runtime with other threads wakes one of them, which may
-//!   take the relay over; on a thread of its own it carries on where it was. A relay takes the
+//! - each busy flow runs on a thread of its own ([`Polling::on_threads`], one per CPU) while one
+//!   is free, and polls there without taking the turn: a relay that keeps catching datagrams
+//!   never waits, so the runtime's cooperative budget makes it yield every so often, and a
+//!   runtime with other threads wakes one of them, which may take the relay over; on a thread of
+//!   its own it carries on where it was, and sleeps for its own flow only. A relay takes a
 //!   thread when it is active, its datagrams follow each other within the budget both ways and
-//!   no other flow is busy ([`BusyPoll::take_thread`]), and gives it back as soon as another
-//!   active flow wants to poll or finds the thread held ([`BusyPoll::crowded`]), or it waited
-//!   [`QUIET`] for a datagram, so that a quiet flow does not keep the thread from a busy one.
-//!   With several flows busy, all run on the runtime that spawned them: its threads find one
-//!   flow's datagram ready while another's is on its way, where a thread per relay would sleep
-//!   for its own;
-//! - where the router may use one CPU only, every busy flow runs on that thread and none holds
-//!   polling off ([`Polling::on_shared_thread`]): there, relays polling in turn with yields
-//!   carried several flows better than relays on the runtime that stop polling while several are
-//!   busy.
+//!   a thread is free ([`BusyPoll::take_thread`]), and gives it back as soon as an active flow
+//!   finds every thread held ([`BusyPoll::crowded`]), or it waited [`QUIET`] for a datagram, so
+//!   that a quiet flow does not keep a thread from a busy one. With more flows busy than
+//!   threads, all run on the runtime that spawned them: its threads find one flow's datagram
+//!   ready while another's is on its way, where a thread shared by several relays would serve
+//!   one while the others wait;
+//! - where the router may use one CPU only, every busy flow runs on its one thread and none
+//!   holds polling off ([`Polling::on_shared_thread`]): there, relays polling in turn with
+//!   yields carried several flows better than relays on the runtime that stop polling while
+//!   several are busy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 use super::datagrams::Way;
 use crate::links::LinkThreads;
 
-/// How long no relay polls after one found the turn taken.
+/// How long no relay polls after an active one found every thread held.
 pub const HOLD_OFF: Duration = Duration::from_millis(10);
 
 /// A flow is active while this many datagrams in a row each came within [`ACTIVE_GAP`] of the
@@ -50,30 +51,30 @@ pub const ACTIVE_STREAK: u8 = 8;
 /// See [`ACTIVE_STREAK`].
 pub const ACTIVE_GAP: Duration = Duration::from_millis(1);
 
-/// How long the relay on the thread of its own waits for a datagram before it gives the thread
+/// How long a relay on a thread of its own waits for a datagram before it gives the thread
 /// back.
 pub const QUIET: Duration = Duration::from_millis(10);
 
-/// How relays busy poll: their budget, the turn they take one at a time, and the thread the one
-/// busy flow runs on.
+/// How relays busy poll: their budget, the turn they take one at a time, and the threads busy
+/// flows run on.
 #[derive(Debug, Clone, Default)]
 pub struct Polling {
     budget: Duration,
     /// Held by the relay polling now.
     turn: Arc<AtomicBool>,
-    /// When a relay last found the turn taken.
+    /// When an active relay last found every thread held.
     contended: Arc<Contention>,
-    /// The thread busy flows' relays run on whole; without it, relays run where they are
+    /// The threads busy flows' relays run on whole; without them, relays run where they are
     /// spawned.
-    thread: Option<RelayThread>,
+    threads: Option<RelayThreads>,
 }
 
-/// The thread of [`Polling::on_thread`] or [`Polling::on_shared_thread`].
+/// The threads of [`Polling::on_threads`] or the thread of [`Polling::on_shared_thread`].
 #[derive(Debug, Clone)]
-struct RelayThread {
+struct RelayThreads {
     runtime: LinkThreads,
-    /// Whether a relay holds it (the one busy flow's).
-    held: Arc<AtomicBool>,
+    /// Per thread, whether a relay holds it (a busy flow's).
+    held: Arc<[AtomicBool]>,
     /// Every busy flow's, none holding polling off.
     shared: bool,
 }
@@ -87,23 +88,26 @@ impl Polling {
         }
     }
 
-    /// The same, the one busy flow's relay run whole on `thread` (its first thread).
-    pub fn on_thread(self, thread: LinkThreads) -> Self {
-        self.with_thread(thread, false)
+    /// The same, each busy flow's relay run whole on one of `threads` of its own while one is
+    /// free.
+    pub fn on_threads(self, threads: LinkThreads) -> Self {
+        self.with_threads(threads, false)
     }
 
-    /// The same, every busy flow's relay run whole on `thread`, and none holding polling off
-    /// while several are busy: for a router with one CPU, where polling in turn with yields
-    /// carried several flows as well as one.
+    /// The same, every busy flow's relay run whole on `thread` (its first), and none holding
+    /// polling off while several are busy: for a router with one CPU, where polling in turn
+    /// with yields carried several flows as well as one.
     pub fn on_shared_thread(self, thread: LinkThreads) -> Self {
-        self.with_thread(thread, true)
+        self.with_threads(thread, true)
     }
 
-    fn with_thread(self, runtime: LinkThreads, shared: bool) -> Self {
+    fn with_threads(self, runtime: LinkThreads, shared: bool) -> Self {
         Polling {
-            thread: Some(RelayThread {
+            threads: Some(RelayThreads {
+                held: (0..runtime.count())
+                    .map(|_| AtomicBool::new(false))
+                    .collect(),
                 runtime,
-                held: Arc::default(),
                 shared,
             }),
             ..self
@@ -111,16 +115,17 @@ impl Polling {
     }
 
     fn shared(&self) -> bool {
-        self.thread.as_ref().is_some_and(|thread| thread.shared)
+        self.threads.as_ref().is_some_and(|threads| threads.shared)
     }
 }
 
-/// A relay's place on the thread of [`Polling::on_thread`] (held, given back when dropped) or
-/// of [`Polling::on_shared_thread`].
+/// A relay's place on a thread of [`Polling::on_threads`] (held, given back when dropped) or
+/// on that of [`Polling::on_shared_thread`].
 #[derive(Debug)]
 pub struct Home {
     runtime: tokio::runtime::Handle,
-    held: Option<Arc<AtomicBool>>,
+    /// The threads' flags and this one's index, when it is held.
+    held: Option<(Arc<[AtomicBool]>, usize)>,
 }
 
 impl Home {
@@ -131,8 +136,8 @@ impl Home {
 
 impl Drop for Home {
     fn drop(&mut self) {
-        if let Some(held) = &self.held {
-            held.store(false, Ordering::Release);
+        if let Some((held, index)) = &self.held {
+            held[*index].store(false, Ordering::Release);
         }
     }
 }
@@ -149,6 +154,8 @@ pub struct BusyPoll {
     /// How many datagrams in a row came within [`ACTIVE_GAP`] of the last one forwarded (up to
     /// [`ACTIVE_STREAK`]).
     streak: u8,
+    /// Whether the relay runs on a thread it holds, where no other relay polls.
+    alone: bool,
 }
 
 impl BusyPoll {
@@ -158,75 +165,74 @@ impl BusyPoll {
             last: None,
             gaps: [None; 2],
             streak: 0,
+            alone: false,
         }
     }
 
-    /// A window to poll in now, if polling is worth it, no other relay polls and none found
-    /// the turn taken within [`HOLD_OFF`]: it closes a budget after the last datagram
-    /// forwarded, and gives the turn back when dropped.
+    /// The relay runs at `home` from now on (`None`: where it was spawned).
+    pub fn placed(&mut self, home: Option<&Home>) {
+        self.alone = home.is_some_and(|home| home.held.is_some());
+    }
+
+    /// A window to poll in now, if polling is worth it, the relay is not crowded
+    /// ([`BusyPoll::crowded`]) and it holds its thread or no other relay polls: it closes a
+    /// budget after the last datagram forwarded, and gives the turn back when dropped.
     pub fn window(&self) -> Option<Window<'_>> {
-        let Polling {
-            budget,
-            turn,
-            contended,
-            ..
-        } = &self.polling;
+        let Polling { budget, turn, .. } = &self.polling;
         let (way, at) = self.last?;
         let quick = self.gaps[slot(way)].is_none_or(|gap| gap <= *budget);
         if budget.is_zero() || !quick || self.crowded() {
             return None;
         }
-        if turn
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            // A lookup's few datagrams leave the busy flow be.
-            if self.active() {
-                contended.seen(at);
-            }
-            return None;
+        let until = at + *budget;
+        if self.alone {
+            return Some(Window { turn: None, until });
         }
+        turn.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
         Some(Window {
-            turn,
-            until: at + *budget,
+            turn: Some(turn),
+            until,
         })
     }
 
-    /// The thread of [`Polling::on_thread`], held until the [`Home`] is dropped: given when
-    /// this flow is busy (a flow whose requests come at intervals does not move for each), no
-    /// other flow is ([`BusyPoll::crowded`]) and no other relay holds the thread. An active flow
-    /// that finds another holding the thread counts as another flow busy, as one finding the
-    /// turn at polling taken does: the flow on the thread then gives it back.
+    /// A thread of [`Polling::on_threads`], held until the [`Home`] is dropped: given when this
+    /// flow is busy (a flow whose requests come at intervals does not move for each), not
+    /// crowded ([`BusyPoll::crowded`]) and a thread is free. An active flow that finds every
+    /// thread held holds all polling off for [`HOLD_OFF`]: more flows are busy than there are
+    /// threads, and the flows on them give them back. With [`Polling::on_shared_thread`], the
+    /// one thread to every busy flow.
     pub fn take_thread(&self) -> Option<Home> {
-        let thread = self.polling.thread.as_ref()?;
+        let threads = self.polling.threads.as_ref()?;
         let (_, at) = self.last?;
-        if thread.shared {
+        if threads.shared {
             return self.busy().then(|| Home {
-                runtime: thread.runtime.next(),
+                runtime: threads.runtime.at(0),
                 held: None,
             });
         }
-        let held = &thread.held;
+        let held = &threads.held;
         if !self.active() || self.crowded() {
             return None;
         }
-        if held.load(Ordering::Relaxed) {
+        // A plain read first: an active flow finding every thread held need not take the lines.
+        if held.iter().all(|held| held.load(Ordering::Relaxed)) {
             self.polling.contended.seen(at);
             return None;
         }
         if !self.busy() {
             return None;
         }
-        if held
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        let Some(index) = held.iter().position(|held| {
+            held.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        }) else {
             self.polling.contended.seen(at);
             return None;
-        }
+        };
         Some(Home {
-            runtime: thread.runtime.next(),
-            held: Some(held.clone()),
+            runtime: threads.runtime.at(index),
+            held: Some((held.clone(), index)),
         })
     }
 
@@ -254,8 +260,9 @@ impl BusyPoll {
         !self.polling.shared()
     }
 
-    /// Whether another flow is busy too: a relay found the turn taken less than [`HOLD_OFF`]
-    /// before the last datagram this one forwarded (never so with a shared thread).
+    /// Whether more flows are busy than there are threads: an active relay found every thread
+    /// held less than [`HOLD_OFF`] before the last datagram this one forwarded (never so with a
+    /// shared thread).
     pub fn crowded(&self) -> bool {
         !self.polling.shared()
             && self
@@ -334,7 +341,8 @@ impl Contention {
 /// The turn at polling, until a deadline.
 #[derive(Debug)]
 pub struct Window<'a> {
-    turn: &'a AtomicBool,
+    /// The turn taken, where the relay shares its thread.
+    turn: Option<&'a AtomicBool>,
     until: Instant,
 }
 
@@ -353,7 +361,9 @@ impl Window<'_> {
 
 impl Drop for Window<'_> {
     fn drop(&mut self) {
-        self.turn.store(false, Ordering::Release);
+        if let Some(turn) = self.turn {
+            turn.store(false, Ordering::Release);
+        }
     }
 }
 #[cfg(test)]
@@ -431,67 +441,33 @@ mod tests {
     }
 
     #[test]
-    fn relays_sharing_a_polling_poll_one_at_a_time() {
+    fn relays_sharing_a_polling_poll_one_at_a_time_and_hold_no_one_off() {
         let polling = Polling::new(BUDGET);
         let mut first = BusyPoll::new(polling.clone());
         let mut second = BusyPoll::new(polling);
         let mut apart = poll(BUDGET);
         let start = Instant::now();
-        for poll in [&mut first, &mut second, &mut apart] {
-            poll.forwarded_at(Way::Out, start);
-        }
+        busy_until(&mut first, start);
+        busy_until(&mut second, start);
+        apart.forwarded_at(Way::Out, start);
         let window = first.window().expect("the first takes the turn");
         assert!(second.window().is_none(), "the turn is taken");
         assert!(apart.window().is_some(), "another polling has its own turn");
         drop(window);
         assert!(
-            second.window().is_some(),
-            "the turn is free again, not held off: the second flow is not active"
+            !first.crowded() && !second.crowded(),
+            "a busy flow finding the turn taken holds no one off"
         );
+        assert!(second.window().is_some(), "the turn is free again at once");
     }
 
-    #[test]
-    fn a_busy_relay_finding_the_turn_taken_holds_every_relay_off_for_a_while() {
-        let polling = Polling::new(BUDGET);
-        let mut first = BusyPoll::new(polling.clone());
-        let mut second = BusyPoll::new(polling.clone());
-        let mut trying = BusyPoll::new(polling);
-        let start = Instant::now();
-        busy_until(&mut first, start);
-        busy_until(&mut second, start);
-        let window = first.window().expect("the first takes the turn");
-        // A flow whose answers are not known yet finds the turn taken: no other flow is busy.
-        trying.forwarded_at(Way::Out, start);
-        assert!(trying.window().is_none(), "the turn is taken");
-        assert!(!first.crowded(), "a flow trying its first answers");
-        assert!(second.window().is_none(), "the turn is taken");
-        drop(window);
-        // Two flows busy at once: the turn is free, and neither polls.
-        let soon = start + HOLD_OFF / 2;
-        first.forwarded_at(Way::Out, soon);
-        assert!(first.crowded());
-        assert!(
-            first.window().is_none(),
-            "the one that had the turn is held off"
-        );
-        second.forwarded_at(Way::Out, soon);
-        assert!(
-            second.window().is_none(),
-            "so is the one that found it taken"
-        );
-        // Held off without finding the turn taken, neither put the hold-off forward.
-        first.forwarded_at(Way::Out, start + HOLD_OFF);
-        assert!(!first.crowded());
-        assert!(first.window().is_some(), "polling again after the hold-off");
-    }
-
-    /// Polling with a thread named `name` (shared or the one busy flow's), checked to give it
-    /// to no lookup: its few datagrams, quickly answered, do not make a busy flow.
-    fn on_a_thread(name: &str, shared: bool) -> Polling {
-        let thread = LinkThreads::start_named(1, name).expect("thread");
+    /// Polling with `threads` threads named `name` (shared or one per busy flow), checked to
+    /// give none to a lookup: its few datagrams, quickly answered, do not make a busy flow.
+    fn on_threads(name: &str, threads: usize, shared: bool) -> Polling {
+        let threads = LinkThreads::start_named(threads, name).expect("threads");
         let polling = match shared {
-            true => Polling::new(BUDGET).on_shared_thread(thread),
-            false => Polling::new(BUDGET).on_thread(thread),
+            true => Polling::new(BUDGET).on_shared_thread(threads),
+            false => Polling::new(BUDGET).on_threads(threads),
         };
         let mut lookup = BusyPoll::new(polling.clone());
         exchanged(&mut lookup, Instant::now(), 3, QUICK);
@@ -508,12 +484,12 @@ mod tests {
     }
 
     #[test]
-    fn the_thread_goes_to_a_busy_flow_while_no_other_is_busy_one_relay_at_a_time() {
+    fn each_busy_flow_takes_a_thread_of_its_own_while_one_is_free() {
         let mut nowhere = poll(BUDGET);
         busy_until(&mut nowhere, Instant::now());
         assert!(nowhere.take_thread().is_none(), "no thread given");
 
-        let polling = on_a_thread("relay-test", false);
+        let polling = on_threads("relay-test", 2, false);
         let relay = || BusyPoll::new(polling.clone());
         let now = Instant::now();
         let mut slow = relay();
@@ -524,44 +500,45 @@ mod tests {
         );
         assert!(!slow.crowded());
 
+        // Two busy flows, a thread each, and each polls there without taking the turn.
         let mut first = relay();
-        busy_until(&mut first, now);
-        let home = first.take_thread().expect("busy and alone");
-        assert_eq!(thread_name(&home).as_deref(), Some("relay-test-0"));
-        assert!(!first.crowded());
-
-        // While the first holds it, the slow flow, active too, finds it held: another flow
-        // is busy, and the first gives the thread back at its next datagram.
-        slow.forwarded_at(Way::Out, now);
-        assert!(slow.take_thread().is_none(), "held by the first");
-        first.forwarded_at(Way::In, now);
-        assert!(first.crowded(), "a second active flow");
-        drop(home);
         let mut second = relay();
-        busy_until(&mut second, now + HOLD_OFF / 2);
-        assert!(second.take_thread().is_none(), "crowded");
+        busy_until(&mut first, now);
+        busy_until(&mut second, now);
+        let first_home = first.take_thread().expect("busy, a thread free");
+        let second_home = second.take_thread().expect("busy, the other thread free");
+        assert_eq!(thread_name(&first_home).as_deref(), Some("relay-test-0"));
+        assert_eq!(thread_name(&second_home).as_deref(), Some("relay-test-1"));
+        first.placed(Some(&first_home));
+        second.placed(Some(&second_home));
+        let first_window = first.window().expect("polls alone on its thread");
+        assert!(second.window().is_some(), "so does the second");
+        drop(first_window);
+        assert!(!first.crowded() && !second.crowded());
+
+        // The slow flow, active too, finds every thread held: more flows are busy than there
+        // are threads, and the holders give theirs back at their next datagram.
+        slow.forwarded_at(Way::Out, now);
+        assert!(slow.take_thread().is_none(), "every thread held");
+        first.forwarded_at(Way::In, now);
+        assert!(first.crowded(), "a third active flow");
+        assert!(first.window().is_none(), "no polling while crowded");
+        assert!(second.crowded());
+        drop((first_home, second_home));
+        first.placed(None);
+        let mut third = relay();
+        busy_until(&mut third, now + HOLD_OFF / 2);
+        assert!(third.take_thread().is_none(), "crowded");
 
         // Past the hold-off: free again.
-        busy_until(&mut second, now + HOLD_OFF);
-        let home = second.take_thread().expect("free again");
+        busy_until(&mut third, now + HOLD_OFF);
+        let home = third.take_thread().expect("free again");
         assert_eq!(thread_name(&home).as_deref(), Some("relay-test-0"));
-        drop(home);
-
-        // A busy relay finding the turn at polling taken counts the same.
-        let later = now + HOLD_OFF * 2;
-        busy_until(&mut second, later);
-        let window = second.window().expect("the turn");
-        let mut third = relay();
-        busy_until(&mut third, later);
-        assert!(third.window().is_none());
-        drop(window);
-        assert!(second.crowded());
-        assert!(second.take_thread().is_none(), "another flow is busy");
     }
 
     #[test]
     fn a_shared_thread_goes_to_every_busy_flow_and_none_holds_polling_off() {
-        let polling = on_a_thread("shared-test", true);
+        let polling = on_threads("shared-test", 1, true);
         let relay = || BusyPoll::new(polling.clone());
         let now = Instant::now();
         let mut first = relay();

@@ -97,8 +97,8 @@ pub async fn relay(
 /// Pumps datagrams between two local sockets (the router's side of a UDP client handed over:
 /// the client's socket `a`, the endpoint's `b`) until the flow has been idle for `idle` or a
 /// side fails. After each datagram it busy polls both sides as `polling` allows before it
-/// sleeps, yielding the CPU between polls; while it is the one busy flow it runs on the thread
-/// `polling` has for that, when it has one (see [`super::busy_poll`]), and where it was spawned
+/// sleeps, yielding the CPU between polls; while its flow is busy it runs on a thread `polling`
+/// has for busy flows, when one is free (see [`super::busy_poll`]), and where it was spawned
 /// otherwise. `meter` sees `a`'s datagrams as [`Way::Out`] and `b`'s as [`Way::In`].
 pub async fn bridge(
     a: Connected,
@@ -116,7 +116,7 @@ pub async fn bridge(
         poll: BusyPoll::new(polling),
         meter,
     };
-    // Held while the bridge runs on the thread for the one busy flow.
+    // Held while the bridge runs on a thread for busy flows.
     let mut home: Option<Home> = None;
     loop {
         let leg = match &home {
@@ -136,10 +136,12 @@ pub async fn bridge(
             Leg::Ended => return Ok(()),
             Leg::Move(thread) => {
                 bridge = bridge.moved_to(thread.runtime())?;
+                bridge.poll.placed(Some(&thread));
                 home = Some(thread);
             }
             Leg::Back => {
                 bridge = bridge.moved_to(&here)?;
+                bridge.poll.placed(None);
                 // Given back once the sockets are off the thread.
                 home = None;
             }
@@ -162,16 +164,16 @@ struct Bridge<M> {
 enum Leg {
     /// The flow ended: a side was done, or it was idle for its idle time.
     Ended,
-    /// The bridge took the thread for the one busy flow, and moves there.
+    /// The bridge took a thread for busy flows, and moves there.
     Move(Home),
     /// The bridge on that thread gives it back, and moves back where it was spawned.
     Back,
 }
 
 impl<M: Fn(Way, usize) + Send> Bridge<M> {
-    /// Pumps until the flow ends or the bridge moves: off the thread (`on_thread` false) once
-    /// it takes the thread, on it once another flow is busy too or, holding the thread, it
-    /// waited [`QUIET`] for a datagram.
+    /// Pumps until the flow ends or the bridge moves: off a thread (`on_thread` false) once it
+    /// takes one, on it once more flows are busy than there are threads or, holding the
+    /// thread, it waited [`QUIET`] for a datagram.
     async fn run(&mut self, on_thread: bool) -> io::Result<Leg> {
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
@@ -539,9 +541,9 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_one_busy_flow_moves_to_the_thread_and_back_when_crowded_or_quiet() {
+    async fn a_busy_flow_moves_to_a_thread_and_back_when_crowded_or_quiet() {
         let thread = crate::links::LinkThreads::start_named(1, "bridge-test").expect("thread");
-        let polling = Polling::new(Duration::from_millis(1)).on_thread(thread);
+        let polling = Polling::new(Duration::from_millis(1)).on_threads(thread);
         let forwarded_on: Arc<std::sync::Mutex<Vec<Option<String>>>> = Arc::default();
         let meter = {
             let forwarded_on = forwarded_on.clone();
@@ -559,22 +561,22 @@ mod tests {
         let last_off_thread = |names: &[Option<String>]| !last_on_thread(names);
         assert!(
             echoed_until(&app, &forwarded_on, || {}, last_on_thread),
-            "a busy flow alone moved to the thread"
+            "a busy flow moved to the free thread"
         );
         assert!(
             !on_thread(&forwarded_on.lock().expect("names")[0]),
             "its first datagram was forwarded where the bridge was spawned"
         );
 
-        // Another busy flow wants to poll after each of its datagrams, and finds the turn taken
-        // while the bridge polls.
+        // Another flow, active, wants a thread after each of its datagrams and finds the one
+        // there held by the bridge.
         let mut other = BusyPoll::new(polling);
         let another_busy_flow = || {
-            for way in [Way::Out, Way::In, Way::Out] {
+            for way in [Way::Out, Way::In].into_iter().cycle().take(9) {
                 other.arrived();
                 other.forwarded(way);
             }
-            drop(other.window());
+            drop(other.take_thread());
         };
         assert!(
             echoed_until(&app, &forwarded_on, another_busy_flow, last_off_thread),

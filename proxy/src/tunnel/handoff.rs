@@ -599,8 +599,8 @@ async fn relay_to_end(upstream: Upstream, mut app: TcpStream) -> Finished {
 
 /// Relays one handed-over UDP client to the far end `handler` opens for it, until the flow has
 /// been idle for `idle`; the client's socket is closed then, so its next datagram reaches the
-/// sidecar again. A bridge to an endpoint on this node busy polls as `polling` allows, on the
-/// thread `polling` has for the one busy flow while it is that flow.
+/// sidecar again. A bridge to an endpoint on this node busy polls as `polling` allows, on a
+/// thread `polling` has for busy flows while its flow is busy and one is free.
 async fn relay_udp<H: Handler>(
     request: FlowRequest,
     client: Connected,
@@ -618,7 +618,7 @@ async fn relay_udp<H: Handler>(
     };
     // The client is the local side here: what it sends goes towards the endpoint.
     let finished = match upstream {
-        // The bridge moves itself to the thread for the one busy flow, and back.
+        // The bridge moves itself to a thread for busy flows, and back.
         Upstream::Udp(endpoint) => {
             let carried = Carried::default();
             let meter = carried.meter(datagrams::Way::Out);
