@@ -319,16 +319,26 @@ pub fn free_port() -> anyhow::Result<u16> {
         return Ok(listener.local_addr()?.port());
     }
     let start = std::process::id().wrapping_mul(7919) % span;
+    first_free(FIXED_PORTS_FROM, span, || {
+        start + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    })
+}
+
+/// The first loopback port free for both TCP and UDP among `span` ports from `from`, tried in
+/// the order `next` gives (each taken modulo `span`).
+fn first_free(from: u32, span: u32, mut next: impl FnMut() -> u32) -> anyhow::Result<u16> {
     for _ in 0..span {
-        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let port = (FIXED_PORTS_FROM + (start + step) % span) as u16;
+        let port = (from + next() % span) as u16;
         let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
         if free {
             return Ok(port);
         }
     }
-    bail!("no loopback port free for TCP and UDP in {FIXED_PORTS_FROM}..{ephemeral}")
+    bail!(
+        "no loopback port free for TCP and UDP in {from}..{}",
+        from + span
+    )
 }
 
 /// Where [`free_port`] starts looking: above the fixed ports of Kubernetes' own components
@@ -375,11 +385,29 @@ mod tests {
             let _udp = std::net::UdpSocket::bind(("127.0.0.1", port)).expect("free for UDP");
         }
         assert!(ports[0] != ports[1] && ports[1] != ports[2] && ports[0] != ports[2]);
-        // One held is not given.
-        let held = std::net::TcpListener::bind(("127.0.0.1", ports[2] + 1));
-        let next = free_port().expect("a port");
-        if held.is_ok() {
-            assert_ne!(next, ports[2] + 1, "the next port was held");
+    }
+
+    /// A port held for TCP only, or for UDP only, is passed over for the next one free.
+    #[test]
+    fn a_port_held_for_either_protocol_is_passed_over() {
+        // Ports the kernel gives now are free for the other protocol too, as a rule; tried in
+        // turn from the held one.
+        let tcp_held = std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP port");
+        let udp_held = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+        for (held, protocol) in [
+            (tcp_held.local_addr().expect("addr").port(), "TCP"),
+            (udp_held.local_addr().expect("addr").port(), "UDP"),
+        ] {
+            let mut step = 0;
+            let given = first_free(u32::from(held), 64, || {
+                step += 1;
+                step - 1
+            })
+            .expect("a free port among 64");
+            assert!(step >= 2, "the held port was tried first and passed over");
+            assert_ne!(given, held, "held for {protocol}");
+            let after = u32::from(held) + 1..u32::from(held) + 64;
+            assert!(after.contains(&u32::from(given)), "{given}");
         }
     }
 }
