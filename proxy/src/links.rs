@@ -57,8 +57,9 @@ impl LinkThreads {
         LinkThreads::start_named(count, "link")
     }
 
-    /// The same, the threads named `name-0`, `name-1`, … (a relay best kept on one thread uses
-    /// one too: see [`Polling::on_thread`](crate::tunnel::busy_poll::Polling::on_thread)).
+    /// The same, the threads named `name-0`, `name-1`, … (busy UDP flows' relays, best kept on
+    /// one thread each, use such threads too: see
+    /// [`Polling::on_threads`](crate::tunnel::busy_poll::Polling::on_threads)).
     pub fn start_named(count: usize, name: &str) -> io::Result<LinkThreads> {
         let mut runtimes = Vec::new();
         let mut ends = Vec::new();
