@@ -7,8 +7,9 @@
 //! - a relay polls after forwarding one way only when, the last time it forwarded that way,
 //!   the next datagram came within the budget (a flow of slow answers, or a quiet one, stops
 //!   polling after one miss and starts again after one quick answer);
-//! - the relays sharing a [`Polling`] (all of a router's) poll one at a time, so at most one
-//!   thread spends its time so and the others keep serving every other flow;
+//! - the relays sharing a [`Polling`] (all of a router's) poll one at a time, but for those on a
+//!   thread of their own (below): so of the threads that serve several flows, at most one
+//!   spends its time so and the others keep serving every other flow;
 //! - while more flows are busy than there are threads for them (below), none polls: an active
 //!   flow (its last [`ACTIVE_STREAK`] datagrams each within [`ACTIVE_GAP`] of the one before; a
 //!   lookup's few datagrams are not) that finds every thread held holds all of them off for
