@@ -4,7 +4,9 @@
 //! its own token volume's name; and, apart, the first pods of workloads each unlike any other,
 //! which the webhook reads and injects in full. Latencies
 //! are taken server-side, around each server's whole router (body read, handler, response built),
-//! so they leave out the client's share and its queueing on the shared cores.
+//! so they leave out the client's share and its queueing on the shared cores. The servers run on
+//! a runtime of their own (a worker per CPU, the webhook's default), apart from the client's
+//! thread, as the webhook runs apart from the apiserver.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -92,6 +94,12 @@ impl Webhooks {
         state.set_ready(true);
         let baseline_app = Router::new().route("/mutate", post(|_body: Bytes| async { ALLOWED }));
         let (stop, stopped) = watch::channel(false);
+        // The servers run on a runtime of their own, on threads of their own, as the webhook
+        // runs apart from the apiserver that calls it: its own default, a worker per CPU.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the webhook servers' runtime")?;
         let served = Arc::new(Mutex::new(Vec::new()));
         let mut addrs = Vec::new();
         for router in [app(state), baseline_app] {
@@ -106,9 +114,14 @@ impl Webhooks {
                     response
                 }
             }));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.set_nonblocking(true)?;
             addrs.push(listener.local_addr()?);
-            tokio::spawn(serve(
+            let listener = {
+                let _on_it = runtime.enter();
+                tokio::net::TcpListener::from_std(listener)?
+            };
+            runtime.spawn(serve(
                 listener,
                 tls.clone(),
                 router,
@@ -116,6 +129,16 @@ impl Webhooks {
                 Duration::from_secs(1),
             ));
         }
+        // The runtime lives on a thread of its own until the stop is sent or dropped.
+        let mut until = stopped.clone();
+        std::thread::Builder::new()
+            .name("webhooks".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _ = until.changed().await;
+                })
+            })
+            .context("cannot start the webhook servers' thread")?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from(ca.der().to_vec()))?;
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
