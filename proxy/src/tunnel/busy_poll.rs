@@ -10,11 +10,12 @@
 //! - the relays sharing a [`Polling`] (all of a router's) poll one at a time, but for those on a
 //!   thread of their own (below): so of the threads that serve several flows, at most one
 //!   spends its time so and the others keep serving every other flow;
-//! - while more flows are busy than there are threads for them (below), none polls: an active
-//!   flow (its last [`ACTIVE_STREAK`] datagrams each within [`ACTIVE_GAP`] of the one before; a
-//!   lookup's few datagrams are not) that finds every thread held holds all of them off for
-//!   [`HOLD_OFF`]. Polling pays where the CPU it spins on would otherwise wait for its flow's
-//!   next datagram; with more flows busy than CPUs, that CPU has their work to do;
+//! - while more flows are busy than can poll (one per thread for them, below, and one on the
+//!   runtime), none polls: an active flow (its last [`ACTIVE_STREAK`] datagrams each within
+//!   [`ACTIVE_GAP`] of the one before; a lookup's few datagrams are not) that finds every thread
+//!   held and the turn taken holds all of them off for [`HOLD_OFF`]. Polling pays where the CPU
+//!   it spins on would otherwise wait for its flow's next datagram; with many more flows busy
+//!   than CPUs, that CPU has their work to do;
 //! - between two polls the relay yields its CPU (`sched_yield`): the thread it forwarded to, or
 //!   the one it forwarded for, is often woken on this same CPU, and spinning would hold it off
 //!   until the budget ran out. Where no other thread waits, the yield returns at once.
@@ -24,12 +25,12 @@
 //!   runtime with other threads wakes one of them, which may take the relay over; on a thread of
 //!   its own it carries on where it was, and sleeps for its own flow only. A relay takes a
 //!   thread when it is active, its datagrams follow each other within the budget both ways and
-//!   a thread is free ([`BusyPoll::take_thread`]), and gives it back as soon as an active flow
-//!   finds every thread held ([`BusyPoll::crowded`]), or it waited [`QUIET`] for a datagram, so
-//!   that a quiet flow does not keep a thread from a busy one. With more flows busy than
-//!   threads, all run on the runtime that spawned them: its threads find one flow's datagram
-//!   ready while another's is on its way, where a thread shared by several relays would serve
-//!   one while the others wait;
+//!   a thread is free ([`BusyPoll::take_thread`]), and gives it back as soon as more flows are
+//!   busy than can poll ([`BusyPoll::crowded`]), or it waited [`QUIET`] for a datagram, so that
+//!   a quiet flow does not keep a thread from a busy one. One busy flow more than threads polls
+//!   on the runtime with the turn; with more still, all run on the runtime that spawned them:
+//!   its threads find one flow's datagram ready while another's is on its way, where a thread
+//!   shared by several relays would serve one while the others wait;
 //! - where the router may use one CPU only, every busy flow runs on its one thread and none
 //!   holds polling off ([`Polling::on_shared_thread`]): there, relays polling in turn with
 //!   yields carried several flows better than relays on the runtime that stop polling while
@@ -42,7 +43,7 @@ use std::time::{Duration, Instant};
 use super::datagrams::Way;
 use crate::links::LinkThreads;
 
-/// How long no relay polls after an active one found every thread held.
+/// How long no relay polls after an active one found every thread held and the turn taken.
 pub const HOLD_OFF: Duration = Duration::from_millis(10);
 
 /// A flow is active while this many datagrams in a row each came within [`ACTIVE_GAP`] of the
@@ -63,7 +64,7 @@ pub struct Polling {
     budget: Duration,
     /// Held by the relay polling now.
     turn: Arc<AtomicBool>,
-    /// When an active relay last found every thread held.
+    /// When an active relay last found every thread held and the turn taken.
     contended: Arc<Contention>,
     /// The threads busy flows' relays run on whole; without them, relays run where they are
     /// spawned.
@@ -177,7 +178,9 @@ impl BusyPoll {
 
     /// A window to poll in now, if polling is worth it, the relay is not crowded
     /// ([`BusyPoll::crowded`]) and it holds its thread or no other relay polls: it closes a
-    /// budget after the last datagram forwarded, and gives the turn back when dropped.
+    /// budget after the last datagram forwarded, and gives the turn back when dropped. An active
+    /// relay that finds the turn taken while every thread is held holds all polling off for
+    /// [`HOLD_OFF`].
     pub fn window(&self) -> Option<Window<'_>> {
         let Polling { budget, turn, .. } = &self.polling;
         let (way, at) = self.last?;
@@ -189,8 +192,15 @@ impl BusyPoll {
         if self.alone {
             return Some(Window { turn: None, until });
         }
-        turn.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .ok()?;
+        if turn
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            if self.active() && self.every_thread_held() {
+                self.polling.contended.seen(at);
+            }
+            return None;
+        }
         Some(Window {
             turn: Some(turn),
             until,
@@ -199,13 +209,11 @@ impl BusyPoll {
 
     /// A thread of [`Polling::on_threads`], held until the [`Home`] is dropped: given when this
     /// flow is busy (a flow whose requests come at intervals does not move for each), not
-    /// crowded ([`BusyPoll::crowded`]) and a thread is free. An active flow that finds every
-    /// thread held holds all polling off for [`HOLD_OFF`]: more flows are busy than there are
-    /// threads, and the flows on them give them back. With [`Polling::on_shared_thread`], the
-    /// one thread to every busy flow.
+    /// crowded ([`BusyPoll::crowded`]) and a thread is free. A flow that finds every thread held
+    /// stays where it is and polls there with the turn ([`BusyPoll::window`]). With
+    /// [`Polling::on_shared_thread`], the one thread to every busy flow.
     pub fn take_thread(&self) -> Option<Home> {
         let threads = self.polling.threads.as_ref()?;
-        let (_, at) = self.last?;
         if threads.shared {
             return self.busy().then(|| Home {
                 runtime: threads.runtime.at(0),
@@ -216,24 +224,24 @@ impl BusyPoll {
         if !self.active() || self.crowded() {
             return None;
         }
-        // A plain read first: an active flow finding every thread held need not take the lines.
-        if held.iter().all(|held| held.load(Ordering::Relaxed)) {
-            self.polling.contended.seen(at);
+        // A plain read first: a flow finding every thread held need not take the lines.
+        if !self.busy() || self.every_thread_held() {
             return None;
         }
-        if !self.busy() {
-            return None;
-        }
-        let Some(index) = held.iter().position(|held| {
+        let index = held.iter().position(|held| {
             held.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
-        }) else {
-            self.polling.contended.seen(at);
-            return None;
-        };
+        })?;
         Some(Home {
             runtime: threads.runtime.at(index),
             held: Some((held.clone(), index)),
+        })
+    }
+
+    /// Whether every thread of [`Polling::on_threads`] is held (a plain read: no line taken).
+    fn every_thread_held(&self) -> bool {
+        self.polling.threads.as_ref().is_some_and(|threads| {
+            !threads.shared && threads.held.iter().all(|held| held.load(Ordering::Relaxed))
         })
     }
 
@@ -261,9 +269,9 @@ impl BusyPoll {
         !self.polling.shared()
     }
 
-    /// Whether more flows are busy than there are threads: an active relay found every thread
-    /// held less than [`HOLD_OFF`] before the last datagram this one forwarded (never so with a
-    /// shared thread).
+    /// Whether more flows are busy than can poll: an active relay found every thread held and
+    /// the turn taken less than [`HOLD_OFF`] before the last datagram this one forwarded (never
+    /// so with a shared thread).
     pub fn crowded(&self) -> bool {
         !self.polling.shared()
             && self
@@ -517,17 +525,28 @@ mod tests {
         drop(first_window);
         assert!(!first.crowded() && !second.crowded());
 
-        // The slow flow, active too, finds every thread held: more flows are busy than there
-        // are threads, and the holders give theirs back at their next datagram.
-        slow.forwarded_at(Way::Out, now);
-        assert!(slow.take_thread().is_none(), "every thread held");
+        // A third busy flow finds every thread held: it stays on the runtime and polls there
+        // with the turn, crowding no one.
+        let mut third = relay();
+        busy_until(&mut third, now);
+        assert!(third.take_thread().is_none(), "every thread held");
+        assert!(
+            !first.crowded(),
+            "one flow more than threads, on the runtime"
+        );
+        let third_window = third.window().expect("the turn on the runtime");
+        // A fourth busy flow finds the turn taken too: more flows are busy than can poll, and
+        // the holders give their threads back at their next datagram.
+        let mut fourth = relay();
+        busy_until(&mut fourth, now);
+        assert!(fourth.window().is_none(), "the turn is taken");
+        drop(third_window);
         first.forwarded_at(Way::In, now);
-        assert!(first.crowded(), "a third active flow");
+        assert!(first.crowded(), "a fourth active flow");
         assert!(first.window().is_none(), "no polling while crowded");
-        assert!(second.crowded());
+        assert!(second.crowded() && third.crowded());
         drop((first_home, second_home));
         first.placed(None);
-        let mut third = relay();
         busy_until(&mut third, now + HOLD_OFF / 2);
         assert!(third.take_thread().is_none(), "crowded");
 
