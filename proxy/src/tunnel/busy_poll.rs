@@ -156,8 +156,6 @@ pub struct BusyPoll {
     /// How many datagrams in a row came within [`ACTIVE_GAP`] of the last one forwarded (up to
     /// [`ACTIVE_STREAK`]).
     streak: u8,
-    /// Whether the relay runs on a thread it holds, where no other relay polls.
-    alone: bool,
 }
 
 impl BusyPoll {
@@ -167,21 +165,16 @@ impl BusyPoll {
             last: None,
             gaps: [None; 2],
             streak: 0,
-            alone: false,
         }
     }
 
-    /// The relay runs at `home` from now on (`None`: where it was spawned).
-    pub fn placed(&mut self, home: Option<&Home>) {
-        self.alone = home.is_some_and(|home| home.held.is_some());
-    }
-
-    /// A window to poll in now, if polling is worth it, the relay is not crowded
-    /// ([`BusyPoll::crowded`]) and it holds its thread or no other relay polls: it closes a
-    /// budget after the last datagram forwarded, and gives the turn back when dropped. An active
-    /// relay that finds the turn taken while every thread is held holds all polling off for
-    /// [`HOLD_OFF`].
-    pub fn window(&self) -> Option<Window<'_>> {
+    /// A window to poll in now, for a relay running on a thread of [`BusyPoll::take_thread`]
+    /// (`on_thread`) or where it was spawned: if polling is worth it, the relay is not crowded
+    /// ([`BusyPoll::crowded`]) and it holds its thread ([`BusyPoll::holds_thread`]) or no other
+    /// relay polls. It closes a budget after the last datagram forwarded, and gives the turn
+    /// back when dropped. An active relay that finds the turn taken while every thread is held
+    /// holds all polling off for [`HOLD_OFF`].
+    pub fn window(&self, on_thread: bool) -> Option<Window<'_>> {
         let Polling { budget, turn, .. } = &self.polling;
         let (way, at) = self.last?;
         let quick = self.gaps[slot(way)].is_none_or(|gap| gap <= *budget);
@@ -189,7 +182,7 @@ impl BusyPoll {
             return None;
         }
         let until = at + *budget;
-        if self.alone {
+        if self.holds_thread(on_thread) {
             return Some(Window { turn: None, until });
         }
         if turn
@@ -221,11 +214,8 @@ impl BusyPoll {
             });
         }
         let held = &threads.held;
-        if !self.active() || self.crowded() {
-            return None;
-        }
         // A plain read first: a flow finding every thread held need not take the lines.
-        if !self.busy() || self.every_thread_held() {
+        if !self.busy() || self.crowded() || self.every_thread_held() {
             return None;
         }
         let index = held.iter().position(|held| {
@@ -263,10 +253,11 @@ impl BusyPoll {
                 .all(|gap| gap.is_some_and(|gap| gap <= budget))
     }
 
-    /// Whether this relay, on the thread, gives it back after waiting [`QUIET`] for a datagram:
-    /// so when it holds the thread, not on a shared one.
-    pub fn leaves_when_quiet(&self) -> bool {
-        !self.polling.shared()
+    /// Whether this relay, running on a thread of [`BusyPoll::take_thread`] (`on_thread`), holds
+    /// it alone (not so on a shared one): it polls there without the turn, and gives the thread
+    /// back after waiting [`QUIET`] for a datagram.
+    pub fn holds_thread(&self, on_thread: bool) -> bool {
+        on_thread && !self.polling.shared()
     }
 
     /// Whether more flows are busy than can poll: an active relay found every thread held and
@@ -313,8 +304,8 @@ fn slot(way: Way) -> usize {
     }
 }
 
-/// The last time a relay found the turn taken, as microseconds after `since`, plus one (zero:
-/// never).
+/// The last time an active relay found every thread held and the turn taken, as microseconds
+/// after `since`, plus one (zero: never).
 #[derive(Debug)]
 struct Contention {
     since: Instant,
@@ -412,10 +403,10 @@ mod tests {
 
     #[test]
     fn nothing_to_wait_for_before_the_first_datagram_or_without_a_budget() {
-        assert!(poll(BUDGET).window().is_none());
+        assert!(poll(BUDGET).window(false).is_none());
         let mut off = poll(Duration::ZERO);
         off.forwarded(Way::Out);
-        assert!(off.window().is_none());
+        assert!(off.window(false).is_none());
     }
 
     #[test]
@@ -423,28 +414,28 @@ mod tests {
         let mut poll = poll(BUDGET);
         let mut now = Instant::now();
         poll.forwarded_at(Way::Out, now);
-        assert!(poll.window().is_some(), "unknown gaps are tried once");
+        assert!(poll.window(false).is_some(), "unknown gaps are tried once");
         // Answers to what goes out come quickly; the next request after an answer does not.
         answered(&mut poll, Way::Out, &mut now, QUICK);
         answered(&mut poll, Way::In, &mut now, SLOW);
         poll.forwarded_at(Way::Out, now);
-        assert!(poll.window().is_some(), "after a request out");
+        assert!(poll.window(false).is_some(), "after a request out");
         poll.forwarded_at(Way::In, now);
-        assert!(poll.window().is_none(), "after an answer in");
+        assert!(poll.window(false).is_none(), "after an answer in");
         // One quick one starts it again.
         answered(&mut poll, Way::In, &mut now, QUICK);
         poll.forwarded_at(Way::In, now);
-        assert!(poll.window().is_some(), "after a quick one in");
+        assert!(poll.window(false).is_some(), "after a quick one in");
     }
 
     #[test]
     fn the_window_closes_a_budget_after_the_datagram_forwarded() {
         let mut long = poll(Duration::from_secs(3600));
         long.forwarded(Way::Out);
-        assert!(long.window().expect("a window").open());
+        assert!(long.window(false).expect("a window").open());
         let mut short = poll(Duration::from_millis(1));
         short.forwarded(Way::Out);
-        let window = short.window().expect("a window");
+        let window = short.window(false).expect("a window");
         std::thread::sleep(Duration::from_millis(1));
         assert!(!window.open());
     }
@@ -459,15 +450,21 @@ mod tests {
         busy_until(&mut first, start);
         busy_until(&mut second, start);
         apart.forwarded_at(Way::Out, start);
-        let window = first.window().expect("the first takes the turn");
-        assert!(second.window().is_none(), "the turn is taken");
-        assert!(apart.window().is_some(), "another polling has its own turn");
+        let window = first.window(false).expect("the first takes the turn");
+        assert!(second.window(false).is_none(), "the turn is taken");
+        assert!(
+            apart.window(false).is_some(),
+            "another polling has its own turn"
+        );
         drop(window);
         assert!(
             !first.crowded() && !second.crowded(),
             "a busy flow finding the turn taken holds no one off"
         );
-        assert!(second.window().is_some(), "the turn is free again at once");
+        assert!(
+            second.window(false).is_some(),
+            "the turn is free again at once"
+        );
     }
 
     /// Polling with `threads` threads named `name` (shared or one per busy flow), checked to
@@ -518,10 +515,8 @@ mod tests {
         let second_home = second.take_thread().expect("busy, the other thread free");
         assert_eq!(thread_name(&first_home).as_deref(), Some("relay-test-0"));
         assert_eq!(thread_name(&second_home).as_deref(), Some("relay-test-1"));
-        first.placed(Some(&first_home));
-        second.placed(Some(&second_home));
-        let first_window = first.window().expect("polls alone on its thread");
-        assert!(second.window().is_some(), "so does the second");
+        let first_window = first.window(true).expect("polls alone on its thread");
+        assert!(second.window(true).is_some(), "so does the second");
         drop(first_window);
         assert!(!first.crowded() && !second.crowded());
 
@@ -534,19 +529,18 @@ mod tests {
             !first.crowded(),
             "one flow more than threads, on the runtime"
         );
-        let third_window = third.window().expect("the turn on the runtime");
+        let third_window = third.window(false).expect("the turn on the runtime");
         // A fourth busy flow finds the turn taken too: more flows are busy than can poll, and
         // the holders give their threads back at their next datagram.
         let mut fourth = relay();
         busy_until(&mut fourth, now);
-        assert!(fourth.window().is_none(), "the turn is taken");
+        assert!(fourth.window(false).is_none(), "the turn is taken");
         drop(third_window);
         first.forwarded_at(Way::In, now);
         assert!(first.crowded(), "a fourth active flow");
-        assert!(first.window().is_none(), "no polling while crowded");
+        assert!(first.window(true).is_none(), "no polling while crowded");
         assert!(second.crowded() && third.crowded());
         drop((first_home, second_home));
-        first.placed(None);
         busy_until(&mut third, now + HOLD_OFF / 2);
         assert!(third.take_thread().is_none(), "crowded");
 
@@ -569,10 +563,10 @@ mod tests {
         let second_home = second.take_thread().expect("busy too, the same thread");
         assert_eq!(thread_name(&first_home).as_deref(), Some("shared-test-0"));
         assert_eq!(thread_name(&second_home).as_deref(), Some("shared-test-0"));
-        let window = first.window().expect("the turn");
-        assert!(second.window().is_none(), "polling still one at a time");
+        let window = first.window(true).expect("the turn");
+        assert!(second.window(true).is_none(), "polling still one at a time");
         drop(window);
         assert!(!first.crowded() && !second.crowded());
-        assert!(second.window().is_some(), "nor held off");
+        assert!(second.window(true).is_some(), "nor held off");
     }
 }

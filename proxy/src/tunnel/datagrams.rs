@@ -136,12 +136,10 @@ pub async fn bridge(
             Leg::Ended => return Ok(()),
             Leg::Move(thread) => {
                 bridge = bridge.moved_to(thread.runtime())?;
-                bridge.poll.placed(Some(&thread));
                 home = Some(thread);
             }
             Leg::Back => {
                 bridge = bridge.moved_to(&here)?;
-                bridge.poll.placed(None);
                 // Given back once the sockets are off the thread.
                 home = None;
             }
@@ -178,7 +176,7 @@ impl<M: Fn(Way, usize) + Send> Bridge<M> {
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
         loop {
-            let caught = match self.poll.window() {
+            let caught = match self.poll.window(on_thread) {
                 Some(window) => loop {
                     if let Some(datagram) = self.a.take_waiting()? {
                         break Some((Way::Out, datagram));
@@ -193,7 +191,7 @@ impl<M: Fn(Way, usize) + Send> Bridge<M> {
                 },
                 None => None,
             };
-            let leaves_when_quiet = on_thread && self.poll.leaves_when_quiet();
+            let leaves_when_quiet = self.poll.holds_thread(on_thread);
             let quiet = async move {
                 if leaves_when_quiet {
                     tokio::time::sleep(QUIET).await
@@ -574,13 +572,12 @@ mod tests {
         let mut other = BusyPoll::new(polling);
         let more_busy_flows = || {
             polling_there.forwarded(Way::Out);
-            let turn = polling_there.window();
+            let turn = polling_there.window(false);
             for way in [Way::Out, Way::In].into_iter().cycle().take(9) {
                 other.arrived();
                 other.forwarded(way);
             }
-            drop(other.take_thread());
-            drop(other.window());
+            drop(other.window(false));
             drop(turn);
         };
         assert!(
