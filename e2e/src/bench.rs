@@ -668,35 +668,48 @@ pub fn servers() -> anyhow::Result<(SocketAddr, SocketAddr)> {
         .enable_io()
         .build()
         .context("cannot start the servers' runtime")?;
-    let (listener, socket) = {
+    let listener = loopback_listener(&runtime)?;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_nonblocking(true)?;
+    let socket = {
         let _on_it = runtime.enter();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        socket.set_nonblocking(true)?;
-        (
-            TcpListener::from_std(listener)?,
-            UdpSocket::from_std(socket)?,
-        )
+        UdpSocket::from_std(socket)?
     };
     let addrs = (listener.local_addr()?, socket.local_addr()?);
-    std::thread::Builder::new()
-        .name("servers".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                tokio::spawn(async move {
-                    while let Ok((stream, _)) = listener.accept().await {
-                        tokio::spawn(serve_tcp(stream));
-                    }
-                });
-                let mut buffer = vec![0u8; 65_536];
-                while let Ok((n, peer)) = socket.recv_from(&mut buffer).await {
-                    let _ = socket.send_to(&buffer[..n], peer).await;
-                }
-            })
-        })
-        .context("cannot start the servers' thread")?;
+    on_a_thread_of_its_own("servers", runtime, async move {
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_tcp(stream));
+            }
+        });
+        let mut buffer = vec![0u8; 65_536];
+        while let Ok((n, peer)) = socket.recv_from(&mut buffer).await {
+            let _ = socket.send_to(&buffer[..n], peer).await;
+        }
+    })?;
     Ok(addrs)
+}
+
+/// A TCP listener on a free loopback port, its socket served by `runtime`.
+pub(crate) fn loopback_listener(runtime: &tokio::runtime::Runtime) -> anyhow::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let _on_it = runtime.enter();
+    Ok(TcpListener::from_std(listener)?)
+}
+
+/// Runs `main` on `runtime`, on a thread named `name` of its own, until `main` ends: a server
+/// apart from the load that reaches it, as in a process of its own.
+pub(crate) fn on_a_thread_of_its_own(
+    name: &str,
+    runtime: tokio::runtime::Runtime,
+    main: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || runtime.block_on(main))
+        .with_context(|| format!("cannot start the {name} thread"))?;
+    Ok(())
 }
 
 /// First byte `b'S'`: a sink (read to EOF, answer the count). Otherwise: echo, for requests.

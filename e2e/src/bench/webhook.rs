@@ -114,13 +114,8 @@ impl Webhooks {
                     response
                 }
             }));
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-            listener.set_nonblocking(true)?;
+            let listener = super::loopback_listener(&runtime)?;
             addrs.push(listener.local_addr()?);
-            let listener = {
-                let _on_it = runtime.enter();
-                tokio::net::TcpListener::from_std(listener)?
-            };
             runtime.spawn(serve(
                 listener,
                 tls.clone(),
@@ -131,14 +126,9 @@ impl Webhooks {
         }
         // The runtime lives on a thread of its own until the stop is sent or dropped.
         let mut until = stopped.clone();
-        std::thread::Builder::new()
-            .name("webhooks".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let _ = until.changed().await;
-                })
-            })
-            .context("cannot start the webhook servers' thread")?;
+        super::on_a_thread_of_its_own("webhooks", runtime, async move {
+            let _ = until.changed().await;
+        })?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from(ca.der().to_vec()))?;
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
