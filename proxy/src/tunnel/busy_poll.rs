@@ -33,8 +33,8 @@
 //!   shared by several relays would serve one while the others wait;
 //! - where the router may use one CPU only, every busy flow runs on its one thread and none
 //!   holds polling off ([`Polling::on_shared_thread`]): there, relays polling in turn with
-//!   yields carried several flows better than relays on the runtime that stop polling while
-//!   several are busy.
+//!   yields carried two flows as well as a thread per relay, and holding polling off had cost
+//!   two flows (with the benchmark's earlier load; `BENCHMARKS.md`, UDP's section).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
