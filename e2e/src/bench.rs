@@ -661,8 +661,8 @@ async fn wait_for(ready: impl Fn() -> bool, what: &str) -> anyhow::Result<()> {
 /// They run on a thread of their own, as a server runs in a process of its own: a load's tasks
 /// never share a thread with the server they load, so every round trip, direct or through the
 /// proxies, ends with a wakeup on the other side, as between two processes. (Sharing the load's
-/// thread, a direct UDP round trip needs no wakeup at all and runs twice as fast as any two
-/// processes could.)
+/// thread, a direct UDP round trip needs no wakeup at all: 84–88k a second here, against
+/// 39–42k from another thread.)
 pub fn servers() -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
