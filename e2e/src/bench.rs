@@ -820,22 +820,51 @@ pub async fn tcp_paced(addr: SocketAddr, count: u64, rate: u64) -> anyhow::Resul
     Ok(latencies)
 }
 
+/// One 512-byte datagram sent from `socket` to `addr` and its echo awaited; returns the round
+/// trip. A datagram not echoed within 2 s is taken as lost.
+async fn udp_round_trip(socket: &UdpSocket, addr: SocketAddr) -> anyhow::Result<Duration> {
+    let datagram = [7u8; 512];
+    let mut buffer = [0u8; 2048];
+    let started = Instant::now();
+    socket.send_to(&datagram, addr).await?;
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buffer))
+        .await
+        .context("a datagram was lost")??;
+    ensure!(n == datagram.len(), "short echo");
+    Ok(started.elapsed())
+}
+
 /// `count` 512-byte datagrams echoed in turn from one socket; returns the latencies.
 pub async fn udp_echo(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Duration>> {
     let socket = UdpSocket::bind("127.0.0.1:0").await?;
-    let datagram = [7u8; 512];
-    let mut buffer = [0u8; 2048];
     let mut latencies = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let started = Instant::now();
-        socket.send_to(&datagram, addr).await?;
-        let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buffer))
-            .await
-            .context("a datagram was lost")??;
-        ensure!(n == datagram.len(), "short echo");
-        latencies.push(started.elapsed());
+        latencies.push(udp_round_trip(&socket, addr).await?);
     }
     Ok(latencies)
+}
+
+/// 512-byte datagrams echoed from one socket, one every `1 / rate` s, until `stop`'s sender is
+/// dropped (or sends); returns the latencies.
+pub async fn udp_echo_paced(
+    addr: SocketAddr,
+    rate: u32,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) -> anyhow::Result<Vec<Duration>> {
+    ensure!(
+        rate > 0,
+        "a paced flow sends at least one datagram a second"
+    );
+    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut latencies = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return Ok(latencies),
+            _ = ticks.tick() => latencies.push(udp_round_trip(&socket, addr).await?),
+        }
+    }
 }
 
 /// `count` 512-byte datagrams echoed by `flows` sockets at once, each its share of them in turn
@@ -857,6 +886,30 @@ pub async fn udp_echo_flows(
         latencies.extend(echoed.context("a flow's echo task failed")??);
     }
     Ok(latencies)
+}
+
+/// [`udp_echo_flows`] beside `paced` flows of [`udp_echo_paced`] at `rate` each, which start
+/// first and stop once the others are done; returns the latencies of the first, then of the
+/// paced flows.
+pub async fn udp_echo_flows_beside_paced(
+    addr: SocketAddr,
+    flows: usize,
+    count: u64,
+    paced: usize,
+    rate: u32,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let mut beside = tokio::task::JoinSet::new();
+    for _ in 0..paced {
+        beside.spawn(udp_echo_paced(addr, rate, stopped.clone()));
+    }
+    let echoed = udp_echo_flows(addr, flows, count).await;
+    drop(stop);
+    let mut paced_latencies = Vec::new();
+    while let Some(done) = beside.join_next().await {
+        paced_latencies.extend(done.context("a paced flow's task failed")??);
+    }
+    Ok((echoed?, paced_latencies))
 }
 
 /// `count` connections held open, each having carried one 64-byte request and its answer (so
@@ -1012,5 +1065,96 @@ mod tests {
         );
         let none = udp_echo_flows(addr, 0, 10).await.expect_err("no flow");
         assert!(none.to_string().contains("at least one flow"), "{none}");
+    }
+
+    /// A UDP echo server counting what it echoes by sender, until `stop` fires.
+    async fn counting_echo(
+        server: UdpSocket,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> std::collections::BTreeMap<SocketAddr, u32> {
+        let mut from = std::collections::BTreeMap::<SocketAddr, u32>::new();
+        let mut buffer = [0u8; 2048];
+        loop {
+            tokio::select! {
+                _ = &mut stop => return from,
+                received = server.recv_from(&mut buffer) => {
+                    let (n, peer) = received.expect("recv");
+                    *from.entry(peer).or_default() += 1;
+                    server.send_to(&buffer[..n], peer).await.expect("send");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn paced_flows_echo_beside_the_others_at_their_rate_until_those_are_done() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let echo = tokio::spawn(counting_echo(server, stopped));
+        // One flow echoing 20 datagrams 10 ms apart at its own pace (a paced flow of 100 a
+        // second beside it), two paced flows at 1,000 a second.
+        let slow = async {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+            for _ in 0..20 {
+                udp_round_trip(&socket, addr).await.expect("echoed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let (stop_paced, stopped_paced) = tokio::sync::watch::channel(());
+        let paced = tokio::spawn(async move {
+            let (first, second) = tokio::join!(
+                udp_echo_paced(addr, 1000, stopped_paced.clone()),
+                udp_echo_paced(addr, 1000, stopped_paced),
+            );
+            (first.expect("paced"), second.expect("paced"))
+        });
+        let started = Instant::now();
+        slow.await;
+        let elapsed = started.elapsed();
+        drop(stop_paced);
+        let (first, second) = paced.await.expect("paced task");
+        stop.send(()).expect("echo running");
+        let per_sender = echo.await.expect("echo");
+        assert_eq!(per_sender.len(), 3, "three sockets: {per_sender:?}");
+        let most = elapsed.as_millis() as usize + 2;
+        for flow in [&first, &second] {
+            assert!(
+                (5..=most).contains(&flow.len()),
+                "a paced flow echoed {} in {elapsed:?}: at most one per millisecond, and it went on \
+                 while the other flow echoed",
+                flow.len()
+            );
+        }
+        let mut counts: Vec<usize> = per_sender.values().map(|&n| n as usize).collect();
+        let mut expected = vec![20, first.len(), second.len()];
+        counts.sort();
+        expected.sort();
+        assert_eq!(
+            counts, expected,
+            "each paced flow's latencies are those it echoed"
+        );
+
+        // The same through the function the benchmark calls: the paced flows' latencies apart.
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let echo = tokio::spawn(counting_echo(server, stopped));
+        let (flows, paced) = udp_echo_flows_beside_paced(addr, 2, 10, 1, 1000)
+            .await
+            .expect("echoed");
+        stop.send(()).expect("echo running");
+        let per_sender = echo.await.expect("echo");
+        assert_eq!(flows.len(), 10, "the flows' datagrams, and theirs only");
+        assert_eq!(per_sender.len(), 3, "two flows and a paced one");
+        assert_eq!(
+            per_sender.values().sum::<u32>() as usize,
+            flows.len() + paced.len(),
+            "the paced flow's latencies are those it echoed"
+        );
+        let zero = udp_echo_paced(addr, 0, tokio::sync::watch::channel(()).1)
+            .await
+            .expect_err("no rate");
+        assert!(zero.to_string().contains("at least one datagram"), "{zero}");
     }
 }

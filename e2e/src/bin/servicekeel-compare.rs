@@ -43,6 +43,14 @@ struct Cli {
     /// of the 5,000 datagrams in turn (so the router relays as many flows at once).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     flows: u16,
+    /// With `--load udp`: this many flows more, each echoing a datagram every `1 /
+    /// --paced-rate` s beside the others, from before they start until they are done; their
+    /// latencies are reported apart.
+    #[arg(long, default_value_t = 0)]
+    paced_flows: u16,
+    /// Datagrams a second each of `--paced-flows` sends.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    paced_rate: u32,
     /// Side A's proxy binary (default: the proxy image's static release build of this checkout).
     #[arg(long)]
     a_binary: Option<PathBuf>,
@@ -118,6 +126,8 @@ struct Plan {
     kept: bool,
     /// UDP flows echoing at once.
     flows: usize,
+    /// UDP flows echoing at a fixed rate beside them, and that rate per flow.
+    paced: Option<(usize, u32)>,
 }
 
 /// One side's run of a pair: its reference and itself, measured back to back.
@@ -125,6 +135,8 @@ struct Plan {
 struct Run {
     reference: Sample,
     side: Sample,
+    /// The paced flows' latencies beside the reference's load and beside the side's.
+    paced: Option<(Sample, Sample)>,
 }
 
 impl Run {
@@ -134,11 +146,22 @@ impl Run {
 
     /// Microseconds the side adds to the reference's p50, p99 and p99.9.
     fn added(&self) -> (f64, f64, f64) {
-        let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
-        let added =
-            |of: fn(&Sample) -> Option<Duration>| us(of(&self.side)) - us(of(&self.reference));
-        (added(|s| s.p50), added(|s| s.p99), added(|s| s.p999))
+        added(&self.reference, &self.side)
     }
+
+    /// The same for the paced flows, when there are.
+    fn paced_added(&self) -> Option<(f64, f64, f64)> {
+        self.paced
+            .as_ref()
+            .map(|(reference, side)| added(reference, side))
+    }
+}
+
+/// Microseconds `side`'s p50, p99 and p99.9 add to `reference`'s.
+fn added(reference: &Sample, side: &Sample) -> (f64, f64, f64) {
+    let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
+    let added = |of: fn(&Sample) -> Option<Duration>| us(of(side)) - us(of(reference));
+    (added(|s| s.p50), added(|s| s.p99), added(|s| s.p999))
 }
 
 /// The pairs' medians, and in how many pairs B did better than A.
@@ -151,6 +174,8 @@ struct Summary {
     added_p50: (f64, f64),
     added_p99: (f64, f64),
     added_p999: (f64, f64),
+    /// The paced flows' p50, p99 and p99.9 added, each side's.
+    paced_added: Option<[(f64, f64); 3]>,
     b_ahead: usize,
 }
 
@@ -179,6 +204,17 @@ fn summarize(pairs: &[(Run, Run)], by_latency: bool) -> Summary {
         added_p50: (median(&|(a, _)| a.added().0), median(&|(_, b)| b.added().0)),
         added_p99: (median(&|(a, _)| a.added().1), median(&|(_, b)| b.added().1)),
         added_p999: (median(&|(a, _)| a.added().2), median(&|(_, b)| b.added().2)),
+        paced_added: pairs
+            .iter()
+            .all(|(a, b)| a.paced.is_some() && b.paced.is_some())
+            .then(|| {
+                let paced = |run: &Run| run.paced_added().expect("every run has paced flows");
+                [
+                    (median(&|(a, _)| paced(a).0), median(&|(_, b)| paced(b).0)),
+                    (median(&|(a, _)| paced(a).1), median(&|(_, b)| paced(b).1)),
+                    (median(&|(a, _)| paced(a).2), median(&|(_, b)| paced(b).2)),
+                ]
+            }),
         b_ahead,
     }
 }
@@ -200,11 +236,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.flows == 1 || load == LoadKind::Udp,
         "--flows is for --load udp: the other loads carry their own number of flows"
     );
+    anyhow::ensure!(
+        cli.paced_flows == 0 || load == LoadKind::Udp,
+        "--paced-flows is for --load udp"
+    );
     let plan = Plan {
         load,
         across: cli.across,
         kept: cli.keep_proxies,
         flows: usize::from(cli.flows),
+        paced: (cli.paced_flows > 0).then_some((usize::from(cli.paced_flows), cli.paced_rate)),
     };
     let layout = match cli.across {
         true => Layout::TwoNodes,
@@ -301,6 +342,8 @@ async fn data_run(
 ) -> anyhow::Result<Run> {
     let cpu =
         &|| -> anyhow::Result<Duration> { Ok(bench::cpu_of(std::process::id())? + proxies.cpu()?) };
+    // The paced flows' latencies of the last run.
+    let paced = &std::cell::RefCell::new(Vec::new());
     let once = |tcp: SocketAddr, udp: SocketAddr| async move {
         match plan.load {
             LoadKind::Bulk => Ok((bench::tcp_bulk(tcp, 256 << 20).await?, Vec::new())),
@@ -310,15 +353,36 @@ async fn data_run(
                 Ok((latencies.len() as u64, latencies))
             }
             LoadKind::Udp => {
-                let latencies = bench::udp_echo_flows(udp, plan.flows, 5000).await?;
+                let (latencies, beside) = match plan.paced {
+                    None => (
+                        bench::udp_echo_flows(udp, plan.flows, 5000).await?,
+                        Vec::new(),
+                    ),
+                    Some((flows, rate)) => {
+                        bench::udp_echo_flows_beside_paced(udp, plan.flows, 5000, flows, rate)
+                            .await?
+                    }
+                };
+                *paced.borrow_mut() = beside;
                 Ok((latencies.len() as u64, latencies))
             }
             LoadKind::Dns => unreachable!("DNS is measured by dns_run"),
         }
     };
     let reference = sample(cpu, || once(tcp, udp)).await?;
+    let paced_reference = paced.take();
     let side = sample(cpu, || once(proxies.tcp, proxies.udp)).await?;
-    Ok(Run { reference, side })
+    let paced = plan.paced.map(|_| {
+        (
+            Sample::of_latencies(paced_reference, reference.wall),
+            Sample::of_latencies(paced.take(), side.wall),
+        )
+    });
+    Ok(Run {
+        reference,
+        side,
+        paced,
+    })
 }
 
 /// `dnsperf` against `dnsmasq`, then against the client sidecar; CPU of the server alone.
@@ -330,7 +394,11 @@ async fn dns_run(dnsmasq: &Dnsmasq, proxies: &Proxies) -> anyhow::Result<Run> {
         dnsperf(proxies.dns, &names, load)
     })
     .await?;
-    Ok(Run { reference, side })
+    Ok(Run {
+        reference,
+        side,
+        paced: None,
+    })
 }
 
 fn describe(settings: &ProxySettings) -> String {
@@ -366,10 +434,14 @@ fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) 
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# {load:?}{}{}: A against B, {} pairs, on {}\n",
+        "# {load:?}{}{}{}: A against B, {} pairs, on {}\n",
         match plan.flows {
             1 => String::new(),
             flows => format!(", {flows} flows at once"),
+        },
+        match plan.paced {
+            None => String::new(),
+            Some((flows, rate)) => format!(", beside {flows} paced at {rate} dgram/s each"),
         },
         if plan.across { " across nodes" } else { "" },
         pairs.len(),
@@ -413,6 +485,20 @@ fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) 
         }
         let _ = writeln!(out, "|");
     }
+    if plan.paced.is_some() {
+        let _ = writeln!(
+            out,
+            "\n| pair | A's paced flows add p50, p99, p99.9 µs | B's paced flows add p50, p99, p99.9 µs |\n|---|---|---|"
+        );
+        let added = |run: &Run| {
+            run.paced_added().map_or("—".into(), |(p50, p99, p999)| {
+                format!("{p50:+.0}, {p99:+.0}, {p999:+.0}")
+            })
+        };
+        for (index, (a, b)) in pairs.iter().enumerate() {
+            let _ = writeln!(out, "| {} | {} | {} |", index + 1, added(a), added(b));
+        }
+    }
     let summary = summarize(pairs, load.judged_by_latency());
     let latencies = match pairs.first().and_then(|(a, _)| a.side.p50) {
         Some(_) => format!(
@@ -443,6 +529,13 @@ fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) 
         summary.b_ahead,
         pairs.len()
     );
+    if let Some([p50, p99, p999]) = summary.paced_added {
+        let _ = writeln!(
+            out,
+            "Paced flows' medians: p50 added A {:+.0} µs, B {:+.0} µs; p99 added A {:+.0} µs, B {:+.0} µs; p99.9 added A {:+.0} µs, B {:+.0} µs.",
+            p50.0, p50.1, p99.0, p99.1, p999.0, p999.1
+        );
+    }
     out
 }
 
@@ -482,6 +575,7 @@ mod tests {
         Run {
             reference: sample(reference, p50s.0),
             side: sample(side, p50s.1),
+            paced: None,
         }
     }
 
@@ -500,12 +594,81 @@ mod tests {
         assert_eq!(by_rate.added_p50, (15.0, 10.0));
         assert_eq!(by_rate.added_p99, (30.0, 20.0));
         assert_eq!(by_rate.added_p999, (45.0, 30.0));
+        assert_eq!(by_rate.paced_added, None, "no paced flows");
         let by_latency = summarize(&pairs, true);
         assert_eq!(by_latency.b_ahead, 2, "B added less to p50 in two pairs");
     }
 
+    /// `run` with paced flows whose p50s were `p50s` µs beside the reference and the side.
+    fn with_paced(mut run: Run, p50s: (u64, u64)) -> Run {
+        let paced = |p50: u64| Sample {
+            p50: Some(Duration::from_micros(p50)),
+            p99: Some(Duration::from_micros(p50 * 2)),
+            p999: Some(Duration::from_micros(p50 * 3)),
+            ..run.reference
+        };
+        run.paced = Some((paced(p50s.0), paced(p50s.1)));
+        run
+    }
+
+    #[test]
+    fn the_paced_flows_latencies_are_summed_up_apart() {
+        let pairs = [
+            (
+                with_paced(run(100, 30, (10, 20)), (10, 110)),
+                with_paced(run(100, 40, (10, 30)), (10, 20)),
+            ),
+            (
+                with_paced(run(100, 35, (10, 25)), (20, 40)),
+                with_paced(run(100, 60, (10, 15)), (20, 30)),
+            ),
+            (
+                with_paced(run(100, 32, (10, 40)), (10, 50)),
+                with_paced(run(100, 31, (10, 20)), (10, 60)),
+            ),
+        ];
+        let summary = summarize(&pairs, false);
+        assert_eq!(
+            summary.added_p50,
+            (15.0, 10.0),
+            "the busy flows' own, as without paced flows"
+        );
+        assert_eq!(
+            summary.paced_added,
+            Some([(40.0, 10.0), (80.0, 20.0), (120.0, 30.0)]),
+            "each side's medians of what its paced flows added"
+        );
+        let plan = Plan {
+            paced: Some((2, 1000)),
+            ..udp(true, 2)
+        };
+        let sides = [
+            ("A", ProxySettings::default()),
+            ("B", ProxySettings::default()),
+        ];
+        let report = render(plan, &sides, &pairs);
+        assert!(
+            report.starts_with(
+                "# Udp, 2 flows at once, beside 2 paced at 1000 dgram/s each: A against B"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("\n| 1 | +100, +200, +300 | +10, +20, +30 |\n"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "Paced flows' medians: p50 added A +40 µs, B +10 µs; p99 added A +80 µs, B +20 µs; p99.9 added A +120 µs, B +30 µs."
+            ),
+            "{report}"
+        );
+        let without = report_of(udp(true, 2));
+        assert!(!without.contains("paced"), "{without}");
+    }
+
     /// The report of one pair of default sides, for `plan`.
-    fn report(plan: Plan) -> String {
+    fn report_of(plan: Plan) -> String {
         let sides = [
             ("A", ProxySettings::default()),
             ("B", ProxySettings::default()),
@@ -520,29 +683,30 @@ mod tests {
             across: false,
             kept,
             flows,
+            paced: None,
         }
     }
 
     #[test]
     fn the_report_says_whether_each_run_started_its_proxies_anew() {
-        let kept = report(udp(true, 1));
+        let kept = report_of(udp(true, 1));
         assert!(kept.contains("- each side's proxies started once and carried all of its runs\n"));
         assert!(!kept.contains("anew"));
-        let fresh = report(udp(false, 1));
+        let fresh = report_of(udp(false, 1));
         assert!(fresh.contains("- each run started its side's proxies anew\n"));
         assert!(!fresh.contains("started once"));
     }
 
     #[test]
     fn the_report_names_the_flows_echoing_at_once_when_more_than_one() {
-        let three = report(udp(false, 3));
+        let three = report_of(udp(false, 3));
         assert!(three.starts_with("# Udp, 3 flows at once: A against B, 1 pairs, on "));
-        let across = report(Plan {
+        let across = report_of(Plan {
             across: true,
             ..udp(false, 2)
         });
         assert!(across.starts_with("# Udp, 2 flows at once across nodes: A against B"));
-        let one = report(udp(false, 1));
+        let one = report_of(udp(false, 1));
         assert!(one.starts_with("# Udp: A against B, 1 pairs, on "));
         assert!(!one.contains("flows"));
     }
