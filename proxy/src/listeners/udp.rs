@@ -210,6 +210,13 @@ type Strays = Vec<(SocketAddr, Bytes)>;
 /// connect it is one more socket on the listener's address, the newest, which the kernel gives
 /// any client's datagram; connecting does not take those out of its queue, and read from a
 /// connected socket they would pass for `peer`'s. `buffer` holds the largest datagram.
+///
+/// A datagram the kernel gave the socket just before the connect can still be queued just after
+/// it (it was bound for this socket, and is on its way in): read out with the others, it would
+/// come too late, and pass for `peer`'s to whoever reads the socket from then on (the router,
+/// which would carry another client's datagram, and its answer, in `peer`'s flow). So before the
+/// socket is read out, it takes a filter that lets only `peer`'s datagrams in ([`only_from`]):
+/// such a late one is dropped by the kernel, and its sender's next datagram reaches the listener.
 fn connected_to(
     local: SocketAddrV4,
     peer: SocketAddr,
@@ -226,6 +233,7 @@ fn connect_collecting(
     buffer: &mut [u8],
 ) -> io::Result<(std::net::UdpSocket, Strays)> {
     socket.connect(peer)?;
+    only_from(&socket, peer)?;
     let mut strays = Vec::new();
     loop {
         match socket.recv_from(buffer) {
@@ -236,6 +244,42 @@ fn connect_collecting(
         }
     }
     Ok((socket, strays))
+}
+
+/// Lets only datagrams from `peer` into `socket` (an IPv4 UDP socket): a classic BPF socket
+/// filter, which the kernel runs on each datagram it queues for the socket, before anyone reads
+/// it, and which stays with the socket when it is handed to another process. The program sees a
+/// datagram from its UDP header on; the sender's address is read from the IP header before it.
+fn only_from(socket: &std::net::UdpSocket, peer: SocketAddr) -> io::Result<()> {
+    let SocketAddr::V4(peer) = peer else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{peer} is not an IPv4 client"),
+        ));
+    };
+    socket2::SockRef::from(socket).attach_filter(&only_from_program(peer))
+}
+
+/// The program of [`only_from`]: accept a datagram whole when its source port and address are
+/// `peer`'s, drop it otherwise.
+fn only_from_program(peer: SocketAddrV4) -> [socket2::SockFilter; 6] {
+    use socket2::SockFilter;
+    // Classic BPF instructions (linux/filter.h), each load in network byte order.
+    const LOAD_HALF: u16 = 0x28; // BPF_LD | BPF_H | BPF_ABS
+    const LOAD_WORD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JUMP_IF_EQUAL: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    // Offsets from the network header (SKF_NET_OFF, -0x100000): the IPv4 source address.
+    const IPV4_SOURCE: u32 = 0xfff0_0000 + 12;
+    [
+        // The UDP source port, then: equal, go on; else, drop (3 ahead).
+        SockFilter::new(LOAD_HALF, 0, 0, 0),
+        SockFilter::new(JUMP_IF_EQUAL, 0, 3, u32::from(peer.port())),
+        SockFilter::new(LOAD_WORD, 0, 0, IPV4_SOURCE),
+        SockFilter::new(JUMP_IF_EQUAL, 0, 1, u32::from(*peer.ip())),
+        SockFilter::new(RETURN, 0, 0, u32::MAX),
+        SockFilter::new(RETURN, 0, 0, 0),
+    ]
 }
 
 /// A client's side of its flow.
@@ -378,6 +422,44 @@ mod tests {
             left.as_ref()
                 .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock),
             "the connected socket still held {left:?}"
+        );
+    }
+
+    /// The filter a client's own socket takes once connected: of datagrams the kernel has
+    /// bound for the socket, only the client's get in. Shown on a socket that is not
+    /// connected, which the kernel gives every sender's datagram: only the client's arrive,
+    /// every one of them, and the others' are dropped (not queued, not read as the client's).
+    #[test]
+    fn a_clients_own_socket_lets_in_its_clients_datagrams_only() {
+        let own = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = own.local_addr().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Another client on the same address, and one on the same port of another address.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = client.local_addr().unwrap().port();
+        let same_port = std::net::UdpSocket::bind(("127.0.0.2", port)).unwrap();
+        only_from(&own, client.local_addr().unwrap()).unwrap();
+        for round in 0..3u8 {
+            other.send_to(&[b'o', round], local).unwrap();
+            client.send_to(&[b'c', round], local).unwrap();
+            same_port.send_to(&[b's', round], local).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        own.set_nonblocking(true).unwrap();
+        let mut buffer = [0u8; 16];
+        let mut arrived = Vec::new();
+        while let Ok((n, from)) = own.recv_from(&mut buffer) {
+            arrived.push((from, buffer[..n].to_vec()));
+        }
+        let client = client.local_addr().unwrap();
+        let expected: Vec<_> = (0..3u8).map(|round| (client, vec![b'c', round])).collect();
+        assert_eq!(arrived, expected);
+
+        let v6 = "[::1]:5353".parse().unwrap();
+        let refused = only_from(&own, v6).expect_err("an IPv6 client");
+        assert!(
+            refused.to_string().contains("not an IPv4 client"),
+            "{refused}"
         );
     }
 }
