@@ -180,6 +180,8 @@ pub enum Layout {
 pub struct Proxies {
     /// By role, the client pod's sidecar last.
     processes: Vec<(&'static str, Running)>,
+    /// Each process's admin server, by role as above.
+    admins: Vec<(&'static str, SocketAddr)>,
     /// Where the client reaches the TCP server through its sidecar.
     pub tcp: SocketAddr,
     /// Where the client reaches the UDP server through its sidecar.
@@ -354,43 +356,48 @@ impl Proxies {
             None => proxy_binary()?,
         };
         let dir = tempfile::tempdir()?;
-        let router = |node: &str, links: &[String]| -> anyhow::Result<(Running, PathBuf)> {
-            let socket = dir.path().join(format!("{node}.sock"));
-            let child = Command::new(&binary)
-                .args(["router", "--no-api", &format!("--cluster={CLUSTER}")])
-                .arg(format!("--node={node}"))
-                .arg(format!("--socket={}", socket.display()))
-                .arg(format!(
-                    "--state-dir={}",
-                    dir.path().join(node).join("state").display()
-                ))
-                .arg(format!("--admin-addr=127.0.0.1:{}", process::free_port()?))
-                .args(links)
-                .env("RUST_LOG", "warn")
-                .envs(settings.router_env.iter().map(|(key, value)| (key, value)))
-                .stdout(log_file(dir.path(), &format!("router-{node}.log"))?)
-                .stderr(log_file(dir.path(), &format!("router-{node}.err"))?)
-                .spawn()
-                .context("cannot start the router")?;
-            Ok((Running(child), socket))
-        };
+        let router =
+            |node: &str, links: &[String]| -> anyhow::Result<(Running, PathBuf, SocketAddr)> {
+                let socket = dir.path().join(format!("{node}.sock"));
+                let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
+                let child = Command::new(&binary)
+                    .args(["router", "--no-api", &format!("--cluster={CLUSTER}")])
+                    .arg(format!("--node={node}"))
+                    .arg(format!("--socket={}", socket.display()))
+                    .arg(format!(
+                        "--state-dir={}",
+                        dir.path().join(node).join("state").display()
+                    ))
+                    .arg(format!("--admin-addr={admin}"))
+                    .args(links)
+                    .env("RUST_LOG", "warn")
+                    .envs(settings.router_env.iter().map(|(key, value)| (key, value)))
+                    .stdout(log_file(dir.path(), &format!("router-{node}.log"))?)
+                    .stderr(log_file(dir.path(), &format!("router-{node}.err"))?)
+                    .spawn()
+                    .context("cannot start the router")?;
+                Ok((Running(child), socket, admin))
+            };
         let exported = format!(
             "services: [{{name: sink, ports: [{{port: 9000, targetPort: {}}}, {{port: 9001, targetPort: {}, protocol: UDP}}]}}]",
             tcp.port(),
             udp.port()
         );
         let mut processes = Vec::new();
+        let mut admins = Vec::new();
         let (server_socket, client_socket) = match layout {
             Layout::OneNode => {
-                let (running, socket) = router("bench", &[])?;
+                let (running, socket, admin) = router("bench", &[])?;
                 processes.push(("router", running));
+                admins.push(("router", admin));
                 (socket.clone(), socket)
             }
             Layout::TwoNodes => {
                 let tls = RouterTls::create(&dir.path().join("tls"))?;
                 let far_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
-                let (running, far_socket) = router("far", &tls.args(far_peer, None))?;
+                let (running, far_socket, admin) = router("far", &tls.args(far_peer, None))?;
                 processes.push(("server node's router", running));
+                admins.push(("server node's router", admin));
                 // The near router knows of the endpoints on the far node from its snapshot (as
                 // the API server would tell it) and of the far router from its peers file.
                 let peers = dir.path().join("peers.yaml");
@@ -411,8 +418,10 @@ impl Proxies {
                     ),
                 )?;
                 let near_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
-                let (running, near_socket) = router("near", &tls.args(near_peer, Some(&peers)))?;
+                let (running, near_socket, admin) =
+                    router("near", &tls.args(near_peer, Some(&peers)))?;
                 processes.push(("client node's router", running));
+                admins.push(("client node's router", admin));
                 (far_socket, near_socket)
             }
         };
@@ -439,17 +448,15 @@ impl Proxies {
             Ok((launch.start(&binary, dir.path())?, admin))
         };
         let server_dns = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
-        processes.push((
-            "server sidecar",
-            sidecar(
-                "server",
-                "127.0.78.0/24",
-                server_dns,
-                &server_socket,
-                format!("servicekeel.io/exported-services={exported:?}\n"),
-            )?
-            .0,
-        ));
+        let (server, server_admin) = sidecar(
+            "server",
+            "127.0.78.0/24",
+            server_dns,
+            &server_socket,
+            format!("servicekeel.io/exported-services={exported:?}\n"),
+        )?;
+        processes.push(("server sidecar", server));
+        admins.push(("server sidecar", server_admin));
         // Each client has addresses of its own, so that proxies can run beside others: the
         // first with one node from 127.0.79.0/24, with two from 127.0.89.0/24.
         let range = ClientRange::take(match layout {
@@ -465,8 +472,10 @@ impl Proxies {
             format!("servicekeel.io/imported-services={IMPORTED:?}\n"),
         )?;
         processes.push(("client sidecar", client));
+        admins.push(("client sidecar", client_admin));
         let mut proxies = Proxies {
             processes,
+            admins,
             binary,
             client_socket,
             sidecar_env: settings.sidecar_env.clone(),
@@ -519,6 +528,21 @@ impl Proxies {
             .collect()
     }
 
+    /// What each proxy counted of its flows and dropped datagrams (the non-zero samples of its
+    /// `/metrics` whose names hold `flows` or `dropped`), and the last lines each wrote to its
+    /// error output: for an error in a load through them.
+    pub async fn flows_told(&self) -> String {
+        let mut out = String::new();
+        for (role, admin) in &self.admins {
+            out.push_str(&format!("\n{role}:"));
+            match process::http_get(*admin, "/metrics").await {
+                Ok(reply) => out.push_str(&counted_flows(&reply)),
+                Err(error) => out.push_str(&format!(" (its admin server: {error})")),
+            }
+        }
+        out + &errors_logged(self.dir.path())
+    }
+
     /// The client pod's sidecar, the one the loads go through.
     pub fn client_sidecar(&self) -> u32 {
         self.processes.last().expect("the client sidecar").1.0.id()
@@ -567,6 +591,26 @@ impl Proxies {
     pub fn cpu(&self) -> anyhow::Result<Duration> {
         self.processes.iter().map(|(_, p)| cpu_of(p.0.id())).sum()
     }
+}
+
+/// The non-zero samples of a `/metrics` reply whose names hold `flows` or `dropped`, a line
+/// each, indented.
+fn counted_flows(reply: &str) -> String {
+    reply
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            name.contains("flows") || name.contains("dropped")
+        })
+        .filter(|line| {
+            line.rsplit(' ')
+                .next()
+                .and_then(|value| value.parse::<f64>().ok())
+                .is_some_and(|value| value != 0.0)
+        })
+        .map(|line| format!("\n  {line}"))
+        .collect()
 }
 
 /// Whether `reply`, an admin server's answer to `/readyz`, says ready (200).
@@ -821,9 +865,13 @@ pub async fn tcp_paced(addr: SocketAddr, count: u64, rate: u64) -> anyhow::Resul
 }
 
 /// One 512-byte datagram sent from `socket` to `addr` and its echo awaited; returns the round
-/// trip. A datagram not echoed within 2 s is taken as lost.
+/// trip. A datagram not echoed within 2 s is taken as lost. Each datagram starts with its
+/// socket's port, and the echo must too: an echo of another socket's datagram (a flow carried
+/// in another's) fails the load.
 async fn udp_round_trip(socket: &UdpSocket, addr: SocketAddr) -> anyhow::Result<Duration> {
-    let datagram = [7u8; 512];
+    let port = socket.local_addr()?.port().to_be_bytes();
+    let mut datagram = [7u8; 512];
+    datagram[..2].copy_from_slice(&port);
     let mut buffer = [0u8; 2048];
     let started = Instant::now();
     socket.send_to(&datagram, addr).await?;
@@ -831,6 +879,12 @@ async fn udp_round_trip(socket: &UdpSocket, addr: SocketAddr) -> anyhow::Result<
         .await
         .context("a datagram was lost")??;
     ensure!(n == datagram.len(), "short echo");
+    ensure!(
+        buffer[..2] == port,
+        "the socket of port {} was sent the echo of port {}'s datagram",
+        u16::from_be_bytes(port),
+        u16::from_be_bytes([buffer[0], buffer[1]])
+    );
     Ok(started.elapsed())
 }
 
@@ -907,7 +961,10 @@ pub async fn udp_echo_flows_beside_paced(
     drop(stop);
     let mut paced_latencies = Vec::new();
     while let Some(done) = beside.join_next().await {
-        paced_latencies.extend(done.context("a paced flow's task failed")??);
+        paced_latencies.extend(
+            done.context("a paced flow's task failed")?
+                .context("a paced flow")?,
+        );
     }
     Ok((echoed?, paced_latencies))
 }
@@ -1027,6 +1084,25 @@ mod tests {
     }
 
     #[test]
+    fn the_flows_told_are_the_non_zero_samples_of_flows_and_drops() {
+        let reply = "HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\n\
+            # HELP servicekeel_flows Flows, by outcome.\n\
+            # TYPE servicekeel_flows counter\n\
+            servicekeel_flows_total{protocol=\"udp\",outcome=\"completed\"} 12\n\
+            servicekeel_flows_total{protocol=\"udp\",outcome=\"failed\"} 0\n\
+            servicekeel_udp_datagrams_dropped_total{reason=\"queue_full\"} 3\n\
+            servicekeel_active_flows 2\n\
+            servicekeel_dns_queries_total{outcome=\"local\"} 40\n\
+            # EOF\n";
+        assert_eq!(
+            counted_flows(reply),
+            "\n  servicekeel_flows_total{protocol=\"udp\",outcome=\"completed\"} 12\
+             \n  servicekeel_udp_datagrams_dropped_total{reason=\"queue_full\"} 3\
+             \n  servicekeel_active_flows 2"
+        );
+    }
+
+    #[test]
     fn errors_logged_gives_the_last_lines_of_each_nonempty_error_output() {
         let dir = tempfile::tempdir().expect("tempdir");
         let lines: String = (1..=7).map(|i| format!("line {i}\n")).collect();
@@ -1038,6 +1114,33 @@ mod tests {
             told,
             "\nrouter-near.err:\n  line 3\n  line 4\n  line 5\n  line 6\n  line 7"
         );
+    }
+
+    #[tokio::test]
+    async fn an_echo_of_another_sockets_datagram_fails_the_round_trip() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let echo = tokio::spawn(async move {
+            let mut buffer = [0u8; 2048];
+            // The first echoed as it came, the second as if another socket had sent it.
+            for swap in [false, true] {
+                let (n, peer) = server.recv_from(&mut buffer).await.expect("recv");
+                if swap {
+                    buffer[0] ^= 0xff;
+                }
+                server.send_to(&buffer[..n], peer).await.expect("send");
+            }
+        });
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        udp_round_trip(&socket, addr).await.expect("its own echo");
+        let other = udp_round_trip(&socket, addr)
+            .await
+            .expect_err("another's echo");
+        assert!(
+            other.to_string().contains("was sent the echo of port"),
+            "{other}"
+        );
+        echo.await.expect("echo");
     }
 
     #[tokio::test]

@@ -369,9 +369,17 @@ async fn data_run(
             LoadKind::Dns => unreachable!("DNS is measured by dns_run"),
         }
     };
-    let reference = sample(cpu, || once(tcp, udp)).await?;
+    let reference = sample(cpu, || once(tcp, udp))
+        .await
+        .context("the direct path")?;
     let paced_reference = paced.take();
-    let side = sample(cpu, || once(proxies.tcp, proxies.udp)).await?;
+    let side = match sample(cpu, || once(proxies.tcp, proxies.udp)).await {
+        Ok(side) => side,
+        Err(error) => {
+            let told = proxies.flows_told().await;
+            return Err(error.context(format!("through the proxies, which told:{told}")));
+        }
+    };
     let paced = plan.paced.map(|_| {
         (
             Sample::of_latencies(paced_reference, reference.wall),
