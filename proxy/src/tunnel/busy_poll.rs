@@ -13,9 +13,12 @@
 //! - while more flows are busy than can poll (one per thread for them, below, and one on the
 //!   runtime), none polls: an active flow (its last [`ACTIVE_STREAK`] datagrams each within
 //!   [`ACTIVE_GAP`] of the one before; a lookup's few datagrams are not) that finds every thread
-//!   held and the turn taken holds all of them off for [`HOLD_OFF`]. Polling pays where the CPU
-//!   it spins on would otherwise wait for its flow's next datagram; with many more flows busy
-//!   than CPUs, that CPU has their work to do;
+//!   held and the turn taken by a busy flow holds all of them off for [`HOLD_OFF`]. Polling pays
+//!   where the CPU it spins on would otherwise wait for its flow's next datagram; with many more
+//!   flows busy than CPUs, that CPU has their work to do. A turn taken by a flow that is not
+//!   busy (one waiting for the answer to a request it sends every so often) does not count: it
+//!   is given back within the budget, and such flows beside the busy ones are not more busy
+//!   flows than can poll;
 //! - between two polls the relay yields its CPU (`sched_yield`): the thread it forwarded to, or
 //!   the one it forwarded for, is often woken on this same CPU, and spinning would hold it off
 //!   until the budget ran out. Where no other thread waits, the yield returns at once.
@@ -37,13 +40,14 @@
 //!   two flows (with the benchmark's earlier load; `BENCHMARKS.md`, UDP's section).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::datagrams::Way;
 use crate::links::LinkThreads;
 
-/// How long no relay polls after an active one found every thread held and the turn taken.
+/// How long no relay polls after an active one found every thread held and the turn taken by a
+/// busy one.
 pub const HOLD_OFF: Duration = Duration::from_millis(10);
 
 /// A flow is active while this many datagrams in a row each came within [`ACTIVE_GAP`] of the
@@ -62,14 +66,21 @@ pub const QUIET: Duration = Duration::from_millis(10);
 #[derive(Debug, Clone, Default)]
 pub struct Polling {
     budget: Duration,
-    /// Held by the relay polling now.
-    turn: Arc<AtomicBool>,
-    /// When an active relay last found every thread held and the turn taken.
+    /// Held by the relay polling now: [`FREE`], [`TAKEN`] or [`TAKEN_BY_BUSY`].
+    turn: Arc<AtomicU8>,
+    /// When an active relay last found every thread held and the turn taken by a busy one.
     contended: Arc<Contention>,
     /// The threads busy flows' relays run on whole; without them, relays run where they are
     /// spawned.
     threads: Option<RelayThreads>,
 }
+
+/// The turn at polling is free.
+const FREE: u8 = 0;
+/// The turn at polling is taken by a relay whose flow is not busy.
+const TAKEN: u8 = 1;
+/// The turn at polling is taken by a busy flow's relay.
+const TAKEN_BY_BUSY: u8 = 2;
 
 /// The threads of [`Polling::on_threads`] or the thread of [`Polling::on_shared_thread`].
 #[derive(Debug, Clone)]
@@ -172,8 +183,8 @@ impl BusyPoll {
     /// (`on_thread`) or where it was spawned: if polling is worth it, the relay is not crowded
     /// ([`BusyPoll::crowded`]) and it holds its thread ([`BusyPoll::holds_thread`]) or no other
     /// relay polls. It closes a budget after the last datagram forwarded, and gives the turn
-    /// back when dropped. An active relay that finds the turn taken while every thread is held
-    /// holds all polling off for [`HOLD_OFF`].
+    /// back when dropped. An active relay that finds the turn taken by a busy one while every
+    /// thread is held holds all polling off for [`HOLD_OFF`].
     pub fn window(&self, on_thread: bool) -> Option<Window<'_>> {
         let Polling { budget, turn, .. } = &self.polling;
         let (way, at) = self.last?;
@@ -185,11 +196,11 @@ impl BusyPoll {
         if self.holds_thread(on_thread) {
             return Some(Window { turn: None, until });
         }
-        if turn
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
+        let taken = if self.busy() { TAKEN_BY_BUSY } else { TAKEN };
+        if let Err(holder) =
+            turn.compare_exchange(FREE, taken, Ordering::Acquire, Ordering::Relaxed)
         {
-            if self.active() && self.every_thread_held() {
+            if holder == TAKEN_BY_BUSY && self.active() && self.every_thread_held() {
                 self.polling.contended.seen(at);
             }
             return None;
@@ -261,8 +272,8 @@ impl BusyPoll {
     }
 
     /// Whether more flows are busy than can poll: an active relay found every thread held and
-    /// the turn taken less than [`HOLD_OFF`] before the last datagram this one forwarded (never
-    /// so with a shared thread).
+    /// the turn taken by a busy one less than [`HOLD_OFF`] before the last datagram this one
+    /// forwarded (never so with a shared thread).
     pub fn crowded(&self) -> bool {
         !self.polling.shared()
             && self
@@ -304,8 +315,8 @@ fn slot(way: Way) -> usize {
     }
 }
 
-/// The last time an active relay found every thread held and the turn taken, as microseconds
-/// after `since`, plus one (zero: never).
+/// The last time an active relay found every thread held and the turn taken by a busy one, as
+/// microseconds after `since`, plus one (zero: never).
 #[derive(Debug)]
 struct Contention {
     since: Instant,
@@ -342,7 +353,7 @@ impl Contention {
 #[derive(Debug)]
 pub struct Window<'a> {
     /// The turn taken, where the relay shares its thread.
-    turn: Option<&'a AtomicBool>,
+    turn: Option<&'a AtomicU8>,
     until: Instant,
 }
 
@@ -362,7 +373,7 @@ impl Window<'_> {
 impl Drop for Window<'_> {
     fn drop(&mut self) {
         if let Some(turn) = self.turn {
-            turn.store(false, Ordering::Release);
+            turn.store(FREE, Ordering::Release);
         }
     }
 }
@@ -373,6 +384,8 @@ mod tests {
     const BUDGET: Duration = Duration::from_micros(50);
     const QUICK: Duration = Duration::from_micros(20);
     const SLOW: Duration = Duration::from_micros(500);
+    /// Within [`ACTIVE_GAP`], longer than [`BUDGET`].
+    const PACE: Duration = Duration::from_micros(900);
 
     fn poll(budget: Duration) -> BusyPoll {
         BusyPoll::new(Polling::new(budget))
@@ -389,6 +402,17 @@ mod tests {
     /// `now`.
     fn busy_until(poll: &mut BusyPoll, now: Instant) {
         exchanged(poll, now, usize::from(ACTIVE_STREAK), QUICK);
+    }
+
+    /// Makes `poll` a paced flow's: a request every [`PACE`], each answered quickly, so active
+    /// but not busy; the last request forwarded out at `now`.
+    fn paced_until(poll: &mut BusyPoll, now: Instant) {
+        let mut at = now - PACE * u32::from(ACTIVE_STREAK);
+        for _ in 0..ACTIVE_STREAK {
+            answered(poll, Way::Out, &mut at, QUICK);
+            answered(poll, Way::In, &mut at, PACE - QUICK);
+        }
+        poll.forwarded_at(Way::Out, now);
     }
 
     /// `datagrams` datagrams out and in by turns, each `gap` after the one before, the last
@@ -519,6 +543,22 @@ mod tests {
         assert!(second.window(true).is_some(), "so does the second");
         drop(first_window);
         assert!(!first.crowded() && !second.crowded());
+
+        // Two paced flows on the runtime, active but not busy: one polls for its answer with
+        // the turn, and the other, finding the turn taken by a flow that is not busy, crowds no
+        // one.
+        let mut paced = relay();
+        let mut other_paced = relay();
+        paced_until(&mut paced, now);
+        paced_until(&mut other_paced, now);
+        assert!(paced.take_thread().is_none(), "not busy");
+        let paced_window = paced.window(false).expect("the turn, for its answer");
+        assert!(other_paced.window(false).is_none(), "the turn is taken");
+        drop(paced_window);
+        assert!(
+            !first.crowded() && !other_paced.crowded(),
+            "paced flows beside the busy ones are not more busy flows than can poll"
+        );
 
         // A third busy flow finds every thread held: it stays on the runtime and polls there
         // with the turn, crowding no one.

@@ -571,12 +571,13 @@ mod tests {
         let mut polling_there = BusyPoll::new(polling.clone());
         let mut other = BusyPoll::new(polling);
         let more_busy_flows = || {
-            polling_there.forwarded(Way::Out);
-            let turn = polling_there.window(false);
-            for way in [Way::Out, Way::In].into_iter().cycle().take(9) {
-                other.arrived();
-                other.forwarded(way);
+            for poll in [&mut polling_there, &mut other] {
+                for way in [Way::Out, Way::In].into_iter().cycle().take(9) {
+                    poll.arrived();
+                    poll.forwarded(way);
+                }
             }
+            let turn = polling_there.window(false);
             drop(other.window(false));
             drop(turn);
         };
