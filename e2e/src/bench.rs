@@ -865,11 +865,14 @@ pub async fn tcp_paced(addr: SocketAddr, count: u64, rate: u64) -> anyhow::Resul
 }
 
 /// One 512-byte datagram sent from `socket` to `addr` and its echo awaited; returns the round
-/// trip. A datagram not echoed within 2 s is taken as lost. Each datagram starts with its
-/// socket's port, and the echo must too: an echo of another socket's datagram (a flow carried
-/// in another's) fails the load.
-async fn udp_round_trip(socket: &UdpSocket, addr: SocketAddr) -> anyhow::Result<Duration> {
-    let port = socket.local_addr()?.port().to_be_bytes();
+/// trip. A datagram not echoed within 2 s is taken as lost. Each datagram starts with `port`,
+/// its socket's ([`tag_of`]), and the echo must too: an echo of another socket's datagram (a
+/// flow carried in another's) fails the load.
+async fn udp_round_trip(
+    socket: &UdpSocket,
+    port: [u8; 2],
+    addr: SocketAddr,
+) -> anyhow::Result<Duration> {
     let mut datagram = [7u8; 512];
     datagram[..2].copy_from_slice(&port);
     let mut buffer = [0u8; 2048];
@@ -888,35 +891,47 @@ async fn udp_round_trip(socket: &UdpSocket, addr: SocketAddr) -> anyhow::Result<
     Ok(started.elapsed())
 }
 
+/// The port of `socket`, as [`udp_round_trip`] starts each datagram with it.
+fn tag_of(socket: &UdpSocket) -> anyhow::Result<[u8; 2]> {
+    Ok(socket.local_addr()?.port().to_be_bytes())
+}
+
 /// `count` 512-byte datagrams echoed in turn from one socket; returns the latencies.
 pub async fn udp_echo(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Duration>> {
     let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let port = tag_of(&socket)?;
     let mut latencies = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        latencies.push(udp_round_trip(&socket, addr).await?);
+        latencies.push(udp_round_trip(&socket, port, addr).await?);
     }
     Ok(latencies)
 }
 
 /// 512-byte datagrams echoed from one socket, one every `1 / rate` s, until `stop`'s sender is
-/// dropped (or sends); returns the latencies.
+/// dropped (or sends); returns the latencies. The first is echoed before `stop` is looked at,
+/// and then `started` is told.
 pub async fn udp_echo_paced(
     addr: SocketAddr,
     rate: u32,
     mut stop: tokio::sync::watch::Receiver<()>,
+    started: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<Vec<Duration>> {
     ensure!(
         rate > 0,
         "a paced flow sends at least one datagram a second"
     );
     let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let port = tag_of(&socket)?;
     let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate);
-    let mut latencies = Vec::new();
+    ticks.tick().await;
+    let mut latencies = vec![udp_round_trip(&socket, port, addr).await?];
+    // The other side may have given up waiting.
+    let _ = started.send(()).await;
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => return Ok(latencies),
-            _ = ticks.tick() => latencies.push(udp_round_trip(&socket, addr).await?),
+            _ = ticks.tick() => latencies.push(udp_round_trip(&socket, port, addr).await?),
         }
     }
 }
@@ -943,8 +958,8 @@ pub async fn udp_echo_flows(
 }
 
 /// [`udp_echo_flows`] beside `paced` flows of [`udp_echo_paced`] at `rate` each, which start
-/// first and stop once the others are done; returns the latencies of the first, then of the
-/// paced flows.
+/// first (the others once each has had its first echo) and stop once the others are done;
+/// returns the latencies of the first, then of the paced flows.
 pub async fn udp_echo_flows_beside_paced(
     addr: SocketAddr,
     flows: usize,
@@ -953,9 +968,17 @@ pub async fn udp_echo_flows_beside_paced(
     rate: u32,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let (stop, stopped) = tokio::sync::watch::channel(());
+    let (started, mut first_echoes) = tokio::sync::mpsc::channel(paced.max(1));
     let mut beside = tokio::task::JoinSet::new();
     for _ in 0..paced {
-        beside.spawn(udp_echo_paced(addr, rate, stopped.clone()));
+        beside.spawn(udp_echo_paced(addr, rate, stopped.clone(), started.clone()));
+    }
+    drop(started);
+    // One a flow; fewer where one failed first (its error comes out below).
+    for _ in 0..paced {
+        if first_echoes.recv().await.is_none() {
+            break;
+        }
     }
     let echoed = udp_echo_flows(addr, flows, count).await;
     drop(stop);
@@ -1132,8 +1155,11 @@ mod tests {
             }
         });
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        udp_round_trip(&socket, addr).await.expect("its own echo");
-        let other = udp_round_trip(&socket, addr)
+        let port = tag_of(&socket).expect("port");
+        udp_round_trip(&socket, port, addr)
+            .await
+            .expect("its own echo");
+        let other = udp_round_trip(&socket, port, addr)
             .await
             .expect_err("another's echo");
         assert!(
@@ -1195,20 +1221,22 @@ mod tests {
         let addr = server.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let echo = tokio::spawn(counting_echo(server, stopped));
-        // One flow echoing 20 datagrams 10 ms apart at its own pace (a paced flow of 100 a
-        // second beside it), two paced flows at 1,000 a second.
+        // One flow echoing 20 datagrams 10 ms apart, and beside it two paced flows at 1,000 a
+        // second.
         let slow = async {
             let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+            let port = tag_of(&socket).expect("port");
             for _ in 0..20 {
-                udp_round_trip(&socket, addr).await.expect("echoed");
+                udp_round_trip(&socket, port, addr).await.expect("echoed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
         let (stop_paced, stopped_paced) = tokio::sync::watch::channel(());
+        let (told, _first_echoes) = tokio::sync::mpsc::channel(2);
         let paced = tokio::spawn(async move {
             let (first, second) = tokio::join!(
-                udp_echo_paced(addr, 1000, stopped_paced.clone()),
-                udp_echo_paced(addr, 1000, stopped_paced),
+                udp_echo_paced(addr, 1000, stopped_paced.clone(), told.clone()),
+                udp_echo_paced(addr, 1000, stopped_paced, told),
             );
             (first.expect("paced"), second.expect("paced"))
         });
@@ -1249,15 +1277,24 @@ mod tests {
         stop.send(()).expect("echo running");
         let per_sender = echo.await.expect("echo");
         assert_eq!(flows.len(), 10, "the flows' datagrams, and theirs only");
+        assert!(
+            !paced.is_empty(),
+            "the paced flow's first echo came before the others began"
+        );
         assert_eq!(per_sender.len(), 3, "two flows and a paced one");
         assert_eq!(
             per_sender.values().sum::<u32>() as usize,
             flows.len() + paced.len(),
             "the paced flow's latencies are those it echoed"
         );
-        let zero = udp_echo_paced(addr, 0, tokio::sync::watch::channel(()).1)
-            .await
-            .expect_err("no rate");
+        let zero = udp_echo_paced(
+            addr,
+            0,
+            tokio::sync::watch::channel(()).1,
+            tokio::sync::mpsc::channel(1).0,
+        )
+        .await
+        .expect_err("no rate");
         assert!(zero.to_string().contains("at least one datagram"), "{zero}");
     }
 }
