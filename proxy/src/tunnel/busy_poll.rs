@@ -13,12 +13,12 @@
 //! - while more flows are busy than can poll (one per thread for them, below, and one on the
 //!   runtime), none polls: an active flow (its last [`ACTIVE_STREAK`] datagrams each within
 //!   [`ACTIVE_GAP`] of the one before; a lookup's few datagrams are not) that finds every thread
-//!   held and the turn taken by a busy flow holds all of them off for [`HOLD_OFF`]. Polling pays
-//!   where the CPU it spins on would otherwise wait for its flow's next datagram; with many more
-//!   flows busy than CPUs, that CPU has their work to do. A turn taken by a flow that is not
-//!   busy (one waiting for the answer to a request it sends every so often) does not count: it
-//!   is given back within the budget, and such flows beside the busy ones are not more busy
-//!   flows than can poll;
+//!   held and the turn taken, itself or the flow holding the turn busy, holds all of them off
+//!   for [`HOLD_OFF`]. Polling pays where the CPU it spins on would otherwise wait for its flow's
+//!   next datagram; with many more flows busy than CPUs, that CPU has their work to do. Two flows
+//!   that are not busy (each waiting for the answer to a request it sends every so often)
+//!   meeting at the turn do not count: the turn is given back within the budget, and such flows
+//!   beside the busy ones are not more busy flows than can poll;
 //! - between two polls the relay yields its CPU (`sched_yield`): the thread it forwarded to, or
 //!   the one it forwarded for, is often woken on this same CPU, and spinning would hold it off
 //!   until the budget ran out. Where no other thread waits, the yield returns at once.
@@ -46,8 +46,8 @@ use std::time::{Duration, Instant};
 use super::datagrams::Way;
 use crate::links::LinkThreads;
 
-/// How long no relay polls after an active one found every thread held and the turn taken by a
-/// busy one.
+/// How long no relay polls after an active one found every thread held and the turn taken, it
+/// or the holder busy.
 pub const HOLD_OFF: Duration = Duration::from_millis(10);
 
 /// A flow is active while this many datagrams in a row each came within [`ACTIVE_GAP`] of the
@@ -68,7 +68,8 @@ pub struct Polling {
     budget: Duration,
     /// Held by the relay polling now: [`FREE`], [`TAKEN`] or [`TAKEN_BY_BUSY`].
     turn: Arc<AtomicU8>,
-    /// When an active relay last found every thread held and the turn taken by a busy one.
+    /// When an active relay last found every thread held and the turn taken, it or the holder
+    /// busy.
     contended: Arc<Contention>,
     /// The threads busy flows' relays run on whole; without them, relays run where they are
     /// spawned.
@@ -183,8 +184,8 @@ impl BusyPoll {
     /// (`on_thread`) or where it was spawned: if polling is worth it, the relay is not crowded
     /// ([`BusyPoll::crowded`]) and it holds its thread ([`BusyPoll::holds_thread`]) or no other
     /// relay polls. It closes a budget after the last datagram forwarded, and gives the turn
-    /// back when dropped. An active relay that finds the turn taken by a busy one while every
-    /// thread is held holds all polling off for [`HOLD_OFF`].
+    /// back when dropped. An active relay that finds the turn taken while every thread is held,
+    /// itself or the holder busy, holds all polling off for [`HOLD_OFF`].
     pub fn window(&self, on_thread: bool) -> Option<Window<'_>> {
         let Polling { budget, turn, .. } = &self.polling;
         let (way, at) = self.last?;
@@ -196,11 +197,13 @@ impl BusyPoll {
         if self.holds_thread(on_thread) {
             return Some(Window { turn: None, until });
         }
-        let taken = if self.busy() { TAKEN_BY_BUSY } else { TAKEN };
+        let busy = self.busy();
+        let taken = if busy { TAKEN_BY_BUSY } else { TAKEN };
         if let Err(holder) =
             turn.compare_exchange(FREE, taken, Ordering::Acquire, Ordering::Relaxed)
         {
-            if holder == TAKEN_BY_BUSY && self.active() && self.every_thread_held() {
+            let a_busy_one = busy || holder == TAKEN_BY_BUSY;
+            if a_busy_one && self.active() && self.every_thread_held() {
                 self.polling.contended.seen(at);
             }
             return None;
@@ -272,8 +275,8 @@ impl BusyPoll {
     }
 
     /// Whether more flows are busy than can poll: an active relay found every thread held and
-    /// the turn taken by a busy one less than [`HOLD_OFF`] before the last datagram this one
-    /// forwarded (never so with a shared thread).
+    /// the turn taken, it or the holder busy, less than [`HOLD_OFF`] before the last datagram
+    /// this one forwarded (never so with a shared thread).
     pub fn crowded(&self) -> bool {
         !self.polling.shared()
             && self
@@ -315,8 +318,8 @@ fn slot(way: Way) -> usize {
     }
 }
 
-/// The last time an active relay found every thread held and the turn taken by a busy one, as
-/// microseconds after `since`, plus one (zero: never).
+/// The last time an active relay found every thread held and the turn taken, it or the holder
+/// busy, as microseconds after `since`, plus one (zero: never).
 #[derive(Debug)]
 struct Contention {
     since: Instant,
@@ -588,6 +591,28 @@ mod tests {
         busy_until(&mut third, now + HOLD_OFF);
         let home = third.take_thread().expect("free again");
         assert_eq!(thread_name(&home).as_deref(), Some("relay-test-0"));
+    }
+
+    #[test]
+    fn a_busy_flow_finding_the_turn_taken_by_a_paced_one_crowds_the_others() {
+        let polling = on_threads("paced-test", 1, false);
+        let relay = || BusyPoll::new(polling.clone());
+        let now = Instant::now();
+        let mut on_thread = relay();
+        busy_until(&mut on_thread, now);
+        let _home = on_thread.take_thread().expect("busy, the thread free");
+        let mut paced = relay();
+        paced_until(&mut paced, now);
+        let paced_window = paced.window(false).expect("the turn, for its answer");
+        let mut busy = relay();
+        busy_until(&mut busy, now);
+        assert!(busy.take_thread().is_none(), "the thread held");
+        assert!(busy.window(false).is_none(), "the turn is taken");
+        drop(paced_window);
+        assert!(
+            on_thread.crowded() && paced.crowded(),
+            "a busy flow more than can poll"
+        );
     }
 
     #[test]
