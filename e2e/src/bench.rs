@@ -178,10 +178,8 @@ pub enum Layout {
 /// sidecar registering the servers, a client pod's sidecar importing them.
 #[derive(Debug)]
 pub struct Proxies {
-    /// By role, the client pod's sidecar last.
-    processes: Vec<(&'static str, Running)>,
-    /// Each process's admin server, by role as above.
-    admins: Vec<(&'static str, SocketAddr)>,
+    /// By role, with each one's admin server, the client pod's sidecar last.
+    processes: Vec<(&'static str, Running, SocketAddr)>,
     /// Where the client reaches the TCP server through its sidecar.
     pub tcp: SocketAddr,
     /// Where the client reaches the UDP server through its sidecar.
@@ -384,20 +382,17 @@ impl Proxies {
             udp.port()
         );
         let mut processes = Vec::new();
-        let mut admins = Vec::new();
         let (server_socket, client_socket) = match layout {
             Layout::OneNode => {
                 let (running, socket, admin) = router("bench", &[])?;
-                processes.push(("router", running));
-                admins.push(("router", admin));
+                processes.push(("router", running, admin));
                 (socket.clone(), socket)
             }
             Layout::TwoNodes => {
                 let tls = RouterTls::create(&dir.path().join("tls"))?;
                 let far_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
                 let (running, far_socket, admin) = router("far", &tls.args(far_peer, None))?;
-                processes.push(("server node's router", running));
-                admins.push(("server node's router", admin));
+                processes.push(("server node's router", running, admin));
                 // The near router knows of the endpoints on the far node from its snapshot (as
                 // the API server would tell it) and of the far router from its peers file.
                 let peers = dir.path().join("peers.yaml");
@@ -420,8 +415,7 @@ impl Proxies {
                 let near_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
                 let (running, near_socket, admin) =
                     router("near", &tls.args(near_peer, Some(&peers)))?;
-                processes.push(("client node's router", running));
-                admins.push(("client node's router", admin));
+                processes.push(("client node's router", running, admin));
                 (far_socket, near_socket)
             }
         };
@@ -455,8 +449,7 @@ impl Proxies {
             &server_socket,
             format!("servicekeel.io/exported-services={exported:?}\n"),
         )?;
-        processes.push(("server sidecar", server));
-        admins.push(("server sidecar", server_admin));
+        processes.push(("server sidecar", server, server_admin));
         // Each client has addresses of its own, so that proxies can run beside others: the
         // first with one node from 127.0.79.0/24, with two from 127.0.89.0/24.
         let range = ClientRange::take(match layout {
@@ -471,11 +464,9 @@ impl Proxies {
             &client_socket,
             format!("servicekeel.io/imported-services={IMPORTED:?}\n"),
         )?;
-        processes.push(("client sidecar", client));
-        admins.push(("client sidecar", client_admin));
+        processes.push(("client sidecar", client, client_admin));
         let mut proxies = Proxies {
             processes,
-            admins,
             binary,
             client_socket,
             sidecar_env: settings.sidecar_env.clone(),
@@ -489,7 +480,7 @@ impl Proxies {
         // imported service's address) and a request goes through.
         let started = Instant::now();
         loop {
-            for (role, running) in &mut proxies.processes {
+            for (role, running, _) in &mut proxies.processes {
                 if let Some(status) = running.0.try_wait()? {
                     bail!(
                         "the {role} exited ({status}){}",
@@ -524,7 +515,7 @@ impl Proxies {
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
         self.processes
             .iter()
-            .map(|(role, running)| (*role, running.0.id()))
+            .map(|(role, running, _)| (*role, running.0.id()))
             .collect()
     }
 
@@ -533,7 +524,7 @@ impl Proxies {
     /// error output: for an error in a load through them.
     pub async fn flows_told(&self) -> String {
         let mut out = String::new();
-        for (role, admin) in &self.admins {
+        for (role, _, admin) in &self.processes {
             out.push_str(&format!("\n{role}:"));
             match process::http_get(*admin, "/metrics").await {
                 Ok(reply) => out.push_str(&counted_flows(&reply)),
@@ -589,7 +580,10 @@ impl Proxies {
 
     /// CPU time of the proxies so far.
     pub fn cpu(&self) -> anyhow::Result<Duration> {
-        self.processes.iter().map(|(_, p)| cpu_of(p.0.id())).sum()
+        self.processes
+            .iter()
+            .map(|(_, p, _)| cpu_of(p.0.id()))
+            .sum()
     }
 }
 
