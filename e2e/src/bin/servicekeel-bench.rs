@@ -457,40 +457,63 @@ async fn dns_rows(rows: &mut Vec<Row>, proxies: &Proxies, pairs: usize) -> anyho
 
 /// Pods through the real apiserver: labelled namespace (candidate) against an unlabelled one,
 /// and the pod the webhook returns sent ready-made to the unlabelled one, which splits the
-/// difference into the larger pod's own cost and the call's. Returns what the apiserver
-/// measured of its webhook calls during the create rows.
+/// difference into the larger pod's own cost and the call's, and to the labelled one, where the
+/// webhook is called and leaves it unchanged, which splits the call into a call without a patch
+/// and what the patch adds. Returns what the apiserver measured of its webhook calls during the
+/// create rows, for the pods it patched and for those it left unchanged.
 async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
     use servicekeel_e2e::bench::pods::{Kind, PodBench};
     let pods = PodBench::start().await?;
-    let calls_before = pods.webhook_calls().await?;
     let timed = |latencies: Vec<Duration>| {
         let wall = latencies.iter().sum();
         (latencies, wall)
     };
-    // The three kinds take turns, so each pair of rows below compares runs made side by side.
-    let (mut plain, mut prefilled, mut injected) = (Vec::new(), Vec::new(), Vec::new());
+    // The kinds take turns, so each pair of rows below compares runs made side by side.
+    let (mut plain, mut prefilled, mut called, mut injected) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The apiserver's count and time of its webhook calls, for the pods patched and for the
+    // ready-made ones left unchanged.
+    let (mut patched_calls, mut unchanged_calls) = ((0u64, 0f64), (0u64, 0f64));
     for _ in 0..pairs {
-        for (kind, samples) in [
-            (Kind::Plain, &mut plain),
-            (Kind::Prefilled, &mut prefilled),
-            (Kind::Injected, &mut injected),
+        for (kind, samples, calls) in [
+            (Kind::Plain, &mut plain, None),
+            (Kind::Prefilled, &mut prefilled, None),
+            (
+                Kind::PrefilledCalled,
+                &mut called,
+                Some(&mut unchanged_calls),
+            ),
+            (Kind::Injected, &mut injected, Some(&mut patched_calls)),
         ] {
+            let calls_before = if calls.is_some() {
+                Some(pods.webhook_calls().await?)
+            } else {
+                None
+            };
             let (latencies, apiserver_cpu) = pods.creates(kind, 20).await?;
+            if let (Some(calls), Some(before)) = (calls, calls_before) {
+                let after = pods.webhook_calls().await?;
+                calls.0 += after.0.saturating_sub(before.0);
+                calls.1 += after.1 - before.1;
+            }
             let (latencies, wall) = timed(latencies);
             let mut sample = Sample::of_latencies(latencies, wall);
             sample.cpu = apiserver_cpu;
             samples.push(sample);
         }
     }
-    let calls_after = pods.webhook_calls().await?;
-    let calls = calls_after.0.saturating_sub(calls_before.0);
+    let average_ms = |(count, seconds): (u64, f64)| seconds * 1e3 / count.max(1) as f64;
     let call_note = format!(
-        "During the pod creation rows the apiserver made {calls} calls to the webhook and \
-         measured them at {:.2} ms each on average \
+        "During the pod creation rows the apiserver made {} calls to the webhook for the pods \
+         it injected and measured them at {:.2} ms each on average, and {} calls for the \
+         ready-made pods it left unchanged, at {:.2} ms \
          (`apiserver_admission_webhook_admission_duration_seconds`: the whole call as the \
          apiserver makes it, from encoding the review through the HTTPS exchange to applying the \
-         patch and decoding the patched pod).",
-        (calls_after.1 - calls_before.1) * 1e3 / calls.max(1) as f64
+         patch, if any, and decoding the patched pod).",
+        patched_calls.0,
+        average_ms(patched_calls),
+        unchanged_calls.0,
+        average_ms(unchanged_calls),
     );
     // Create calls, rated in pods/s, with the apiserver's CPU per pod.
     let creates = |what, goal, met, base, cand| Row {
@@ -521,7 +544,21 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
         "pod creation with the webhook (baseline: the same injected pod sent ready-made, no call, as above); CPU of the apiserver",
         "no goal set (what the webhook's call adds)",
         None,
+        prefilled.clone(),
+        injected.clone(),
+    ));
+    rows.push(creates(
+        "pod creation of the pod as the webhook leaves it, sent to the labelled namespace: the webhook is called and allows it unchanged, with no patch (baseline: the same pod, no call, as above); CPU of the apiserver",
+        "no goal set (what a call without a patch adds)",
+        None,
         prefilled,
+        called.clone(),
+    ));
+    rows.push(creates(
+        "pod creation with the webhook (baseline: the pod as the webhook leaves it, called and left unchanged, as above); CPU of the apiserver",
+        "no goal set (what the patch and the injection add to a call)",
+        None,
+        called,
         injected,
     ));
     let (mut base, mut cand) = (Vec::new(), Vec::new());
