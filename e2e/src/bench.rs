@@ -1191,18 +1191,25 @@ mod tests {
     }
 
     /// A UDP echo server counting what it echoes by sender, until `stop` fires.
+    /// Echoes until `stop`; returns how many datagrams each sender sent, and the senders in the
+    /// order their first datagram came.
     async fn counting_echo(
         server: UdpSocket,
         mut stop: tokio::sync::oneshot::Receiver<()>,
-    ) -> std::collections::BTreeMap<SocketAddr, u32> {
+    ) -> (std::collections::BTreeMap<SocketAddr, u32>, Vec<SocketAddr>) {
         let mut from = std::collections::BTreeMap::<SocketAddr, u32>::new();
+        let mut first_seen = Vec::new();
         let mut buffer = [0u8; 2048];
         loop {
             tokio::select! {
-                _ = &mut stop => return from,
+                _ = &mut stop => return (from, first_seen),
                 received = server.recv_from(&mut buffer) => {
                     let (n, peer) = received.expect("recv");
-                    *from.entry(peer).or_default() += 1;
+                    let count = from.entry(peer).or_default();
+                    if *count == 0 {
+                        first_seen.push(peer);
+                    }
+                    *count += 1;
                     server.send_to(&buffer[..n], peer).await.expect("send");
                 }
             }
@@ -1240,7 +1247,7 @@ mod tests {
         drop(stop_paced);
         let (first, second) = paced.await.expect("paced task");
         stop.send(()).expect("echo running");
-        let per_sender = echo.await.expect("echo");
+        let (per_sender, _) = echo.await.expect("echo");
         assert_eq!(per_sender.len(), 3, "three sockets: {per_sender:?}");
         let most = elapsed.as_millis() as usize + 2;
         for flow in [&first, &second] {
@@ -1261,19 +1268,26 @@ mod tests {
         );
 
         // The same through the function the benchmark calls: the paced flows' latencies apart.
+        // The paced flow sends one datagram a second, so within the test it sends one or two,
+        // where each of the two others sends five: the sender heard first tells which began
+        // first.
         let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let addr = server.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let echo = tokio::spawn(counting_echo(server, stopped));
-        let (flows, paced) = udp_echo_flows_beside_paced(addr, 2, 10, 1, 1000)
+        let (flows, paced) = udp_echo_flows_beside_paced(addr, 2, 10, 1, 1)
             .await
             .expect("echoed");
         stop.send(()).expect("echo running");
-        let per_sender = echo.await.expect("echo");
+        let (per_sender, first_seen) = echo.await.expect("echo");
         assert_eq!(flows.len(), 10, "the flows' datagrams, and theirs only");
-        assert!(
-            !paced.is_empty(),
-            "the paced flow's first echo came before the others began"
+        assert!(paced.len() < 5, "one a second: {}", paced.len());
+        assert_eq!(
+            per_sender[&first_seen[0]] as usize,
+            paced.len(),
+            "the paced flow's first datagram came before the others began: {per_sender:?}, \
+             first {}",
+            first_seen[0]
         );
         assert_eq!(per_sender.len(), 3, "two flows and a paced one");
         assert_eq!(
