@@ -418,6 +418,20 @@ mod tests {
         poll.forwarded_at(Way::Out, now);
     }
 
+    /// A relay of `polling` whose flow is busy ([`busy_until`] `now`).
+    fn busy_relay(polling: &Polling, now: Instant) -> BusyPoll {
+        let mut relay = BusyPoll::new(polling.clone());
+        busy_until(&mut relay, now);
+        relay
+    }
+
+    /// A relay of `polling` whose flow is paced ([`paced_until`] `now`).
+    fn paced_relay(polling: &Polling, now: Instant) -> BusyPoll {
+        let mut relay = BusyPoll::new(polling.clone());
+        paced_until(&mut relay, now);
+        relay
+    }
+
     /// `datagrams` datagrams out and in by turns, each `gap` after the one before, the last
     /// forwarded at `now`.
     fn exchanged(poll: &mut BusyPoll, now: Instant, datagrams: usize, gap: Duration) {
@@ -523,9 +537,8 @@ mod tests {
         assert!(nowhere.take_thread().is_none(), "no thread given");
 
         let polling = on_threads("relay-test", 2, false);
-        let relay = || BusyPoll::new(polling.clone());
         let now = Instant::now();
-        let mut slow = relay();
+        let mut slow = BusyPoll::new(polling.clone());
         exchanged(&mut slow, now, 20, SLOW);
         assert!(
             slow.take_thread().is_none(),
@@ -534,10 +547,8 @@ mod tests {
         assert!(!slow.crowded());
 
         // Two busy flows, a thread each, and each polls there without taking the turn.
-        let mut first = relay();
-        let mut second = relay();
-        busy_until(&mut first, now);
-        busy_until(&mut second, now);
+        let mut first = busy_relay(&polling, now);
+        let second = busy_relay(&polling, now);
         let first_home = first.take_thread().expect("busy, a thread free");
         let second_home = second.take_thread().expect("busy, the other thread free");
         assert_eq!(thread_name(&first_home).as_deref(), Some("relay-test-0"));
@@ -550,10 +561,8 @@ mod tests {
         // Two paced flows on the runtime, active but not busy: one polls for its answer with
         // the turn, and the other, finding the turn taken by a flow that is not busy, crowds no
         // one.
-        let mut paced = relay();
-        let mut other_paced = relay();
-        paced_until(&mut paced, now);
-        paced_until(&mut other_paced, now);
+        let paced = paced_relay(&polling, now);
+        let other_paced = paced_relay(&polling, now);
         assert!(paced.take_thread().is_none(), "not busy");
         let paced_window = paced.window(false).expect("the turn, for its answer");
         assert!(other_paced.window(false).is_none(), "the turn is taken");
@@ -565,8 +574,7 @@ mod tests {
 
         // A third busy flow finds every thread held: it stays on the runtime and polls there
         // with the turn, crowding no one.
-        let mut third = relay();
-        busy_until(&mut third, now);
+        let mut third = busy_relay(&polling, now);
         assert!(third.take_thread().is_none(), "every thread held");
         assert!(
             !first.crowded(),
@@ -575,8 +583,7 @@ mod tests {
         let third_window = third.window(false).expect("the turn on the runtime");
         // A fourth busy flow finds the turn taken too: more flows are busy than can poll, and
         // the holders give their threads back at their next datagram.
-        let mut fourth = relay();
-        busy_until(&mut fourth, now);
+        let fourth = busy_relay(&polling, now);
         assert!(fourth.window(false).is_none(), "the turn is taken");
         drop(third_window);
         first.forwarded_at(Way::In, now);
@@ -596,16 +603,12 @@ mod tests {
     #[test]
     fn a_busy_flow_finding_the_turn_taken_by_a_paced_one_crowds_the_others() {
         let polling = on_threads("paced-test", 1, false);
-        let relay = || BusyPoll::new(polling.clone());
         let now = Instant::now();
-        let mut on_thread = relay();
-        busy_until(&mut on_thread, now);
+        let on_thread = busy_relay(&polling, now);
         let _home = on_thread.take_thread().expect("busy, the thread free");
-        let mut paced = relay();
-        paced_until(&mut paced, now);
+        let paced = paced_relay(&polling, now);
         let paced_window = paced.window(false).expect("the turn, for its answer");
-        let mut busy = relay();
-        busy_until(&mut busy, now);
+        let busy = busy_relay(&polling, now);
         assert!(busy.take_thread().is_none(), "the thread held");
         assert!(busy.window(false).is_none(), "the turn is taken");
         drop(paced_window);
@@ -618,12 +621,9 @@ mod tests {
     #[test]
     fn a_shared_thread_goes_to_every_busy_flow_and_none_holds_polling_off() {
         let polling = on_threads("shared-test", 1, true);
-        let relay = || BusyPoll::new(polling.clone());
         let now = Instant::now();
-        let mut first = relay();
-        let mut second = relay();
-        busy_until(&mut first, now);
-        busy_until(&mut second, now);
+        let first = busy_relay(&polling, now);
+        let second = busy_relay(&polling, now);
         let first_home = first.take_thread().expect("busy");
         let second_home = second.take_thread().expect("busy too, the same thread");
         assert_eq!(thread_name(&first_home).as_deref(), Some("shared-test-0"));
