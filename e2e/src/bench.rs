@@ -858,45 +858,52 @@ pub async fn tcp_paced(addr: SocketAddr, count: u64, rate: u64) -> anyhow::Resul
     Ok(latencies)
 }
 
-/// One 512-byte datagram sent from `socket` to `addr` and its echo awaited; returns the round
-/// trip. A datagram not echoed within 2 s is taken as lost. Each datagram starts with `port`,
-/// its socket's ([`tag_of`]), and the echo must too: an echo of another socket's datagram (a
-/// flow carried in another's) fails the load.
-async fn udp_round_trip(
-    socket: &UdpSocket,
+/// A UDP socket of the echo loads, with its port as each of its datagrams starts with it (read
+/// once, not a `getsockname` per round trip).
+struct EchoSocket {
+    socket: UdpSocket,
     port: [u8; 2],
-    addr: SocketAddr,
-) -> anyhow::Result<Duration> {
-    let mut datagram = [7u8; 512];
-    datagram[..2].copy_from_slice(&port);
-    let mut buffer = [0u8; 2048];
-    let started = Instant::now();
-    socket.send_to(&datagram, addr).await?;
-    let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buffer))
-        .await
-        .context("a datagram was lost")??;
-    ensure!(n == datagram.len(), "short echo");
-    ensure!(
-        buffer[..2] == port,
-        "the socket of port {} was sent the echo of port {}'s datagram",
-        u16::from_be_bytes(port),
-        u16::from_be_bytes([buffer[0], buffer[1]])
-    );
-    Ok(started.elapsed())
 }
 
-/// The port of `socket`, as [`udp_round_trip`] starts each datagram with it.
-fn tag_of(socket: &UdpSocket) -> anyhow::Result<[u8; 2]> {
-    Ok(socket.local_addr()?.port().to_be_bytes())
+impl EchoSocket {
+    /// A socket on a port of its own on 127.0.0.1.
+    async fn bind() -> anyhow::Result<EchoSocket> {
+        let socket = UdpSocket::bind("127.0.0.1:0").await?;
+        let port = socket.local_addr()?.port().to_be_bytes();
+        Ok(EchoSocket { socket, port })
+    }
+
+    /// One 512-byte datagram sent to `addr` and its echo awaited; returns the round trip. A
+    /// datagram not echoed within 2 s is taken as lost. Each datagram starts with this socket's
+    /// port, and the echo must too: an echo of another socket's datagram (a flow carried in
+    /// another's) fails the load.
+    async fn round_trip(&self, addr: SocketAddr) -> anyhow::Result<Duration> {
+        let mut datagram = [7u8; 512];
+        datagram[..2].copy_from_slice(&self.port);
+        let mut buffer = [0u8; 2048];
+        let started = Instant::now();
+        self.socket.send_to(&datagram, addr).await?;
+        let (n, _) =
+            tokio::time::timeout(Duration::from_secs(2), self.socket.recv_from(&mut buffer))
+                .await
+                .context("a datagram was lost")??;
+        ensure!(n == datagram.len(), "short echo");
+        ensure!(
+            buffer[..2] == self.port,
+            "the socket of port {} was sent the echo of port {}'s datagram",
+            u16::from_be_bytes(self.port),
+            u16::from_be_bytes([buffer[0], buffer[1]])
+        );
+        Ok(started.elapsed())
+    }
 }
 
 /// `count` 512-byte datagrams echoed in turn from one socket; returns the latencies.
 pub async fn udp_echo(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<Duration>> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
-    let port = tag_of(&socket)?;
+    let socket = EchoSocket::bind().await?;
     let mut latencies = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        latencies.push(udp_round_trip(&socket, port, addr).await?);
+        latencies.push(socket.round_trip(addr).await?);
     }
     Ok(latencies)
 }
@@ -914,18 +921,17 @@ pub async fn udp_echo_paced(
         rate > 0,
         "a paced flow sends at least one datagram a second"
     );
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
-    let port = tag_of(&socket)?;
+    let socket = EchoSocket::bind().await?;
     let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate);
     ticks.tick().await;
-    let mut latencies = vec![udp_round_trip(&socket, port, addr).await?];
+    let mut latencies = vec![socket.round_trip(addr).await?];
     // The other side may have given up waiting.
     let _ = started.send(()).await;
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => return Ok(latencies),
-            _ = ticks.tick() => latencies.push(udp_round_trip(&socket, port, addr).await?),
+            _ = ticks.tick() => latencies.push(socket.round_trip(addr).await?),
         }
     }
 }
@@ -1148,14 +1154,9 @@ mod tests {
                 server.send_to(&buffer[..n], peer).await.expect("send");
             }
         });
-        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let port = tag_of(&socket).expect("port");
-        udp_round_trip(&socket, port, addr)
-            .await
-            .expect("its own echo");
-        let other = udp_round_trip(&socket, port, addr)
-            .await
-            .expect_err("another's echo");
+        let socket = EchoSocket::bind().await.expect("bind");
+        socket.round_trip(addr).await.expect("its own echo");
+        let other = socket.round_trip(addr).await.expect_err("another's echo");
         assert!(
             other.to_string().contains("was sent the echo of port"),
             "{other}"
@@ -1225,10 +1226,9 @@ mod tests {
         // One flow echoing 20 datagrams 10 ms apart, and beside it two paced flows at 1,000 a
         // second.
         let slow = async {
-            let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-            let port = tag_of(&socket).expect("port");
+            let socket = EchoSocket::bind().await.expect("bind");
             for _ in 0..20 {
-                udp_round_trip(&socket, port, addr).await.expect("echoed");
+                socket.round_trip(addr).await.expect("echoed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
