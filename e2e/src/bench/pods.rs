@@ -30,7 +30,7 @@ pub struct PodBench {
     client: kube::Client,
     cluster: NodeCluster,
     dir: PathBuf,
-    /// The pod of [`Kind::Prefilled`], its name and node selector set per create.
+    /// The pod of [`Kind::Prefilled`], its name, namespace and node selector set per create.
     prefilled: Pod,
 }
 
@@ -142,7 +142,7 @@ impl PodBench {
     fn pod(&self, kind: Kind, name: &str, runs: bool) -> anyhow::Result<Pod> {
         let mut pod = match kind {
             Kind::Prefilled | Kind::PrefilledCalled => self.prefilled.clone(),
-            Kind::Plain | Kind::Injected => Self::sent(kind)?,
+            Kind::Plain | Kind::Injected => Self::sent()?,
         };
         pod.metadata.name = Some(name.into());
         pod.metadata.namespace = Some(kind.namespace().into());
@@ -157,11 +157,10 @@ impl PodBench {
         Ok(pod)
     }
 
-    /// The pod as sent to the namespace of `kind`, before admission.
-    fn sent(kind: Kind) -> anyhow::Result<Pod> {
+    /// The pod as sent, before admission, without a name or namespace.
+    fn sent() -> anyhow::Result<Pod> {
         Ok(serde_json::from_value(json!({
             "metadata": {
-                "namespace": kind.namespace(),
                 "annotations": {
                     keys::IMPORTED_SERVICES: r#"{"services":[{"name":"echo","ports":[{"port":7000}]}]}"#,
                 },
@@ -258,7 +257,7 @@ impl PodBench {
 /// to fill in again, as it does for the others; those of the added containers stay.
 async fn as_injected(client: &kube::Client) -> anyhow::Result<Pod> {
     let injected: Api<Pod> = Api::namespaced(client.clone(), Kind::Injected.namespace());
-    let mut sent = PodBench::sent(Kind::Injected)?;
+    let mut sent = PodBench::sent()?;
     sent.metadata.name = Some("dry-run".into());
     let dry_run = PostParams {
         dry_run: true,
@@ -275,7 +274,7 @@ async fn as_injected(client: &kube::Client) -> anyhow::Result<Pod> {
         );
     }
     let stored_spec = stored.spec.context("the dry run returned no spec")?;
-    let mut pod = PodBench::sent(Kind::Prefilled)?;
+    let mut pod = PodBench::sent()?;
     pod.metadata.annotations = stored.metadata.annotations;
     let spec = pod.spec.as_mut().context("a pod without a spec")?;
     let without_token = |mut container: Container| {
