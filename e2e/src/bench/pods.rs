@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use kube::Api;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use servicekeel_api::keys;
 use servicekeel_webhook::shape::is_token_volume;
@@ -18,7 +18,7 @@ use servicekeel_webhook::shape::is_token_volume;
 use crate::cluster::NodeCluster;
 use crate::images::Profile;
 use crate::process::Lifetime;
-use crate::webhook::is_injected;
+use crate::webhook::{SYSTEM_NAMESPACE, is_injected};
 use crate::{node, paths};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,6 +66,16 @@ impl Kind {
         }
     }
 
+    /// What the pod is, in the reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Plain => "plain, no call",
+            Kind::Prefilled => "as the webhook leaves it, no call",
+            Kind::PrefilledCalled => "as the webhook leaves it, called, no patch",
+            Kind::Injected => "plain, called and injected",
+        }
+    }
+
     /// Whether the pod stored has the sidecar.
     fn has_sidecar(self) -> bool {
         self != Kind::Plain
@@ -106,27 +116,73 @@ impl PodBench {
         })
     }
 
-    /// The apiserver's own count and total time (seconds) of its calls to the webhook so far
-    /// (`apiserver_admission_webhook_admission_duration_seconds`): the whole call as the
-    /// apiserver makes it, encoding the review, the HTTPS exchange, applying the patch and
-    /// decoding the patched pod.
-    pub async fn webhook_calls(&self) -> anyhow::Result<(u64, f64)> {
+    /// What the apiserver has measured so far of pods' create calls and their admission, by
+    /// its own metrics.
+    pub async fn apiserver_times(&self) -> anyhow::Result<ApiserverTimes> {
         let request = http::Request::get("/metrics").body(Vec::new())?;
         let text = self.client.request_text(request).await?;
-        let metric = "apiserver_admission_webhook_admission_duration_seconds";
-        let ours = format!("name=\"{}\"", WEBHOOK_NAME);
-        let (mut count, mut sum) = (0u64, 0f64);
-        for line in text.lines().filter(|l| l.contains(&ours)) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            if series.starts_with(&format!("{metric}_count{{")) {
-                count += value.parse::<f64>().unwrap_or(0.0) as u64;
-            } else if series.starts_with(&format!("{metric}_sum{{")) {
-                sum += value.parse::<f64>().unwrap_or(0.0);
-            }
+        // Not the dry run that made the ready-made pod.
+        let creates = [
+            ("verb", "POST"),
+            ("resource", "pods"),
+            ("subresource", ""),
+            ("dry_run", ""),
+        ];
+        let admit_creates = [("type", "admit"), ("operation", "CREATE")];
+        let mut handling = Totals::default();
+        for replica in self.webhook_replicas().await? {
+            let request = http::Request::get(format!(
+                "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/https:{replica}:8443/proxy/metrics"
+            ))
+            .body(Vec::new())?;
+            let text = self
+                .client
+                .request_text(request)
+                .await
+                .with_context(|| format!("the metrics of webhook replica {replica}"))?;
+            handling += Totals::of(&text, "servicekeel_webhook_admission_duration_seconds", &[]);
         }
-        Ok((count, sum))
+        Ok(ApiserverTimes {
+            handling,
+            creates: Totals::of(&text, "apiserver_request_duration_seconds", &creates),
+            creates_but_exchanges: Totals::of(
+                &text,
+                "apiserver_request_sli_duration_seconds",
+                &creates,
+            ),
+            mutating: Totals::of(
+                &text,
+                "apiserver_admission_step_admission_duration_seconds",
+                &admit_creates,
+            ),
+            webhook_plugin: Totals::of(
+                &text,
+                "apiserver_admission_controller_admission_duration_seconds",
+                &[
+                    ("name", "MutatingAdmissionWebhook"),
+                    ("type", "admit"),
+                    ("operation", "CREATE"),
+                ],
+            ),
+            calls: Totals::of(
+                &text,
+                "apiserver_admission_webhook_admission_duration_seconds",
+                &[("name", WEBHOOK_NAME), ("type", "admit")],
+            ),
+        })
+    }
+
+    /// The names of the webhook's running pods.
+    async fn webhook_replicas(&self) -> anyhow::Result<Vec<String>> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        let listed = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
+            .await?;
+        let running = listed
+            .items
+            .into_iter()
+            .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
+        Ok(running.filter_map(|pod| pod.metadata.name).collect())
     }
 
     /// Stops the cluster, gives the host back and removes its files.
@@ -255,6 +311,123 @@ impl PodBench {
 /// the volumes, the DNS settings and the pod's security context. Fields the apiserver fills in
 /// (defaults, the service account's token volume and its mounts, tolerations) are left for it
 /// to fill in again, as it does for the others; those of the added containers stay.
+/// A count of observations and their total, from a histogram of the apiserver's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Totals {
+    pub count: u64,
+    pub seconds: f64,
+}
+
+impl Totals {
+    /// The sum of `metric`'s series, in the Prometheus text `text`, whose labels include each
+    /// of `labels` with its value (a missing label counts as empty, as Prometheus reads it).
+    pub fn of(text: &str, metric: &str, labels: &[(&str, &str)]) -> Totals {
+        let mut totals = Totals::default();
+        for line in text.lines() {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (name, series_labels) = series.split_once('{').unwrap_or((series, "}"));
+            let series_labels = series_labels.strip_suffix('}').unwrap_or(series_labels);
+            let label = |key: &str| {
+                series_labels
+                    .split("\",")
+                    .filter_map(|pair| pair.split_once("=\""))
+                    .find(|(k, _)| *k == key)
+                    .map_or("", |(_, v)| v.trim_end_matches('"'))
+            };
+            if !labels.iter().all(|(key, wanted)| label(key) == *wanted) {
+                continue;
+            }
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            match name.strip_prefix(metric) {
+                Some("_count") => totals.count += value as u64,
+                Some("_sum") => totals.seconds += value,
+                _ => {}
+            }
+        }
+        totals
+    }
+
+    /// Mean milliseconds per `per` (the pods of a batch, say).
+    pub fn ms_per(self, per: u64) -> f64 {
+        self.seconds * 1e3 / per.max(1) as f64
+    }
+}
+
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, more: Totals) {
+        self.count += more.count;
+        self.seconds += more.seconds;
+    }
+}
+
+impl std::ops::Sub for Totals {
+    type Output = Totals;
+    fn sub(self, earlier: Totals) -> Totals {
+        Totals {
+            count: self.count.saturating_sub(earlier.count),
+            seconds: self.seconds - earlier.seconds,
+        }
+    }
+}
+
+/// The apiserver's own measures of what a pod's create call goes through, each nested in the
+/// one before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ApiserverTimes {
+    /// Create calls for pods, whole (`apiserver_request_duration_seconds`, POST to pods).
+    pub creates: Totals,
+    /// The same less their HTTPS exchanges with mutating webhooks
+    /// (`apiserver_request_sli_duration_seconds`), so the exchanges alone are the difference.
+    pub creates_but_exchanges: Totals,
+    /// The mutating admission step of every create call, of any resource
+    /// (`apiserver_admission_step_admission_duration_seconds`, admit, CREATE).
+    pub mutating: Totals,
+    /// The mutating webhook plugin in it: matching each webhook's rules and conditions,
+    /// converting the object, and the calls
+    /// (`apiserver_admission_controller_admission_duration_seconds`, MutatingAdmissionWebhook).
+    pub webhook_plugin: Totals,
+    /// The webhook's own handling of the reviews, summed over its replicas: from a review's
+    /// body received to the answer built (`servicekeel_webhook_admission_duration_seconds`).
+    pub handling: Totals,
+    /// Its calls to our webhook: encoding the review, the HTTPS exchange, applying the patch,
+    /// if any, and decoding the patched pod (`apiserver_admission_webhook_admission_duration_seconds`).
+    pub calls: Totals,
+}
+
+impl ApiserverTimes {
+    /// Each measure of `self` and `other` put together by `f`.
+    fn each(self, other: ApiserverTimes, f: impl Fn(Totals, Totals) -> Totals) -> ApiserverTimes {
+        ApiserverTimes {
+            creates: f(self.creates, other.creates),
+            creates_but_exchanges: f(self.creates_but_exchanges, other.creates_but_exchanges),
+            mutating: f(self.mutating, other.mutating),
+            webhook_plugin: f(self.webhook_plugin, other.webhook_plugin),
+            calls: f(self.calls, other.calls),
+            handling: f(self.handling, other.handling),
+        }
+    }
+}
+
+impl std::ops::Sub for ApiserverTimes {
+    type Output = ApiserverTimes;
+    fn sub(self, earlier: ApiserverTimes) -> ApiserverTimes {
+        self.each(earlier, |later, earlier| later - earlier)
+    }
+}
+
+impl std::ops::AddAssign for ApiserverTimes {
+    fn add_assign(&mut self, more: ApiserverTimes) {
+        *self = self.each(more, |mut sum, more| {
+            sum += more;
+            sum
+        });
+    }
+}
+
 async fn as_injected(client: &kube::Client) -> anyhow::Result<Pod> {
     let injected: Api<Pod> = Api::namespaced(client.clone(), Kind::Injected.namespace());
     let mut sent = PodBench::sent()?;
@@ -311,4 +484,102 @@ fn unique() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A metric's series are summed where every wanted label has its value (a label a series
+    /// lacks, or a series without labels, counting as empty), its other series and other
+    /// metrics with the same prefix left out.
+    #[test]
+    fn totals_sum_the_series_with_the_labels_asked_for() {
+        let text = r#"# HELP apiserver_request_duration_seconds [STABLE] Response latency
+# TYPE apiserver_request_duration_seconds histogram
+apiserver_request_duration_seconds_bucket{component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1",le="0.005"} 3
+apiserver_request_duration_seconds_sum{component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 0.25
+apiserver_request_duration_seconds_count{component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 40
+apiserver_request_duration_seconds_sum{component="apiserver",dry_run="All",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 0.5
+apiserver_request_duration_seconds_count{component="apiserver",dry_run="All",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 2
+apiserver_request_duration_seconds_sum{component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="binding",verb="POST",version="v1"} 9
+apiserver_request_duration_seconds_count{component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="binding",verb="POST",version="v1"} 9
+apiserver_request_duration_seconds_sum{component="apiserver",dry_run="",group="",resource="events",scope="resource",subresource="",verb="POST",version="v1"} 7
+apiserver_request_duration_seconds_count{component="apiserver",dry_run="",group="",resource="events",scope="resource",subresource="",verb="POST",version="v1"} 7
+apiserver_request_duration_seconds_sum{component="apiserver",resource="pods",verb="POST"} 0.125
+apiserver_request_duration_seconds_count{component="apiserver",resource="pods",verb="POST"} 1
+apiserver_request_duration_seconds_total_sum{resource="pods",subresource="",verb="POST"} 100
+apiserver_request_sli_duration_seconds_sum{resource="pods",subresource="",verb="POST"} 100
+apiserver_request_duration_seconds_sum 0.5
+apiserver_request_duration_seconds_count 4
+# EOF
+"#;
+        let creates = [("verb", "POST"), ("resource", "pods"), ("subresource", "")];
+        let totals = Totals::of(text, "apiserver_request_duration_seconds", &creates);
+        assert_eq!(
+            totals,
+            Totals {
+                count: 43,
+                seconds: 0.875
+            }
+        );
+        assert_eq!(totals.ms_per(7), 125.0);
+        let dry_runs = Totals::of(
+            text,
+            "apiserver_request_duration_seconds",
+            &[("dry_run", "All")],
+        );
+        assert_eq!(
+            dry_runs,
+            Totals {
+                count: 2,
+                seconds: 0.5
+            }
+        );
+        let none = Totals::of(
+            text,
+            "apiserver_request_duration_seconds",
+            &[("verb", "GET")],
+        );
+        assert_eq!(none, Totals::default());
+        assert_eq!(none.ms_per(0), 0.0);
+    }
+
+    /// A batch's measures are what its later reading adds to its earlier one, and batches of a
+    /// kind add up.
+    #[test]
+    fn apiserver_times_subtract_and_add_measure_by_measure() {
+        let at = |count, seconds| Totals { count, seconds };
+        let earlier = ApiserverTimes {
+            creates: at(10, 1.0),
+            creates_but_exchanges: at(10, 0.5),
+            mutating: at(12, 0.25),
+            webhook_plugin: at(12, 0.125),
+            calls: at(5, 0.0625),
+            handling: at(5, 0.001),
+        };
+        let later = ApiserverTimes {
+            creates: at(30, 4.0),
+            creates_but_exchanges: at(30, 2.0),
+            mutating: at(40, 1.0),
+            webhook_plugin: at(40, 0.5),
+            calls: at(25, 0.25),
+            handling: at(25, 0.005),
+        };
+        let batch = later - earlier;
+        assert_eq!(
+            batch,
+            ApiserverTimes {
+                creates: at(20, 3.0),
+                creates_but_exchanges: at(20, 1.5),
+                mutating: at(28, 0.75),
+                webhook_plugin: at(28, 0.375),
+                calls: at(20, 0.1875),
+                handling: at(20, 0.004),
+            }
+        );
+        let mut sum = earlier;
+        sum += batch;
+        assert_eq!(sum, later);
+    }
 }
