@@ -8,13 +8,18 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 use servicekeel_api::keys;
+use servicekeel_webhook::fixtures::first_pod;
 use servicekeel_webhook::shape::is_token_volume;
 
+use crate::bench::webhook::{http1_client, review_fixture};
 use crate::cluster::NodeCluster;
 use crate::images::Profile;
 use crate::process::Lifetime;
@@ -24,6 +29,10 @@ use crate::{node, paths};
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The webhook's name in the MutatingWebhookConfiguration of `manifests/`.
 const WEBHOOK_NAME: &str = "sidecar-injector.servicekeel.io";
+/// That configuration's name.
+const WEBHOOK_CONFIGURATION: &str = "servicekeel-sidecar-injector";
+/// The port the webhook's pods serve on.
+const WEBHOOK_PORT: u16 = 8443;
 
 /// The cluster with a node, and a namespace of each kind.
 pub struct PodBench {
@@ -132,7 +141,7 @@ impl PodBench {
         let mut handling = Totals::default();
         for replica in self.webhook_replicas().await? {
             let request = http::Request::get(format!(
-                "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/https:{replica}:8443/proxy/metrics"
+                "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/https:{replica}:{WEBHOOK_PORT}/proxy/metrics"
             ))
             .body(Vec::new())?;
             let text = self
@@ -170,6 +179,80 @@ impl PodBench {
                 &[("name", WEBHOOK_NAME), ("type", "admit")],
             ),
         })
+    }
+
+    /// The exchange the apiserver makes with the webhook, made by this process: `count` reviews
+    /// sent one at a time to the first running replica, at its address on the pod network, over
+    /// one kept-alive HTTP/1.1 connection with TLS (opened by a review sent first, not timed),
+    /// as the apiserver sends them. Each review is of a pod not seen before (the review fixture,
+    /// renamed; `first` numbers the first of them), so the webhook reads and injects each in
+    /// full, as it does the apiserver's creates. How long each exchange took, from the request
+    /// sent to the whole answer read; each answer must allow the pod with a patch.
+    pub async fn direct_exchanges(
+        &self,
+        first: u64,
+        count: usize,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        let replica = self
+            .webhook_replicas()
+            .await?
+            .into_iter()
+            .next()
+            .context("no webhook replica is running")?;
+        let address: std::net::IpAddr = pods
+            .get(&replica)
+            .await?
+            .status
+            .and_then(|status| status.pod_ip)
+            .context("the webhook replica has no address")?
+            .parse()?;
+        let configurations: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let configuration = configurations.get(WEBHOOK_CONFIGURATION).await?;
+        let ca_bundle = configuration
+            .webhooks
+            .iter()
+            .flatten()
+            .find_map(|webhook| webhook.client_config.ca_bundle.clone())
+            .context("the webhook configuration has no caBundle yet")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(&ca_bundle.0) {
+            roots.add(certificate?)?;
+        }
+        // The name the serving certificate carries, resolved to the replica as the apiserver
+        // resolves the Service to an endpoint.
+        let host = format!("servicekeel-webhook.{SYSTEM_NAMESPACE}.svc");
+        let client = http1_client(roots, |builder| {
+            builder
+                .resolve(&host, (address, WEBHOOK_PORT).into())
+                .pool_max_idle_per_host(1)
+        })?;
+        let url = format!("https://{host}:{WEBHOOK_PORT}/mutate");
+        let review = review_fixture()?;
+        let mut latencies = Vec::with_capacity(count);
+        for n in 0..=count as u64 {
+            let body = first_pod(&review, first + n)
+                .context("the review fixture is not of a pod importing services")?;
+            let started = Instant::now();
+            let response = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?
+                .error_for_status()?;
+            let answer = response.bytes().await?;
+            let elapsed = started.elapsed();
+            let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+            if answer["response"]["allowed"] != true || answer["response"]["patch"].is_null() {
+                bail!("the webhook did not allow the review with a patch: {answer}");
+            }
+            // The first opened the connection.
+            if n > 0 {
+                latencies.push(elapsed);
+            }
+        }
+        Ok(latencies)
     }
 
     /// The names of the webhook's running pods.

@@ -63,6 +63,30 @@ pub enum Reviews {
     FirstPods,
 }
 
+/// A client of HTTPS over HTTP/1.1 only, as the apiserver calls webhooks, trusting `roots`,
+/// with what `more` adds to its settings.
+pub(crate) fn http1_client(
+    roots: rustls::RootCertStore,
+    more: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> anyhow::Result<reqwest::Client> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(10));
+    Ok(more(builder).build()?)
+}
+
+/// The review of a pod being created that the webhook's tests use, as the apiserver sends it.
+pub(crate) fn review_fixture() -> anyhow::Result<Vec<u8>> {
+    std::fs::read(paths::repo().join("webhook/tests/fixtures/review-create-pod.json"))
+        .context("the review fixture")
+}
+
 /// A review the do-nothing handler answers, whatever it is sent.
 const ALLOWED: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"0","allowed":true}}"#;
 
@@ -133,18 +157,8 @@ impl Webhooks {
         })?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from(ca.der().to_vec()))?;
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(client)
-            .timeout(Duration::from_secs(10))
-            .build()?;
-        let review =
-            std::fs::read(paths::repo().join("webhook/tests/fixtures/review-create-pod.json"))
-                .context("the review fixture")?;
+        let client = http1_client(roots, |builder| builder)?;
+        let review = review_fixture()?;
         let made = |make: fn(&[u8], u64) -> Option<Vec<u8>>| {
             (0..DISTINCT)
                 .map(|n| make(&review, n).map(Bytes::from))
