@@ -593,7 +593,7 @@ fn apiserver_note(
          (its own metrics, read around each batch; ms per pod on average, beside the mean the \
          client saw): the whole call (`apiserver_request_duration_seconds`, POST to pods), its \
          mutating admission (`apiserver_admission_step_admission_duration_seconds`, of every \
-         create call in the batch, the scheduler's events too), the mutating webhook plugin in it \
+         create call during the batch, of any resource), the mutating webhook plugin in it \
          (`apiserver_admission_controller_admission_duration_seconds`: matching the webhooks' \
          rules and conditions, converting the pod, the calls), its calls to our webhook \
          (`apiserver_admission_webhook_admission_duration_seconds`: encoding the review, the \
