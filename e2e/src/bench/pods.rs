@@ -139,7 +139,11 @@ impl PodBench {
         ];
         let admit_creates = [("type", "admit"), ("operation", "CREATE")];
         let mut handling = Totals::default();
-        for replica in self.webhook_replicas().await? {
+        let replicas = self.webhook_replicas().await?;
+        if replicas.is_empty() {
+            bail!("no webhook replica is running to read its metrics from");
+        }
+        for replica in replicas {
             let request = http::Request::get(format!(
                 "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/https:{replica}:{WEBHOOK_PORT}/proxy/metrics"
             ))

@@ -504,11 +504,13 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
          sent one at a time to a webhook replica at its address on the pod network, over one \
          kept-alive HTTP/1.1 connection with TLS, from the request sent to the whole answer \
          read: {:.2} ms at the median, {:.2} ms on average, of which the webhook's own handling \
-         {:.3} ms.\n",
+         {:.3} ms on average (over {} reviews, each round's first, which opens the connection, \
+         among them).\n",
         direct.len(),
         bench::percentile(&direct, 0.5).as_secs_f64() * 1e3,
         direct.iter().sum::<Duration>().as_secs_f64() * 1e3 / count as f64,
-        direct_times.handling.ms_per(count as u64),
+        direct_times.handling.ms_per(direct_times.handling.count),
+        direct_times.handling.count,
     );
     let [plain, prefilled, called, injected] = samples;
     // Create calls, rated in pods/s, with the apiserver's CPU per pod.
