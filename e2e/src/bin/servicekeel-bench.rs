@@ -459,8 +459,8 @@ async fn dns_rows(rows: &mut Vec<Row>, proxies: &Proxies, pairs: usize) -> anyho
 /// and the pod the webhook returns sent ready-made to the unlabelled one, which splits the
 /// difference into the larger pod's own cost and the call's, and to the labelled one, where the
 /// webhook is called and leaves it unchanged, which splits the call into a call without a patch
-/// and what the patch adds. Returns what the apiserver measured of its webhook calls during the
-/// create rows, for the pods it patched and for those it left unchanged.
+/// and what the patch adds. Returns the report's note on them: the apiserver's own measures of
+/// each kind's create calls, and the same exchange with the webhook made by the benchmark.
 async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
     use servicekeel_e2e::bench::pods::{ApiserverTimes, Kind, PodBench};
     let pods = PodBench::start().await?;
