@@ -1191,9 +1191,8 @@ mod tests {
         assert!(none.to_string().contains("at least one flow"), "{none}");
     }
 
-    /// A UDP echo server counting what it echoes by sender, until `stop` fires.
-    /// Echoes until `stop`; returns how many datagrams each sender sent, and the senders in the
-    /// order their first datagram came.
+    /// A UDP echo server until `stop` fires; returns how many datagrams each sender sent, and
+    /// the senders in the order their first datagram came.
     async fn counting_echo(
         server: UdpSocket,
         mut stop: tokio::sync::oneshot::Receiver<()>,

@@ -41,6 +41,19 @@ pub struct PodBench {
     dir: PathBuf,
     /// The pod of [`Kind::Prefilled`], its name, namespace and node selector set per create.
     prefilled: Pod,
+    /// The webhook's replicas running once the cluster answered the dry run, by name.
+    replicas: Vec<String>,
+    /// The benchmark's own exchange with the first of them.
+    exchange: Exchange,
+}
+
+/// What the benchmark needs to make the apiserver's exchange with a webhook replica itself.
+struct Exchange {
+    /// HTTP/1.1 over TLS, trusting the webhook's CA, its Service's name resolved to the replica.
+    client: reqwest::Client,
+    url: String,
+    /// The review fixture the reviews sent are made from.
+    review: Vec<u8>,
 }
 
 impl std::fmt::Debug for PodBench {
@@ -117,11 +130,26 @@ impl PodBench {
                 .with_context(|| format!("cannot create namespace {}", kind.namespace()))?;
         }
         let prefilled = as_injected(&client).await?;
+        let running = webhook_replicas(&client).await?;
+        let first = running.first().context("no webhook replica is running")?;
+        let address: std::net::IpAddr = first
+            .status
+            .as_ref()
+            .and_then(|status| status.pod_ip.as_deref())
+            .context("the webhook replica has no address")?
+            .parse()?;
+        let exchange = Exchange::to(&client, address).await?;
+        let replicas = running
+            .into_iter()
+            .filter_map(|pod| pod.metadata.name)
+            .collect();
         Ok(PodBench {
             client,
             cluster,
             dir,
             prefilled,
+            replicas,
+            exchange,
         })
     }
 
@@ -138,25 +166,8 @@ impl PodBench {
             ("dry_run", ""),
         ];
         let admit_creates = [("type", "admit"), ("operation", "CREATE")];
-        let mut handling = Totals::default();
-        let replicas = self.webhook_replicas().await?;
-        if replicas.is_empty() {
-            bail!("no webhook replica is running to read its metrics from");
-        }
-        for replica in replicas {
-            let request = http::Request::get(format!(
-                "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/https:{replica}:{WEBHOOK_PORT}/proxy/metrics"
-            ))
-            .body(Vec::new())?;
-            let text = self
-                .client
-                .request_text(request)
-                .await
-                .with_context(|| format!("the metrics of webhook replica {replica}"))?;
-            handling += Totals::of(&text, "servicekeel_webhook_admission_duration_seconds", &[]);
-        }
         Ok(ApiserverTimes {
-            handling,
+            handling: self.webhook_handling().await?,
             creates: Totals::of(&text, "apiserver_request_duration_seconds", &creates),
             creates_but_exchanges: Totals::of(
                 &text,
@@ -185,61 +196,52 @@ impl PodBench {
         })
     }
 
+    /// The webhook's own handling of the reviews so far, summed over the replicas running when
+    /// the bench started (`servicekeel_webhook_admission_duration_seconds`, through the
+    /// apiserver's proxy to each pod): from a review's body received to the answer built. A
+    /// replica gone since is an error, not a reading from its replacement starting at zero.
+    pub async fn webhook_handling(&self) -> anyhow::Result<Totals> {
+        let mut handling = Totals::default();
+        for replica in &self.replicas {
+            let request = http::Request::get(format!(
+                "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/https:{replica}:{WEBHOOK_PORT}/proxy/metrics"
+            ))
+            .body(Vec::new())?;
+            let text = self
+                .client
+                .request_text(request)
+                .await
+                .with_context(|| format!("the metrics of webhook replica {replica}"))?;
+            handling += Totals::of(&text, "servicekeel_webhook_admission_duration_seconds", &[]);
+        }
+        Ok(handling)
+    }
+
     /// The exchange the apiserver makes with the webhook, made by this process: `count` reviews
-    /// sent one at a time to the first running replica, at its address on the pod network, over
-    /// one kept-alive HTTP/1.1 connection with TLS (opened by a review sent first, not timed),
-    /// as the apiserver sends them. Each review is of a pod not seen before (the review fixture,
-    /// renamed; `first` numbers the first of them), so the webhook reads and injects each in
-    /// full, as it does the apiserver's creates. How long each exchange took, from the request
-    /// sent to the whole answer read; each answer must allow the pod with a patch.
+    /// sent one at a time to the first replica, at its address on the pod network, over one
+    /// kept-alive HTTP/1.1 connection with TLS (a review sent first, not timed, opens it or
+    /// finds it open), as the apiserver sends them. Each review is of a pod not seen before (the
+    /// review fixture, renamed; `first` numbers the first of them), so the webhook reads and
+    /// injects each in full, as it does the apiserver's creates. How long each exchange took,
+    /// from the request sent to the whole answer read; each answer must allow the pod with a
+    /// patch.
     pub async fn direct_exchanges(
         &self,
         first: u64,
         count: usize,
     ) -> anyhow::Result<Vec<Duration>> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
-        let replica = self
-            .webhook_replicas()
-            .await?
-            .into_iter()
-            .next()
-            .context("no webhook replica is running")?;
-        let address: std::net::IpAddr = pods
-            .get(&replica)
-            .await?
-            .status
-            .and_then(|status| status.pod_ip)
-            .context("the webhook replica has no address")?
-            .parse()?;
-        let configurations: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        let configuration = configurations.get(WEBHOOK_CONFIGURATION).await?;
-        let ca_bundle = configuration
-            .webhooks
-            .iter()
-            .flatten()
-            .find_map(|webhook| webhook.client_config.ca_bundle.clone())
-            .context("the webhook configuration has no caBundle yet")?;
-        let mut roots = rustls::RootCertStore::empty();
-        for certificate in CertificateDer::pem_slice_iter(&ca_bundle.0) {
-            roots.add(certificate?)?;
-        }
-        // The name the serving certificate carries, resolved to the replica as the apiserver
-        // resolves the Service to an endpoint.
-        let host = format!("servicekeel-webhook.{SYSTEM_NAMESPACE}.svc");
-        let client = http1_client(roots, |builder| {
-            builder
-                .resolve(&host, (address, WEBHOOK_PORT).into())
-                .pool_max_idle_per_host(1)
-        })?;
-        let url = format!("https://{host}:{WEBHOOK_PORT}/mutate");
-        let review = review_fixture()?;
+        let Exchange {
+            client,
+            url,
+            review,
+        } = &self.exchange;
         let mut latencies = Vec::with_capacity(count);
         for n in 0..=count as u64 {
-            let body = first_pod(&review, first + n)
+            let body = first_pod(review, first + n)
                 .context("the review fixture is not of a pod importing services")?;
             let started = Instant::now();
             let response = client
-                .post(&url)
+                .post(url)
                 .header("content-type", "application/json")
                 .body(body)
                 .send()
@@ -257,19 +259,6 @@ impl PodBench {
             }
         }
         Ok(latencies)
-    }
-
-    /// The names of the webhook's running pods.
-    async fn webhook_replicas(&self) -> anyhow::Result<Vec<String>> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
-        let listed = pods
-            .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
-            .await?;
-        let running = listed
-            .items
-            .into_iter()
-            .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
-        Ok(running.filter_map(|pod| pod.metadata.name).collect())
     }
 
     /// Stops the cluster, gives the host back and removes its files.
@@ -392,12 +381,112 @@ impl PodBench {
     }
 }
 
+/// The webhook's running pods, none of them an error.
+async fn webhook_replicas(client: &kube::Client) -> anyhow::Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let listed = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
+        .await?;
+    let running: Vec<Pod> = listed
+        .items
+        .into_iter()
+        .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .collect();
+    if running.is_empty() {
+        bail!("no webhook replica is running");
+    }
+    Ok(running)
+}
+
+impl Exchange {
+    /// The exchange with the replica at `address`, trusting the CA the webhook configuration
+    /// carries.
+    async fn to(client: &kube::Client, address: std::net::IpAddr) -> anyhow::Result<Exchange> {
+        let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let configuration = configurations.get(WEBHOOK_CONFIGURATION).await?;
+        let ca_bundle = configuration
+            .webhooks
+            .iter()
+            .flatten()
+            .find_map(|webhook| webhook.client_config.ca_bundle.clone())
+            .context("the webhook configuration has no caBundle yet")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(&ca_bundle.0) {
+            roots.add(certificate?)?;
+        }
+        // The name the serving certificate carries, resolved to the replica as the apiserver
+        // resolves the Service to an endpoint.
+        let host = format!("servicekeel-webhook.{SYSTEM_NAMESPACE}.svc");
+        let client = http1_client(roots, |builder| {
+            builder
+                .resolve(&host, (address, WEBHOOK_PORT).into())
+                .pool_max_idle_per_host(1)
+        })?;
+        Ok(Exchange {
+            client,
+            url: format!("https://{host}:{WEBHOOK_PORT}/mutate"),
+            review: review_fixture()?,
+        })
+    }
+}
+
 /// The pod of [`Kind::Injected`] as the webhook leaves it, for [`Kind::Prefilled`]: created with
 /// a dry run in the labelled namespace (the webhook declares no side effects), and what the
 /// webhook changed taken from it into the pod as sent: the annotations, the containers it added,
 /// the volumes, the DNS settings and the pod's security context. Fields the apiserver fills in
 /// (defaults, the service account's token volume and its mounts, tolerations) are left for it
 /// to fill in again, as it does for the others; those of the added containers stay.
+async fn as_injected(client: &kube::Client) -> anyhow::Result<Pod> {
+    let injected: Api<Pod> = Api::namespaced(client.clone(), Kind::Injected.namespace());
+    let mut sent = PodBench::sent()?;
+    sent.metadata.name = Some("dry-run".into());
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let stored = injected
+        .create(&dry_run, &sent)
+        .await
+        .context("cannot dry-run a pod in the labelled namespace")?;
+    if !is_injected(&stored) {
+        bail!(
+            "the dry run in {} was not injected",
+            Kind::Injected.namespace()
+        );
+    }
+    let stored_spec = stored.spec.context("the dry run returned no spec")?;
+    let mut pod = PodBench::sent()?;
+    pod.metadata.annotations = stored.metadata.annotations;
+    let spec = pod.spec.as_mut().context("a pod without a spec")?;
+    let without_token = |mut container: Container| {
+        if let Some(mounts) = container.volume_mounts.as_mut() {
+            mounts.retain(|mount| !is_token_volume(&mount.name));
+        }
+        container
+    };
+    let sent_names: Vec<String> = spec.containers.iter().map(|c| c.name.clone()).collect();
+    spec.containers.extend(
+        stored_spec
+            .containers
+            .into_iter()
+            .filter(|c| !sent_names.contains(&c.name))
+            .map(without_token),
+    );
+    spec.init_containers = stored_spec
+        .init_containers
+        .map(|added| added.into_iter().map(without_token).collect());
+    spec.volumes = stored_spec.volumes.map(|volumes| {
+        volumes
+            .into_iter()
+            .filter(|volume| !is_token_volume(&volume.name))
+            .collect()
+    });
+    spec.dns_config = stored_spec.dns_config;
+    spec.dns_policy = stored_spec.dns_policy;
+    spec.security_context = stored_spec.security_context;
+    Ok(pod)
+}
+
 /// A count of observations and their total, from a histogram of the apiserver's metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Totals {
@@ -513,57 +602,6 @@ impl std::ops::AddAssign for ApiserverTimes {
             sum
         });
     }
-}
-
-async fn as_injected(client: &kube::Client) -> anyhow::Result<Pod> {
-    let injected: Api<Pod> = Api::namespaced(client.clone(), Kind::Injected.namespace());
-    let mut sent = PodBench::sent()?;
-    sent.metadata.name = Some("dry-run".into());
-    let dry_run = PostParams {
-        dry_run: true,
-        ..PostParams::default()
-    };
-    let stored = injected
-        .create(&dry_run, &sent)
-        .await
-        .context("cannot dry-run a pod in the labelled namespace")?;
-    if !is_injected(&stored) {
-        bail!(
-            "the dry run in {} was not injected",
-            Kind::Injected.namespace()
-        );
-    }
-    let stored_spec = stored.spec.context("the dry run returned no spec")?;
-    let mut pod = PodBench::sent()?;
-    pod.metadata.annotations = stored.metadata.annotations;
-    let spec = pod.spec.as_mut().context("a pod without a spec")?;
-    let without_token = |mut container: Container| {
-        if let Some(mounts) = container.volume_mounts.as_mut() {
-            mounts.retain(|mount| !is_token_volume(&mount.name));
-        }
-        container
-    };
-    let sent_names: Vec<String> = spec.containers.iter().map(|c| c.name.clone()).collect();
-    spec.containers.extend(
-        stored_spec
-            .containers
-            .into_iter()
-            .filter(|c| !sent_names.contains(&c.name))
-            .map(without_token),
-    );
-    spec.init_containers = stored_spec
-        .init_containers
-        .map(|added| added.into_iter().map(without_token).collect());
-    spec.volumes = stored_spec.volumes.map(|volumes| {
-        volumes
-            .into_iter()
-            .filter(|volume| !is_token_volume(&volume.name))
-            .collect()
-    });
-    spec.dns_config = stored_spec.dns_config;
-    spec.dns_policy = stored_spec.dns_policy;
-    spec.security_context = stored_spec.security_context;
-    Ok(pod)
 }
 
 fn unique() -> u128 {

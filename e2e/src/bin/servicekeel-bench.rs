@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use servicekeel_e2e::bench::baselines::SocatHops;
+use servicekeel_e2e::bench::pods::{ApiserverTimes, Kind, PodBench, Totals};
 use servicekeel_e2e::bench::webhook::Reviews;
 use servicekeel_e2e::bench::{self, Cpu, Layout, Proxies, ProxySettings, Sample, sample};
 
@@ -462,7 +463,6 @@ async fn dns_rows(rows: &mut Vec<Row>, proxies: &Proxies, pairs: usize) -> anyho
 /// and what the patch adds. Returns the report's note on them: the apiserver's own measures of
 /// each kind's create calls, and the same exchange with the webhook made by the benchmark.
 async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
-    use servicekeel_e2e::bench::pods::{ApiserverTimes, Kind, PodBench};
     let pods = PodBench::start().await?;
     let timed = |latencies: Vec<Duration>| {
         let wall = latencies.iter().sum();
@@ -479,7 +479,7 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
     // The apiserver's own measures of each kind's creates, read around each batch.
     let mut times = [ApiserverTimes::default(); 4];
     // The same exchanges made by this process, and the webhook's handling of them.
-    let (mut direct, mut direct_times) = (Vec::new(), ApiserverTimes::default());
+    let (mut direct, mut direct_handling) = (Vec::new(), Totals::default());
     for round in 0..pairs {
         for (index, kind) in kinds.into_iter().enumerate() {
             let before = pods.apiserver_times().await?;
@@ -490,10 +490,10 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
             sample.cpu = apiserver_cpu;
             samples[index].push(sample);
         }
-        let before = pods.apiserver_times().await?;
+        let before = pods.webhook_handling().await?;
         let first = (round * (POD_BATCH + 1)) as u64;
         direct.extend(pods.direct_exchanges(first, POD_BATCH).await?);
-        direct_times += pods.apiserver_times().await? - before;
+        direct_handling += pods.webhook_handling().await? - before;
     }
     let mut call_note = apiserver_note(&kinds, &samples, &times);
     direct.sort();
@@ -504,13 +504,12 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
          sent one at a time to a webhook replica at its address on the pod network, over one \
          kept-alive HTTP/1.1 connection with TLS, from the request sent to the whole answer \
          read: {:.2} ms at the median, {:.2} ms on average, of which the webhook's own handling \
-         {:.3} ms on average (over {} reviews, each round's first, which opens the connection, \
-         among them).\n",
+         {:.3} ms on average (over {} reviews, each round's first, not timed, among them).\n",
         direct.len(),
         bench::percentile(&direct, 0.5).as_secs_f64() * 1e3,
         direct.iter().sum::<Duration>().as_secs_f64() * 1e3 / count as f64,
-        direct_times.handling.ms_per(direct_times.handling.count),
-        direct_times.handling.count,
+        direct_handling.ms_per(direct_handling.count),
+        direct_handling.count,
     );
     let [plain, prefilled, called, injected] = samples;
     // Create calls, rated in pods/s, with the apiserver's CPU per pod.
@@ -586,9 +585,9 @@ const POD_BATCH: usize = 20;
 /// The apiserver's own measures of the pod creation rows' create calls, kind by kind, in ms per
 /// pod on average, beside the mean the client saw: a sentence and a table.
 fn apiserver_note(
-    kinds: &[servicekeel_e2e::bench::pods::Kind; 4],
+    kinds: &[Kind; 4],
     samples: &[Vec<Sample>; 4],
-    times: &[servicekeel_e2e::bench::pods::ApiserverTimes; 4],
+    times: &[ApiserverTimes; 4],
 ) -> String {
     let mut out = String::from(
         "During the pod creation rows the apiserver measured each kind's create calls \
@@ -611,7 +610,7 @@ fn apiserver_note(
     for ((kind, samples), times) in kinds.iter().zip(samples).zip(times) {
         let pods: u64 = samples.iter().map(|s| s.units).sum();
         let wall: Duration = samples.iter().map(|s| s.wall).sum();
-        let ms = |totals: servicekeel_e2e::bench::pods::Totals| totals.ms_per(pods);
+        let ms = |totals: Totals| totals.ms_per(pods);
         let exchanges = times.creates - times.creates_but_exchanges;
         let _ = writeln!(
             out,
