@@ -112,7 +112,7 @@ impl LocalCluster {
         ]
         .into_iter()
         .flatten();
-        State::record(&dir, kubeconfig, server, processes, false)
+        State::record(&dir, kubeconfig, server, processes, false, false)
     }
 }
 
@@ -130,6 +130,8 @@ pub struct NodeCluster {
     pub controllers: Vec<Process>,
     pub control_plane: ControlPlane,
     host: Host,
+    /// How the node's images were built.
+    profile: images::Profile,
 }
 
 impl NodeCluster {
@@ -166,6 +168,7 @@ impl NodeCluster {
             controllers,
             control_plane,
             host,
+            profile,
         };
         cluster.install_servicekeel().await?;
         Ok(cluster)
@@ -258,6 +261,7 @@ impl NodeCluster {
             controllers,
             control_plane,
             host,
+            profile,
         } = self;
         let dir = host.keep();
         let kubeconfig = control_plane.kubeconfig.clone();
@@ -266,7 +270,8 @@ impl NodeCluster {
             .into_iter()
             .chain(controllers)
             .chain(node.into_processes());
-        State::record(&dir, kubeconfig, server, processes, true)
+        let release = profile == images::Profile::Release;
+        State::record(&dir, kubeconfig, server, processes, true, release)
     }
 }
 
@@ -303,6 +308,9 @@ pub struct State {
     /// Whether a node runs: `down` then also gives the host back ([`node::sweep`]).
     #[serde(default)]
     pub node: bool,
+    /// Whether the node's images are release builds (`up --release`).
+    #[serde(default)]
+    pub release: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,6 +348,7 @@ impl State {
         server: String,
         processes: impl IntoIterator<Item = Process>,
         node: bool,
+        release: bool,
     ) -> anyhow::Result<State> {
         let processes = processes
             .into_iter()
@@ -354,6 +363,7 @@ impl State {
             server,
             processes,
             node,
+            release,
         };
         std::fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
         Ok(state)

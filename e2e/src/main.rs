@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use servicekeel_e2e::cluster::{LocalCluster, NodeCluster, State};
+use servicekeel_e2e::images::Profile;
 use servicekeel_e2e::process::Lifetime;
 use servicekeel_e2e::{demo, paths};
 use tracing_subscriber::EnvFilter;
@@ -35,10 +36,18 @@ enum Command {
         /// pods are stored but never run).
         #[arg(long)]
         control_plane_only: bool,
+        /// Build the node's images optimised, as the benchmarks do (slower to build; without
+        /// it they are debug builds).
+        #[arg(long, conflicts_with = "control_plane_only")]
+        release: bool,
     },
     /// Bring the cluster up if needed, install the demo workload of manifests/examples/, and
     /// show a client pod reaching the echo service through ServiceKeel.
-    Demo,
+    Demo {
+        /// Build the node's images optimised, as `up --release` does.
+        #[arg(long)]
+        release: bool,
+    },
     /// Say which components run.
     Status,
     /// Stop everything and remove the cluster's state.
@@ -75,20 +84,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => paths::cache_dir()?.join("cluster"),
     };
     match cli.command {
-        Command::Up { control_plane_only } => {
-            let state = up(&dir, !control_plane_only).await?;
+        Command::Up {
+            control_plane_only,
+            release,
+        } => {
+            let state = up(&dir, !control_plane_only, release).await?;
             print_export(&state);
             Ok(())
         }
-        Command::Demo => demo(&dir).await,
+        Command::Demo { release } => demo(&dir, release).await,
         Command::Status => status(&dir),
         Command::Down => down(&dir),
     }
 }
 
-async fn up(dir: &std::path::Path, with_node: bool) -> anyhow::Result<State> {
+/// Starts the cluster, with a node and its images built for release if asked, unless one of that
+/// kind runs already.
+async fn up(dir: &std::path::Path, with_node: bool, release: bool) -> anyhow::Result<State> {
     if let Some(state) = State::load(dir)? {
-        if state.all_running() && state.node == with_node {
+        if state.all_running() && state.node == with_node && state.release == release {
             tracing::info!("already up");
             return Ok(state);
         }
@@ -101,9 +115,14 @@ async fn up(dir: &std::path::Path, with_node: bool) -> anyhow::Result<State> {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clean {}", dir.display()))?;
     }
     // Ctrl-C while starting stops what was started: the processes are dropped with the future.
+    let profile = if release {
+        Profile::Release
+    } else {
+        Profile::Debug
+    };
     let state = if with_node {
         let cluster = tokio::select! {
-            cluster = NodeCluster::start(dir, Lifetime::Detached) => cluster?,
+            cluster = NodeCluster::start_with(dir, Lifetime::Detached, profile) => cluster?,
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; everything started was stopped"),
         };
         cluster.detach()?
@@ -119,8 +138,8 @@ async fn up(dir: &std::path::Path, with_node: bool) -> anyhow::Result<State> {
     Ok(state)
 }
 
-async fn demo(dir: &std::path::Path) -> anyhow::Result<()> {
-    let state = up(dir, true).await?;
+async fn demo(dir: &std::path::Path, release: bool) -> anyhow::Result<()> {
+    let state = up(dir, true, release).await?;
     tracing::info!("installing the demo workload of manifests/examples/");
     demo::install(&state.kubeconfig)?;
     let client = servicekeel_e2e::control_plane::client(&state.kubeconfig).await?;
@@ -161,6 +180,10 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
             component.pid,
             component.log.display()
         ));
+    }
+    if state.node {
+        let build = if state.release { "release" } else { "debug" };
+        report.push_str(&format!("images {build} builds\n"));
     }
     report.push_str(&format!(
         "apiserver {}\nexport KUBECONFIG={}\n",
