@@ -373,6 +373,12 @@ impl State {
         self.processes.iter().all(Component::is_running)
     }
 
+    /// Whether this cluster is of the kind asked for: a node or not as asked, and release
+    /// images where they are asked for (release images also serve where they are not).
+    pub fn is_kind(&self, with_node: bool, release: bool) -> bool {
+        self.node == with_node && (self.release || !release)
+    }
+
     /// Stops every recorded process, in the reverse order of their start (etcd last); with
     /// a node, then gives the host back.
     pub fn stop_all(&self, dir: &Path) -> Vec<(String, bool)> {
@@ -386,5 +392,43 @@ impl State {
             node::sweep(dir);
         }
         stopped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(node: bool, release: bool) -> State {
+        State {
+            kubeconfig: PathBuf::from("kubeconfig"),
+            server: String::new(),
+            processes: Vec::new(),
+            node,
+            release,
+        }
+    }
+
+    #[test]
+    fn release_images_serve_either_ask_and_debug_ones_only_the_default() {
+        assert!(state(true, true).is_kind(true, true));
+        assert!(state(true, true).is_kind(true, false));
+        assert!(state(true, false).is_kind(true, false));
+        assert!(!state(true, false).is_kind(true, true));
+    }
+
+    #[test]
+    fn a_node_must_be_there_exactly_when_asked_for() {
+        assert!(!state(false, false).is_kind(true, false));
+        assert!(!state(true, false).is_kind(false, false));
+        assert!(state(false, false).is_kind(false, false));
+    }
+
+    #[test]
+    fn a_state_file_of_an_older_up_reads_as_debug_images() {
+        let old = r#"{"kubeconfig": "k", "server": "", "processes": [], "node": true}"#;
+        let state: State = serde_json::from_str(old).expect("an older state file");
+        assert!(state.node);
+        assert!(!state.release);
     }
 }

@@ -99,10 +99,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Starts the cluster, with a node and its images built for release if asked, unless one of that
-/// kind runs already.
+/// kind runs already ([`State::is_kind`]).
 async fn up(dir: &std::path::Path, with_node: bool, release: bool) -> anyhow::Result<State> {
     if let Some(state) = State::load(dir)? {
-        if state.all_running() && state.node == with_node && state.release == release {
+        if state.all_running() && state.is_kind(with_node, release) {
             tracing::info!("already up");
             return Ok(state);
         }
