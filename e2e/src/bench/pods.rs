@@ -15,7 +15,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
-use servicekeel_api::keys;
+use servicekeel_api::{defaults, keys};
 use servicekeel_webhook::fixtures::first_pod;
 use servicekeel_webhook::shape::is_token_volume;
 
@@ -69,8 +69,12 @@ impl std::fmt::Debug for PodBench {
 pub enum Kind {
     /// Not labelled: the apiserver does not call the webhook.
     Plain,
-    /// Labelled `servicekeel.io/inject=enabled`: the pod gets the sidecar.
+    /// Labelled `servicekeel.io/inject=enabled`: the pod gets the sidecar, a native one (the
+    /// webhook's default).
     Injected,
+    /// Labelled, and the pod sent asks for the classic sidecar (`servicekeel.io/sidecar-mode:
+    /// classic`): the sidecar is its first app container.
+    InjectedClassic,
     /// Not labelled, and the pod sent is the one the webhook returned for [`Kind::Injected`]
     /// (sidecar, volumes, DNS settings, annotations): the larger pod without the call.
     Prefilled,
@@ -83,7 +87,7 @@ impl Kind {
     fn namespace(self) -> &'static str {
         match self {
             Kind::Plain => "bench-plain",
-            Kind::Injected | Kind::PrefilledCalled => "bench-injected",
+            Kind::Injected | Kind::InjectedClassic | Kind::PrefilledCalled => "bench-injected",
             Kind::Prefilled => "bench-prefilled",
         }
     }
@@ -95,13 +99,62 @@ impl Kind {
             Kind::Prefilled => "as the webhook leaves it, no call",
             Kind::PrefilledCalled => "as the webhook leaves it, called, no patch",
             Kind::Injected => "plain, called and injected",
+            Kind::InjectedClassic => "plain asking for the classic sidecar, called and injected",
         }
     }
 
-    /// Whether the pod stored has the sidecar.
-    fn has_sidecar(self) -> bool {
-        self != Kind::Plain
+    /// Where the pod stored has the sidecar.
+    fn sidecar(self) -> Sidecar {
+        match self {
+            Kind::Plain => Sidecar::None,
+            Kind::InjectedClassic => Sidecar::Classic,
+            Kind::Injected | Kind::Prefilled | Kind::PrefilledCalled => Sidecar::Native,
+        }
     }
+}
+
+/// Where a pod has the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sidecar {
+    None,
+    /// An init container (with `restartPolicy: Always`).
+    Native,
+    /// An app container.
+    Classic,
+}
+
+impl Sidecar {
+    fn of(pod: &Pod) -> Sidecar {
+        let named = |containers: Option<&Vec<Container>>| {
+            containers
+                .into_iter()
+                .flatten()
+                .any(|c| c.name == defaults::SIDECAR_CONTAINER)
+        };
+        let spec = pod.spec.as_ref();
+        if named(spec.and_then(|spec| spec.init_containers.as_ref())) {
+            Sidecar::Native
+        } else if named(spec.map(|spec| &spec.containers)) {
+            Sidecar::Classic
+        } else {
+            Sidecar::None
+        }
+    }
+}
+
+/// An error unless `created`, the pod the apiserver stored for one of `kind`, has the sidecar
+/// where that kind has it.
+fn stored_as_asked(kind: Kind, created: &Pod) -> anyhow::Result<()> {
+    let found = Sidecar::of(created);
+    if found != kind.sidecar() {
+        bail!(
+            "{} in {}: the sidecar is {found:?}, not {:?} as for {kind:?}",
+            created.metadata.name.as_deref().unwrap_or_default(),
+            kind.namespace(),
+            kind.sidecar()
+        );
+    }
+    Ok(())
 }
 
 impl PodBench {
@@ -274,8 +327,14 @@ impl PodBench {
     fn pod(&self, kind: Kind, name: &str, runs: bool) -> anyhow::Result<Pod> {
         let mut pod = match kind {
             Kind::Prefilled | Kind::PrefilledCalled => self.prefilled.clone(),
-            Kind::Plain | Kind::Injected => Self::sent()?,
+            Kind::Plain | Kind::Injected | Kind::InjectedClassic => Self::sent()?,
         };
+        if kind == Kind::InjectedClassic {
+            pod.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(keys::SIDECAR_MODE.into(), "classic".into());
+        }
         pod.metadata.name = Some(name.into());
         pod.metadata.namespace = Some(kind.namespace().into());
         let spec = pod.spec.as_mut().context("a pod without a spec")?;
@@ -335,13 +394,7 @@ impl PodBench {
             let started = Instant::now();
             let created = pods.create(&PostParams::default(), &pod).await?;
             latencies.push(started.elapsed());
-            if is_injected(&created) != kind.has_sidecar() {
-                bail!(
-                    "{name} in {}: has the sidecar is {}",
-                    kind.namespace(),
-                    is_injected(&created)
-                );
-            }
+            stored_as_asked(kind, &created)?;
             names.push(name);
         }
         let cpu = self.apiserver_cpu()?.saturating_sub(cpu_before);
@@ -354,7 +407,8 @@ impl PodBench {
     }
 
     /// Creates `count` pods one at a time and returns how long each took from the create call
-    /// until the pod was Ready on the node; deletes each.
+    /// until the pod was Ready on the node; deletes each. Each must have the sidecar where its
+    /// kind has it.
     pub async fn to_ready(&self, kind: Kind, count: usize) -> anyhow::Result<Vec<Duration>> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), kind.namespace());
         let mut latencies = Vec::with_capacity(count);
@@ -362,7 +416,8 @@ impl PodBench {
             let name = format!("ready-{}-{index}", unique());
             let pod = self.pod(kind, &name, true)?;
             let started = Instant::now();
-            pods.create(&PostParams::default(), &pod).await?;
+            let created = pods.create(&PostParams::default(), &pod).await?;
+            stored_as_asked(kind, &created)?;
             loop {
                 if node::pod_ready(&pods.get(&name).await?) {
                     break;
@@ -614,6 +669,42 @@ fn unique() -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(name: &str, init: &[&str], app: &[&str]) -> Pod {
+        let containers = |names: &[&str]| -> Vec<serde_json::Value> {
+            names
+                .iter()
+                .map(|name| json!({"name": name, "image": "i"}))
+                .collect()
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"initContainers": containers(init), "containers": containers(app)},
+        }))
+        .expect("a pod")
+    }
+
+    /// The sidecar is found where the webhook puts it for each mode, and a pod stored with it
+    /// elsewhere than its kind asks, or without it, is an error naming the pod.
+    #[test]
+    fn each_kind_is_checked_for_the_sidecar_where_it_asks_for_it() {
+        let sidecar = defaults::SIDECAR_CONTAINER;
+        let native = stored("n", &[sidecar], &["app"]);
+        let classic = stored("c", &[], &[sidecar, "app"]);
+        let plain = stored("p", &["setup"], &["app"]);
+        assert_eq!(Sidecar::of(&native), Sidecar::Native);
+        assert_eq!(Sidecar::of(&classic), Sidecar::Classic);
+        assert_eq!(Sidecar::of(&plain), Sidecar::None);
+        assert!(stored_as_asked(Kind::Injected, &native).is_ok());
+        assert!(stored_as_asked(Kind::PrefilledCalled, &native).is_ok());
+        assert!(stored_as_asked(Kind::InjectedClassic, &classic).is_ok());
+        assert!(stored_as_asked(Kind::Plain, &plain).is_ok());
+        let error =
+            stored_as_asked(Kind::InjectedClassic, &native).expect_err("native for classic");
+        assert!(error.to_string().contains("n in bench-injected"), "{error}");
+        assert!(stored_as_asked(Kind::Injected, &plain).is_err());
+        assert!(stored_as_asked(Kind::Plain, &classic).is_err());
+    }
 
     /// A metric's series are summed where every wanted label has its value (a label a series
     /// lacks, or a series without labels, counting as empty), its other series and other
