@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use servicekeel_api::{defaults, keys};
+use servicekeel_webhook::inject::SidecarMode;
 
 use crate::paths;
 use crate::pki::Pki;
@@ -289,13 +290,25 @@ pub async fn wait_until_called(client: &kube::Client) -> anyhow::Result<()> {
 
 /// Whether the pod carries the sidecar.
 pub fn is_injected(pod: &Pod) -> bool {
-    pod.spec.iter().any(|spec| {
-        spec.init_containers
+    sidecar_mode(pod).is_some()
+}
+
+/// How the pod carries the sidecar: native, as an init container, or classic, as an app
+/// container; `None` without it.
+pub fn sidecar_mode(pod: &Pod) -> Option<SidecarMode> {
+    let spec = pod.spec.as_ref()?;
+    let has = |containers: &[Container]| {
+        containers
             .iter()
-            .flatten()
-            .chain(spec.containers.iter())
             .any(|c| c.name == defaults::SIDECAR_CONTAINER)
-    })
+    };
+    if has(spec.init_containers.as_deref().unwrap_or_default()) {
+        Some(SidecarMode::Native)
+    } else if has(&spec.containers) {
+        Some(SidecarMode::Classic)
+    } else {
+        None
+    }
 }
 
 /// The value of `series` (its name with any labels, as written) in the webhook's `/metrics`

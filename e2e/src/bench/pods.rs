@@ -15,15 +15,16 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
-use servicekeel_api::{defaults, keys};
+use servicekeel_api::keys;
 use servicekeel_webhook::fixtures::first_pod;
+use servicekeel_webhook::inject::SidecarMode;
 use servicekeel_webhook::shape::is_token_volume;
 
 use crate::bench::webhook::{http1_client, review_fixture};
 use crate::cluster::NodeCluster;
 use crate::images::Profile;
 use crate::process::Lifetime;
-use crate::webhook::{SYSTEM_NAMESPACE, is_injected};
+use crate::webhook::{SYSTEM_NAMESPACE, is_injected, sidecar_mode};
 use crate::{node, paths};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -103,41 +104,12 @@ impl Kind {
         }
     }
 
-    /// Where the pod stored has the sidecar.
-    fn sidecar(self) -> Sidecar {
+    /// How the pod stored carries the sidecar, if at all.
+    fn sidecar(self) -> Option<SidecarMode> {
         match self {
-            Kind::Plain => Sidecar::None,
-            Kind::InjectedClassic => Sidecar::Classic,
-            Kind::Injected | Kind::Prefilled | Kind::PrefilledCalled => Sidecar::Native,
-        }
-    }
-}
-
-/// Where a pod has the sidecar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sidecar {
-    None,
-    /// An init container (with `restartPolicy: Always`).
-    Native,
-    /// An app container.
-    Classic,
-}
-
-impl Sidecar {
-    fn of(pod: &Pod) -> Sidecar {
-        let named = |containers: Option<&Vec<Container>>| {
-            containers
-                .into_iter()
-                .flatten()
-                .any(|c| c.name == defaults::SIDECAR_CONTAINER)
-        };
-        let spec = pod.spec.as_ref();
-        if named(spec.and_then(|spec| spec.init_containers.as_ref())) {
-            Sidecar::Native
-        } else if named(spec.map(|spec| &spec.containers)) {
-            Sidecar::Classic
-        } else {
-            Sidecar::None
+            Kind::Plain => None,
+            Kind::InjectedClassic => Some(SidecarMode::Classic),
+            Kind::Injected | Kind::Prefilled | Kind::PrefilledCalled => Some(SidecarMode::Native),
         }
     }
 }
@@ -145,7 +117,7 @@ impl Sidecar {
 /// An error unless `created`, the pod the apiserver stored for one of `kind`, has the sidecar
 /// where that kind has it.
 fn stored_as_asked(kind: Kind, created: &Pod) -> anyhow::Result<()> {
-    let found = Sidecar::of(created);
+    let found = sidecar_mode(created);
     if found != kind.sidecar() {
         bail!(
             "{} in {}: the sidecar is {found:?}, not {:?} as for {kind:?}",
@@ -330,10 +302,10 @@ impl PodBench {
             Kind::Plain | Kind::Injected | Kind::InjectedClassic => Self::sent()?,
         };
         if kind == Kind::InjectedClassic {
-            pod.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(keys::SIDECAR_MODE.into(), "classic".into());
+            pod.metadata.annotations.get_or_insert_default().insert(
+                keys::SIDECAR_MODE.into(),
+                SidecarMode::Classic.as_str().into(),
+            );
         }
         pod.metadata.name = Some(name.into());
         pod.metadata.namespace = Some(kind.namespace().into());
@@ -688,13 +660,13 @@ mod tests {
     /// elsewhere than its kind asks, or without it, is an error naming the pod.
     #[test]
     fn each_kind_is_checked_for_the_sidecar_where_it_asks_for_it() {
-        let sidecar = defaults::SIDECAR_CONTAINER;
+        let sidecar = servicekeel_api::defaults::SIDECAR_CONTAINER;
         let native = stored("n", &[sidecar], &["app"]);
         let classic = stored("c", &[], &[sidecar, "app"]);
         let plain = stored("p", &["setup"], &["app"]);
-        assert_eq!(Sidecar::of(&native), Sidecar::Native);
-        assert_eq!(Sidecar::of(&classic), Sidecar::Classic);
-        assert_eq!(Sidecar::of(&plain), Sidecar::None);
+        assert_eq!(sidecar_mode(&native), Some(SidecarMode::Native));
+        assert_eq!(sidecar_mode(&classic), Some(SidecarMode::Classic));
+        assert_eq!(sidecar_mode(&plain), None);
         assert!(stored_as_asked(Kind::Injected, &native).is_ok());
         assert!(stored_as_asked(Kind::PrefilledCalled, &native).is_ok());
         assert!(stored_as_asked(Kind::InjectedClassic, &classic).is_ok());
