@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -21,19 +22,15 @@ use servicekeel_webhook::inject::SidecarMode;
 use servicekeel_webhook::shape::is_token_volume;
 
 use crate::bench::webhook::{http1_client, review_fixture};
-use crate::cluster::NodeCluster;
+use crate::cluster::{NodeCluster, WEBHOOK_DEPLOYMENT};
 use crate::images::Profile;
 use crate::process::Lifetime;
-use crate::webhook::{SYSTEM_NAMESPACE, is_injected, sidecar_mode};
+use crate::webhook::{SYSTEM_NAMESPACE, is_injected, manifest_configuration, sidecar_mode};
 use crate::{node, paths};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The webhook's name in the MutatingWebhookConfiguration of `manifests/`.
 const WEBHOOK_NAME: &str = "sidecar-injector.servicekeel.io";
-/// That configuration's name.
-const WEBHOOK_CONFIGURATION: &str = "servicekeel-sidecar-injector";
-/// The port the webhook's pods serve on.
-const WEBHOOK_PORT: u16 = 8443;
 
 /// The cluster with a node, and a namespace of each kind.
 pub struct PodBench {
@@ -44,6 +41,8 @@ pub struct PodBench {
     prefilled: Pod,
     /// The webhook's replicas running once the cluster answered the dry run, by name.
     replicas: Vec<String>,
+    /// The port they serve on (their container port `https`).
+    port: u16,
     /// The benchmark's own exchange with the first of them.
     exchange: Exchange,
 }
@@ -163,7 +162,8 @@ impl PodBench {
             .and_then(|status| status.pod_ip.as_deref())
             .context("the webhook replica has no address")?
             .parse()?;
-        let exchange = Exchange::to(&client, address).await?;
+        let port = https_port(first)?;
+        let exchange = Exchange::to(&client, (address, port).into()).await?;
         let replicas = running
             .into_iter()
             .filter_map(|pod| pod.metadata.name)
@@ -174,6 +174,7 @@ impl PodBench {
             dir,
             prefilled,
             replicas,
+            port,
             exchange,
         })
     }
@@ -227,9 +228,10 @@ impl PodBench {
     /// replica gone since is an error, not a reading from its replacement starting at zero.
     pub async fn webhook_handling(&self) -> anyhow::Result<Totals> {
         let mut handling = Totals::default();
+        let port = self.port;
         for replica in &self.replicas {
             let request = http::Request::get(format!(
-                "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/https:{replica}:{WEBHOOK_PORT}/proxy/metrics"
+                "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/https:{replica}:{port}/proxy/metrics"
             ))
             .body(Vec::new())?;
             let text = self
@@ -408,12 +410,20 @@ impl PodBench {
     }
 }
 
-/// The webhook's running pods, none of them an error.
+/// The webhook's running pods (those its Deployment selects), none of them an error.
 async fn webhook_replicas(client: &kube::Client) -> anyhow::Result<Vec<Pod>> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let deployment = deployments.get(WEBHOOK_DEPLOYMENT).await?;
+    let selector = deployment
+        .spec
+        .and_then(|spec| spec.selector.match_labels)
+        .context("the webhook's Deployment selects by no labels")?
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-    let listed = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-webhook"))
-        .await?;
+    let listed = pods.list(&ListParams::default().labels(&selector)).await?;
     let running: Vec<Pod> = listed
         .items
         .into_iter()
@@ -425,12 +435,35 @@ async fn webhook_replicas(client: &kube::Client) -> anyhow::Result<Vec<Pod>> {
     Ok(running)
 }
 
+/// The port `pod` serves HTTPS on: its container port named `https`.
+fn https_port(pod: &Pod) -> anyhow::Result<u16> {
+    let port = pod
+        .spec
+        .iter()
+        .flat_map(|spec| &spec.containers)
+        .flat_map(|container| container.ports.iter().flatten())
+        .find(|port| port.name.as_deref() == Some("https"))
+        .context("the webhook replica has no port named https")?;
+    Ok(u16::try_from(port.container_port)?)
+}
+
 impl Exchange {
-    /// The exchange with the replica at `address`, trusting the CA the webhook configuration
-    /// carries.
-    async fn to(client: &kube::Client, address: std::net::IpAddr) -> anyhow::Result<Exchange> {
+    /// The exchange with the replica at `address`, as the webhook configuration of
+    /// `manifests/` calls it (its Service's name and path), trusting the CA the installed
+    /// configuration carries.
+    async fn to(client: &kube::Client, address: std::net::SocketAddr) -> anyhow::Result<Exchange> {
+        let manifest = manifest_configuration()?;
+        let name = manifest["metadata"]["name"]
+            .as_str()
+            .context("the webhook configuration has no name")?;
+        let service = &manifest["webhooks"][0]["clientConfig"]["service"];
+        let field = |key: &str| {
+            service[key]
+                .as_str()
+                .with_context(|| format!("the webhook configuration's service has no {key}"))
+        };
         let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        let configuration = configurations.get(WEBHOOK_CONFIGURATION).await?;
+        let configuration = configurations.get(name).await?;
         let ca_bundle = configuration
             .webhooks
             .iter()
@@ -441,17 +474,15 @@ impl Exchange {
         for certificate in CertificateDer::pem_slice_iter(&ca_bundle.0) {
             roots.add(certificate?)?;
         }
-        // The name the serving certificate carries, resolved to the replica as the apiserver
-        // resolves the Service to an endpoint.
-        let host = format!("servicekeel-webhook.{SYSTEM_NAMESPACE}.svc");
+        // The Service's name, which the serving certificate carries, resolved to the replica
+        // as the apiserver resolves the Service to an endpoint.
+        let host = format!("{}.{}.svc", field("name")?, field("namespace")?);
         let client = http1_client(roots, |builder| {
-            builder
-                .resolve(&host, (address, WEBHOOK_PORT).into())
-                .pool_max_idle_per_host(1)
+            builder.resolve(&host, address).pool_max_idle_per_host(1)
         })?;
         Ok(Exchange {
             client,
-            url: format!("https://{host}:{WEBHOOK_PORT}/mutate"),
+            url: format!("https://{host}:{}{}", address.port(), field("path")?),
             review: review_fixture()?,
         })
     }
@@ -676,6 +707,25 @@ mod tests {
         assert!(error.to_string().contains("n in bench-injected"), "{error}");
         assert!(stored_as_asked(Kind::Injected, &plain).is_err());
         assert!(stored_as_asked(Kind::Plain, &classic).is_err());
+    }
+
+    /// The replica's HTTPS port is its container port named `https`, whatever its other ports.
+    #[test]
+    fn the_https_port_is_found_by_its_name() {
+        let pod = |ports: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "w"},
+                "spec": {"containers": [{"name": "webhook", "image": "i", "ports": ports}]},
+            }))
+            .expect("a pod")
+        };
+        let served = pod(json!([
+            {"name": "metrics", "containerPort": 9090},
+            {"name": "https", "containerPort": 8443},
+        ]));
+        assert_eq!(https_port(&served).expect("a port"), 8443);
+        let unnamed = pod(json!([{"containerPort": 8443}]));
+        assert!(https_port(&unnamed).is_err());
     }
 
     /// A metric's series are summed where every wanted label has its value (a label a series
