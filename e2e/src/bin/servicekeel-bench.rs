@@ -491,8 +491,7 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
             samples[index].push(sample);
         }
         let before = pods.webhook_handling().await?;
-        let first = (round * (POD_BATCH + 1)) as u64;
-        direct.extend(pods.direct_exchanges(first, POD_BATCH).await?);
+        direct.extend(pods.direct_exchanges(round, POD_BATCH).await?);
         direct_handling += pods.webhook_handling().await? - before;
     }
     let mut call_note = apiserver_note(&kinds, &samples, &times);
