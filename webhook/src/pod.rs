@@ -5,8 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ContainerPort, Pod, PodDNSConfig, Sysctl};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Pod, PodDNSConfig, PodSecurityContext, PodSpec, Sysctl, Volume,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde::Deserialize;
 
 /// A pod as injection and exports see it.
@@ -129,6 +131,65 @@ impl From<&Pod> for PodFacts {
     }
 }
 
+/// Drops from `pod` all that [`PodFacts`] does not read, keeping besides only what says which
+/// object and which version of it this is (uid, resourceVersion, deletionTimestamp): what the
+/// reconciler's cache holds of an injected pod. The facts of what is left are the facts of the
+/// whole pod; managed fields, status, images, probes and the rest are gone.
+pub fn keep_facts(pod: &mut Pod) {
+    let meta = std::mem::take(&mut pod.metadata);
+    pod.metadata = ObjectMeta {
+        name: meta.name,
+        generate_name: meta.generate_name,
+        namespace: meta.namespace,
+        labels: meta.labels,
+        annotations: meta.annotations,
+        owner_references: meta.owner_references.map(|owners| {
+            owners
+                .into_iter()
+                .map(|o| OwnerReference {
+                    kind: o.kind,
+                    ..OwnerReference::default()
+                })
+                .collect()
+        }),
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        deletion_timestamp: meta.deletion_timestamp,
+        ..ObjectMeta::default()
+    };
+    pod.status = None;
+    let containers = |list: Vec<Container>| {
+        list.into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports,
+                ..Container::default()
+            })
+            .collect::<Vec<_>>()
+    };
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        host_network: spec.host_network,
+        containers: containers(spec.containers),
+        init_containers: spec.init_containers.map(containers),
+        volumes: spec.volumes.map(|volumes| {
+            volumes
+                .into_iter()
+                .map(|v| Volume {
+                    name: v.name,
+                    ..Volume::default()
+                })
+                .collect()
+        }),
+        security_context: spec.security_context.map(|s| PodSecurityContext {
+            sysctls: s.sysctls,
+            ..PodSecurityContext::default()
+        }),
+        dns_policy: spec.dns_policy,
+        dns_config: spec.dns_config,
+        ..PodSpec::default()
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,9 +197,9 @@ mod tests {
 
     /// Decoding the JSON and converting the decoded `Pod` give the same facts, so admission
     /// (which decodes) and the reconciler (which converts) see a pod alike.
-    #[test]
-    fn decoded_and_converted_facts_agree() {
-        let value = json!({
+    /// A pod with a value in every field the facts read, and in fields they do not.
+    fn full_pod() -> serde_json::Value {
+        json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {
                 "name": "web-0", "namespace": "shop",
@@ -156,7 +217,12 @@ mod tests {
                 "dnsConfig": {"nameservers": ["10.0.0.10"]},
                 "tolerations": [{"key": "k", "operator": "Exists"}]
             }
-        });
+        })
+    }
+
+    #[test]
+    fn decoded_and_converted_facts_agree() {
+        let value = full_pod();
         let decoded: PodFacts = serde_json::from_value(value.clone()).unwrap();
         let pod: Pod = serde_json::from_value(value).unwrap();
         assert_eq!(decoded, PodFacts::from(&pod));
@@ -167,6 +233,33 @@ mod tests {
             decoded.metadata.unwrap().owner_references.unwrap()[0].kind,
             "Job"
         );
+    }
+
+    #[test]
+    fn keeping_the_facts_keeps_what_they_read_and_the_identity_only() {
+        let mut value = full_pod();
+        value["metadata"]["uid"] = json!("u-1");
+        value["metadata"]["resourceVersion"] = json!("42");
+        value["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        value["spec"]["containers"][0]["livenessProbe"] = json!({"exec": {"command": ["true"]}});
+        value["status"] = json!({"phase": "Running", "podIP": "10.0.0.5"});
+        let whole: Pod = serde_json::from_value(value).unwrap();
+        let mut kept = whole.clone();
+        keep_facts(&mut kept);
+        assert_eq!(PodFacts::from(&kept), PodFacts::from(&whole));
+        assert_eq!(kept.metadata.uid.as_deref(), Some("u-1"));
+        assert_eq!(kept.metadata.resource_version.as_deref(), Some("42"));
+        assert!(kept.metadata.deletion_timestamp.is_some());
+        assert_eq!(kept.metadata.managed_fields, None);
+        assert_eq!(kept.status, None);
+        let spec = kept.spec.as_ref().unwrap();
+        assert_eq!(spec.tolerations, None);
+        assert_eq!(spec.containers[0].image, None);
+        assert_eq!(spec.containers[0].liveness_probe, None);
+        assert_eq!(spec.volumes.as_ref().unwrap()[0].empty_dir, None);
+        assert_eq!(spec.security_context.as_ref().unwrap().run_as_user, None);
+        let size = |pod: &Pod| serde_json::to_vec(pod).unwrap().len();
+        assert!(size(&kept) < size(&whole));
     }
 
     #[test]

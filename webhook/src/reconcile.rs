@@ -2,6 +2,10 @@
 //! pod's labels changed, re-computes the exports of the injected pods it concerns. Only injected
 //! pods are touched, only when the value differs, and only by the replica holding the lease.
 //! Entries the pod's author wrote (listed in the status annotation) are kept as written.
+//!
+//! The controller watches every pod in the cluster, and its cache keeps each one for as long as
+//! it lives; so the cache keeps only what reconciling reads (`cached`): of an injected pod its
+//! facts, of any other its name.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -9,10 +13,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use servicekeel_api::ServiceList;
@@ -24,7 +29,7 @@ use crate::config::Config;
 use crate::exports::exports_for;
 use crate::inject::Status;
 use crate::leader::Leadership;
-use crate::pod::PodFacts;
+use crate::pod::{PodFacts, keep_facts};
 use crate::view::ClusterView;
 
 /// How soon a replica that is not the leader, or whose caches are not ready, looks again.
@@ -56,8 +61,11 @@ pub async fn run(
     leadership: Leadership,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let controller = Controller::new(Api::<Pod>::all(client.clone()), watcher::Config::default());
-    let pods = controller.store();
+    let (pods, writer) = reflector::store();
+    let watched =
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(cached);
+    let controller =
+        Controller::for_stream(reflector(writer, watched).applied_objects(), pods.clone());
     let context = Arc::new(Context {
         client: client.clone(),
         caches,
@@ -88,6 +96,28 @@ pub async fn run(
 
 fn is_injected(pod: &Pod) -> bool {
     pod.annotations().contains_key(keys::STATUS)
+}
+
+/// What the cache keeps of a watched pod: of an injected one, what its exports are computed
+/// from ([`keep_facts`]); of any other, which pod it is and nothing else, since reconciling it
+/// ends at [`is_injected`]. A pod is looked at anew on every change, so one that comes to be
+/// injected is kept as one from then on.
+fn cached(pod: &mut Pod) {
+    if is_injected(pod) {
+        keep_facts(pod);
+    } else {
+        let meta = std::mem::take(&mut pod.metadata);
+        *pod = Pod {
+            metadata: ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                uid: meta.uid,
+                resource_version: meta.resource_version,
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        };
+    }
 }
 
 async fn reconcile(pod: Arc<Pod>, context: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -189,6 +219,42 @@ mod tests {
             )
         );
         assert_eq!(desired_exports(&injected, "shop", &[], "c"), None);
+    }
+
+    #[test]
+    fn the_cache_keeps_an_injected_pods_exports_and_only_the_name_of_others() {
+        let mut injected =
+            pod(json!({"servicekeel.io/status": r#"{"sidecarMode":"native","version":"0.1.0"}"#}));
+        injected.metadata.namespace = Some("shop".into());
+        injected.metadata.managed_fields = Some(vec![Default::default()]);
+        injected.spec.as_mut().unwrap().containers[0].ports = Some(vec![
+            serde_json::from_value(json!({"name": "http", "containerPort": 8080})).unwrap(),
+        ]);
+        let named_port = serde_json::from_value::<Service>(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}
+        }))
+        .unwrap();
+        let mut kept = injected.clone();
+        cached(&mut kept);
+        let exports = |pod: &Pod| desired_exports(pod, "shop", [&named_port], "c");
+        assert!(exports(&injected).is_some_and(|e| e.contains("8080")));
+        assert_eq!(exports(&kept), exports(&injected));
+        assert!(is_injected(&kept));
+        assert_eq!(kept.metadata.managed_fields, None);
+        assert_eq!(kept.spec.as_ref().unwrap().containers[0].image, None);
+
+        let mut other = pod(json!({"note": "x".repeat(4096)}));
+        other.metadata.namespace = Some("shop".into());
+        other.metadata.uid = Some("u-2".into());
+        other.metadata.resource_version = Some("7".into());
+        cached(&mut other);
+        assert_eq!(
+            serde_json::to_value(&other).unwrap(),
+            json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "shop", "uid": "u-2", "resourceVersion": "7"}})
+        );
+        assert!(!is_injected(&other));
     }
 
     #[test]
