@@ -2,6 +2,9 @@
 //! to a callback after the first complete list and after every change (debounced), until
 //! stopped. While the API server is unreachable the watcher retries with backoff and nothing is
 //! handed on, so the last view stays in force.
+//!
+//! Every router follows objects of the whole cluster and its store keeps each for as long as it
+//! lives, so each object is cut down to what the callback reads as it arrives (`keep`).
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -17,10 +20,12 @@ use tokio::sync::watch as signal;
 /// Quiet time after a change before the callback runs.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// `keep` cuts each object down, in place, to what `changed` reads of it.
 pub async fn follow<K>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
+    keep: fn(&mut K),
     changed: impl Fn(&Store<K>) + Send,
     mut stop: signal::Receiver<bool>,
 ) where
@@ -28,7 +33,8 @@ pub async fn follow<K>(
     K::DynamicType: Default + Eq + Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let mut events = reflector(writer, watcher(api, config).default_backoff()).boxed();
+    let watched = watcher(api, config).default_backoff().modify(keep);
+    let mut events = reflector(writer, watched).boxed();
     let mut synced = false;
     loop {
         let event = tokio::select! {

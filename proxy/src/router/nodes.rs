@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::sync::watch as signal;
@@ -42,6 +43,26 @@ pub fn peer_addresses(nodes: &[Arc<Node>], own: &str, port: u16) -> BTreeMap<Str
     peers
 }
 
+/// Cuts `node` down, in place, to what [`peer_addresses`] reads, its name and addresses, beside
+/// what says which object and version it is: a Node's status lists every image on it besides.
+pub fn keep_addresses(node: &mut Node) {
+    let meta = std::mem::take(&mut node.metadata);
+    let addresses = node.status.take().and_then(|status| status.addresses);
+    *node = Node {
+        metadata: ObjectMeta {
+            name: meta.name,
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            ..ObjectMeta::default()
+        },
+        status: Some(NodeStatus {
+            addresses,
+            ..NodeStatus::default()
+        }),
+        ..Node::default()
+    };
+}
+
 /// Watches Nodes and hands the peers to `apply` after the first full list and every change.
 pub async fn run(
     client: Client,
@@ -54,6 +75,7 @@ pub async fn run(
         Api::<Node>::all(client),
         watcher::Config::default(),
         "nodes",
+        keep_addresses,
         |store| apply(peer_addresses(&store.state(), &own, port)),
         stop,
     )
@@ -76,6 +98,38 @@ mod tests {
             }))
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn a_kept_node_gives_the_same_peer_and_holds_no_images() {
+        let whole: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "edge-2", "uid": "u-2", "resourceVersion": "9",
+                "labels": {"kubernetes.io/hostname": "edge-2"}, "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"podCIDR": "10.244.2.0/24"},
+            "status": {
+                "addresses": [{"type": "Hostname", "address": "edge-2"}, {"type": "InternalIP", "address": "10.0.0.2"}],
+                "images": [{"names": ["web:1"], "sizeBytes": 1}],
+                "nodeInfo": {"architecture": "amd64", "bootID": "b", "containerRuntimeVersion": "c",
+                    "kernelVersion": "k", "kubeProxyVersion": "", "kubeletVersion": "v", "machineID": "m",
+                    "operatingSystem": "linux", "osImage": "o", "systemUUID": "s"}
+            }
+        }))
+        .unwrap();
+        let mut kept = whole.clone();
+        keep_addresses(&mut kept);
+        let peers = |node: &Node| peer_addresses(&[Arc::new(node.clone())], "edge-1", 15008);
+        assert_eq!(
+            peers(&whole),
+            BTreeMap::from([("edge-2".to_string(), vec!["10.0.0.2:15008".to_string()])])
+        );
+        assert_eq!(peers(&kept), peers(&whole));
+        assert_eq!(kept.metadata.uid.as_deref(), Some("u-2"));
+        assert_eq!(kept.metadata.resource_version.as_deref(), Some("9"));
+        assert_eq!(kept.metadata.managed_fields, None);
+        assert_eq!(kept.spec, None);
+        let status = kept.status.as_ref().unwrap();
+        assert_eq!(status.images, None);
+        assert_eq!(status.node_info, None);
     }
 
     #[test]

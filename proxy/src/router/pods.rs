@@ -5,10 +5,12 @@
 //! the first list has come back the router keeps what its snapshot said; while the API server
 //! is unreachable the last view stays in force.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -81,6 +83,61 @@ pub fn entries_from_pod(pod: &Pod, cluster: &str) -> Vec<Entry> {
     entries
 }
 
+/// Cuts `pod` down, in place, to what [`entries_from_pod`] reads: its `exported-services`
+/// annotation, node, container ports, IP, Ready condition and deletion, beside its name and what
+/// says which object and version it is. Of a pod that exports nothing only the latter is kept.
+pub fn keep_entry_fields(pod: &mut Pod) {
+    let meta = std::mem::take(&mut pod.metadata);
+    let (spec, status) = (pod.spec.take(), pod.status.take());
+    *pod = Pod {
+        metadata: ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            ..ObjectMeta::default()
+        },
+        ..Pod::default()
+    };
+    let Some((key, value)) = meta
+        .annotations
+        .as_ref()
+        .and_then(|annotations| Direction::Exported.find(annotations))
+    else {
+        return;
+    };
+    pod.metadata.annotations = Some(BTreeMap::from([(key.to_string(), value.to_string())]));
+    pod.metadata.deletion_timestamp = meta.deletion_timestamp;
+    pod.spec = spec.map(|spec| PodSpec {
+        node_name: spec.node_name,
+        containers: spec
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports,
+                ..Container::default()
+            })
+            .collect(),
+        ..PodSpec::default()
+    });
+    pod.status = status.map(|status| PodStatus {
+        pod_ip: status.pod_ip,
+        conditions: status.conditions.map(|conditions| {
+            conditions
+                .into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    ..PodCondition::default()
+                })
+                .collect()
+        }),
+        ..PodStatus::default()
+    });
+}
+
 fn container_port(pod: &Pod, name: &str, protocol: Protocol) -> Option<u16> {
     pod.spec
         .as_ref()?
@@ -117,6 +174,7 @@ pub async fn run(
         Api::<Pod>::all(client),
         watcher::Config::default().fields("status.phase=Running"),
         "pods",
+        keep_entry_fields,
         |store| apply(entries(store, &cluster)),
         stop,
     )
@@ -180,6 +238,71 @@ mod tests {
                 "edge"
             )),
             ["web.shop.edge:80/TCP 10.244.2.9:80 edge-2 false"]
+        );
+    }
+
+    #[test]
+    fn a_kept_pod_gives_the_entries_of_the_whole_one_and_holds_little_else() {
+        let exported = "services: [{name: web, ports: [{port: 80, targetPort: http}, {port: 53, targetPort: dns, protocol: UDP}]}]";
+        for (ready, deleted) in [("True", false), ("False", false), ("True", true)] {
+            let mut whole = pod(exported, ready, Some("10.244.2.9"));
+            let value = serde_json::json!({
+                "metadata": {
+                    "uid": "u-1", "resourceVersion": "42",
+                    "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4096)},
+                    "managedFields": [{"manager": "kubelet"}]
+                },
+                "spec": {"containers": [{"name": "web", "image": "web:1", "env": [{"name": "A", "value": "1"}]}]},
+                "status": {
+                    "phase": "Running",
+                    "conditions": [{"type": "PodScheduled", "status": "True"}],
+                    "containerStatuses": [{"name": "web", "image": "web:1", "imageID": "sha256:1", "ready": true, "restartCount": 0}]
+                }
+            });
+            let extra: Pod = serde_json::from_value(value).unwrap();
+            whole.metadata.uid = extra.metadata.uid;
+            whole.metadata.resource_version = extra.metadata.resource_version;
+            whole.metadata.managed_fields = extra.metadata.managed_fields;
+            whole
+                .metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .extend(extra.metadata.annotations.unwrap());
+            whole.spec.as_mut().unwrap().containers[0].image = Some("web:1".into());
+            let status = whole.status.as_mut().unwrap();
+            status.container_statuses = extra.status.as_ref().unwrap().container_statuses.clone();
+            status
+                .conditions
+                .as_mut()
+                .unwrap()
+                .extend(extra.status.unwrap().conditions.unwrap());
+            if deleted {
+                whole.metadata.deletion_timestamp =
+                    serde_json::from_value(serde_json::json!("2026-01-01T00:00:00Z")).unwrap();
+            }
+            let mut kept = whole.clone();
+            keep_entry_fields(&mut kept);
+            let entries = shown(&entries_from_pod(&whole, "edge"));
+            assert_eq!(entries.len(), 2);
+            assert_eq!(shown(&entries_from_pod(&kept, "edge")), entries);
+            assert_eq!(kept.metadata.annotations.as_ref().unwrap().len(), 1);
+            assert_eq!(kept.metadata.uid.as_deref(), Some("u-1"));
+            assert_eq!(kept.metadata.resource_version.as_deref(), Some("42"));
+            assert_eq!(kept.metadata.managed_fields, None);
+            assert_eq!(kept.spec.as_ref().unwrap().containers[0].image, None);
+            let status = kept.status.as_ref().unwrap();
+            assert_eq!(status.container_statuses, None);
+            assert_eq!(status.conditions.as_ref().unwrap().len(), 1);
+        }
+
+        let mut plain = pod(exported, "True", Some("10.244.2.9"));
+        plain.metadata.annotations = Some(BTreeMap::from([("a".to_string(), "b".to_string())]));
+        keep_entry_fields(&mut plain);
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-0", "namespace": "shop"}})
         );
     }
 
