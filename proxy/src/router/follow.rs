@@ -11,6 +11,7 @@ use std::hash::Hash;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -19,6 +20,18 @@ use tokio::sync::watch as signal;
 
 /// Quiet time after a change before the callback runs.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Of an object's metadata, which object and which version of it this is (name, namespace, uid,
+/// resourceVersion): what a `keep` leaves of an object it needs nothing else of.
+pub fn identity(meta: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        ..ObjectMeta::default()
+    }
+}
 
 /// `keep` cuts each object down, in place, to what `changed` reads of it.
 pub async fn follow<K>(

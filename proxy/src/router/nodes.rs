@@ -6,12 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, NodeStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::sync::watch as signal;
 
-use super::follow::follow;
+use super::follow::{follow, identity};
 
 /// Node name → router addresses, for every node but `own`.
 pub fn peer_addresses(nodes: &[Arc<Node>], own: &str, port: u16) -> BTreeMap<String, Vec<String>> {
@@ -46,15 +45,9 @@ pub fn peer_addresses(nodes: &[Arc<Node>], own: &str, port: u16) -> BTreeMap<Str
 /// Cuts `node` down, in place, to what [`peer_addresses`] reads, its name and addresses, beside
 /// what says which object and version it is: a Node's status lists every image on it besides.
 pub fn keep_addresses(node: &mut Node) {
-    let meta = std::mem::take(&mut node.metadata);
     let addresses = node.status.take().and_then(|status| status.addresses);
     *node = Node {
-        metadata: ObjectMeta {
-            name: meta.name,
-            uid: meta.uid,
-            resource_version: meta.resource_version,
-            ..ObjectMeta::default()
-        },
+        metadata: identity(std::mem::take(&mut node.metadata)),
         status: Some(NodeStatus {
             addresses,
             ..NodeStatus::default()

@@ -10,7 +10,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -19,7 +18,7 @@ use servicekeel_api::tunnel::FlowTarget;
 use servicekeel_api::{Protocol, ServiceList, TargetPort};
 use tokio::sync::watch as signal;
 
-use super::follow::follow;
+use super::follow::{follow, identity};
 use crate::registry::{Endpoint, Entry};
 
 /// The entries one pod contributes; none when it has no IP or node yet, or its exports do not
@@ -87,27 +86,23 @@ pub fn entries_from_pod(pod: &Pod, cluster: &str) -> Vec<Entry> {
 /// annotation, node, container ports, IP, Ready condition and deletion, beside its name and what
 /// says which object and version it is. Of a pod that exports nothing only the latter is kept.
 pub fn keep_entry_fields(pod: &mut Pod) {
-    let meta = std::mem::take(&mut pod.metadata);
-    let (spec, status) = (pod.spec.take(), pod.status.take());
-    *pod = Pod {
-        metadata: ObjectMeta {
-            name: meta.name,
-            namespace: meta.namespace,
-            uid: meta.uid,
-            resource_version: meta.resource_version,
-            ..ObjectMeta::default()
-        },
-        ..Pod::default()
-    };
-    let Some((key, value)) = meta
+    let mut meta = std::mem::take(&mut pod.metadata);
+    let exported = meta
         .annotations
         .as_ref()
         .and_then(|annotations| Direction::Exported.find(annotations))
-    else {
+        .map(|(key, value)| (key.to_string(), value.to_string()));
+    let deletion = meta.deletion_timestamp.take();
+    let (spec, status) = (pod.spec.take(), pod.status.take());
+    *pod = Pod {
+        metadata: identity(meta),
+        ..Pod::default()
+    };
+    let Some(exported) = exported else {
         return;
     };
-    pod.metadata.annotations = Some(BTreeMap::from([(key.to_string(), value.to_string())]));
-    pod.metadata.deletion_timestamp = meta.deletion_timestamp;
+    pod.metadata.annotations = Some(BTreeMap::from([exported]));
+    pod.metadata.deletion_timestamp = deletion;
     pod.spec = spec.map(|spec| PodSpec {
         node_name: spec.node_name,
         containers: spec
