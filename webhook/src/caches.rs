@@ -2,6 +2,9 @@
 //! them without calling the API server. Until the Services cache has synced, exports are
 //! reported unknown and pods are admitted without them; the reconciler fills them in later.
 //!
+//! The Services cache keeps of each Service what exports are computed from
+//! ([`keep_selection`]).
+//!
 //! The Services reflector's events are handed to the reconciler ([`ServiceEvents`]) rather than
 //! watched twice: a reflector updates its store before it yields the event, so a reconcile
 //! triggered by a Service change always finds that change in the cache.
@@ -12,11 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use servicekeel_api::{ServiceList, keys};
 
+use crate::exports::keep_selection;
 use crate::view::{ClusterView, labels_forbid_host_path, parse_namespace_defaults};
 
 /// Every Service created, changed or deleted, after the cache has taken it in.
@@ -40,7 +45,8 @@ impl Caches {
                 Api::<Service>::all(client.clone()),
                 watcher::Config::default(),
             )
-            .default_backoff(),
+            .default_backoff()
+            .modify(keep_selection),
         )
         .touched_objects()
         .boxed();
@@ -92,6 +98,18 @@ where
 }
 
 use kube::runtime::reflector::reflector;
+
+/// Of an object's metadata, which object and which version of it this is (name, namespace, uid,
+/// resourceVersion): all a cache needs of an object it keeps nothing else of.
+pub fn identity(meta: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        ..ObjectMeta::default()
+    }
+}
 
 impl ClusterView for Caches {
     fn namespace_defaults(&self, namespace: &str) -> Result<Option<ServiceList>, String> {

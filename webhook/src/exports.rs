@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::caches::identity;
 use crate::pod::PodFacts;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServicePort as Port, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use servicekeel_api::{Protocol, Service as Entry, ServiceList, ServicePort, TargetPort};
 
@@ -103,6 +104,34 @@ fn named_port(pod: &PodFacts, name: &str, protocol: Protocol) -> Option<u16> {
         .and_then(|p| u16::try_from(p.container_port).ok())
 }
 
+/// Cuts `service` down, in place, to what [`exports_for`] reads (name, namespace, selector, and
+/// each port's name, number, protocol and target), beside what says which object and version it
+/// is: what the webhook's cache of every Service in the cluster keeps.
+pub fn keep_selection(service: &mut Service) {
+    let meta = std::mem::take(&mut service.metadata);
+    let spec = service.spec.take();
+    *service = Service {
+        metadata: identity(meta),
+        spec: spec.map(|spec| ServiceSpec {
+            selector: spec.selector,
+            ports: spec.ports.map(|ports| {
+                ports
+                    .into_iter()
+                    .map(|p| Port {
+                        name: p.name,
+                        port: p.port,
+                        protocol: p.protocol,
+                        target_port: p.target_port,
+                        ..Port::default()
+                    })
+                    .collect()
+            }),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,17 +141,19 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
-    #[test]
-    fn several_services_numeric_and_named_ports_tcp_and_udp() {
-        let pod: PodFacts = serde_json::from_value(json!({
+    fn front_pod() -> PodFacts {
+        serde_json::from_value(json!({
             "metadata": {"labels": {"app": "web", "tier": "front"}},
             "spec": {"containers": [{"name": "a", "image": "i", "ports": [
                 {"name": "http", "containerPort": 8080},
                 {"name": "stats", "containerPort": 9125, "protocol": "UDP"}
             ]}]}
         }))
-        .unwrap();
-        let services = [
+        .unwrap()
+    }
+
+    fn shop_services() -> [Service; 5] {
+        [
             service(
                 json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"selector": {"app": "web"}, "ports": [
                     {"name": "http", "port": 80, "targetPort": "http"},
@@ -143,7 +174,12 @@ mod tests {
             service(
                 json!({"metadata": {"name": "elsewhere", "namespace": "other"}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 1}]}}),
             ),
-        ];
+        ]
+    }
+
+    #[test]
+    fn several_services_numeric_and_named_ports_tcp_and_udp() {
+        let (pod, services) = (front_pod(), shop_services());
         let (list, warnings) = exports_for(&pod, "shop", &services, "cluster-a");
         assert_eq!(
             list.to_canonical_json(),
@@ -155,5 +191,49 @@ mod tests {
             "{warnings:?}"
         );
         assert!(warnings[1].contains("SCTP is not carried"), "{warnings:?}");
+    }
+
+    #[test]
+    fn kept_services_give_the_same_exports_and_hold_little_else() {
+        let pod = front_pod();
+        let whole = shop_services().map(|mut service| {
+            service.metadata.uid = Some("u".into());
+            service.metadata.resource_version = Some("3".into());
+            service.metadata.managed_fields = Some(vec![Default::default()]);
+            service.metadata.annotations = Some(BTreeMap::from([(
+                "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                "x".repeat(2048),
+            )]));
+            let spec = service.spec.get_or_insert_default();
+            spec.cluster_ip = Some("10.96.0.10".into());
+            spec.type_ = Some("ClusterIP".into());
+            for port in spec.ports.iter_mut().flatten() {
+                port.app_protocol = Some("http".into());
+            }
+            service.status = Some(Default::default());
+            service
+        });
+        let kept = whole.clone().map(|mut service| {
+            keep_selection(&mut service);
+            service
+        });
+        let exports = |services: &[Service]| exports_for(&pod, "shop", services, "cluster-a");
+        assert!(!exports(&whole).0.is_empty());
+        assert_eq!(exports(&kept), exports(&whole));
+        for service in &kept {
+            assert_eq!(service.metadata.uid.as_deref(), Some("u"));
+            assert_eq!(service.metadata.resource_version.as_deref(), Some("3"));
+            assert_eq!(service.metadata.annotations, None);
+            assert_eq!(service.metadata.managed_fields, None);
+            assert_eq!(service.status, None);
+            let spec = service.spec.as_ref().unwrap();
+            assert_eq!(spec.cluster_ip, None);
+            assert!(
+                spec.ports
+                    .iter()
+                    .flatten()
+                    .all(|p| p.app_protocol.is_none())
+            );
+        }
     }
 }

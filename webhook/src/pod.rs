@@ -11,6 +11,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde::Deserialize;
 
+use crate::caches::identity;
+
 /// A pod as injection and exports see it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct PodFacts {
@@ -136,14 +138,12 @@ impl From<&Pod> for PodFacts {
 /// reconciler's cache holds of an injected pod. The facts of what is left are the facts of the
 /// whole pod; managed fields, status, images, probes and the rest are gone.
 pub fn keep_facts(pod: &mut Pod) {
-    let meta = std::mem::take(&mut pod.metadata);
+    let mut meta = std::mem::take(&mut pod.metadata);
     pod.metadata = ObjectMeta {
-        name: meta.name,
-        generate_name: meta.generate_name,
-        namespace: meta.namespace,
-        labels: meta.labels,
-        annotations: meta.annotations,
-        owner_references: meta.owner_references.map(|owners| {
+        generate_name: meta.generate_name.take(),
+        labels: meta.labels.take(),
+        annotations: meta.annotations.take(),
+        owner_references: meta.owner_references.take().map(|owners| {
             owners
                 .into_iter()
                 .map(|o| OwnerReference {
@@ -152,10 +152,8 @@ pub fn keep_facts(pod: &mut Pod) {
                 })
                 .collect()
         }),
-        uid: meta.uid,
-        resource_version: meta.resource_version,
-        deletion_timestamp: meta.deletion_timestamp,
-        ..ObjectMeta::default()
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        ..identity(meta)
     };
     pod.status = None;
     let containers = |list: Vec<Container>| {

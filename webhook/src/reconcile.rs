@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
@@ -24,7 +23,7 @@ use servicekeel_api::ServiceList;
 use servicekeel_api::keys::{self, Direction};
 use tokio::sync::watch;
 
-use crate::caches::{Caches, ServiceEvents};
+use crate::caches::{Caches, ServiceEvents, identity};
 use crate::config::Config;
 use crate::exports::exports_for;
 use crate::inject::Status;
@@ -108,13 +107,7 @@ fn cached(pod: &mut Pod) {
     } else {
         let meta = std::mem::take(&mut pod.metadata);
         *pod = Pod {
-            metadata: ObjectMeta {
-                name: meta.name,
-                namespace: meta.namespace,
-                uid: meta.uid,
-                resource_version: meta.resource_version,
-                ..ObjectMeta::default()
-            },
+            metadata: identity(meta),
             ..Pod::default()
         };
     }
