@@ -193,8 +193,6 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// Decoding the JSON and converting the decoded `Pod` give the same facts, so admission
-    /// (which decodes) and the reconciler (which converts) see a pod alike.
     /// A pod with a value in every field the facts read, and in fields they do not.
     fn full_pod() -> serde_json::Value {
         json!({
@@ -218,6 +216,8 @@ mod tests {
         })
     }
 
+    /// Decoding the JSON and converting the decoded `Pod` give the same facts, so admission
+    /// (which decodes) and the reconciler (which converts) see a pod alike.
     #[test]
     fn decoded_and_converted_facts_agree() {
         let value = full_pod();
