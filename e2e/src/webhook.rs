@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use servicekeel_api::{defaults, keys};
-use servicekeel_webhook::inject::SidecarMode;
+use servicekeel_api::keys;
+use servicekeel_webhook::inject::{self, SidecarMode};
+use servicekeel_webhook::pod::PodFacts;
 
 use crate::paths;
 use crate::pki::Pki;
@@ -296,19 +297,10 @@ pub fn is_injected(pod: &Pod) -> bool {
 /// How the pod carries the sidecar: native, as an init container, or classic, as an app
 /// container; `None` without it.
 pub fn sidecar_mode(pod: &Pod) -> Option<SidecarMode> {
-    let spec = pod.spec.as_ref()?;
-    let has = |containers: &[Container]| {
-        containers
-            .iter()
-            .any(|c| c.name == defaults::SIDECAR_CONTAINER)
-    };
-    if has(spec.init_containers.as_deref().unwrap_or_default()) {
-        Some(SidecarMode::Native)
-    } else if has(&spec.containers) {
-        Some(SidecarMode::Classic)
-    } else {
-        None
-    }
+    PodFacts::from(pod)
+        .spec
+        .as_ref()
+        .and_then(inject::sidecar_mode)
 }
 
 /// The value of `series` (its name with any labels, as written) in the webhook's `/metrics`

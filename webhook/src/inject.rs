@@ -165,7 +165,7 @@ pub fn inject(
     if spec.host_network == Some(true) {
         return Ok(Injection::Skip(SkipReason::HostNetwork));
     }
-    if annotations.contains_key(keys::STATUS) || has_sidecar(spec) {
+    if annotations.contains_key(keys::STATUS) || sidecar_mode(spec).is_some() {
         return Ok(Injection::Skip(SkipReason::AlreadyInjected));
     }
 
@@ -301,13 +301,21 @@ fn opted_out(
     Ok(opted_out)
 }
 
-fn has_sidecar(spec: &Spec) -> bool {
+/// Where `spec` carries the sidecar, if it does: as an init container, the native sidecar; as an
+/// app container, the classic one.
+pub fn sidecar_mode(spec: &Spec) -> Option<SidecarMode> {
     let named = |containers: &[ContainerFacts]| {
         containers
             .iter()
             .any(|c| c.name == defaults::SIDECAR_CONTAINER)
     };
-    named(&spec.containers) || spec.init_containers.as_deref().is_some_and(named)
+    if spec.init_containers.as_deref().is_some_and(named) {
+        Some(SidecarMode::Native)
+    } else if named(&spec.containers) {
+        Some(SidecarMode::Classic)
+    } else {
+        None
+    }
 }
 
 /// The pod's own list for `direction` (canonical key first, then the alias), validated.
