@@ -91,7 +91,7 @@ pub fn exports_for<'a>(
 }
 
 /// The number of the container port called `name` with `protocol`.
-fn named_port(pod: &PodFacts, name: &str, protocol: Protocol) -> Option<u16> {
+pub fn named_port(pod: &PodFacts, name: &str, protocol: Protocol) -> Option<u16> {
     let spec = pod.spec.as_ref()?;
     spec.containers
         .iter()

@@ -16,9 +16,11 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
-use servicekeel_api::keys;
+use servicekeel_api::{Protocol, keys};
+use servicekeel_webhook::exports::named_port;
 use servicekeel_webhook::fixtures::first_pod;
 use servicekeel_webhook::inject::SidecarMode;
+use servicekeel_webhook::pod::PodFacts;
 use servicekeel_webhook::shape::is_token_volume;
 
 use crate::bench::webhook::{http1_client, review_fixture};
@@ -439,14 +441,8 @@ async fn webhook_replicas(client: &kube::Client) -> anyhow::Result<Vec<Pod>> {
 
 /// The port `pod` serves HTTPS on: its container port named `https`.
 fn https_port(pod: &Pod) -> anyhow::Result<u16> {
-    let port = pod
-        .spec
-        .iter()
-        .flat_map(|spec| &spec.containers)
-        .flat_map(|container| container.ports.iter().flatten())
-        .find(|port| port.name.as_deref() == Some("https"))
-        .context("the webhook replica has no port named https")?;
-    Ok(u16::try_from(port.container_port)?)
+    named_port(&PodFacts::from(pod), "https", Protocol::Tcp)
+        .context("the webhook replica has no TCP port named https")
 }
 
 impl Exchange {
