@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::{images, paths, process};
 
 pub mod baselines;
+pub mod caches;
 pub mod pods;
 pub mod webhook;
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -23,6 +23,7 @@ use servicekeel_webhook::inject::SidecarMode;
 use servicekeel_webhook::pod::PodFacts;
 use servicekeel_webhook::shape::is_token_volume;
 
+use crate::bench::caches::CacheMemory;
 use crate::bench::webhook::{http1_client, review_fixture};
 use crate::cluster::{NodeCluster, WEBHOOK_DEPLOYMENT};
 use crate::images::Profile;
@@ -156,7 +157,7 @@ impl PodBench {
                 .with_context(|| format!("cannot create namespace {}", kind.namespace()))?;
         }
         let prefilled = as_injected(&client).await?;
-        let running = webhook_replicas(&client).await?;
+        let running = running_pods(&client, Workload::Deployment(WEBHOOK_DEPLOYMENT)).await?;
         let first = running.first().context("no webhook replica is running")?;
         let address: std::net::IpAddr = first
             .status
@@ -164,7 +165,7 @@ impl PodBench {
             .and_then(|status| status.pod_ip.as_deref())
             .context("the webhook replica has no address")?
             .parse()?;
-        let port = https_port(first)?;
+        let port = named_container_port(first, "https", Protocol::Tcp)?;
         let exchange = Exchange::to(&client, (address, port).into()).await?;
         let replicas = running
             .into_iter()
@@ -292,6 +293,12 @@ impl PodBench {
         Ok(latencies)
     }
 
+    /// What the webhook's replicas and the node's router keep of the cluster's pods, measured
+    /// as [`CacheMemory::measure`] tells with `batch` pods of each kind.
+    pub async fn cache_memory(&self, batch: usize) -> anyhow::Result<CacheMemory> {
+        CacheMemory::measure(&self.client, batch).await
+    }
+
     /// Stops the cluster, gives the host back and removes its files.
     pub fn finish(self) {
         let PodBench { cluster, dir, .. } = self;
@@ -415,13 +422,28 @@ impl PodBench {
 }
 
 /// The webhook's running pods (those its Deployment selects), none of them an error.
-async fn webhook_replicas(client: &kube::Client) -> anyhow::Result<Vec<Pod>> {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-    let deployment = deployments.get(WEBHOOK_DEPLOYMENT).await?;
-    let selector = deployment
-        .spec
-        .and_then(|spec| spec.selector.match_labels)
-        .context("the webhook's Deployment selects by no labels")?
+/// A workload of ServiceKeel's, in its namespace, by name.
+#[derive(Debug, Clone, Copy)]
+pub enum Workload {
+    Deployment(&'static str),
+    DaemonSet(&'static str),
+}
+
+/// The running pods of `workload`, selected by its selector's labels.
+pub async fn running_pods(client: &kube::Client, workload: Workload) -> anyhow::Result<Vec<Pod>> {
+    let labels = match workload {
+        Workload::Deployment(name) => {
+            let deployments: Api<Deployment> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+            deployments.get(name).await?.spec.map(|spec| spec.selector)
+        }
+        Workload::DaemonSet(name) => {
+            let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+            daemon_sets.get(name).await?.spec.map(|spec| spec.selector)
+        }
+    }
+    .and_then(|selector| selector.match_labels)
+    .with_context(|| format!("{workload:?} selects by no labels"))?;
+    let selector = labels
         .iter()
         .map(|(key, value)| format!("{key}={value}"))
         .collect::<Vec<_>>()
@@ -434,15 +456,16 @@ async fn webhook_replicas(client: &kube::Client) -> anyhow::Result<Vec<Pod>> {
         .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .collect();
     if running.is_empty() {
-        bail!("no webhook replica is running");
+        bail!("no pod of {workload:?} is running");
     }
     Ok(running)
 }
 
-/// The port `pod` serves HTTPS on: its container port named `https`.
-fn https_port(pod: &Pod) -> anyhow::Result<u16> {
-    named_port(&PodFacts::from(pod), "https", Protocol::Tcp)
-        .context("the webhook replica has no TCP port named https")
+/// The number of `pod`'s container port named `name`, of `protocol`.
+pub fn named_container_port(pod: &Pod, name: &str, protocol: Protocol) -> anyhow::Result<u16> {
+    let pod_name = pod.metadata.name.as_deref().unwrap_or_default();
+    named_port(&PodFacts::from(pod), name, protocol)
+        .with_context(|| format!("pod {pod_name} has no {protocol} port named {name}"))
 }
 
 impl Exchange {
@@ -555,38 +578,54 @@ impl Totals {
     /// of `labels` with its value (a missing label counts as empty, as Prometheus reads it).
     pub fn of(text: &str, metric: &str, labels: &[(&str, &str)]) -> Totals {
         let mut totals = Totals::default();
-        for line in text.lines() {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let (name, series_labels) = series.split_once('{').unwrap_or((series, "}"));
-            let series_labels = series_labels.strip_suffix('}').unwrap_or(series_labels);
-            let label = |key: &str| {
-                series_labels
-                    .split("\",")
-                    .filter_map(|pair| pair.split_once("=\""))
-                    .find(|(k, _)| *k == key)
-                    .map_or("", |(_, v)| v.trim_end_matches('"'))
-            };
-            if !labels.iter().all(|(key, wanted)| label(key) == *wanted) {
-                continue;
-            }
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            match name.strip_prefix(metric) {
-                Some("_count") => totals.count += value as u64,
-                Some("_sum") => totals.seconds += value,
+        for (suffix, value) in series(text, metric, labels) {
+            match suffix {
+                "_count" => totals.count += value as u64,
+                "_sum" => totals.seconds += value,
                 _ => {}
             }
         }
         totals
     }
 
+    /// The value of the gauge `metric`, without labels, in the Prometheus text `text`; none
+    /// where `text` has no such series.
+    pub fn gauge(text: &str, metric: &str) -> Option<f64> {
+        series(text, metric, &[])
+            .find(|(suffix, _)| suffix.is_empty())
+            .map(|(_, value)| value)
+    }
+
     /// Mean milliseconds per `per` (the pods of a batch, say).
     pub fn ms_per(self, per: u64) -> f64 {
         self.seconds * 1e3 / per.max(1) as f64
     }
+}
+
+/// The series of the Prometheus text `text` whose names start with `metric` and whose labels
+/// include each of `labels` with its value (a missing label counts as empty, as Prometheus
+/// reads it): the rest of each name (`_sum`, `_count`, or nothing) and its value.
+fn series<'a>(
+    text: &'a str,
+    metric: &'a str,
+    labels: &'a [(&str, &str)],
+) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    text.lines().filter_map(move |line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (name, series_labels) = series.split_once('{').unwrap_or((series, "}"));
+        let series_labels = series_labels.strip_suffix('}').unwrap_or(series_labels);
+        let label = |key: &str| {
+            series_labels
+                .split("\",")
+                .filter_map(|pair| pair.split_once("=\""))
+                .find(|(k, _)| *k == key)
+                .map_or("", |(_, v)| v.trim_end_matches('"'))
+        };
+        if !labels.iter().all(|(key, wanted)| label(key) == *wanted) {
+            return None;
+        }
+        Some((name.strip_prefix(metric)?, value.parse::<f64>().ok()?))
+    })
 }
 
 impl std::ops::AddAssign for Totals {
@@ -707,9 +746,9 @@ mod tests {
         assert!(stored_as_asked(Kind::Plain, &classic).is_err());
     }
 
-    /// The replica's HTTPS port is its container port named `https`, whatever its other ports.
+    /// A pod's port is its container port of that name, whatever its other ports.
     #[test]
-    fn the_https_port_is_found_by_its_name() {
+    fn a_container_port_is_found_by_its_name() {
         let pod = |ports: serde_json::Value| -> Pod {
             serde_json::from_value(json!({
                 "metadata": {"name": "w"},
@@ -721,9 +760,19 @@ mod tests {
             {"name": "metrics", "containerPort": 9090},
             {"name": "https", "containerPort": 8443},
         ]));
-        assert_eq!(https_port(&served).expect("a port"), 8443);
+        let https = |pod: &Pod| named_container_port(pod, "https", Protocol::Tcp);
+        assert_eq!(https(&served).expect("a port"), 8443);
+        assert_eq!(
+            named_container_port(&served, "metrics", Protocol::Tcp).expect("a port"),
+            9090
+        );
+        assert!(named_container_port(&served, "https", Protocol::Udp).is_err());
         let unnamed = pod(json!([{"containerPort": 8443}]));
-        assert!(https_port(&unnamed).is_err());
+        let error = https(&unnamed).expect_err("no port named https");
+        assert!(
+            error.to_string().contains("no TCP port named https"),
+            "{error}"
+        );
     }
 
     /// A metric's series are summed where every wanted label has its value (a label a series
@@ -779,6 +828,29 @@ apiserver_request_duration_seconds_count 4
         );
         assert_eq!(none, Totals::default());
         assert_eq!(none.ms_per(0), 0.0);
+    }
+
+    /// A gauge is read from its series without labels and its own name, not from a longer
+    /// name that starts with it, nor from its help and type lines.
+    #[test]
+    fn a_gauge_is_read_from_its_own_series() {
+        let text = "# HELP servicekeel_router_registry_entries Entries in the registry.
+# TYPE servicekeel_router_registry_entries gauge
+servicekeel_router_registry_entries_total 7
+servicekeel_router_registry_entries 2000
+servicekeel_router_registry_entries_limit 65536
+# EOF
+";
+        assert_eq!(
+            Totals::gauge(text, "servicekeel_router_registry_entries"),
+            Some(2000.0)
+        );
+        assert_eq!(Totals::gauge(text, "servicekeel_router_flows"), None);
+        let not_a_number = "servicekeel_router_registry_entries many\n";
+        assert_eq!(
+            Totals::gauge(not_a_number, "servicekeel_router_registry_entries"),
+            None
+        );
     }
 
     /// A batch's measures are what its later reading adds to its earlier one, and batches of a

@@ -589,9 +589,13 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
             cand,
         });
     }
+    call_note.push_str(&pods.cache_memory(CACHED_PODS).await?.render());
     pods.finish();
     Ok(call_note)
 }
+
+/// Pods of each kind added to the cluster for what the webhook and the router keep of it.
+const CACHED_PODS: usize = 2000;
 
 /// Creates per batch of the pod creation rows.
 const POD_BATCH: usize = 20;
