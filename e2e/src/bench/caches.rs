@@ -73,9 +73,14 @@ impl CacheMemory {
     /// cluster of `client`, whose node is this host, reading the webhook replicas and the
     /// router before and after each batch; takes them away again.
     pub async fn measure(client: &kube::Client, batch: usize) -> anyhow::Result<CacheMemory> {
-        add_node(client).await?;
-        let heartbeat = tokio::spawn(heartbeat(client.clone()));
-        let measured = Self::measure_with_node(client, batch).await;
+        // Ready since now, as its kubelet would report it.
+        let since = Timestamp::now();
+        let heartbeat = tokio::spawn(heartbeat(client.clone(), since));
+        let measured = async {
+            add_node(client, since).await?;
+            Self::measure_with_node(client, batch).await
+        }
+        .await;
         heartbeat.abort();
         let removed = remove(client).await;
         let measured = measured?;
@@ -266,7 +271,7 @@ impl Router {
 }
 
 /// Creates the Node the pods are bound to; [`remove`] deletes it.
-async fn add_node(client: &kube::Client) -> anyhow::Result<()> {
+async fn add_node(client: &kube::Client, since: Timestamp) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node: Node = serde_json::from_value(json!({
         "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
@@ -277,28 +282,30 @@ async fn add_node(client: &kube::Client) -> anyhow::Result<()> {
         .create(&PostParams::default(), &node)
         .await
         .with_context(|| format!("cannot create node {NODE}"))?;
-    renew(&nodes).await
+    renew(&nodes, since).await
 }
 
 /// Keeps the Node Ready until aborted.
-async fn heartbeat(client: kube::Client) {
+async fn heartbeat(client: kube::Client, since: Timestamp) {
     let nodes: Api<Node> = Api::all(client);
     loop {
         tokio::time::sleep(HEARTBEAT).await;
-        if let Err(error) = renew(&nodes).await {
+        if let Err(error) = renew(&nodes, since).await {
             tracing::warn!(%error, "cannot renew the status of node {NODE}");
         }
     }
 }
 
-/// The Node's status as a kubelet reports it: Ready now, its one address its name.
-async fn renew(nodes: &Api<Node>) -> anyhow::Result<()> {
+/// The Node's status as a kubelet reports it: Ready since `since`, seen now, its one address
+/// its name.
+async fn renew(nodes: &Api<Node>, since: Timestamp) -> anyhow::Result<()> {
     let now = serde_json::to_value(Time(Timestamp::now()))?;
+    let since = serde_json::to_value(Time(since))?;
     let status = json!({"status": {
         "addresses": [{"type": "Hostname", "address": NODE}],
         "conditions": [{
             "type": "Ready", "status": "True", "reason": "KubeletReady",
-            "lastHeartbeatTime": now, "lastTransitionTime": now,
+            "lastHeartbeatTime": now, "lastTransitionTime": since,
         }],
         "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
         "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
