@@ -117,6 +117,9 @@ impl CacheMemory {
         tokio::time::sleep(SETTLE).await;
         read(&mut processes, 2)?;
         let after = router.entries().await?;
+        if after != exporting {
+            bail!("the router serves {after} endpoints after the plain pods, not {exporting}");
+        }
         Ok(CacheMemory {
             batch,
             processes,
@@ -135,7 +138,8 @@ impl CacheMemory {
              service (`{exported}`, one of {SERVICES} services each), then {batch} plain pods, \
              in a namespace not labelled for injection, bound to a Node no kubelet runs (the \
              benchmark keeps it Ready; it has no address a router dials), their status set \
-             Running and Ready; each read {settle} s after its batch was created. Each pod has \
+             Running and Ready; each read {settle} s after its batch was created (the exporting \
+             pods' once the router served them all). Each pod has \
              one container with eight variables, a port, probes and resources. The router \
              served {} endpoints before the pods, {} after the exporting ones and {} after the \
              plain ones.\n\n\

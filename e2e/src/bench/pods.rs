@@ -421,7 +421,6 @@ impl PodBench {
     }
 }
 
-/// The webhook's running pods (those its Deployment selects), none of them an error.
 /// A workload of ServiceKeel's, in its namespace, by name.
 #[derive(Debug, Clone, Copy)]
 pub enum Workload {
@@ -429,20 +428,37 @@ pub enum Workload {
     DaemonSet(&'static str),
 }
 
-/// The running pods of `workload`, selected by its selector's labels.
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workload::Deployment(name) => write!(f, "Deployment {SYSTEM_NAMESPACE}/{name}"),
+            Workload::DaemonSet(name) => write!(f, "DaemonSet {SYSTEM_NAMESPACE}/{name}"),
+        }
+    }
+}
+
+/// The running pods of `workload` (those its selector's labels select), none of them an error.
 pub async fn running_pods(client: &kube::Client, workload: Workload) -> anyhow::Result<Vec<Pod>> {
     let labels = match workload {
         Workload::Deployment(name) => {
             let deployments: Api<Deployment> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-            deployments.get(name).await?.spec.map(|spec| spec.selector)
+            let deployment = deployments.get(name).await;
+            deployment
+                .with_context(|| format!("cannot read {workload}"))?
+                .spec
+                .map(|spec| spec.selector)
         }
         Workload::DaemonSet(name) => {
             let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-            daemon_sets.get(name).await?.spec.map(|spec| spec.selector)
+            let daemon_set = daemon_sets.get(name).await;
+            daemon_set
+                .with_context(|| format!("cannot read {workload}"))?
+                .spec
+                .map(|spec| spec.selector)
         }
     }
     .and_then(|selector| selector.match_labels)
-    .with_context(|| format!("{workload:?} selects by no labels"))?;
+    .with_context(|| format!("{workload} selects by no labels"))?;
     let selector = labels
         .iter()
         .map(|(key, value)| format!("{key}={value}"))
@@ -456,7 +472,7 @@ pub async fn running_pods(client: &kube::Client, workload: Workload) -> anyhow::
         .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .collect();
     if running.is_empty() {
-        bail!("no pod of {workload:?} is running");
+        bail!("no pod of {workload} is running");
     }
     Ok(running)
 }
