@@ -191,33 +191,14 @@ async fn watched(client: &kube::Client) -> anyhow::Result<Vec<Watched>> {
                 .map(|quantity| quantity.0.clone());
             watched.push(Watched {
                 what: format!("{what} `{name}`"),
-                pid: process_of(&uid).with_context(|| format!("no process of {what} {name}"))?,
+                pid: crate::node::pod_process(&uid, "servicekeel-")
+                    .with_context(|| format!("no process of {what} {name} on this host"))?,
                 limit,
                 rss: [0; 3],
             });
         }
     }
     Ok(watched)
-}
-
-/// The process of ServiceKeel's in the pod whose uid is `uid`, found by its cgroup (the
-/// kubelet names a pod's cgroup after its uid).
-fn process_of(uid: &str) -> anyhow::Result<u32> {
-    let cgroup = format!("pod{uid}");
-    let found: Vec<u32> = crate::node::processes()
-        .into_iter()
-        .filter(|(_, cmdline)| cmdline.contains("servicekeel-"))
-        .filter(|(pid, _)| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                .is_ok_and(|text| text.contains(&cgroup))
-        })
-        .map(|(pid, _)| pid)
-        .collect();
-    match found.as_slice() {
-        [pid] => Ok(*pid),
-        [] => bail!("no process is in cgroup {cgroup}"),
-        more => bail!("{} processes are in cgroup {cgroup}: {more:?}", more.len()),
-    }
 }
 
 /// The node's router, read through the apiserver's proxy to its admin port.
