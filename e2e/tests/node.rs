@@ -20,6 +20,7 @@ use kube::api::{Api, ListParams};
 use libtest_mimic::Arguments;
 use serde_json::{Value, json};
 use servicekeel_api::{defaults, http, keys};
+use servicekeel_e2e::bench::caches::{self, CacheMemory, Role};
 use servicekeel_e2e::cluster::{NodeCluster, pods_report};
 use servicekeel_e2e::demo::{self, CLIENT, NAMESPACE};
 use servicekeel_e2e::harness::{self, Test};
@@ -72,6 +73,10 @@ fn main() -> ExitCode {
         (
             "pod_creations_succeed_when_retried_with_backoff_while_a_webhook_replica_is_killed",
             |s| Box::pin(webhook_replica_killed(s)),
+        ),
+        (
+            "the_webhook_and_the_router_keep_a_few_kilobytes_of_each_pod_they_do_not_serve",
+            |s| Box::pin(caches_stay_small(s)),
         ),
         (
             "traffic_flows_with_the_api_server_down_and_a_router_restarted_from_its_snapshot",
@@ -856,6 +861,69 @@ async fn webhook_replica_killed(shared: Arc<Shared>) -> anyhow::Result<()> {
         failures[0]
     );
     ensure!(created > 0, "no pod was created");
+    Ok(())
+}
+
+/// Pods of each kind the cache test adds: running pods exporting a service, then plain ones.
+const CACHED_PODS: usize = 500;
+
+/// Bytes of resident memory a process may gain per pod added to the cluster that it does not
+/// serve. Keeping only what they read, the webhook's replicas gained 3.4-3.8 kB a pod and the
+/// router 6.8 kB in the benchmark (`BENCHMARKS.md`); keeping whole pods, measured the same way
+/// by hand, a replica gained about 40 kB a pod and a router about 45 kB.
+const WEBHOOK_BYTES_PER_POD: f64 = 15e3;
+const ROUTER_BYTES_PER_POD: f64 = 20e3;
+
+/// The webhook's replicas and the node's router watch every pod of the cluster; what they
+/// keep of pods they do not serve (running pods in a namespace not labelled for injection,
+/// on another node, half of them exporting a service) stays a few kilobytes a pod.
+async fn caches_stay_small(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let measured = CacheMemory::measure(&shared.client, CACHED_PODS).await?;
+    eprintln!("{}", measured.render());
+    // The cluster left as found: no Node of the test's, no pod placed on it.
+    let nodes: Api<Node> = Api::all(shared.client.clone());
+    ensure!(
+        nodes.get_opt(caches::NODE).await?.is_none(),
+        "node {} is still there",
+        caches::NODE
+    );
+    let on_node = ListParams::default().fields(&format!("spec.nodeName={}", caches::NODE));
+    let left = Api::<Pod>::all(shared.client.clone())
+        .list(&on_node)
+        .await?;
+    ensure!(
+        left.items.is_empty(),
+        "pods are still bound to node {}: {:?}",
+        caches::NODE,
+        left.items
+            .iter()
+            .map(|p| p.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        measured.processes.iter().any(|p| p.role == Role::Router)
+            && measured
+                .processes
+                .iter()
+                .any(|p| p.role == Role::WebhookReplica),
+        "not every process was read: {:?}",
+        measured.processes
+    );
+    for process in &measured.processes {
+        let bound = match process.role {
+            Role::WebhookReplica => WEBHOOK_BYTES_PER_POD,
+            Role::Router => ROUTER_BYTES_PER_POD,
+        };
+        let per_pod = process.per_pod_added(CACHED_PODS);
+        ensure!(
+            per_pod <= bound,
+            "{} {} gained {:.1} kB a pod added, more than {:.1} kB",
+            process.role,
+            process.pod,
+            per_pod / 1e3,
+            bound / 1e3
+        );
+    }
     Ok(())
 }
 

@@ -7,7 +7,9 @@
 //! benchmark's own that no kubelet runs: the benchmark keeps its status Ready, and gives it no
 //! address a router would dial. Their status is set Running and Ready, as a kubelet would, so
 //! that the router takes those exporting a service as endpoints. Their addresses are from
-//! 198.18.0.0/15, the range set aside for benchmarks; nothing is sent to them.
+//! 198.18.0.0/15, the range set aside for benchmarks; nothing is sent to them. The router's
+//! DaemonSet places a pod on that Node too, as on every node; it stays Pending, and goes with
+//! the Node.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -28,7 +30,7 @@ use crate::webhook::SYSTEM_NAMESPACE;
 /// The namespace of the pods added.
 const NAMESPACE: &str = "bench-cached";
 /// The Node they are bound to.
-const NODE: &str = "bench-elsewhere";
+pub const NODE: &str = "bench-elsewhere";
 /// The exporting pods export one of this many services each, in turn.
 const SERVICES: usize = 50;
 /// Creates in flight at once.
@@ -56,16 +58,41 @@ pub struct CacheMemory {
     pub entries: [u64; 3],
 }
 
+/// Which of ServiceKeel's processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    WebhookReplica,
+    Router,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::WebhookReplica => "webhook replica",
+            Role::Router => "router",
+        })
+    }
+}
+
 /// One process read.
 #[derive(Debug)]
 pub struct Watched {
-    /// What it is, and its pod.
-    pub what: String,
+    pub role: Role,
+    /// Its pod's name.
+    pub pod: String,
     pub pid: u32,
     /// Its container's memory limit, as the manifest gives it.
     pub limit: Option<String>,
     /// VmRSS in bytes: before the pods, after the exporting ones, after the plain ones.
     pub rss: [u64; 3],
+}
+
+impl Watched {
+    /// Bytes of resident memory it gained per pod added, over the `batch` of each kind.
+    pub fn per_pod_added(&self, batch: usize) -> f64 {
+        let [before, _, plain] = self.rss;
+        (plain as f64 - before as f64) / (2 * batch).max(1) as f64
+    }
 }
 
 impl CacheMemory {
@@ -102,7 +129,7 @@ impl CacheMemory {
         let read = |processes: &mut Vec<Watched>, step: usize| -> anyhow::Result<()> {
             for process in processes {
                 process.rss[step] = crate::bench::rss_of(process.pid)
-                    .with_context(|| format!("{} is gone", process.what))?;
+                    .with_context(|| format!("{} {} is gone", process.role, process.pod))?;
             }
             Ok(())
         };
@@ -153,14 +180,14 @@ impl CacheMemory {
         );
         for process in &self.processes {
             let [before, exporting, plain] = process.rss;
-            let per_pod = (plain as f64 - before as f64) / (2 * batch).max(1) as f64;
             out.push_str(&format!(
-                "| {} | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} kB | {} |\n",
-                process.what,
+                "| {} `{}` | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} kB | {} |\n",
+                process.role,
+                process.pod,
                 mb(before),
                 mb(exporting),
                 mb(plain),
-                per_pod / 1e3,
+                process.per_pod_added(batch) / 1e3,
                 process.limit.as_deref().unwrap_or("none"),
             ));
         }
@@ -171,9 +198,12 @@ impl CacheMemory {
 /// The webhook's running replicas and the router's pods, each with its process on this host.
 async fn watched(client: &kube::Client) -> anyhow::Result<Vec<Watched>> {
     let mut watched = Vec::new();
-    for (what, workload) in [
-        ("webhook replica", Workload::Deployment(WEBHOOK_DEPLOYMENT)),
-        ("router", Workload::DaemonSet(ROUTER_DAEMON_SET)),
+    for (role, workload) in [
+        (
+            Role::WebhookReplica,
+            Workload::Deployment(WEBHOOK_DEPLOYMENT),
+        ),
+        (Role::Router, Workload::DaemonSet(ROUTER_DAEMON_SET)),
     ] {
         for pod in running_pods(client, workload).await? {
             let name = pod.metadata.name.clone().unwrap_or_default();
@@ -190,9 +220,10 @@ async fn watched(client: &kube::Client) -> anyhow::Result<Vec<Watched>> {
                 .and_then(|limits| limits.get("memory"))
                 .map(|quantity| quantity.0.clone());
             watched.push(Watched {
-                what: format!("{what} `{name}`"),
+                role,
                 pid: crate::node::pod_process(&uid, "servicekeel-")
-                    .with_context(|| format!("no process of {what} {name} on this host"))?,
+                    .with_context(|| format!("no process of {role} {name} on this host"))?,
+                pod: name,
                 limit,
                 rss: [0; 3],
             });
@@ -400,7 +431,8 @@ fn added_pod(number: usize, exporting: bool) -> anyhow::Result<(Pod, serde_json:
     Ok((pod, status))
 }
 
-/// Deletes the pods at once (no kubelet would confirm them gone), their namespace and the Node.
+/// Deletes the pods at once (no kubelet would confirm them gone), their namespace, the Node and
+/// what daemon sets placed on it, and waits for the namespace to go.
 async fn remove(client: &kube::Client) -> anyhow::Result<()> {
     let now = DeleteParams {
         grace_period_seconds: Some(0),
@@ -412,9 +444,12 @@ async fn remove(client: &kube::Client) -> anyhow::Result<()> {
     let namespace_gone = namespaces.delete(NAMESPACE, &DeleteParams::default()).await;
     let nodes: Api<Node> = Api::all(client.clone());
     let node_gone = nodes.delete(NODE, &DeleteParams::default()).await;
+    // After the Node, so that no daemon set places them again.
+    let placed_gone = remove_placed(client, &now).await;
     pods_gone.context("cannot delete the pods added")?;
     namespace_gone.with_context(|| format!("cannot delete namespace {NAMESPACE}"))?;
     node_gone.with_context(|| format!("cannot delete node {NODE}"))?;
+    placed_gone?;
     // The cluster left as it was found: the namespace gone, not terminating.
     let started = Instant::now();
     while namespaces.get_opt(NAMESPACE).await?.is_some() {
@@ -425,6 +460,28 @@ async fn remove(client: &kube::Client) -> anyhow::Result<()> {
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+/// Deletes, `now`, the pods daemon sets placed on the Node (the router's DaemonSet places one
+/// on every node, whatever its taints; there it stays Pending).
+async fn remove_placed(client: &kube::Client, now: &DeleteParams) -> anyhow::Result<()> {
+    let all: Api<Pod> = Api::all(client.clone());
+    let on_node = ListParams::default().fields(&format!("spec.nodeName={NODE}"));
+    for pod in all.list(&on_node).await?.items {
+        let (Some(name), Some(namespace)) = (pod.metadata.name, pod.metadata.namespace) else {
+            continue;
+        };
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        match pods.delete(&name, now).await {
+            // Gone already, as the added pods are.
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("cannot delete pod {namespace}/{name}"));
+            }
+        }
     }
     Ok(())
 }
@@ -455,5 +512,22 @@ mod tests {
                 .contains_key(keys::EXPORTED_SERVICES)
         );
         assert_eq!(status["status"]["podIP"], "198.18.1.45");
+    }
+
+    /// What a process gained is spread over both batches, and a process that gave memory back
+    /// gained less than nothing.
+    #[test]
+    fn memory_per_pod_is_over_both_batches() {
+        let process = |rss| Watched {
+            role: Role::Router,
+            pod: "r".into(),
+            pid: 1,
+            limit: None,
+            rss,
+        };
+        let grew = process([10_000_000, 15_000_000, 17_000_000]);
+        assert_eq!(grew.per_pod_added(1000), 3500.0);
+        let shrank = process([10_000_000, 9_000_000, 9_000_000]);
+        assert_eq!(shrank.per_pod_added(500), -1000.0);
     }
 }
