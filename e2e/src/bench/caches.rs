@@ -40,7 +40,8 @@ const WORKERS: usize = 8;
 /// the processes 10 to 25 s.
 const SETTLE: Duration = Duration::from_secs(10);
 /// How often the benchmark renews its Node's Ready condition (the node controller takes a
-/// Node whose status is not renewed for 40 s for unreachable).
+/// Node whose status is not renewed within its grace period, 50 s by default since Kubernetes
+/// 1.32 and 40 s before, for unreachable).
 const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How long the namespace may take to go once deleted.
 const GONE_TIMEOUT: Duration = Duration::from_secs(120);
