@@ -589,7 +589,18 @@ async fn pod_rows(rows: &mut Vec<Row>, pairs: usize) -> anyhow::Result<String> {
             cand,
         });
     }
-    call_note.push_str(&pods.cache_memory(CACHED_PODS).await?.render());
+    // Last, and not worth the rows above if it fails: the report says so instead.
+    match pods.cache_memory(CACHED_PODS).await {
+        Ok(measured) => call_note.push_str(&measured.render()),
+        Err(error) => {
+            eprintln!("what the webhook and the router keep was not measured: {error:#}");
+            let _ = write!(
+                call_note,
+                "\nWhat the webhook and the router keep of the cluster's pods was not measured \
+                 in this run: {error:#}.\n"
+            );
+        }
+    }
     pods.finish();
     Ok(call_note)
 }
