@@ -19,7 +19,7 @@ pub const FORMAT: u32 = 1;
 /// Quiet time after a change before the snapshot is written.
 pub const DEBOUNCE: Duration = Duration::from_millis(500);
 /// File name inside the state directory.
-pub const FILE_NAME: &str = "registry.json";
+pub const FILE_NAME: &str = servicekeel_api::defaults::ROUTER_SNAPSHOT_FILE;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct File {

@@ -12,6 +12,7 @@
 //! the Node.
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,11 +22,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
+use servicekeel_api::defaults::{ROUTER_SNAPSHOT_FILE, ROUTER_STATE_DIR};
 use servicekeel_api::{Protocol, Service, ServiceList, ServicePort, TargetPort, keys};
 
-use crate::bench::pods::{Totals, Workload, named_container_port, running_pods};
+use crate::bench::pods::{Workload, running_pods};
 use crate::cluster::{ROUTER_DAEMON_SET, WEBHOOK_DEPLOYMENT};
-use crate::webhook::SYSTEM_NAMESPACE;
 
 /// The namespace of the pods added.
 const NAMESPACE: &str = "bench-cached";
@@ -55,7 +56,7 @@ pub struct CacheMemory {
     /// Pods per batch: first that many exporting a service, then as many plain.
     pub batch: usize,
     pub processes: Vec<Watched>,
-    /// The router's registry entries before the pods and after each batch.
+    /// The router's endpoints on [`NODE`] before the pods and after each batch.
     pub entries: [u64; 3],
 }
 
@@ -126,7 +127,7 @@ impl CacheMemory {
             .await
             .with_context(|| format!("cannot create namespace {NAMESPACE}"))?;
         let mut processes = watched(client).await?;
-        let router = Router::of(client).await?;
+        let router = Router::of(&processes)?;
         let read = |processes: &mut Vec<Watched>, step: usize| -> anyhow::Result<()> {
             for process in processes {
                 process.rss[step] = crate::bench::rss_of(process.pid)
@@ -136,7 +137,7 @@ impl CacheMemory {
         };
         tokio::time::sleep(SETTLE).await;
         read(&mut processes, 0)?;
-        let before = router.entries().await?;
+        let before = router.entries()?;
         add_pods(client, 0..batch, true).await?;
         let exporting = router.wait_for(before + batch as u64).await?;
         tokio::time::sleep(SETTLE).await;
@@ -144,9 +145,12 @@ impl CacheMemory {
         add_pods(client, batch..2 * batch, false).await?;
         tokio::time::sleep(SETTLE).await;
         read(&mut processes, 2)?;
-        let after = router.entries().await?;
+        let after = router.entries()?;
         if after != exporting {
-            bail!("the router serves {after} endpoints after the plain pods, not {exporting}");
+            bail!(
+                "the router serves {after} endpoints on node {NODE} after the plain pods, not \
+                 {exporting}"
+            );
         }
         Ok(CacheMemory {
             batch,
@@ -168,9 +172,9 @@ impl CacheMemory {
              benchmark keeps it Ready; it has no address a router dials), their status set \
              Running and Ready; each read {settle} s after its batch was created (the exporting \
              pods' once the router served them all). Each pod has \
-             one container with eight variables, a port, probes and resources. The router \
-             served {} endpoints before the pods, {} after the exporting ones and {} after the \
-             plain ones.\n\n\
+             one container with eight variables, a port, probes and resources. The router's \
+             registry snapshot listed {} endpoints on that Node before the pods, {} after the \
+             exporting ones and {} after the plain ones.\n\n\
              | process | before | + {batch} pods exporting a service | + {batch} plain pods | \
              per pod added | memory limit |\n|---|---|---|---|---|---|\n",
             self.entries[0],
@@ -233,58 +237,72 @@ async fn watched(client: &kube::Client) -> anyhow::Result<Vec<Watched>> {
     Ok(watched)
 }
 
-/// The node's router, read through the apiserver's proxy to its admin port.
+/// The node's router, read through its registry snapshot: the endpoints it serves, written
+/// half a second after they change, each with the node it is on.
 struct Router {
-    client: kube::Client,
-    metrics: String,
+    snapshot: PathBuf,
 }
 
 impl Router {
-    async fn of(client: &kube::Client) -> anyhow::Result<Router> {
-        let pods = running_pods(client, Workload::DaemonSet(ROUTER_DAEMON_SET)).await?;
-        let [pod] = pods.as_slice() else {
-            bail!("{} router pods run, not one", pods.len());
+    /// The router among `processes`, its state directory seen through its process's root.
+    fn of(processes: &[Watched]) -> anyhow::Result<Router> {
+        let routers: Vec<&Watched> = processes
+            .iter()
+            .filter(|process| process.role == Role::Router)
+            .collect();
+        let [router] = routers.as_slice() else {
+            bail!("{} router pods run, not one", routers.len());
         };
-        let name = pod.metadata.name.as_deref().unwrap_or_default();
-        let port = named_container_port(pod, "admin", Protocol::Tcp)?;
         Ok(Router {
-            client: client.clone(),
-            metrics: format!(
-                "/api/v1/namespaces/{SYSTEM_NAMESPACE}/pods/http:{name}:{port}/proxy/metrics"
-            ),
+            snapshot: PathBuf::from(format!(
+                "/proc/{}/root{ROUTER_STATE_DIR}/{ROUTER_SNAPSHOT_FILE}",
+                router.pid
+            )),
         })
     }
 
-    /// How many endpoints the router serves (`servicekeel_router_registry_entries`).
-    async fn entries(&self) -> anyhow::Result<u64> {
-        let request = http::Request::get(&self.metrics).body(Vec::new())?;
-        let text = self
-            .client
-            .request_text(request)
-            .await
-            .context("the router's metrics")?;
-        Totals::gauge(&text, "servicekeel_router_registry_entries")
-            .map(|value| value as u64)
-            .context("the router's metrics have no servicekeel_router_registry_entries")
+    /// How many endpoints on [`NODE`] the router serves; none before it wrote a snapshot.
+    fn entries(&self) -> anyhow::Result<u64> {
+        let text = match std::fs::read(&self.snapshot) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(error) => {
+                return Err(error)
+                    .with_context(|| format!("cannot read {}", self.snapshot.display()));
+            }
+        };
+        let snapshot: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not JSON", self.snapshot.display()))?;
+        on_node(&snapshot).with_context(|| format!("in {}", self.snapshot.display()))
     }
 
-    /// Waits until the router serves `wanted` endpoints; how many it serves then.
+    /// Waits until the router serves `wanted` endpoints on [`NODE`]; how many it serves then.
     async fn wait_for(&self, wanted: u64) -> anyhow::Result<u64> {
         let started = Instant::now();
         loop {
-            let entries = self.entries().await?;
+            let entries = self.entries()?;
             if entries == wanted {
                 return Ok(entries);
             }
             if started.elapsed() > ENTRIES_TIMEOUT {
                 bail!(
-                    "the router serves {entries} endpoints after {} s, not {wanted}",
-                    ENTRIES_TIMEOUT.as_secs()
+                    "the router serves {entries} endpoints on node {NODE} after {} s, not \
+                     {wanted} (read from {})",
+                    ENTRIES_TIMEOUT.as_secs(),
+                    self.snapshot.display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// The entries on [`NODE`] in a registry snapshot: `{"entries": [{"node": …, …}, …], …}`.
+fn on_node(snapshot: &serde_json::Value) -> anyhow::Result<u64> {
+    let entries = snapshot["entries"]
+        .as_array()
+        .context("the snapshot has no list of entries")?;
+    Ok(entries.iter().filter(|entry| entry["node"] == NODE).count() as u64)
 }
 
 /// Creates the Node the pods are bound to; [`remove`] deletes it.
@@ -513,6 +531,20 @@ mod tests {
                 .contains_key(keys::EXPORTED_SERVICES)
         );
         assert_eq!(status["status"]["podIP"], "198.18.1.45");
+    }
+
+    /// Of a registry snapshot, only the endpoints on the benchmark's Node are counted; a file
+    /// without a list of entries is an error, not none.
+    #[test]
+    fn endpoints_on_the_node_are_counted_from_the_snapshot() {
+        let snapshot = json!({"format": 1, "saved": 1, "entries": [
+            {"target": "app-1.bench-cached.default:80/TCP", "addr": "198.18.0.2:8080", "node": NODE, "ready": true},
+            {"target": "echo.demo.default:80/TCP", "addr": "10.244.0.9:8080", "node": "servicekeel-node", "ready": true},
+            {"target": "app-2.bench-cached.default:80/TCP", "addr": "198.18.0.3:8080", "node": NODE, "ready": false},
+        ]});
+        assert_eq!(on_node(&snapshot).unwrap(), 2);
+        assert_eq!(on_node(&json!({"format": 1, "entries": []})).unwrap(), 0);
+        assert!(on_node(&json!({"format": 1})).is_err());
     }
 
     /// What a process gained is spread over both batches, and a process that gave memory back

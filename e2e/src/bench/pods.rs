@@ -604,14 +604,6 @@ impl Totals {
         totals
     }
 
-    /// The value of the gauge `metric`, without labels, in the Prometheus text `text`; none
-    /// where `text` has no such series.
-    pub fn gauge(text: &str, metric: &str) -> Option<f64> {
-        series(text, metric, &[])
-            .find(|(suffix, _)| suffix.is_empty())
-            .map(|(_, value)| value)
-    }
-
     /// Mean milliseconds per `per` (the pods of a batch, say).
     pub fn ms_per(self, per: u64) -> f64 {
         self.seconds * 1e3 / per.max(1) as f64
@@ -844,29 +836,6 @@ apiserver_request_duration_seconds_count 4
         );
         assert_eq!(none, Totals::default());
         assert_eq!(none.ms_per(0), 0.0);
-    }
-
-    /// A gauge is read from its series without labels and its own name, not from a longer
-    /// name that starts with it, nor from its help and type lines.
-    #[test]
-    fn a_gauge_is_read_from_its_own_series() {
-        let text = "# HELP servicekeel_router_registry_entries Entries in the registry.
-# TYPE servicekeel_router_registry_entries gauge
-servicekeel_router_registry_entries_total 7
-servicekeel_router_registry_entries 2000
-servicekeel_router_registry_entries_limit 65536
-# EOF
-";
-        assert_eq!(
-            Totals::gauge(text, "servicekeel_router_registry_entries"),
-            Some(2000.0)
-        );
-        assert_eq!(Totals::gauge(text, "servicekeel_router_flows"), None);
-        let not_a_number = "servicekeel_router_registry_entries many\n";
-        assert_eq!(
-            Totals::gauge(not_a_number, "servicekeel_router_registry_entries"),
-            None
-        );
     }
 
     /// A batch's measures are what its later reading adds to its earlier one, and batches of a

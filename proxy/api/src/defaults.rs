@@ -15,6 +15,8 @@ pub const ROUTER_SIDECAR_PORT: u16 = 15006;
 pub const ROUTER_SOCKET: &str = "/var/run/servicekeel/router.sock";
 /// Where the router keeps its registry snapshot.
 pub const ROUTER_STATE_DIR: &str = "/var/lib/servicekeel";
+/// The snapshot's file name in that directory.
+pub const ROUTER_SNAPSHOT_FILE: &str = "registry.json";
 /// The router's certificate for links to other routers.
 pub const ROUTER_TLS_CERT: &str = "/etc/servicekeel/router-tls/tls.crt";
 /// Its private key.
