@@ -594,10 +594,28 @@ impl Totals {
     /// of `labels` with its value (a missing label counts as empty, as Prometheus reads it).
     pub fn of(text: &str, metric: &str, labels: &[(&str, &str)]) -> Totals {
         let mut totals = Totals::default();
-        for (suffix, value) in series(text, metric, labels) {
-            match suffix {
-                "_count" => totals.count += value as u64,
-                "_sum" => totals.seconds += value,
+        for line in text.lines() {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (name, series_labels) = series.split_once('{').unwrap_or((series, "}"));
+            let series_labels = series_labels.strip_suffix('}').unwrap_or(series_labels);
+            let label = |key: &str| {
+                series_labels
+                    .split("\",")
+                    .filter_map(|pair| pair.split_once("=\""))
+                    .find(|(k, _)| *k == key)
+                    .map_or("", |(_, v)| v.trim_end_matches('"'))
+            };
+            if !labels.iter().all(|(key, wanted)| label(key) == *wanted) {
+                continue;
+            }
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            match name.strip_prefix(metric) {
+                Some("_count") => totals.count += value as u64,
+                Some("_sum") => totals.seconds += value,
                 _ => {}
             }
         }
@@ -608,32 +626,6 @@ impl Totals {
     pub fn ms_per(self, per: u64) -> f64 {
         self.seconds * 1e3 / per.max(1) as f64
     }
-}
-
-/// The series of the Prometheus text `text` whose names start with `metric` and whose labels
-/// include each of `labels` with its value (a missing label counts as empty, as Prometheus
-/// reads it): the rest of each name (`_sum`, `_count`, or nothing) and its value.
-fn series<'a>(
-    text: &'a str,
-    metric: &'a str,
-    labels: &'a [(&str, &str)],
-) -> impl Iterator<Item = (&'a str, f64)> + 'a {
-    text.lines().filter_map(move |line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (name, series_labels) = series.split_once('{').unwrap_or((series, "}"));
-        let series_labels = series_labels.strip_suffix('}').unwrap_or(series_labels);
-        let label = |key: &str| {
-            series_labels
-                .split("\",")
-                .filter_map(|pair| pair.split_once("=\""))
-                .find(|(k, _)| *k == key)
-                .map_or("", |(_, v)| v.trim_end_matches('"'))
-        };
-        if !labels.iter().all(|(key, wanted)| label(key) == *wanted) {
-            return None;
-        }
-        Some((name.strip_prefix(metric)?, value.parse::<f64>().ok()?))
-    })
 }
 
 impl std::ops::AddAssign for Totals {
