@@ -4,10 +4,12 @@
 //! the larger pod it leaves, that pod as the webhook left it, created where no webhook is called
 //! and where the webhook is called and leaves it unchanged.
 
+use std::fmt::Debug;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
@@ -15,6 +17,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use servicekeel_api::{Protocol, keys};
 use servicekeel_webhook::exports::named_port;
@@ -439,26 +442,18 @@ impl std::fmt::Display for Workload {
 
 /// The running pods of `workload` (those its selector's labels select), none of them an error.
 pub async fn running_pods(client: &kube::Client, workload: Workload) -> anyhow::Result<Vec<Pod>> {
-    let labels = match workload {
-        Workload::Deployment(name) => {
-            let deployments: Api<Deployment> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-            let deployment = deployments.get(name).await;
-            deployment
-                .with_context(|| format!("cannot read {workload}"))?
-                .spec
-                .map(|spec| spec.selector)
-        }
-        Workload::DaemonSet(name) => {
-            let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-            let daemon_set = daemon_sets.get(name).await;
-            daemon_set
-                .with_context(|| format!("cannot read {workload}"))?
-                .spec
-                .map(|spec| spec.selector)
-        }
-    }
-    .and_then(|selector| selector.match_labels)
-    .with_context(|| format!("{workload} selects by no labels"))?;
+    let selector = match workload {
+        Workload::Deployment(name) => get::<Deployment>(client, name)
+            .await
+            .map(|deployment| deployment.spec.map(|spec| spec.selector)),
+        Workload::DaemonSet(name) => get::<DaemonSet>(client, name)
+            .await
+            .map(|daemon_set| daemon_set.spec.map(|spec| spec.selector)),
+    };
+    let labels = selector
+        .with_context(|| format!("cannot read {workload}"))?
+        .and_then(|selector| selector.match_labels)
+        .with_context(|| format!("{workload} selects by no labels"))?;
     let selector = labels
         .iter()
         .map(|(key, value)| format!("{key}={value}"))
@@ -477,8 +472,19 @@ pub async fn running_pods(client: &kube::Client, workload: Workload) -> anyhow::
     Ok(running)
 }
 
+/// The object of kind `K` called `name` in ServiceKeel's namespace.
+async fn get<K>(client: &kube::Client, name: &str) -> kube::Result<K>
+where
+    K: kube::Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    Api::<K>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .get(name)
+        .await
+}
+
 /// The number of `pod`'s container port named `name`, of `protocol`.
-pub fn named_container_port(pod: &Pod, name: &str, protocol: Protocol) -> anyhow::Result<u16> {
+fn named_container_port(pod: &Pod, name: &str, protocol: Protocol) -> anyhow::Result<u16> {
     let pod_name = pod.metadata.name.as_deref().unwrap_or_default();
     named_port(&PodFacts::from(pod), name, protocol)
         .with_context(|| format!("pod {pod_name} has no {protocol} port named {name}"))
