@@ -249,6 +249,28 @@ fn spawn_from_keeper(command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("process keeper thread is gone"))?
 }
 
+/// How often [`poll_until`] asks again.
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// Polls `check` every [`POLL`] until it returns `Some`; an error from it ends the wait, and
+/// so does `timeout`, naming `what`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not happen within {timeout:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Polls `check` until it succeeds. Fails, with the end of the log of the process concerned,
 /// as soon as one of `processes` exits or when `timeout` passes (reporting `check`'s last
 /// answer and the log of the first process).

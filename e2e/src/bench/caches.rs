@@ -13,7 +13,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -27,6 +27,7 @@ use servicekeel_api::{Protocol, Service, ServiceList, ServicePort, TargetPort, k
 
 use crate::bench::pods::{Workload, running_pods};
 use crate::cluster::{ROUTER_DAEMON_SET, WEBHOOK_DEPLOYMENT};
+use crate::process::poll_until;
 
 /// The namespace of the pods added.
 const NAMESPACE: &str = "bench-cached";
@@ -278,22 +279,14 @@ impl Router {
 
     /// Waits until the router serves `wanted` endpoints on [`NODE`]; how many it serves then.
     async fn wait_for(&self, wanted: u64) -> anyhow::Result<u64> {
-        let started = Instant::now();
-        loop {
-            let entries = self.entries()?;
-            if entries == wanted {
-                return Ok(entries);
-            }
-            if started.elapsed() > ENTRIES_TIMEOUT {
-                bail!(
-                    "the router serves {entries} endpoints on node {NODE} after {} s, not \
-                     {wanted} (read from {})",
-                    ENTRIES_TIMEOUT.as_secs(),
-                    self.snapshot.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let what = format!(
+            "the router's snapshot {} listing {wanted} endpoints on node {NODE}",
+            self.snapshot.display()
+        );
+        poll_until(&what, ENTRIES_TIMEOUT, || async {
+            Ok((self.entries()? == wanted).then_some(wanted))
+        })
+        .await
     }
 }
 
@@ -470,17 +463,11 @@ async fn remove(client: &kube::Client) -> anyhow::Result<()> {
     node_gone.with_context(|| format!("cannot delete node {NODE}"))?;
     placed_gone?;
     // The cluster left as it was found: the namespace gone, not terminating.
-    let started = Instant::now();
-    while namespaces.get_opt(NAMESPACE).await?.is_some() {
-        if started.elapsed() > GONE_TIMEOUT {
-            bail!(
-                "namespace {NAMESPACE} still there {} s after its deletion",
-                GONE_TIMEOUT.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Ok(())
+    let what = format!("the deletion of namespace {NAMESPACE}");
+    poll_until(&what, GONE_TIMEOUT, || async {
+        Ok(namespaces.get_opt(NAMESPACE).await?.is_none().then_some(()))
+    })
+    .await
 }
 
 /// Deletes, `now`, the pods daemon sets placed on the Node (the router's DaemonSet places one

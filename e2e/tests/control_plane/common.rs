@@ -104,25 +104,16 @@ pub(crate) fn pod_value(pod: &Pod) -> Value {
     serde_json::to_value(pod).unwrap()
 }
 
-pub(crate) const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+pub(crate) use servicekeel_e2e::process::POLL;
 pub(crate) const WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Polls `check` until it returns `Some`, failing with `what` after `WITHIN`.
-pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+pub(crate) async fn eventually<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
 {
-    let deadline = std::time::Instant::now() + WITHIN;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("{what} did not happen within {WITHIN:?}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    servicekeel_e2e::process::poll_until(what, WITHIN, check).await
 }
 
 pub(crate) fn exported(pod: &Pod) -> Option<Value> {
