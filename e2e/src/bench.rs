@@ -19,6 +19,7 @@ use crate::{images, paths, process};
 
 pub mod baselines;
 pub mod caches;
+pub mod links;
 pub mod pods;
 pub mod webhook;
 
@@ -332,6 +333,37 @@ impl SidecarLaunch<'_> {
     }
 }
 
+/// Starts `binary` as the router of node `node` without an API server, its socket, state and
+/// logs in `dir`, with `links` (the flags that turn its links on, see [`RouterTls::args`]) and
+/// `env` added to its environment; returns it with its socket and its admin server's address.
+fn start_router(
+    binary: &Path,
+    dir: &Path,
+    node: &str,
+    links: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<(Running, PathBuf, SocketAddr)> {
+    let socket = dir.join(format!("{node}.sock"));
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
+    let child = Command::new(binary)
+        .args(["router", "--no-api", &format!("--cluster={CLUSTER}")])
+        .arg(format!("--node={node}"))
+        .arg(format!("--socket={}", socket.display()))
+        .arg(format!(
+            "--state-dir={}",
+            dir.join(node).join("state").display()
+        ))
+        .arg(format!("--admin-addr={admin}"))
+        .args(links)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(key, value)| (key, value)))
+        .stdout(log_file(dir, &format!("router-{node}.log"))?)
+        .stderr(log_file(dir, &format!("router-{node}.err"))?)
+        .spawn()
+        .context("cannot start the router")?;
+    Ok((Running(child), socket, admin))
+}
+
 impl Proxies {
     /// Starts them for a TCP server at `tcp` and a UDP server at `udp` (both on loopback). The
     /// proxies are the static release binary the proxy image holds, as pods run it.
@@ -355,28 +387,9 @@ impl Proxies {
             None => proxy_binary()?,
         };
         let dir = tempfile::tempdir()?;
-        let router =
-            |node: &str, links: &[String]| -> anyhow::Result<(Running, PathBuf, SocketAddr)> {
-                let socket = dir.path().join(format!("{node}.sock"));
-                let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
-                let child = Command::new(&binary)
-                    .args(["router", "--no-api", &format!("--cluster={CLUSTER}")])
-                    .arg(format!("--node={node}"))
-                    .arg(format!("--socket={}", socket.display()))
-                    .arg(format!(
-                        "--state-dir={}",
-                        dir.path().join(node).join("state").display()
-                    ))
-                    .arg(format!("--admin-addr={admin}"))
-                    .args(links)
-                    .env("RUST_LOG", "warn")
-                    .envs(settings.router_env.iter().map(|(key, value)| (key, value)))
-                    .stdout(log_file(dir.path(), &format!("router-{node}.log"))?)
-                    .stderr(log_file(dir.path(), &format!("router-{node}.err"))?)
-                    .spawn()
-                    .context("cannot start the router")?;
-                Ok((Running(child), socket, admin))
-            };
+        let router = |node: &str, links: &[String]| {
+            start_router(&binary, dir.path(), node, links, &settings.router_env)
+        };
         let exported = format!(
             "services: [{{name: sink, ports: [{{port: 9000, targetPort: {}}}, {{port: 9001, targetPort: {}, protocol: UDP}}]}}]",
             tcp.port(),

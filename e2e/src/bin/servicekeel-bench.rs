@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use servicekeel_e2e::bench::baselines::SocatHops;
+use servicekeel_e2e::bench::links::LinkCost;
 use servicekeel_e2e::bench::pods::{ApiserverTimes, Kind, PodBench, Totals};
 use servicekeel_e2e::bench::webhook::Reviews;
 use servicekeel_e2e::bench::{self, Cpu, Layout, Proxies, ProxySettings, Sample, sample};
@@ -128,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Memory first, while the proxies are fresh.
     let memory = memory(&proxies, OPEN_CONNECTIONS).await?;
     let starts = proxies.sidecar_starts(SIDECAR_STARTS).await?;
+    let links = LinkCost::measure(&bench::proxy_binary()?, PEER_LINKS).await?;
     let mut rows = Vec::new();
 
     let bulk = |addr| async move { Ok((bench::tcp_bulk(addr, BULK).await?, Vec::new())) };
@@ -316,7 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         true => Some(pod_rows(&mut rows, n).await?),
         false => None,
     };
-    let report = render(&rows, &memory, &starts, n, pod_note.as_deref());
+    let report = render(&rows, &memory, &starts, &links, n, pod_note.as_deref());
     print!("{report}");
     let path = cli.output.unwrap_or_else(bench::report_path);
     std::fs::write(&path, report)?;
@@ -338,6 +340,9 @@ const OPEN_CONNECTIONS: usize = 1000;
 
 /// Sidecars started for the start-to-ready figures.
 const SIDECAR_STARTS: usize = 20;
+
+/// Peer links added to the first for the per-link figures.
+const PEER_LINKS: usize = 100;
 
 /// Resident memory of each proxy (bytes): idle, with `count` connections open through them, and
 /// once those closed.
@@ -663,6 +668,7 @@ fn render(
     rows: &[Row],
     memory: &Memory,
     starts: &[Duration],
+    links: &LinkCost,
     pairs: usize,
     pod_note: Option<&str>,
 ) -> String {
@@ -754,6 +760,7 @@ fn render(
         );
     }
     render_starts(&mut out, starts);
+    out.push_str(&links.render());
     let _ = writeln!(
         out,
         "\nData-path latencies are observed by the client (an upper bound on the proxies' share); \
