@@ -303,8 +303,8 @@ pub fn sidecar_mode(pod: &Pod) -> Option<SidecarMode> {
         .and_then(inject::sidecar_mode)
 }
 
-/// The value of `series` (its name with any labels, as written) in the webhook's `/metrics`
-/// text; `None` when the text has no such line.
+/// The value of `series` (its name with any labels, as written) in a `/metrics` text, the
+/// webhook's or a router's; `None` when the text has no such line.
 pub fn counter(metrics: &str, series: &str) -> Option<u64> {
     metrics
         .lines()

@@ -4,7 +4,7 @@
 //! cluster of `n` nodes each router holds `2 (n - 1)` links, each a TLS session and an HTTP/2
 //! connection pinged every second. Measured between two routers on loopback: one dials the
 //! other as many times as the peers file names nodes (all at the other's address), the other
-//! takes every link. Each pair is started twice, with one link and with one more than the count
+//! takes every link. The pair is started twice, with one link and with one more than the count
 //! asked, so what every router has whatever its links (its runtime, its TLS configuration, the
 //! first link's share) stays out of the difference.
 
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{RouterTls, Running, cpu_of, rss_of, start_router};
+use super::{RouterTls, cpu_of, rss_of, start_router};
 use crate::{process, webhook};
 
 /// How long the links are left before the routers' memory is read.
@@ -140,7 +140,7 @@ async fn pair(binary: &Path, links: usize) -> anyhow::Result<(Reading, Reading)>
     })
     .await?;
     tokio::time::sleep(SETTLE).await;
-    let pids = [pid(&dialling), pid(&accepting)];
+    let pids = [dialling.0.id(), accepting.0.id()];
     let before = [cpu_of(pids[0])?, cpu_of(pids[1])?];
     tokio::time::sleep(IDLE).await;
     let reading = |side: usize| -> anyhow::Result<Reading> {
@@ -150,10 +150,6 @@ async fn pair(binary: &Path, links: usize) -> anyhow::Result<(Reading, Reading)>
         })
     };
     Ok((reading(0)?, reading(1)?))
-}
-
-fn pid(running: &Running) -> u32 {
-    running.0.id()
 }
 
 #[cfg(test)]
