@@ -240,6 +240,9 @@ pub struct Trust {
     key: Arc<PrivateKeyDer<'static>>,
     /// This cluster's bundle and those of the peer clusters.
     bundles: BTreeMap<String, Bundle>,
+    /// What dialling a peer of each of those clusters uses, made once: every link to a cluster's
+    /// routers shares it (each copy would hold a session cache of its own, about 14 kB).
+    clients: BTreeMap<String, Arc<ClientConfig>>,
 }
 
 impl Trust {
@@ -262,11 +265,20 @@ impl Trust {
         for (peer, path) in peer_bundles {
             bundles.insert(peer.clone(), Bundle::load(path)?);
         }
+        let key = Arc::new(key);
+        let clients = bundles
+            .iter()
+            .map(|(cluster, bundle)| {
+                let config = Trust::dialling(bundle, &chain, &key)?;
+                Ok((cluster.clone(), config))
+            })
+            .collect::<Result<_, TlsError>>()?;
         Ok(Trust {
             cluster: cluster.into(),
             chain,
-            key: Arc::new(key),
+            key,
             bundles,
+            clients,
         })
     }
 
@@ -293,13 +305,22 @@ impl Trust {
 
     /// What the dialing side uses for a peer of `cluster`: only that cluster's bundle.
     pub fn client_config(&self, cluster: &str) -> Result<Arc<ClientConfig>, TlsError> {
-        let bundle = self.bundles.get(cluster).ok_or_else(|| {
+        let config = self.clients.get(cluster).ok_or_else(|| {
             rustls::Error::General(format!("no trust bundle for cluster {cluster:?}"))
         })?;
+        Ok(config.clone())
+    }
+
+    /// A client configuration trusting `bundle` alone, presenting `chain` and `key`.
+    fn dialling(
+        bundle: &Bundle,
+        chain: &[CertificateDer<'static>],
+        key: &PrivateKeyDer<'static>,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
         let mut config = ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(bundle.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_client_auth_cert(chain.to_vec(), key.clone_key())?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
@@ -469,6 +490,70 @@ mod tests {
             .await
             .expect("the task ran")
             .expect("a named thread")
+    }
+
+    /// A CA's PEM and a router certificate for `cluster` it issued, with its key.
+    fn issued(cluster: &str) -> (String, String, String) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let ca_pem = ca.self_signed(&ca_key).expect("CA").pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf = rcgen::CertificateParams::new(vec![router_identity(cluster)]).expect("params");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let pem = leaf.signed_by(&key, &issuer).expect("certificate").pem();
+        (ca_pem, pem, key.serialize_pem())
+    }
+
+    #[test]
+    fn every_link_to_a_cluster_shares_one_client_configuration() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (ca, certificate, key) = issued("home");
+        let (other_ca, _, _) = issued("away");
+        for (name, pem) in [
+            ("ca.crt", &ca),
+            ("tls.crt", &certificate),
+            ("tls.key", &key),
+            ("away.crt", &other_ca),
+        ] {
+            std::fs::write(dir.path().join(name), pem).expect("written");
+        }
+        let peers = BTreeMap::from([("away".to_string(), dir.path().join("away.crt"))]);
+        let trust = Trust::load(
+            "home",
+            &dir.path().join("tls.crt"),
+            &dir.path().join("tls.key"),
+            &dir.path().join("ca.crt"),
+            &peers,
+        )
+        .expect("loaded");
+        let connector = |cluster: &str, addr: &str| {
+            PeerConnector::new(&trust, cluster, vec![addr.into()]).expect("a connector")
+        };
+        let (first, second) = (
+            connector("home", "10.0.0.2:15008"),
+            connector("home", "10.0.0.3:15008"),
+        );
+        assert!(
+            Arc::ptr_eq(&first.config, &second.config),
+            "two nodes of one cluster"
+        );
+        let away = connector("away", "192.168.1.10:15008");
+        assert!(
+            !Arc::ptr_eq(&first.config, &away.config),
+            "another cluster trusts its own bundle"
+        );
+        assert!(Arc::ptr_eq(
+            &away.config,
+            &connector("away", "192.168.1.11:15008").config
+        ));
+        let unknown = PeerConnector::new(&trust, "elsewhere", vec![]).expect_err("no bundle");
+        assert!(
+            unknown
+                .to_string()
+                .contains("no trust bundle for cluster \"elsewhere\""),
+            "{unknown}"
+        );
     }
 
     #[tokio::test]
