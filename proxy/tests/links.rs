@@ -10,8 +10,11 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use servicekeel_api::tunnel::router_identity;
+use servicekeel_proxy::links::Trust;
 use servicekeel_proxy::router::peers::{Cluster, Peers};
 use servicekeel_proxy::router::{Api, LinksConfig, Router, RouterConfig};
 use support::pki::{Ca, Validity, assert_metrics_reach, matrix_refusals};
@@ -59,6 +62,44 @@ fn router_config(dir: &Path, node: &str, cluster: &str, links: LinksConfig) -> R
 fn write_pem(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).unwrap();
     path.to_owned()
+}
+
+#[test]
+fn every_link_to_a_cluster_shares_one_client_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, away) = (Ca::new("home"), Ca::new("away"));
+    let config = links(
+        dir.path(),
+        &home,
+        &router_identity("home"),
+        Peers::default(),
+    );
+    let away_bundle = write_pem(&dir.path().join("away.crt"), &away.pem);
+    let trust = Trust::load(
+        "home",
+        &config.certificate,
+        &config.key,
+        &config.ca,
+        &BTreeMap::from([("away".to_string(), away_bundle)]),
+    )
+    .unwrap();
+    let dialling = |cluster: &str| trust.client_config(cluster).unwrap();
+    assert!(
+        Arc::ptr_eq(&dialling("home"), &dialling("home")),
+        "two nodes of one cluster"
+    );
+    assert!(
+        !Arc::ptr_eq(&dialling("home"), &dialling("away")),
+        "another cluster trusts its own bundle"
+    );
+    assert!(Arc::ptr_eq(&dialling("away"), &dialling("away")));
+    let unknown = trust.client_config("elsewhere").unwrap_err();
+    assert!(
+        unknown
+            .to_string()
+            .contains("no trust bundle for cluster \"elsewhere\""),
+        "{unknown}"
+    );
 }
 
 async fn wait_peers(router: &Router) {
