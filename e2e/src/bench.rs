@@ -349,10 +349,7 @@ fn start_router(
         .args(["router", "--no-api", &format!("--cluster={CLUSTER}")])
         .arg(format!("--node={node}"))
         .arg(format!("--socket={}", socket.display()))
-        .arg(format!(
-            "--state-dir={}",
-            dir.join(node).join("state").display()
-        ))
+        .arg(format!("--state-dir={}", router_state(dir, node).display()))
         .arg(format!("--admin-addr={admin}"))
         .args(links)
         .env("RUST_LOG", "warn")
@@ -362,6 +359,27 @@ fn start_router(
         .spawn()
         .context("cannot start the router")?;
     Ok((Running(child), socket, admin))
+}
+
+/// The state directory [`start_router`] gives the router of node `node` in `dir`, where it
+/// keeps its snapshot.
+fn router_state(dir: &Path, node: &str) -> PathBuf {
+    dir.join(node).join("state")
+}
+
+/// Writes a peers file in `dir` naming each of `nodes`, a router at one address each, and
+/// returns its path.
+fn peers_file(
+    dir: &Path,
+    nodes: impl IntoIterator<Item = (String, SocketAddr)>,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join("peers.yaml");
+    let mut text = String::from("nodes:\n");
+    for (name, addr) in nodes {
+        text.push_str(&format!("  {name}: [\"{addr}\"]\n"));
+    }
+    std::fs::write(&path, text)?;
+    Ok(path)
 }
 
 impl Proxies {
@@ -409,9 +427,8 @@ impl Proxies {
                 processes.push(("server node's router", running, admin));
                 // The near router knows of the endpoints on the far node from its snapshot (as
                 // the API server would tell it) and of the far router from its peers file.
-                let peers = dir.path().join("peers.yaml");
-                std::fs::write(&peers, format!("nodes:\n  far: [\"{far_peer}\"]\n"))?;
-                let state = dir.path().join("near").join("state");
+                let peers = peers_file(dir.path(), [("far".to_string(), far_peer)])?;
+                let state = router_state(dir.path(), "near");
                 std::fs::create_dir_all(&state)?;
                 let entry = |port: u16, protocol: &str, addr: SocketAddr| {
                     format!(
@@ -419,7 +436,7 @@ impl Proxies {
                     )
                 };
                 std::fs::write(
-                    state.join("registry.json"),
+                    state.join(servicekeel_api::defaults::ROUTER_SNAPSHOT_FILE),
                     format!(
                         r#"{{"format":1,"saved":0,"entries":[{},{}]}}"#,
                         entry(9000, "TCP", tcp),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{RouterTls, cpu_of, rss_of, start_router};
+use super::{RouterTls, cpu_of, peers_file, rss_of, start_router};
 use crate::{process, webhook};
 
 /// How long the links are left before the routers' memory is read.
@@ -117,11 +117,10 @@ async fn pair(binary: &Path, links: usize) -> anyhow::Result<(Reading, Reading)>
     let far_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
     let (accepting, _, _) =
         start_router(binary, dir.path(), "far", &tls.args(far_peer, None), &[])?;
-    let peers = dir.path().join("peers.yaml");
-    let nodes: String = (0..links)
-        .map(|index| format!("  peer-{index}: [\"{far_peer}\"]\n"))
-        .collect();
-    std::fs::write(&peers, format!("nodes:\n{nodes}"))?;
+    let peers = peers_file(
+        dir.path(),
+        (0..links).map(|index| (format!("peer-{index}"), far_peer)),
+    )?;
     let near_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
     let (dialling, _, admin) = start_router(
         binary,

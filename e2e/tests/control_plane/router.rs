@@ -89,7 +89,10 @@ pub(crate) async fn router_follows_exporting_pods(shared: Arc<Shared>) -> anyhow
         &dir.path().join("router.log"),
         Lifetime::TiedToThisProcess,
     )?;
-    let snapshot = dir.path().join("state/registry.json");
+    let snapshot = dir
+        .path()
+        .join("state")
+        .join(servicekeel_api::defaults::ROUTER_SNAPSHOT_FILE);
 
     let pods: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
     let pod: Pod = serde_json::from_value(json!({
