@@ -17,7 +17,8 @@ use anyhow::Context;
 use super::{RouterTls, cpu_of, peers_file, rss_of, start_router};
 use crate::{process, webhook};
 
-/// How long the links are left before the routers' memory is read.
+/// How long the links are left, once all are up, before the routers' idle CPU is read; their
+/// memory is read at the end of that read, [`IDLE`] later.
 const SETTLE: Duration = Duration::from_secs(10);
 /// How long the routers' CPU is read while their links stand idle.
 const IDLE: Duration = Duration::from_secs(20);
@@ -87,9 +88,10 @@ impl LinkCost {
             "\nWhat a router keeps for each link to a peer router: in a cluster of n nodes each \
              router dials n − 1 links and takes n − 1. Two routers on loopback, one dialling the \
              other once per node its peers file names (all at the other's address), were started \
-             with 1 link and again with {total}; resident memory (VmRSS) read {settle} s after \
-             every link was up, then CPU over {idle} s while the links stood idle but for their \
-             pings (the dialling router's, one a second on each link, each answered).\n\n\
+             with 1 link and again with {total}; CPU read over {idle} s from {settle} s after every \
+             link was up, while the links stood idle but for their pings (the dialling router's, \
+             one a second on each link, each answered), and resident memory (VmRSS) at the end \
+             of it.\n\n\
              | router | 1 link | {total} links | per link | idle CPU per 100 links |\n\
              |---|---|---|---|---|\n",
             settle = SETTLE.as_secs(),
