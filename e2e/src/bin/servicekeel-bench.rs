@@ -645,7 +645,6 @@ fn apiserver_note(
         let pods: u64 = samples.iter().map(|s| s.units).sum();
         let wall: Duration = samples.iter().map(|s| s.wall).sum();
         let ms = |totals: Totals| totals.ms_per(pods);
-        let exchanges = times.creates - times.creates_but_exchanges;
         let _ = writeln!(
             out,
             "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} |",
@@ -655,7 +654,7 @@ fn apiserver_note(
             ms(times.mutating),
             ms(times.webhook_plugin),
             ms(times.calls),
-            ms(exchanges),
+            ms(times.exchanges()),
             ms(times.handling),
             times.calls.count as f64 / pods.max(1) as f64,
         );
