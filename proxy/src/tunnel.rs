@@ -49,7 +49,9 @@ pub(crate) mod settings {
     pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
     /// Per-connection receive window, shared by all flows.
     pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-    /// Largest frame accepted.
+    /// Largest frame accepted, and the largest socket read a flow sends as one frame. Across
+    /// two routers 1 MiB and 128 KiB each carried less than 256 KiB (30 pairs of runs each,
+    /// `BENCHMARKS.md`).
     pub const MAX_FRAME: u32 = 256 * 1024;
     /// Flows at once on one connection.
     pub const MAX_STREAMS: u32 = 16 * 1024;
