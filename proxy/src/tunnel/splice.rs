@@ -3,21 +3,65 @@
 //! process's memory, which is what makes a connection handed over by a sidecar cost about as
 //! much as the direct path.
 //!
-//! A direction makes its pipe when its socket first has something to read, so a quiet connection
-//! holds no pipe. It reads only into an empty pipe and empties the pipe into the other socket
-//! before reading again: a reader that stops stops the relay reading, with at most a pipe's worth
-//! held. An end of stream is carried over as a half-close of the other socket.
+//! A direction reads only into an empty pipe and empties the pipe into the other socket before
+//! reading again: a reader that stops stops the relay reading, with at most a pipe's worth held.
+//! It holds a pipe only while it has bytes to move: once its socket has nothing more to read, the
+//! emptied pipe goes back to the few kept idle for the next direction that has (`IDLE_KEPT`).
+//! The kernel counts pipe capacity per user, for every process of that user on the node
+//! (`fs.pipe-user-pages-soft`, 64 MiB by default), and a process without `CAP_SYS_RESOURCE`, as
+//! the router runs, cannot grow a pipe past that budget and gets pipes of two pages once it is
+//! spent. A pipe kept for each open connection spent it at a few dozen connections and slowed
+//! every later flow; held only while bytes are in it, it lasts for that many flows moving bytes
+//! at once. An end of stream is carried over as a half-close of the other socket.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
 
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Capacity asked of each pipe, and most bytes one splice moves; a pipe keeps the default
-/// (64 KiB) where the system allows no more.
+/// (64 KiB) where the system allows no more. Against 256 KiB and 64 KiB pipes a bulk transfer
+/// through the router carried more with 1 MiB (30 pairs of runs each, `BENCHMARKS.md`).
 const CHUNK: usize = 1024 * 1024;
+
+/// Empty pipes kept for reuse, so that a flow's next burst does not make a pipe anew; each
+/// counts against the user's pipe budget as a pipe in use does.
+const IDLE_KEPT: usize = 8;
+
+/// The empty pipes kept, shared by every relay of the process, as the budget they count
+/// against is.
+static IDLE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+/// A pipe's two ends.
+#[derive(Debug)]
+struct Pipe {
+    out: OwnedFd,
+    into: OwnedFd,
+}
+
+impl Pipe {
+    /// An idle pipe, or a new one.
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(pipe);
+        }
+        let (out, into) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        let _ = rustix::pipe::fcntl_setpipe_size(&into, CHUNK);
+        Ok(Pipe { out, into })
+    }
+
+    /// Keeps this pipe, which must be empty, for the next direction that has bytes to move;
+    /// closes it when enough are kept.
+    fn give_back(self) {
+        let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_KEPT {
+            idle.push(self);
+        }
+    }
+}
 
 /// Relays `a` and `b` both ways until both directions ended; returns the bytes moved from `a`
 /// to `b` and from `b` to `a`. At the first error it stops and returns it.
@@ -26,33 +70,36 @@ pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
 }
 
 async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     let mut moved = 0u64;
     loop {
         from.readable().await?;
-        let (out, into) = match &pipe {
-            Some(pipe) => pipe,
-            None => pipe.insert(new_pipe()?),
-        };
-        let read = from.try_io(Interest::READABLE, || splice(from, into, CHUNK));
-        let mut pending = match read {
-            Ok(0) => {
-                socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-                return Ok(moved);
+        let pipe = Pipe::take()?;
+        // The pipe is empty at each read. On an error it is dropped, not kept.
+        loop {
+            let read = from.try_io(Interest::READABLE, || splice(from, &pipe.into, CHUNK));
+            let mut pending = match read {
+                Ok(0) => {
+                    pipe.give_back();
+                    socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+                    return Ok(moved);
+                }
+                Ok(n) => n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    pipe.give_back();
+                    break;
+                }
+                Err(error) => return Err(error),
+            };
+            while pending > 0 {
+                let written = to
+                    .async_io(Interest::WRITABLE, || splice(&pipe.out, to, pending))
+                    .await?;
+                if written == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                pending -= written;
+                moved += written as u64;
             }
-            Ok(n) => n,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
-        };
-        while pending > 0 {
-            let written = to
-                .async_io(Interest::WRITABLE, || splice(out, to, pending))
-                .await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            pending -= written;
-            moved += written as u64;
         }
     }
 }
@@ -61,12 +108,6 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
 fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     Ok(rustix::pipe::splice(from, None, to, None, len, flags)?)
-}
-
-fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (out, into) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-    let _ = rustix::pipe::fcntl_setpipe_size(&into, CHUNK);
-    Ok((out, into))
 }
 
 #[cfg(test)]
@@ -117,6 +158,48 @@ mod tests {
         assert!(
             written < 64 << 20,
             "{written} bytes went in with nobody reading"
+        );
+    }
+
+    /// Pipes this process holds open, counted by their descriptors.
+    fn pipes_open() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+            .count()
+            / 2
+    }
+
+    /// Each of many connections moves bytes both ways and goes quiet: none of them keeps a
+    /// pipe, only the few kept idle remain, where a pipe per direction made 2 × 64 here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quiet_connections_hold_no_pipe() {
+        use tokio::io::AsyncReadExt;
+
+        const CONNECTIONS: usize = 64;
+        let mut open = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let (mut app, near) = pair().await;
+            let (far, mut server) = pair().await;
+            tokio::spawn(async move { relay(&near, &far).await });
+            app.write_all(&[1u8; 64]).await.expect("request");
+            let mut request = [0u8; 64];
+            server
+                .read_exact(&mut request)
+                .await
+                .expect("request relayed");
+            server.write_all(&[2u8; 64]).await.expect("answer");
+            let mut answer = [0u8; 64];
+            app.read_exact(&mut answer).await.expect("answer relayed");
+            assert_eq!(answer, [2u8; 64]);
+            open.push((app, server));
+        }
+        // Other tests of this process may hold a pipe or two each while they run.
+        let pipes = pipes_open();
+        assert!(
+            pipes <= IDLE_KEPT + 8,
+            "{pipes} pipes open with {CONNECTIONS} quiet connections relayed"
         );
     }
 
