@@ -336,6 +336,9 @@ impl SidecarLaunch<'_> {
 /// Starts `binary` as the router of node `node` without an API server, its socket, state and
 /// logs in `dir`, with `links` (the flags that turn its links on, see [`RouterTls::args`]) and
 /// `env` added to its environment; returns it with its socket and its admin server's address.
+///
+/// It runs with the capabilities the DaemonSet gives it, `CAP_CHOWN` alone: without
+/// `CAP_SYS_RESOURCE` the kernel holds its pipes to the user's budget, as on a node.
 fn start_router(
     binary: &Path,
     dir: &Path,
@@ -345,7 +348,9 @@ fn start_router(
 ) -> anyhow::Result<(Running, PathBuf, SocketAddr)> {
     let socket = dir.join(format!("{node}.sock"));
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
-    let child = Command::new(binary)
+    let child = Command::new("setpriv")
+        .args(["--bounding-set=-all,+chown", "--"])
+        .arg(binary)
         .args(["router", "--no-api", &format!("--cluster={CLUSTER}")])
         .arg(format!("--node={node}"))
         .arg(format!("--socket={}", socket.display()))

@@ -148,6 +148,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    let open = bench::open_connections(proxies.tcp, OPEN_CONNECTIONS).await?;
+    let (base, cand) = pairs(cpu, n, tcp, proxies.tcp, bulk).await?;
+    drop(open);
+    rows.push(Row {
+        what: "TCP bulk throughput (256 MiB per run), beside 1000 connections held open through the proxies, each having carried one 64-byte request (without `CAP_SYS_RESOURCE` the router's pipes count against the kernel's per-user budget)",
+        unit: "MB/s",
+        scale: 1e6,
+        cpu_per: Some((1048576.0, "MiB")),
+        goal: "no goal set (what many open connections change)",
+        met: None,
+        base,
+        cand,
+    });
 
     let (base, cand) = pairs(cpu, n, socat.addr, proxies.tcp, bulk).await?;
     rows.push(Row {
@@ -679,7 +692,8 @@ fn render(
         "Measured by `cargo run --release -p servicekeel-e2e --bin servicekeel-bench{}` on {}. \
          The baseline (direct, or the row's named alternative) and ServiceKeel (client sidecar → \
          router over its Unix socket → server, unless the row says otherwise; the proxies are the \
-         static release binary the proxy image holds) alternate, {pairs} pairs per row; medians \
+         static release binary the proxy image holds, the routers run with the DaemonSet's \
+         capabilities, `CAP_CHOWN` alone) alternate, {pairs} pairs per row; medians \
          shown. The load generator and the servers share the machine \
          with the proxies; CPU is the time spent per unit of work by this process (load and \
          servers), the proxies and the row's baseline processes, or by the one process the row \
