@@ -868,8 +868,8 @@ async fn webhook_replica_killed(shared: Arc<Shared>) -> anyhow::Result<()> {
 const CACHED_PODS: usize = 500;
 
 /// Bytes of resident memory a process may gain per pod added to the cluster that it does not
-/// serve. Keeping only what they read, the webhook's replicas gained 3.4-3.8 kB a pod and the
-/// router 6.8 kB in the benchmark (`BENCHMARKS.md`); keeping whole pods, measured the same way
+/// serve. Keeping only what they read, the webhook's replicas gained 3.4-4.0 kB a pod and the
+/// router 6.2-7.2 kB in the benchmark's runs (`BENCHMARKS.md`); keeping whole pods, measured the same way
 /// by hand, a replica gained about 40 kB a pod and a router about 45 kB.
 const WEBHOOK_BYTES_PER_POD: f64 = 15e3;
 const ROUTER_BYTES_PER_POD: f64 = 20e3;
