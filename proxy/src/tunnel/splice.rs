@@ -12,7 +12,8 @@
 //! the router runs, cannot grow a pipe past that budget and gets pipes of two pages once it is
 //! spent. A pipe kept for each open connection spent it at a few dozen connections and slowed
 //! every later flow; held only while bytes are in it, it lasts for that many flows moving bytes
-//! at once. An end of stream is carried over as a half-close of the other socket.
+//! at once, and a pipe made small past it is closed once emptied rather than kept. An end of
+//! stream is carried over as a half-close of the other socket.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -31,34 +32,67 @@ const CHUNK: usize = 1024 * 1024;
 /// counts against the user's pipe budget as a pipe in use does.
 const IDLE_KEPT: usize = 8;
 
+/// The capacity a new pipe has where the budget allows it, the kernel's default.
+const DEFAULT_CAPACITY: usize = 64 * 1024;
+
 /// The empty pipes kept, shared by every relay of the process, as the budget they count
 /// against is.
-static IDLE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+static IDLE: IdlePipes = IdlePipes::new();
 
 /// A pipe's two ends.
 #[derive(Debug)]
 struct Pipe {
     out: OwnedFd,
     into: OwnedFd,
+    /// Made while the user's pipe budget was spent, smaller than the kernel's default: not
+    /// worth keeping.
+    starved: bool,
 }
 
 impl Pipe {
-    /// An idle pipe, or a new one.
-    fn take() -> io::Result<Pipe> {
-        if let Some(pipe) = IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return Ok(pipe);
-        }
+    fn new() -> io::Result<Pipe> {
         let (out, into) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-        let _ = rustix::pipe::fcntl_setpipe_size(&into, CHUNK);
-        Ok(Pipe { out, into })
+        let capacity = rustix::pipe::fcntl_setpipe_size(&into, CHUNK)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&into));
+        Ok(Pipe {
+            out,
+            into,
+            starved: capacity.map_or(true, |capacity| capacity < DEFAULT_CAPACITY),
+        })
+    }
+}
+
+/// Empty pipes, at most [`IDLE_KEPT`].
+#[derive(Debug)]
+struct IdlePipes(Mutex<Vec<Pipe>>);
+
+impl IdlePipes {
+    const fn new() -> IdlePipes {
+        IdlePipes(Mutex::new(Vec::new()))
     }
 
-    /// Keeps this pipe, which must be empty, for the next direction that has bytes to move;
-    /// closes it when enough are kept.
-    fn give_back(self) {
-        let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < IDLE_KEPT {
-            idle.push(self);
+    fn pipes(&self) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A kept pipe, or a new one.
+    fn take(&self) -> io::Result<Pipe> {
+        match self.pipes().pop() {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Keeps `pipe`, which must be empty, for the next direction that has bytes to move; closes
+    /// it when enough are kept, or when it was made starved, so that a later direction makes a
+    /// pipe of its own once the budget allows.
+    fn give_back(&self, pipe: Pipe) {
+        if pipe.starved {
+            return;
+        }
+        let mut pipes = self.pipes();
+        if pipes.len() < IDLE_KEPT {
+            pipes.push(pipe);
         }
     }
 }
@@ -73,19 +107,19 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     let mut moved = 0u64;
     loop {
         from.readable().await?;
-        let pipe = Pipe::take()?;
+        let pipe = IDLE.take()?;
         // The pipe is empty at each read. On an error it is dropped, not kept.
         loop {
             let read = from.try_io(Interest::READABLE, || splice(from, &pipe.into, CHUNK));
             let mut pending = match read {
                 Ok(0) => {
-                    pipe.give_back();
+                    IDLE.give_back(pipe);
                     socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
                     return Ok(moved);
                 }
                 Ok(n) => n,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    pipe.give_back();
+                    IDLE.give_back(pipe);
                     break;
                 }
                 Err(error) => return Err(error),
@@ -200,6 +234,30 @@ mod tests {
         assert!(
             pipes <= IDLE_KEPT + 8,
             "{pipes} pipes open with {CONNECTIONS} quiet connections relayed"
+        );
+    }
+
+    /// Kept: full-sized pipes, up to the bound. Closed: a pipe made small past the budget, and
+    /// any past the bound.
+    #[test]
+    fn idle_pipes_keep_a_few_full_sized_ones() {
+        let idle = IdlePipes::new();
+        let pipe = |starved| {
+            let (out, into) = rustix::pipe::pipe().expect("pipe");
+            Pipe { out, into, starved }
+        };
+        idle.give_back(pipe(true));
+        assert_eq!(idle.pipes().len(), 0, "a starved pipe is not kept");
+        for _ in 0..IDLE_KEPT + 3 {
+            idle.give_back(pipe(false));
+        }
+        assert_eq!(idle.pipes().len(), IDLE_KEPT);
+        let taken = idle.take().expect("take");
+        assert!(!taken.starved);
+        assert_eq!(idle.pipes().len(), IDLE_KEPT - 1, "taken from those kept");
+        assert!(
+            !Pipe::new().expect("new pipe").starved,
+            "a new pipe here gets at least the default capacity"
         );
     }
 
