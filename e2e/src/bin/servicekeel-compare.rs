@@ -51,6 +51,10 @@ struct Cli {
     /// Datagrams a second each of `--paced-flows` sends.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     paced_rate: u32,
+    /// This many TCP connections held open through the proxies during each run, its direct
+    /// part too, each having carried one 64-byte request and its answer (not for `dns`).
+    #[arg(long, default_value_t = 0)]
+    held: usize,
     /// Side A's proxy binary (default: the proxy image's static release build of this checkout).
     #[arg(long)]
     a_binary: Option<PathBuf>,
@@ -128,6 +132,8 @@ struct Plan {
     flows: usize,
     /// UDP flows echoing at a fixed rate beside them, and that rate per flow.
     paced: Option<(usize, u32)>,
+    /// TCP connections held open through the proxies during each run.
+    held: usize,
 }
 
 /// One side's run of a pair: its reference and itself, measured back to back.
@@ -240,12 +246,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.paced_flows == 0 || load == LoadKind::Udp,
         "--paced-flows is for --load udp"
     );
+    anyhow::ensure!(
+        cli.held == 0 || load != LoadKind::Dns,
+        "--held is for the data-path loads: DNS is answered by the client's sidecar alone"
+    );
     let plan = Plan {
         load,
         across: cli.across,
         kept: cli.keep_proxies,
         flows: usize::from(cli.flows),
         paced: (cli.paced_flows > 0).then_some((usize::from(cli.paced_flows), cli.paced_rate)),
+        held: cli.held,
     };
     let layout = match cli.across {
         true => Layout::TwoNodes,
@@ -369,6 +380,9 @@ async fn data_run(
             LoadKind::Dns => unreachable!("DNS is measured by dns_run"),
         }
     };
+    let held = bench::open_connections(proxies.tcp, plan.held)
+        .await
+        .context("opening the connections held")?;
     let reference = sample(cpu, || once(tcp, udp))
         .await
         .context("the direct path")?;
@@ -380,6 +394,7 @@ async fn data_run(
             return Err(error.context(format!("through the proxies, which told:{told}")));
         }
     };
+    drop(held);
     let paced = plan.paced.map(|_| {
         (
             Sample::of_latencies(paced_reference, reference.wall),
@@ -442,10 +457,14 @@ fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) 
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# {load:?}{}{}{}: A against B, {} pairs, on {}\n",
+        "# {load:?}{}{}{}{}: A against B, {} pairs, on {}\n",
         match plan.flows {
             1 => String::new(),
             flows => format!(", {flows} flows at once"),
+        },
+        match plan.held {
+            0 => String::new(),
+            held => format!(", beside {held} TCP connections held open through the proxies"),
         },
         match plan.paced {
             None => String::new(),
@@ -692,6 +711,7 @@ mod tests {
             kept,
             flows,
             paced: None,
+            held: 0,
         }
     }
 
@@ -717,5 +737,22 @@ mod tests {
         let one = report_of(udp(false, 1));
         assert!(one.starts_with("# Udp: A against B, 1 pairs, on "));
         assert!(!one.contains("flows"));
+    }
+
+    #[test]
+    fn the_report_names_the_connections_held_open() {
+        let bulk = |held| Plan {
+            load: LoadKind::Bulk,
+            held,
+            ..udp(false, 1)
+        };
+        let held = report_of(bulk(1000));
+        assert!(
+            held.starts_with(
+                "# Bulk, beside 1000 TCP connections held open through the proxies: A against B"
+            ),
+            "{held}"
+        );
+        assert!(!report_of(bulk(0)).contains("held"));
     }
 }
