@@ -18,6 +18,7 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
@@ -39,6 +40,9 @@ const DEFAULT_CAPACITY: usize = 64 * 1024;
 /// against is.
 static IDLE: IdlePipes = IdlePipes::new();
 
+/// Whether a pipe smaller than asked was told of.
+static TOLD_SHORT: AtomicBool = AtomicBool::new(false);
+
 /// A pipe's two ends.
 #[derive(Debug)]
 struct Pipe {
@@ -53,11 +57,22 @@ impl Pipe {
     fn new() -> io::Result<Pipe> {
         let (out, into) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
         let capacity = rustix::pipe::fcntl_setpipe_size(&into, CHUNK)
-            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&into));
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&into))
+            .ok();
+        if capacity.is_none_or(|capacity| capacity < CHUNK) && !TOLD_SHORT.swap(true, Relaxed) {
+            tracing::warn!(
+                asked = CHUNK,
+                got = ?capacity,
+                "a relay pipe is smaller than asked, so TCP relays move less per call: the \
+                 user's pipe budget (fs.pipe-user-pages-soft, counted over all of the user's \
+                 processes on the node) is spent, or fs.pipe-max-size is lower; \
+                 CAP_SYS_RESOURCE lifts both (told once)"
+            );
+        }
         Ok(Pipe {
             out,
             into,
-            starved: capacity.map_or(true, |capacity| capacity < DEFAULT_CAPACITY),
+            starved: capacity.is_none_or(|capacity| capacity < DEFAULT_CAPACITY),
         })
     }
 }
