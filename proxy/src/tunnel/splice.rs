@@ -92,7 +92,9 @@ impl IdlePipes {
 
     /// A kept pipe, or a new one.
     fn take(&self) -> io::Result<Pipe> {
-        match self.pipes().pop() {
+        // Popped apart, so that a new pipe is not made under the lock.
+        let kept = self.pipes().pop();
+        match kept {
             Some(pipe) => Ok(pipe),
             None => Pipe::new(),
         }
