@@ -48,6 +48,10 @@ fn main() -> ExitCode {
             |s| Box::pin(native_sidecar_and_exports(s)),
         ),
         (
+            "the_router_runs_as_its_own_user_without_capabilities_in_directories_handed_to_it",
+            |s| Box::pin(router_unprivileged(s)),
+        ),
+        (
             "the_client_resolves_its_imports_and_other_names_and_round_trips_byte_exact",
             |s| Box::pin(client_round_trips(s)),
         ),
@@ -939,6 +943,69 @@ fn spawn_in_client_namespaces(pid: u32, arguments: &[&str]) -> std::io::Result<C
 }
 
 /// The router process of the node's router pod (not any router on this machine).
+/// The router's process runs as `manifests/` says: its own user, the sidecars' group, no
+/// capabilities; its init container handed it the host directories, where its socket (the
+/// sidecars' group's) and its snapshot are its own.
+async fn router_unprivileged(shared: Arc<Shared>) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let routers = Api::<Pod>::namespaced(shared.client.clone(), webhook::SYSTEM_NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-router"))
+        .await?;
+    let router = routers.items.first().context("no router pod")?;
+    let init = router
+        .status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .and_then(|s| s.first())
+        .context("no init container status")?;
+    let exit = init
+        .state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .map(|t| t.exit_code);
+    ensure!(init.name == "prepare-dirs" && exit == Some(0), "{init:?}");
+    let pid = router_pid(router.metadata.uid.as_deref().context("no uid")?)
+        .context("no router process")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let (user, group) = (
+        defaults::ROUTER_UID.to_string(),
+        defaults::SIDECAR_UID.to_string(),
+    );
+    ensure!(field("Uid:") == [user.as_str(); 4], "{status}");
+    ensure!(field("Gid:") == [group.as_str(); 4], "{status}");
+    ensure!(field("CapEff:") == ["0000000000000000"], "{status}");
+    ensure!(field("CapPrm:") == ["0000000000000000"], "{status}");
+    let owner = (defaults::ROUTER_UID as u32, defaults::SIDECAR_UID as u32);
+    let snapshot = PathBuf::from(defaults::ROUTER_STATE_DIR).join(defaults::ROUTER_SNAPSHOT_FILE);
+    // The snapshot follows the demo's registrations within a second of them.
+    eventually("the router's snapshot", Duration::from_secs(30), || async {
+        Ok(std::fs::metadata(&snapshot)?)
+    })
+    .await?;
+    for path in [
+        defaults::ROUTER_SOCKET_DIR,
+        defaults::ROUTER_SOCKET,
+        defaults::ROUTER_STATE_DIR,
+        &snapshot.to_string_lossy(),
+    ] {
+        let meta = std::fs::symlink_metadata(path)?;
+        ensure!(
+            (meta.uid(), meta.gid()) == owner,
+            "{path} is {}:{}",
+            meta.uid(),
+            meta.gid()
+        );
+    }
+    Ok(())
+}
+
 fn router_pid(pod_uid: &str) -> Option<u32> {
     node::pod_process(pod_uid, "servicekeel-proxy router")
 }

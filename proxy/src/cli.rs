@@ -32,6 +32,20 @@ pub enum Command {
     /// Return once the sidecar beside this process is ready (its `/readyz` answers 200): the
     /// sidecar container's postStart hook, so that the pod's other containers start after it.
     Wait(WaitArgs),
+    /// Make the router's host directories when missing and hand each, with the entries in it,
+    /// to the router's user and group: the router DaemonSet's init container, which may change
+    /// owners so that the router itself runs without root.
+    PrepareDirs(PrepareDirsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareDirsArgs {
+    /// The owner to give them, numeric: UID:GID.
+    #[arg(long)]
+    pub owner: crate::dirs::Owner,
+    /// The directories.
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod alloc;
 pub mod cli;
 pub mod config;
+pub mod dirs;
 pub mod dns;
 pub mod links;
 pub mod listeners;

@@ -1,5 +1,6 @@
 //! `servicekeel-proxy`: the injected sidecar (`sidecar`, configured by its environment) and the
-//! per-node router (`router`, configured by flags or their environment variables).
+//! per-node router (`router`, configured by flags or their environment variables), with the
+//! sidecar's `postStart` hook (`wait`) and the router's init container (`prepare-dirs`).
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -64,6 +65,25 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::PrepareDirs(args) => {
+            for dir in &args.dirs {
+                match servicekeel_proxy::dirs::prepare(dir, args.owner) {
+                    Ok(prepared) => tracing::info!(
+                        dir = %dir.display(),
+                        owner = %args.owner,
+                        created = prepared.created,
+                        entries = prepared.entries,
+                        changed = prepared.changed,
+                        "handed over"
+                    ),
+                    Err(error) => {
+                        tracing::error!("{error}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The router as `manifests/` deploys it: the DaemonSet's arguments parse with this binary's
 //! command line, its socket and state directories are host directories mounted where the
-//! arguments point, the socket is handed to the sidecars' group, the cluster name is the
-//! webhook's, the probes hit the admin port, and its RBAC only reads pods and nodes.
+//! arguments point, the socket is handed to the sidecars' group, it runs as its own user
+//! without capabilities after an init container handed it both directories, the cluster name is
+//! the webhook's, the probes hit the admin port, and its RBAC only reads pods and nodes.
 
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -13,6 +14,7 @@ use clap::Parser;
 use serde_json::Value;
 use servicekeel_api::defaults;
 use servicekeel_proxy::cli::{Cli, Command as ProxyCommand, RouterArgs};
+use servicekeel_proxy::dirs::Owner;
 use servicekeel_proxy::router::peers::Peers;
 
 fn rendered(dir: &str) -> Vec<Value> {
@@ -33,8 +35,8 @@ fn rendered(dir: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The router container's arguments, parsed by the real command line.
-fn router_args(container: &Value) -> RouterArgs {
+/// A container's arguments with `extra` after them, parsed by the real command line.
+fn command_of(container: &Value, extra: &[&str]) -> ProxyCommand {
     let mut argv = vec!["servicekeel-proxy".to_string()];
     argv.extend(
         container["args"]
@@ -43,19 +45,23 @@ fn router_args(container: &Value) -> RouterArgs {
             .iter()
             .map(|a| a.as_str().unwrap().to_string()),
     );
+    argv.extend(extra.iter().map(|a| a.to_string()));
+    Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{} args do not parse: {e}", container["name"]))
+        .command
+}
+
+/// The router container's arguments, parsed by the real command line.
+fn router_args(container: &Value) -> RouterArgs {
     // NODE_NAME comes from the downward API; give the parser a value for it.
-    argv.push("--node=edge-1".into());
-    let cli =
-        Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("DaemonSet args do not parse: {e}"));
-    let ProxyCommand::Router(args) = cli.command else {
+    let ProxyCommand::Router(args) = command_of(container, &["--node=edge-1"]) else {
         panic!("the DaemonSet must run `router`")
     };
     *args
 }
 
-/// The volume mounted at the directory holding `file`.
-fn volume_of<'a>(pod: &'a Value, file: &Path) -> &'a Value {
-    let container = &pod["containers"][0];
+/// The volume `container` mounts at the directory holding `file`.
+fn volume_of<'a>(pod: &'a Value, container: &Value, file: &Path) -> &'a Value {
     let mount = container["volumeMounts"]
         .as_array()
         .unwrap()
@@ -68,6 +74,14 @@ fn volume_of<'a>(pod: &'a Value, file: &Path) -> &'a Value {
         .iter()
         .find(|v| v["name"] == mount["name"])
         .unwrap()
+}
+
+/// The host path of that volume.
+fn host_dir_of(pod: &Value, container: &Value, file: &Path) -> String {
+    volume_of(pod, container, file)["hostPath"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -103,17 +117,56 @@ fn the_router_daemonset_matches_the_binary() {
     );
     assert_eq!(config.socket_mode, 0o660);
     assert_eq!(config.links, None, "links are off in the base");
-    let host_dir_of = |dir: &Path| {
-        volume_of(pod, dir)["hostPath"]["path"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let socket_dir = config.socket.parent().unwrap();
     assert_eq!(
-        host_dir_of(config.socket.parent().unwrap()),
+        host_dir_of(pod, container, socket_dir),
         defaults::ROUTER_SOCKET_DIR
     );
-    assert_eq!(host_dir_of(&config.state_dir), defaults::ROUTER_STATE_DIR);
+    assert_eq!(
+        host_dir_of(pod, container, &config.state_dir),
+        defaults::ROUTER_STATE_DIR
+    );
+
+    // The router runs as its own user in the sidecars' group, without root or capabilities;
+    // first an init container allowed to change owners hands both host directories to it.
+    let security = &container["securityContext"];
+    assert_eq!(security["runAsUser"], defaults::ROUTER_UID);
+    assert_eq!(security["runAsGroup"], defaults::SIDECAR_UID);
+    assert_eq!(security["runAsNonRoot"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(
+        security["capabilities"],
+        serde_json::json!({"drop": ["ALL"]})
+    );
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["image"], container["image"]);
+    let ProxyCommand::PrepareDirs(prepare) = command_of(init, &[]) else {
+        panic!("the init container must run `prepare-dirs`")
+    };
+    assert_eq!(
+        prepare.owner,
+        Owner {
+            uid: defaults::ROUTER_UID as u32,
+            gid: defaults::SIDECAR_UID as u32
+        }
+    );
+    let handed: Vec<String> = prepare
+        .dirs
+        .iter()
+        .map(|dir| host_dir_of(pod, init, &dir.join("x")))
+        .collect();
+    assert_eq!(
+        handed,
+        [defaults::ROUTER_SOCKET_DIR, defaults::ROUTER_STATE_DIR]
+    );
+    assert_eq!(prepare.dirs[0], socket_dir);
+    assert_eq!(prepare.dirs[1], config.state_dir);
+    assert_eq!(
+        init["securityContext"]["capabilities"],
+        serde_json::json!({"drop": ["ALL"], "add": ["CHOWN"]})
+    );
+    assert_eq!(init["securityContext"]["runAsUser"], 0);
+    assert_eq!(init["securityContext"]["allowPrivilegeEscalation"], false);
 
     // The cluster name is the one the webhook writes into sidecars.
     let webhook_config = objects
@@ -185,14 +238,15 @@ fn the_links_overlay_turns_links_on_with_its_secret_and_peers() {
     assert_eq!(peers_port["containerPort"], listen.port());
     for file in [&args.tls_cert, &args.tls_key, &args.tls_ca] {
         assert_eq!(
-            volume_of(pod, file)["secret"]["secretName"],
+            volume_of(pod, &pod["containers"][0], file)["secret"]["secretName"],
             "servicekeel-router-tls",
             "{}",
             file.display()
         );
     }
     let peers_file = args.peers.expect("--peers is set");
-    let config_map_name = volume_of(pod, &peers_file)["configMap"]["name"].clone();
+    let config_map_name =
+        volume_of(pod, &pod["containers"][0], &peers_file)["configMap"]["name"].clone();
     let config_map = objects
         .iter()
         .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == config_map_name)

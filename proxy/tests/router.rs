@@ -17,8 +17,8 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 
 use support::{
-    cut_at_once, echo_through, echoes_again, http_get, metrics_eventually, pattern, pod_behind,
-    pod_over_tcp, router_config, tcp_echo, tcp_echo_server, udp_echo,
+    connects_as, cut_at_once, echo_through, echoes_again, http_get, metrics_eventually, pattern,
+    pod_behind, pod_over_tcp, router_config, tcp_echo, tcp_echo_server, udp_echo,
 };
 use tokio::net::UdpSocket;
 
@@ -225,26 +225,6 @@ async fn the_socket_replaces_a_stale_one_and_nothing_else() {
     std::fs::write(&config.socket, "not a socket").unwrap();
     let error = Router::start(config).await.unwrap_err().to_string();
     assert!(error.contains("is not a socket"), "{error}");
-}
-
-/// Whether a process running as `uid`/`gid` (no other groups) can connect to `socket`.
-fn connects_as(uid: u32, gid: u32, socket: &Path) -> bool {
-    let status = std::process::Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={gid}"),
-            "--clear-groups",
-            "--",
-            // The system interpreter: one under /root would be out of reach of these users.
-            "/usr/bin/python3",
-            "-c",
-            "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
-        ])
-        .arg(socket)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("setpriv and /usr/bin/python3 are needed");
-    status.success()
 }
 
 #[tokio::test]

@@ -86,6 +86,10 @@ pub const ADMIN_PORT_NAME: &str = "sk-admin";
 pub const UNPRIVILEGED_PORT_SYSCTL: &str = "net.ipv4.ip_unprivileged_port_start";
 /// User and group the sidecar runs as.
 pub const SIDECAR_UID: i64 = 65532;
+/// User the router runs as (in the sidecars' group): one of its own, so that the kernel's
+/// per-user budgets, its pipes above all, are shared neither with the node's root processes nor
+/// with the sidecars.
+pub const ROUTER_UID: i64 = 65533;
 
 #[cfg(test)]
 mod tests {

@@ -503,3 +503,23 @@ pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
     };
     tokio::time::timeout(limit, read).await.is_ok()
 }
+
+/// Whether a process running as `uid`/`gid` (no other groups) can connect to `socket`.
+pub fn connects_as(uid: u32, gid: u32, socket: &Path) -> bool {
+    let status = std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+            // The system interpreter: one under /root would be out of reach of these users.
+            "/usr/bin/python3",
+            "-c",
+            "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+        ])
+        .arg(socket)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("setpriv and /usr/bin/python3 are needed");
+    status.success()
+}
