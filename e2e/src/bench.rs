@@ -7,11 +7,15 @@
 //! generator and the servers run in this process on loopback, the servers on a thread of their own.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use servicekeel_api::defaults::{ROUTER_UID, SIDECAR_UID};
+use servicekeel_proxy::dirs::{self, Owner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -309,6 +313,8 @@ impl SidecarLaunch<'_> {
         let file = dir.join(format!("{name}.annotations"));
         std::fs::write(&file, &self.annotations)?;
         let child = Command::new(binary)
+            .uid(SIDECAR_UID as u32)
+            .gid(SIDECAR_UID as u32)
             .arg("sidecar")
             .env("RUST_LOG", "warn")
             .env("POD_NAME", name)
@@ -337,8 +343,9 @@ impl SidecarLaunch<'_> {
 /// logs in `dir`, with `links` (the flags that turn its links on, see [`RouterTls::args`]) and
 /// `env` added to its environment; returns it with its socket and its admin server's address.
 ///
-/// It runs with the capabilities the DaemonSet gives it, `CAP_CHOWN` alone: without
-/// `CAP_SYS_RESOURCE` the kernel holds its pipes to the user's budget, as on a node.
+/// It runs as the DaemonSet runs it: its own user in the sidecars' group, without capabilities,
+/// in directories handed to it as its init container hands them (`prepare-dirs`). So the kernel
+/// holds its pipes to that user's budget, as on a node.
 fn start_router(
     binary: &Path,
     dir: &Path,
@@ -347,14 +354,24 @@ fn start_router(
     env: &[(String, String)],
 ) -> anyhow::Result<(Running, PathBuf, SocketAddr)> {
     let socket = dir.join(format!("{node}.sock"));
+    let state = router_state(dir, node);
+    let owner = Owner {
+        uid: ROUTER_UID as u32,
+        gid: SIDECAR_UID as u32,
+    };
+    for handed in [dir, &state] {
+        dirs::prepare(handed, owner)?;
+    }
+    // The sidecars, in the same group, reach the socket and read their annotations files.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
-    let child = Command::new("setpriv")
-        .args(["--bounding-set=-all,+chown", "--"])
-        .arg(binary)
+    let child = Command::new(binary)
+        .uid(owner.uid)
+        .gid(owner.gid)
         .args(["router", "--no-api", &format!("--cluster={CLUSTER}")])
         .arg(format!("--node={node}"))
         .arg(format!("--socket={}", socket.display()))
-        .arg(format!("--state-dir={}", router_state(dir, node).display()))
+        .arg(format!("--state-dir={}", state.display()))
         .arg(format!("--admin-addr={admin}"))
         .args(links)
         .env("RUST_LOG", "warn")

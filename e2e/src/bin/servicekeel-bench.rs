@@ -692,8 +692,9 @@ fn render(
         "Measured by `cargo run --release -p servicekeel-e2e --bin servicekeel-bench{}` on {}. \
          The baseline (direct, or the row's named alternative) and ServiceKeel (client sidecar → \
          router over its Unix socket → server, unless the row says otherwise; the proxies are the \
-         static release binary the proxy image holds, the routers run with the DaemonSet's \
-         capabilities, `CAP_CHOWN` alone) alternate, {pairs} pairs per row; medians \
+         static release binary the proxy image holds, the routers run as the DaemonSet runs them, \
+         their own user without capabilities, and the sidecars as pods run them, user 65532 \
+         without capabilities) alternate, {pairs} pairs per row; medians \
          shown. The load generator and the servers share the machine \
          with the proxies; CPU is the time spent per unit of work by this process (load and \
          servers), the proxies and the row's baseline processes, or by the one process the row \
