@@ -798,8 +798,9 @@ fn render_starts(out: &mut String, starts: &[Duration]) {
     let _ = writeln!(
         out,
         "\nSidecar start to ready: {} more client sidecars started one at a time beside the \
-         proxies above (the same binary, imports and router), each timed from its start to the \
-         first 200 from its `/readyz` (polled every 0.5 ms), then stopped.\n",
+         proxies above (the same binary, imports and router), each timed from the moment its \
+         program runs (the spawn returns once it is exec'd) to the first 200 from its `/readyz` \
+         (polled every 0.5 ms), then stopped.\n",
         sorted.len()
     );
     let _ = writeln!(out, "| starts | median | p90 | slowest | goal | met |");
