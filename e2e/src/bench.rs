@@ -1066,13 +1066,12 @@ pub async fn open_connections(addr: SocketAddr, count: usize) -> anyhow::Result<
 
 /// Resident memory of a process, in bytes (`VmRSS`).
 pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS for process {pid}"))?;
+    let rss = process::status_field(pid, "VmRSS")?;
+    let kib: u64 = rss
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("VmRSS of process {pid}: {rss}"))?;
     Ok(kib * 1024)
 }
 

@@ -202,6 +202,17 @@ pub fn is_running(pid: u32, program: &str) -> bool {
     !zombie && String::from_utf8_lossy(&cmdline).contains(program)
 }
 
+/// The value of field `name` (such as `VmRSS` or `CapEff`) in `/proc/<pid>/status`, trimmed.
+pub fn status_field(pid: u32, name: &str) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(|value| value.trim().to_string())
+        .with_context(|| format!("no {name} for process {pid}"))
+}
+
 /// The last `lines` lines of a log file.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     const WINDOW: u64 = 64 * 1024;
@@ -387,6 +398,20 @@ pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(items: I) -> Vec<OsStr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_field_is_its_value_alone_and_a_missing_one_an_error() {
+        let me = std::process::id();
+        let uid = rustix::process::getuid().as_raw();
+        assert_eq!(
+            status_field(me, "Uid").expect("Uid"),
+            format!("{uid}\t{uid}\t{uid}\t{uid}")
+        );
+        assert!(status_field(me, "VmRSS").expect("VmRSS").ends_with(" kB"));
+        // A field's name is matched whole: "Vm" is no field of its own.
+        let error = status_field(me, "Vm").expect_err("no such field");
+        assert!(error.to_string().contains("no Vm for process"), "{error}");
+    }
 
     #[test]
     fn free_ports_are_below_the_ephemeral_range_free_for_tcp_and_udp_and_each_another() {

@@ -25,7 +25,7 @@ use servicekeel_e2e::cluster::{NodeCluster, pods_report};
 use servicekeel_e2e::demo::{self, CLIENT, NAMESPACE};
 use servicekeel_e2e::harness::{self, Test};
 use servicekeel_e2e::node::{self, NODE_NAME};
-use servicekeel_e2e::process::{Lifetime, http_get};
+use servicekeel_e2e::process::{self, Lifetime, http_get};
 use servicekeel_e2e::{paths, webhook};
 use servicekeel_webhook::shape;
 use tokio::sync::Mutex;
@@ -942,16 +942,12 @@ fn spawn_in_client_namespaces(pid: u32, arguments: &[&str]) -> std::io::Result<C
         .spawn()
 }
 
-/// The router process of the node's router pod (not any router on this machine).
 /// The router's process runs as `manifests/` says: its own user, the sidecars' group, no
 /// capabilities; its init container handed it the host directories, where its socket (the
 /// sidecars' group's) and its snapshot are its own.
 async fn router_unprivileged(shared: Arc<Shared>) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let routers = Api::<Pod>::namespaced(shared.client.clone(), webhook::SYSTEM_NAMESPACE)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-router"))
-        .await?;
-    let router = routers.items.first().context("no router pod")?;
+    let router = router_pod(&shared).await?;
     let init = router
         .status
         .as_ref()
@@ -966,22 +962,19 @@ async fn router_unprivileged(shared: Arc<Shared>) -> anyhow::Result<()> {
     ensure!(init.name == "prepare-dirs" && exit == Some(0), "{init:?}");
     let pid = router_pid(router.metadata.uid.as_deref().context("no uid")?)
         .context("no router process")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map(|value| value.split_whitespace().collect::<Vec<_>>())
-            .unwrap_or_default()
-    };
-    let (user, group) = (
-        defaults::ROUTER_UID.to_string(),
-        defaults::SIDECAR_UID.to_string(),
-    );
-    ensure!(field("Uid:") == [user.as_str(); 4], "{status}");
-    ensure!(field("Gid:") == [group.as_str(); 4], "{status}");
-    ensure!(field("CapEff:") == ["0000000000000000"], "{status}");
-    ensure!(field("CapPrm:") == ["0000000000000000"], "{status}");
+    // Real, effective, saved and file system IDs; the capability sets.
+    for (field, value) in [
+        ("Uid", format!("{0}\t{0}\t{0}\t{0}", defaults::ROUTER_UID)),
+        ("Gid", format!("{0}\t{0}\t{0}\t{0}", defaults::SIDECAR_UID)),
+        ("CapEff", "0000000000000000".to_string()),
+        ("CapPrm", "0000000000000000".to_string()),
+    ] {
+        let found = process::status_field(pid, field)?;
+        ensure!(
+            found == value,
+            "the router's {field} is {found:?}, not {value:?}"
+        );
+    }
     let owner = (defaults::ROUTER_UID as u32, defaults::SIDECAR_UID as u32);
     let snapshot = PathBuf::from(defaults::ROUTER_STATE_DIR).join(defaults::ROUTER_SNAPSHOT_FILE);
     // The snapshot follows the demo's registrations within a second of them.
@@ -1006,6 +999,15 @@ async fn router_unprivileged(shared: Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The node's router pod.
+async fn router_pod(shared: &Shared) -> anyhow::Result<Pod> {
+    let routers = Api::<Pod>::namespaced(shared.client.clone(), webhook::SYSTEM_NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-router"))
+        .await?;
+    routers.items.into_iter().next().context("no router pod")
+}
+
+/// The router process of the node's router pod (not any router on this machine).
 fn router_pid(pod_uid: &str) -> Option<u32> {
     node::pod_process(pod_uid, "servicekeel-proxy router")
 }
@@ -1041,11 +1043,8 @@ async fn edge_autonomy(shared: Arc<Shared>) -> anyhow::Result<()> {
     ])?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let routers = Api::<Pod>::namespaced(shared.client.clone(), webhook::SYSTEM_NAMESPACE)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=servicekeel-router"))
-        .await?;
-    let router = routers.items.first().context("no router pod")?;
-    let router_pod = router.metadata.name.clone().context("no name")?;
+    let router = router_pod(&shared).await?;
+    let router_name = router.metadata.name.clone().context("no name")?;
     let router_uid = router.metadata.uid.clone().context("no uid")?;
 
     let mut cluster = shared.cluster.lock().await;
@@ -1093,7 +1092,7 @@ async fn edge_autonomy(shared: Arc<Shared>) -> anyhow::Result<()> {
     let logs = node::container_logs(
         &shared.dir,
         webhook::SYSTEM_NAMESPACE,
-        &router_pod,
+        &router_name,
         "router",
     );
     let restarted = logs.last().context("no router log")?;

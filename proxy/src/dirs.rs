@@ -113,20 +113,20 @@ pub fn prepare(dir: &Path, owner: Owner) -> Result<Prepared, DirsError> {
     let listing = std::fs::read_dir(dir).map_err(|cause| io("list it", cause))?;
     for entry in listing {
         let entry = entry.map_err(|cause| io("list it", cause))?;
-        let path = entry.path();
-        let meta = match std::fs::symlink_metadata(&path) {
+        // Of the entry itself, a link not followed.
+        let meta = match entry.metadata() {
             Ok(meta) => meta,
             // Gone since it was listed: nothing of it to hand over.
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
             Err(cause) => {
                 return Err(DirsError::Io {
-                    path,
+                    path: entry.path(),
                     action: "read it",
                     cause,
                 });
             }
         };
-        hand_over(&path, &meta, owner, &mut prepared)?;
+        hand_over(&entry.path(), &meta, owner, &mut prepared)?;
     }
     Ok(prepared)
 }

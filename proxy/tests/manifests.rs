@@ -153,7 +153,7 @@ fn the_router_daemonset_matches_the_binary() {
     let handed: Vec<String> = prepare
         .dirs
         .iter()
-        .map(|dir| host_dir_of(pod, init, &dir.join("x")))
+        .map(|dir| host_dir_of(pod, init, dir))
         .collect();
     assert_eq!(
         handed,

@@ -38,7 +38,8 @@ fn prepare_dirs(bounding: &str, dirs: &[&Path]) -> Output {
 
 /// The router run as the DaemonSet runs it: its own user, the sidecars' group, no capabilities.
 fn unprivileged_router(run: &Path, state: &Path) -> Child {
-    Command::new("setpriv")
+    let mut setpriv = Command::new("setpriv");
+    setpriv
         .arg(format!("--reuid={ROUTER}"))
         .arg(format!("--regid={SIDECARS}"))
         .args([
@@ -46,12 +47,10 @@ fn unprivileged_router(run: &Path, state: &Path) -> Child {
             "--inh-caps=-all",
             "--bounding-set=-all",
             "--",
-        ])
-        .args([PROXY, "router", "--node=n", "--cluster=c", "--no-api"])
-        .arg(format!("--socket={}", run.join("router.sock").display()))
+            PROXY,
+        ]);
+    support::router_args(setpriv, &run.join("router.sock"), state)
         .arg(format!("--socket-gid={SIDECARS}"))
-        .arg(format!("--state-dir={}", state.display()))
-        .arg("--admin-addr=127.0.0.1:0")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

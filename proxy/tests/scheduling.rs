@@ -3,6 +3,8 @@
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,13 +16,9 @@ const SCHED_BATCH: u32 = 3;
 
 /// `command` (the proxy, or a program that runs it) given the arguments of a router without an
 /// API server or links, its socket in `dir`, and no `SERVICEKEEL_ROUTER_SCHEDULING`.
-fn router_in(mut command: Command, dir: &Path) -> Command {
-    command
-        .args(["router", "--node=n", "--cluster=c", "--no-api"])
-        .arg(format!("--socket={}", dir.join("router.sock").display()))
-        .arg(format!("--state-dir={}", dir.join("state").display()))
-        .arg("--admin-addr=127.0.0.1:0")
-        .env_remove("SERVICEKEEL_ROUTER_SCHEDULING");
+fn router_in(command: Command, dir: &Path) -> Command {
+    let mut command = support::router_args(command, &dir.join("router.sock"), &dir.join("state"));
+    command.env_remove("SERVICEKEEL_ROUTER_SCHEDULING");
     command
 }
 

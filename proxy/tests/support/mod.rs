@@ -523,3 +523,19 @@ pub fn connects_as(uid: u32, gid: u32, socket: &Path) -> bool {
         .expect("setpriv and /usr/bin/python3 are needed");
     status.success()
 }
+
+/// `command` (the proxy, or a program that runs it) given the arguments of a router of node `n`
+/// in cluster `c` without an API server or links, its socket and state directory where given,
+/// its admin server on a port of loopback's choosing.
+pub fn router_args(
+    mut command: std::process::Command,
+    socket: &Path,
+    state: &Path,
+) -> std::process::Command {
+    command
+        .args(["router", "--node=n", "--cluster=c", "--no-api"])
+        .arg(format!("--socket={}", socket.display()))
+        .arg(format!("--state-dir={}", state.display()))
+        .arg("--admin-addr=127.0.0.1:0");
+    command
+}
