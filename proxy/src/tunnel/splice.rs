@@ -12,13 +12,20 @@
 //! the router runs, cannot grow a pipe past that budget and gets pipes of two pages once it is
 //! spent. A pipe kept for each open connection spent it at a few dozen connections and slowed
 //! every later flow; held only while bytes are in it, it lasts for that many flows moving bytes
-//! at once, and a pipe made small past it is closed once emptied rather than kept. An end of
-//! stream is carried over as a half-close of the other socket.
+//! at once, and a pipe made small past it is closed once emptied rather than kept.
+//!
+//! A direction whose other side stops taking bytes holds the ones it read until that side takes
+//! them, and the capacity of the pipe they are in counts against the budget all that time: a
+//! direction reads a little at first and doubles what it reads while the other side takes all of
+//! it, halving it when it does not (down to 64 KiB, `FIRST_TAKE`), and a pipe left waiting for room
+//! longer than `STALLED` is cut down to the bytes it holds. An end of stream is carried over as
+//! a half-close of the other socket.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
 
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
@@ -28,6 +35,14 @@ use tokio::net::TcpStream;
 /// (64 KiB) where the system allows no more. Against 256 KiB and 64 KiB pipes a bulk transfer
 /// through the router carried more with 1 MiB (30 pairs of runs each, `BENCHMARKS.md`).
 const CHUNK: usize = 1024 * 1024;
+
+/// What a direction reads at first, and the least it reads: a few of its reads taken whole by
+/// the other side bring it to [`CHUNK`].
+const FIRST_TAKE: usize = 64 * 1024;
+
+/// How long bytes in a pipe may wait for room in the other socket before the pipe is cut down to
+/// them; a relay between two sockets on one node otherwise waits microseconds.
+const STALLED: Duration = Duration::from_millis(20);
 
 /// Empty pipes kept for reuse, so that a flow's next burst does not make a pipe anew; each
 /// counts against the user's pipe budget as a pipe in use does.
@@ -48,9 +63,9 @@ static TOLD_SHORT: AtomicBool = AtomicBool::new(false);
 struct Pipe {
     out: OwnedFd,
     into: OwnedFd,
-    /// Made while the user's pipe budget was spent, smaller than the kernel's default: not
-    /// worth keeping.
-    starved: bool,
+    /// Worth keeping once emptied: not made while the user's pipe budget was spent (smaller
+    /// than the kernel's default), nor cut down to what it held.
+    keep: bool,
 }
 
 impl Pipe {
@@ -72,8 +87,22 @@ impl Pipe {
         Ok(Pipe {
             out,
             into,
-            starved: capacity.is_none_or(|capacity| capacity < DEFAULT_CAPACITY),
+            keep: capacity.is_some_and(|capacity| capacity >= DEFAULT_CAPACITY),
         })
+    }
+
+    /// Cuts the pipe's capacity down to the least that holds the `held` bytes in it, giving the
+    /// rest back to the user's budget; the pipe is then not kept. The kernel refuses a capacity
+    /// with fewer slots than the pipe's bytes take up, so a larger one is tried next.
+    fn fit(&mut self, held: usize) {
+        let mut capacity = held.next_power_of_two().max(DEFAULT_CAPACITY);
+        while capacity < CHUNK {
+            if rustix::pipe::fcntl_setpipe_size(&self.into, capacity).is_ok() {
+                self.keep = false;
+                return;
+            }
+            capacity *= 2;
+        }
     }
 }
 
@@ -101,10 +130,10 @@ impl IdlePipes {
     }
 
     /// Keeps `pipe`, which must be empty, for the next direction that has bytes to move; closes
-    /// it when enough are kept, or when it was made starved, so that a later direction makes a
-    /// pipe of its own once the budget allows.
+    /// it when enough are kept, or when it is not worth keeping, so that a later direction makes
+    /// a pipe of its own once the budget allows.
     fn give_back(&self, pipe: Pipe) {
-        if pipe.starved {
+        if !pipe.keep {
             return;
         }
         let mut pipes = self.pipes();
@@ -122,12 +151,13 @@ pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
 
 async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     let mut moved = 0u64;
+    let mut take = FIRST_TAKE;
     loop {
         from.readable().await?;
-        let pipe = IDLE.take()?;
+        let mut pipe = IDLE.take()?;
         // The pipe is empty at each read. On an error it is dropped, not kept.
         loop {
-            let read = from.try_io(Interest::READABLE, || splice(from, &pipe.into, CHUNK));
+            let read = from.try_io(Interest::READABLE, || splice(from, &pipe.into, take));
             let mut pending = match read {
                 Ok(0) => {
                     IDLE.give_back(pipe);
@@ -141,16 +171,36 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 }
                 Err(error) => return Err(error),
             };
+            let mut waited = false;
             while pending > 0 {
-                let written = to
-                    .async_io(Interest::WRITABLE, || splice(&pipe.out, to, pending))
-                    .await?;
-                if written == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
+                match to.try_io(Interest::WRITABLE, || splice(&pipe.out, to, pending)) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(written) => {
+                        pending -= written;
+                        moved += written as u64;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        if waited {
+                            to.writable().await?;
+                        } else {
+                            waited = true;
+                            match tokio::time::timeout(STALLED, to.writable()).await {
+                                Ok(ready) => ready?,
+                                Err(_) => {
+                                    pipe.fit(pending);
+                                    to.writable().await?;
+                                }
+                            }
+                        }
+                    }
+                    Err(error) => return Err(error),
                 }
-                pending -= written;
-                moved += written as u64;
             }
+            take = if waited {
+                (take / 2).max(FIRST_TAKE)
+            } else {
+                (take * 2).min(CHUNK)
+            };
         }
     }
 }
@@ -268,23 +318,61 @@ mod tests {
     fn idle_pipes_keep_a_few_full_sized_ones() {
         let _counted_apart = OWN_PIPES.lock().unwrap_or_else(|e| e.into_inner());
         let idle = IdlePipes::new();
-        let pipe = |starved| {
+        let pipe = |keep| {
             let (out, into) = rustix::pipe::pipe().expect("pipe");
-            Pipe { out, into, starved }
+            Pipe { out, into, keep }
         };
-        idle.give_back(pipe(true));
-        assert_eq!(idle.pipes().len(), 0, "a starved pipe is not kept");
+        idle.give_back(pipe(false));
+        assert_eq!(idle.pipes().len(), 0, "a starved or cut pipe is not kept");
         for _ in 0..IDLE_KEPT + 3 {
-            idle.give_back(pipe(false));
+            idle.give_back(pipe(true));
         }
         assert_eq!(idle.pipes().len(), IDLE_KEPT);
         let taken = idle.take().expect("take");
-        assert!(!taken.starved);
+        assert!(taken.keep);
         assert_eq!(idle.pipes().len(), IDLE_KEPT - 1, "taken from those kept");
         assert!(
-            !Pipe::new().expect("new pipe").starved,
+            Pipe::new().expect("new pipe").keep,
             "a new pipe here gets at least the default capacity"
         );
+    }
+
+    /// Cut down to the least capacity that holds its bytes, which stay as they were, and then
+    /// not kept; a pipe holding more than half of a full one is left whole.
+    #[test]
+    fn a_pipe_is_cut_down_to_the_bytes_it_holds() {
+        let _counted_apart = OWN_PIPES.lock().unwrap_or_else(|e| e.into_inner());
+        let held: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut pipe = Pipe::new().expect("new pipe");
+        assert_eq!(
+            rustix::io::write(&pipe.into, &held).expect("write"),
+            held.len()
+        );
+        pipe.fit(held.len());
+        assert_eq!(
+            rustix::pipe::fcntl_getpipe_size(&pipe.into).expect("size"),
+            128 * 1024
+        );
+        assert!(!pipe.keep, "a cut pipe is not kept");
+        let mut read = vec![0u8; 200_000];
+        let n = rustix::io::read(&pipe.out, &mut read).expect("read");
+        assert!(read[..n] == held[..], "the bytes held changed");
+
+        let mut full = Pipe::new().expect("new pipe");
+        let size = |pipe: &Pipe| rustix::pipe::fcntl_getpipe_size(&pipe.into).expect("size");
+        assert_eq!(
+            size(&full),
+            CHUNK,
+            "a pipe made here grows to the size asked"
+        );
+        let more = vec![7u8; 600_000];
+        assert_eq!(
+            rustix::io::write(&full.into, &more).expect("write"),
+            more.len()
+        );
+        full.fit(more.len());
+        assert_eq!(size(&full), CHUNK);
+        assert!(full.keep);
     }
 
     #[tokio::test]
