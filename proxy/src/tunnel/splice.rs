@@ -180,17 +180,17 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                         moved += written as u64;
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        if waited {
+                        waited = true;
+                        // Until it is cut, at each wait: the other side may have taken part
+                        // of a pipe's bytes too large to cut before it stopped.
+                        if !pipe.keep {
                             to.writable().await?;
+                        } else if let Ok(ready) = tokio::time::timeout(STALLED, to.writable()).await
+                        {
+                            ready?;
                         } else {
-                            waited = true;
-                            match tokio::time::timeout(STALLED, to.writable()).await {
-                                Ok(ready) => ready?,
-                                Err(_) => {
-                                    pipe.fit(pending);
-                                    to.writable().await?;
-                                }
-                            }
+                            pipe.fit(pending);
+                            to.writable().await?;
                         }
                     }
                     Err(error) => return Err(error),
