@@ -76,8 +76,13 @@ async fn a_stopped_reader_holds_what_was_read_in_a_pipe_cut_down_to_it() {
         tokio::spawn(async move { app.write_all(&sent).await.map(|()| app) })
     };
     // The relay starts with the app's bytes waiting, as many as the socket takes.
+    let filling = Instant::now();
     let mut waiting = 0;
     while waiting < 128 * 1024 {
+        assert!(
+            filling.elapsed() < Duration::from_secs(10),
+            "only {waiting} bytes waiting to be read"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
         waiting = rustix::io::ioctl_fionread(&near).unwrap();
     }
