@@ -181,8 +181,10 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                         waited = true;
-                        // Until it is cut, at each wait: the other side may have taken part
-                        // of a pipe's bytes too large to cut before it stopped.
+                        // A pipe not kept has nothing to cut: it was cut already, or made
+                        // small past the budget. Any other is timed at each wait, not only the
+                        // first: the other side may have taken part of bytes too many to cut
+                        // before it stopped.
                         if !pipe.keep {
                             to.writable().await?;
                         } else if let Ok(ready) = tokio::time::timeout(STALLED, to.writable()).await
