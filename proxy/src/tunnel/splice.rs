@@ -340,7 +340,8 @@ mod tests {
     }
 
     /// Cut down to the least capacity that holds its bytes, which stay as they were, and then
-    /// not kept; a pipe holding more than half of a full one is left whole.
+    /// not kept; a pipe holding more than half of a full one is left whole and kept, and is cut
+    /// once part of its bytes went out.
     #[test]
     fn a_pipe_is_cut_down_to_the_bytes_it_holds() {
         let _counted_apart = OWN_PIPES.lock().unwrap_or_else(|e| e.into_inner());
@@ -374,7 +375,25 @@ mod tests {
         );
         full.fit(more.len());
         assert_eq!(size(&full), CHUNK);
-        assert!(full.keep);
+        assert!(
+            full.keep,
+            "left whole, so the next wait for room tries again"
+        );
+
+        // The other side took part of it: the next try cuts it.
+        let mut taken = vec![0u8; 200_000];
+        assert_eq!(
+            rustix::io::read(&full.out, &mut taken).expect("read"),
+            taken.len()
+        );
+        let left = more.len() - taken.len();
+        full.fit(left);
+        assert_eq!(size(&full), 512 * 1024);
+        assert!(!full.keep, "a cut pipe is not kept");
+        let mut rest = vec![0u8; CHUNK];
+        let n = rustix::io::read(&full.out, &mut rest).expect("read");
+        assert_eq!(n, left, "every byte left is still there");
+        assert!(rest[..n].iter().all(|&b| b == 7), "the bytes left changed");
     }
 
     #[tokio::test]
