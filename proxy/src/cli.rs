@@ -113,9 +113,10 @@ pub struct RouterArgs {
     /// How long a terminating router lets open flows finish (500ms, 20s, 1m).
     #[arg(long, env = "SERVICEKEEL_ROUTER_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = servicekeel_api::duration::parse_duration)]
     pub drain_timeout: std::time::Duration,
-    /// How long to busy poll a UDP flow to an endpoint on this node after each datagram, before
-    /// sleeping (0 never; at most 1ms), giving the CPU to any thread waiting for it between
-    /// polls; one flow at a time, only flows answered within it, none while several are busy.
+    /// How long to busy poll a UDP flow to an endpoint on this node after each datagram, and a
+    /// TCP stream to one whose socket a read emptied, before sleeping (0 never; at most 1ms),
+    /// giving the CPU to any thread waiting for it between polls; one flow at a time, only UDP
+    /// flows answered within it, none while several UDP flows are busy.
     #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", default_value = defaults::ROUTER_BUSY_POLL, value_parser = parse_busy_poll)]
     pub busy_poll: std::time::Duration,
     /// Most flows carried at once; past it, new flows are refused (503).

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
+use servicekeel_proxy::tunnel::busy_poll::Polling;
 use servicekeel_proxy::tunnel::splice::relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -86,7 +87,9 @@ async fn a_stopped_reader_holds_what_was_read_in_a_pipe_cut_down_to_it() {
         tokio::time::sleep(Duration::from_millis(10)).await;
         waiting = rustix::io::ioctl_fionread(&near).unwrap();
     }
-    tokio::spawn(async move { relay(&near, &far).await });
+    // Polling as the router's default does: a stream's emptied socket is polled a while.
+    let polling = Polling::new(Duration::from_micros(50));
+    tokio::spawn(async move { relay(&near, &far, &polling).await });
     // The server reads nothing; the relay fills the server's socket and waits with the rest.
     let started = Instant::now();
     let holding = loop {

@@ -1,7 +1,9 @@
 //! Busy polling a relay's sockets for a short while after it forwarded something, before it
 //! sleeps until the runtime wakes it. Waking a sleeping thread costs tens of microseconds of
 //! CPU and latency where the kernel must wake an idle CPU (on virtual machines above all); an
-//! answer that comes back within the budget is taken without that wakeup.
+//! answer that comes back within the budget is taken without that wakeup. What follows is the
+//! UDP relays' rules; a TCP stream polls its emptied socket with the same budget and turn
+//! ([`Polling::stream_window`], `super::splice`).
 //!
 //! Polling is spent only where it pays:
 //! - a relay polls after forwarding one way only when, the last time it forwarded that way,
@@ -130,6 +132,22 @@ impl Polling {
 
     fn shared(&self) -> bool {
         self.threads.as_ref().is_some_and(|threads| threads.shared)
+    }
+
+    /// A window to poll a TCP stream's socket in, from now for the budget, with the turn: for a
+    /// relay whose read emptied the socket in the midst of a stream, whose next bytes are most
+    /// likely on their way. `None` if polling is off or another relay polls.
+    pub fn stream_window(&self) -> Option<Window<'_>> {
+        if self.budget.is_zero() {
+            return None;
+        }
+        self.turn
+            .compare_exchange(FREE, TAKEN, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        Some(Window {
+            turn: Some(&self.turn),
+            until: Instant::now() + self.budget,
+        })
     }
 }
 
@@ -633,5 +651,32 @@ mod tests {
         drop(window);
         assert!(!first.crowded() && !second.crowded());
         assert!(second.window(true).is_some(), "nor held off");
+    }
+
+    #[test]
+    fn a_stream_polls_for_the_budget_with_the_turn_and_not_when_off() {
+        assert!(
+            Polling::new(Duration::ZERO).stream_window().is_none(),
+            "polling off"
+        );
+        let polling = Polling::new(BUDGET);
+        let before = Instant::now();
+        let window = polling.stream_window().expect("the turn is free");
+        assert!(window.until >= before + BUDGET && window.until <= Instant::now() + BUDGET);
+        assert!(
+            polling.stream_window().is_none(),
+            "one relay polls at a time"
+        );
+        let now = Instant::now();
+        let udp = busy_relay(&polling, now);
+        assert!(udp.window(false).is_none(), "the same turn as datagrams'");
+        drop(window);
+        let udp_window = udp.window(false).expect("given back");
+        assert!(
+            polling.stream_window().is_none(),
+            "taken by the datagrams now"
+        );
+        drop(udp_window);
+        assert!(polling.stream_window().is_some());
     }
 }

@@ -508,7 +508,10 @@ pub async fn serve<H: Handler>(
                 link: link.clone(),
             };
             match handed {
-                Handed::Tcp(stream) => tokio::spawn(relay(request, stream, handler.clone())),
+                Handed::Tcp(stream) => {
+                    let polling = polling.clone();
+                    tokio::spawn(relay(request, stream, polling, handler.clone()))
+                }
                 Handed::Udp(client, idle) => {
                     let polling = polling.clone();
                     tokio::spawn(relay_udp(request, client, idle, polling, handler.clone()))
@@ -566,8 +569,14 @@ fn connected_socket(
     Ok(socket)
 }
 
-/// Relays one handed-over connection to the far end `handler` opens for it.
-async fn relay<H: Handler>(request: FlowRequest, app: TcpStream, handler: Arc<H>) {
+/// Relays one handed-over connection to the far end `handler` opens for it; one to an endpoint
+/// on this node polls a stream's emptied socket as `polling` allows.
+async fn relay<H: Handler>(
+    request: FlowRequest,
+    app: TcpStream,
+    polling: Polling,
+    handler: Arc<H>,
+) {
     let upstream = match handler.open(&request).await {
         Ok(upstream) => upstream,
         Err(refusal) => {
@@ -581,14 +590,17 @@ async fn relay<H: Handler>(request: FlowRequest, app: TcpStream, handler: Arc<H>
         _ => None,
     };
     // The connection moves to the link's thread with its flow.
-    let finished = moved_home(home, app, tcp_moved_to, |app| relay_to_end(upstream, app)).await;
+    let finished = moved_home(home, app, tcp_moved_to, |app| {
+        relay_to_end(upstream, app, polling)
+    })
+    .await;
     handler.finished(&request, &finished);
 }
 
 /// Relays a handed-over connection to `upstream` until both ways ended, then closes it: as any
 /// connection closes when the relay ran to its end, with a reset when it broke.
-async fn relay_to_end(upstream: Upstream, mut app: TcpStream) -> Finished {
-    let finished = super::server::carry(upstream, &mut app).await;
+async fn relay_to_end(upstream: Upstream, mut app: TcpStream, polling: Polling) -> Finished {
+    let finished = super::server::carry(upstream, &mut app, &polling).await;
     if finished.result.is_ok() {
         let _ = socket2::SockRef::from(&app).set_linger(None);
     } else {

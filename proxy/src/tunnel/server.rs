@@ -615,12 +615,13 @@ async fn open_flow<H: Handler>(
 }
 
 /// Relays a connection handed over by a sidecar to its far end, both ways, until both ways
-/// ended; the far end is aborted if the relay broke (the caller decides for `app`).
-pub(crate) async fn carry(upstream: Upstream, app: &mut TcpStream) -> Finished {
+/// ended; the far end is aborted if the relay broke (the caller decides for `app`). A relay to
+/// an endpoint on this node polls a stream's emptied socket as `polling` allows.
+pub(crate) async fn carry(upstream: Upstream, app: &mut TcpStream, polling: &Polling) -> Finished {
     // An endpoint socket is relayed with splice: no copy through this process.
     match upstream {
         Upstream::Tcp(stream) => {
-            let result = super::splice::relay(app, &stream).await;
+            let result = super::splice::relay(app, &stream, polling).await;
             if result.is_err() {
                 abort(&stream);
             }

@@ -20,6 +20,14 @@
 //! it, halving it when it does not (down to 64 KiB, `FIRST_TAKE`), and a pipe left waiting for room
 //! longer than `STALLED` is cut down to the bytes it holds. An end of stream is carried over as
 //! a half-close of the other socket.
+//!
+//! A direction that has moved a stream's worth of bytes since it last woke (`STREAM`) and finds
+//! its socket empty polls it for the router's busy-polling budget before it sleeps, with the
+//! polling turn ([`Polling::stream_window`]): the sender's next bytes mostly come within it,
+//! and are taken without the relay's thread sleeping and being woken, and without its CPU
+//! going idle, where the kernel would move the threads of the transfer between CPUs
+//! (`BENCHMARKS.md`, TCP bulk on one node). A flow of requests and answers moves less than a
+//! stream's worth between its waits and never polls.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -30,6 +38,8 @@ use std::time::Duration;
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use super::busy_poll::Polling;
 
 /// Capacity asked of each pipe, and most bytes one splice moves; a pipe keeps the default
 /// (64 KiB) where the system allows no more. Against 256 KiB and 64 KiB pipes a bulk transfer
@@ -43,6 +53,9 @@ const FIRST_TAKE: usize = 64 * 1024;
 /// How long bytes in a pipe may wait for room in the other socket before the pipe is cut down to
 /// them; a relay between two sockets on one node otherwise waits microseconds.
 const STALLED: Duration = Duration::from_millis(20);
+
+/// Bytes a direction must have moved since it last woke before it polls its emptied socket.
+const STREAM: u64 = 64 * 1024;
 
 /// Empty pipes kept for reuse, so that a flow's next burst does not make a pipe anew; each
 /// counts against the user's pipe budget as a pipe in use does.
@@ -143,21 +156,30 @@ impl IdlePipes {
     }
 }
 
-/// Relays `a` and `b` both ways until both directions ended; returns the bytes moved from `a`
-/// to `b` and from `b` to `a`. At the first error it stops and returns it.
-pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b), one_way(b, a))
+/// Relays `a` and `b` both ways until both directions ended, a stream's emptied socket polled
+/// as `polling` allows; returns the bytes moved from `a` to `b` and from `b` to `a`. At the
+/// first error it stops and returns it.
+pub async fn relay(a: &TcpStream, b: &TcpStream, polling: &Polling) -> io::Result<(u64, u64)> {
+    tokio::try_join!(one_way(a, b, polling), one_way(b, a, polling))
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, polling: &Polling) -> io::Result<u64> {
     let mut moved = 0u64;
     let mut take = FIRST_TAKE;
     loop {
         from.readable().await?;
         let mut pipe = IDLE.take()?;
+        let woke_at = moved;
         // The pipe is empty at each read. On an error it is dropped, not kept.
         loop {
-            let read = from.try_io(Interest::READABLE, || splice(from, &pipe.into, take));
+            let read = match from.try_io(Interest::READABLE, || splice(from, &pipe.into, take)) {
+                Err(error)
+                    if error.kind() == io::ErrorKind::WouldBlock && moved - woke_at >= STREAM =>
+                {
+                    poll(polling, || splice(from, &pipe.into, take)).unwrap_or(Err(error))
+                }
+                read => read,
+            };
             let mut pending = match read {
                 Ok(0) => {
                     IDLE.give_back(pipe);
@@ -207,6 +229,24 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     }
 }
 
+/// `attempt`, which would block, tried again while `polling` gives a stream's window, the CPU
+/// given to any thread waiting for it before each try; what it did once it did not block, or
+/// `None`.
+fn poll(
+    polling: &Polling,
+    mut attempt: impl FnMut() -> io::Result<usize>,
+) -> Option<io::Result<usize>> {
+    let window = polling.stream_window()?;
+    while window.open() {
+        window.pause();
+        match attempt() {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            done => return Some(done),
+        }
+    }
+    None
+}
+
 /// One non-blocking splice of at most `len` bytes; one of the two ends must be a pipe.
 fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
@@ -231,19 +271,22 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn both_ways_byte_exact_with_half_close() {
-        let (app, near) = pair().await;
-        let (far, server) = pair().await;
-        let relaying = tokio::spawn(async move { relay(&near, &far).await });
-        crate::tunnel::pipe::tests::half_closed_exchange(app, server, 8 << 20).await;
-        assert_eq!(relaying.await.expect("join").expect("relay"), (8 << 20, 7));
+    async fn both_ways_byte_exact_with_half_close_polling_or_not() {
+        for budget in [Duration::ZERO, Duration::from_micros(50)] {
+            let (app, near) = pair().await;
+            let (far, server) = pair().await;
+            let polling = Polling::new(budget);
+            let relaying = tokio::spawn(async move { relay(&near, &far, &polling).await });
+            crate::tunnel::pipe::tests::half_closed_exchange(app, server, 8 << 20).await;
+            assert_eq!(relaying.await.expect("join").expect("relay"), (8 << 20, 7));
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_that_stops_stops_the_relay_reading() {
         let (mut app, near) = pair().await;
         let (far, _server) = pair().await;
-        let _relaying = tokio::spawn(async move { relay(&near, &far).await });
+        let _relaying = tokio::spawn(async move { relay(&near, &far, &Polling::default()).await });
         let block = [7u8; 64 * 1024];
         let mut written = 0usize;
         while written < 256 << 20 {
@@ -290,7 +333,7 @@ mod tests {
         for _ in 0..CONNECTIONS {
             let (mut app, near) = pair().await;
             let (far, mut server) = pair().await;
-            tokio::spawn(async move { relay(&near, &far).await });
+            tokio::spawn(async move { relay(&near, &far, &Polling::default()).await });
             app.write_all(&[1u8; 64]).await.expect("request");
             let mut request = [0u8; 64];
             server
@@ -400,7 +443,7 @@ mod tests {
     async fn a_reset_on_one_side_ends_the_relay_with_an_error() {
         let (app, near) = pair().await;
         let (far, _server) = pair().await;
-        let relaying = tokio::spawn(async move { relay(&near, &far).await });
+        let relaying = tokio::spawn(async move { relay(&near, &far, &Polling::default()).await });
         socket2::SockRef::from(&app)
             .set_linger(Some(std::time::Duration::ZERO))
             .expect("linger");
