@@ -116,7 +116,7 @@ pub struct RouterArgs {
     /// How long to busy poll a UDP flow to an endpoint on this node after each datagram, and a
     /// TCP stream to one whose socket a read emptied, before sleeping (0 never; at most 1ms),
     /// giving the CPU to any thread waiting for it between polls; one flow at a time, only UDP
-    /// flows answered within it, none while several UDP flows are busy.
+    /// flows answered within it, none while more UDP flows are busy than can poll.
     #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", default_value = defaults::ROUTER_BUSY_POLL, value_parser = parse_busy_poll)]
     pub busy_poll: std::time::Duration,
     /// Most flows carried at once; past it, new flows are refused (503).

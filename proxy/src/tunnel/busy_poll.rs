@@ -136,9 +136,11 @@ impl Polling {
 
     /// A window to poll a TCP stream's socket in, from now for the budget, with the turn: for a
     /// relay whose read emptied the socket in the midst of a stream, whose next bytes are most
-    /// likely on their way. `None` if polling is off or another relay polls.
+    /// likely on their way. `None` if polling is off, held off because more UDP flows are busy
+    /// than can poll (as for them, [`BusyPoll::crowded`]), or another relay polls.
     pub fn stream_window(&self) -> Option<Window<'_>> {
-        if self.budget.is_zero() {
+        let now = Instant::now();
+        if self.budget.is_zero() || (!self.shared() && self.contended.within(now, HOLD_OFF)) {
             return None;
         }
         self.turn
@@ -146,7 +148,7 @@ impl Polling {
             .ok()?;
         Some(Window {
             turn: Some(&self.turn),
-            until: Instant::now() + self.budget,
+            until: now + self.budget,
         })
     }
 }
@@ -678,5 +680,18 @@ mod tests {
         );
         drop(udp_window);
         assert!(polling.stream_window().is_some());
+    }
+
+    #[test]
+    fn a_stream_does_not_poll_while_the_udp_flows_crowd() {
+        let polling = Polling::new(BUDGET);
+        polling.contended.seen(Instant::now());
+        assert!(polling.stream_window().is_none(), "held off");
+        let shared = on_threads("stream-shared", 1, true);
+        shared.contended.seen(Instant::now());
+        assert!(
+            shared.stream_window().is_some(),
+            "never held off with one shared thread"
+        );
     }
 }

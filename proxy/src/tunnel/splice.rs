@@ -26,8 +26,8 @@
 //! polling turn ([`Polling::stream_window`]): the sender's next bytes mostly come within it,
 //! and are taken without the relay's thread sleeping and being woken, and without its CPU
 //! going idle, where the kernel would move the threads of the transfer between CPUs
-//! (`BENCHMARKS.md`, TCP bulk on one node). A flow of requests and answers moves less than a
-//! stream's worth between its waits and never polls.
+//! (`BENCHMARKS.md`, TCP bulk on one node). Requests and answers smaller than a stream's worth
+//! never make a direction poll; a larger answer makes it poll once after it.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
