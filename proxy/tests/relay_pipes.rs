@@ -88,7 +88,10 @@ async fn a_stopped_reader_holds_what_was_read_in_a_pipe_cut_down_to_it() {
         waiting = rustix::io::ioctl_fionread(&near).unwrap();
     }
     // Polling as the router's default does: a stream's emptied socket is polled a while.
-    let polling = Polling::new(Duration::from_micros(50));
+    let budget =
+        servicekeel_api::duration::parse_duration(servicekeel_api::defaults::ROUTER_BUSY_POLL)
+            .unwrap();
+    let polling = Polling::new(budget);
     tokio::spawn(async move { relay(&near, &far, &polling).await });
     // The server reads nothing; the relay fills the server's socket and waits with the rest.
     let started = Instant::now();

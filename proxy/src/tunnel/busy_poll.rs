@@ -41,6 +41,7 @@
 //!   yields carried two flows as well as a thread per relay, and holding polling off had cost
 //!   two flows (with the benchmark's earlier load; `BENCHMARKS.md`, UDP's section).
 
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -139,8 +140,11 @@ impl Polling {
     /// likely on their way. `None` if polling is off, held off because more UDP flows are busy
     /// than can poll (as for them, [`BusyPoll::crowded`]), or another relay polls.
     pub fn stream_window(&self) -> Option<Window<'_>> {
+        if self.budget.is_zero() {
+            return None;
+        }
         let now = Instant::now();
-        if self.budget.is_zero() || (!self.shared() && self.contended.within(now, HOLD_OFF)) {
+        if !self.shared() && self.contended.within(now, HOLD_OFF) {
             return None;
         }
         self.turn
@@ -390,6 +394,23 @@ impl Window<'_> {
     /// thread whose datagram is awaited may be one of them; returns at once where none waits.
     pub fn pause(&self) {
         std::thread::yield_now();
+    }
+
+    /// Tries `attempt` until it catches something or the window closes, pausing between tries;
+    /// an error ends it.
+    pub fn poll<T>(
+        &self,
+        mut attempt: impl FnMut() -> io::Result<Option<T>>,
+    ) -> io::Result<Option<T>> {
+        loop {
+            if let Some(caught) = attempt()? {
+                return Ok(Some(caught));
+            }
+            if !self.open() {
+                return Ok(None);
+            }
+            self.pause();
+        }
     }
 }
 

@@ -177,18 +177,12 @@ impl<M: Fn(Way, usize) + Send> Bridge<M> {
         tokio::pin!(deadline);
         loop {
             let caught = match self.poll.window(on_thread) {
-                Some(window) => loop {
+                Some(window) => window.poll(|| {
                     if let Some(datagram) = self.a.take_waiting()? {
-                        break Some((Way::Out, datagram));
+                        return Ok(Some((Way::Out, datagram)));
                     }
-                    if let Some(datagram) = self.b.take_waiting()? {
-                        break Some((Way::In, datagram));
-                    }
-                    if !window.open() {
-                        break None;
-                    }
-                    window.pause();
-                },
+                    Ok(self.b.take_waiting()?.map(|datagram| (Way::In, datagram)))
+                })?,
                 None => None,
             };
             let leaves_when_quiet = self.poll.holds_thread(on_thread);

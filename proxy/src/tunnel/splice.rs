@@ -176,7 +176,12 @@ async fn one_way(from: &TcpStream, to: &TcpStream, polling: &Polling) -> io::Res
                 Err(error)
                     if error.kind() == io::ErrorKind::WouldBlock && moved - woke_at >= STREAM =>
                 {
-                    poll(polling, || splice(from, &pipe.into, take)).unwrap_or(Err(error))
+                    polling
+                        .stream_window()
+                        .map_or(Ok(None), |window| {
+                            window.poll(|| caught(splice(from, &pipe.into, take)))
+                        })
+                        .and_then(|read| read.ok_or(error))
                 }
                 read => read,
             };
@@ -229,22 +234,12 @@ async fn one_way(from: &TcpStream, to: &TcpStream, polling: &Polling) -> io::Res
     }
 }
 
-/// `attempt`, which would block, tried again while `polling` gives a stream's window, the CPU
-/// given to any thread waiting for it before each try; what it did once it did not block, or
-/// `None`.
-fn poll(
-    polling: &Polling,
-    mut attempt: impl FnMut() -> io::Result<usize>,
-) -> Option<io::Result<usize>> {
-    let window = polling.stream_window()?;
-    while window.open() {
-        window.pause();
-        match attempt() {
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            done => return Some(done),
-        }
+/// A non-blocking call's outcome as a poll's: `None` where it would block.
+fn caught(result: io::Result<usize>) -> io::Result<Option<usize>> {
+    match result {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        done => done.map(Some),
     }
-    None
 }
 
 /// One non-blocking splice of at most `len` bytes; one of the two ends must be a pipe.
