@@ -23,11 +23,11 @@
 //!
 //! A direction that has moved a stream's worth of bytes since it last woke (`STREAM`) and finds
 //! its socket empty polls it for the router's busy-polling budget before it sleeps, with the
-//! polling turn ([`Polling::stream_window`]): the sender's next bytes mostly come within it,
-//! and are taken without the relay's thread sleeping and being woken, and without its CPU
+//! polling turn ([`Polling::stream_window`]): the sender's next bytes, where they come within
+//! it, are taken without the relay's thread sleeping and being woken, and without its CPU
 //! going idle, where the kernel would move the threads of the transfer between CPUs
 //! (`BENCHMARKS.md`, TCP bulk on one node). Requests and answers smaller than a stream's worth
-//! never make a direction poll; a larger answer makes it poll once after it.
+//! never make a direction poll; a larger answer may make it poll after it.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
