@@ -618,7 +618,7 @@ impl Router {
             ));
         }
         watch_api(&config, &shared, &stopped).await;
-        let mut polling = Polling::new(config.busy_poll);
+        let mut polling = Polling::new(config.busy_poll).counted(shared.metrics.poll_counts());
         if !config.busy_poll.is_zero() {
             // One per CPU for busy flows, or the one every busy flow shares.
             let threads =

@@ -118,6 +118,20 @@ async fn connections_are_handed_to_the_router_and_relayed_byte_exact() {
         ],
     )
     .await;
+    // The relays' busy-polling windows are counted, by kind and outcome.
+    let metrics = http_get(router.admin_addr(), "/metrics").await;
+    for relay in ["tcp", "udp"] {
+        for outcome in ["caught", "missed"] {
+            let series = format!(
+                r#"servicekeel_router_busy_polls_total{{relay="{relay}",outcome="{outcome}"}} "#
+            );
+            let counted = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .and_then(|n| n.parse::<u64>().ok());
+            assert!(counted.is_some(), "no {series}in:\n{metrics}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

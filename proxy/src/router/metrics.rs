@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 use servicekeel_api::Protocol;
 
 use crate::metrics::FlowMetrics;
+use crate::tunnel::busy_poll::{Outcomes, PollCounts};
 use crate::tunnel::server::{Finished, LinkId};
 
 #[derive(Debug)]
@@ -29,11 +30,20 @@ pub struct Metrics {
     peers_up: Gauge,
     peer_refusals: Family<ReasonLabels, Counter>,
     sidecar_refusals: Counter,
+    busy_polls: Family<PollLabels, Counter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PollLabels {
+    /// `tcp` or `udp`.
+    relay: &'static str,
+    /// `caught` or `missed`.
+    outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -52,6 +62,7 @@ impl Default for Metrics {
             peers_up: Gauge::default(),
             peer_refusals: Family::default(),
             sidecar_refusals: Counter::default(),
+            busy_polls: Family::default(),
         };
         registry.register(
             "peers",
@@ -72,6 +83,12 @@ impl Default for Metrics {
             "sidecar_refusals",
             "TCP connections to the sidecar port from outside the allowed addresses, refused",
             metrics.sidecar_refusals.clone(),
+        );
+        registry.register(
+            "busy_polls",
+            "Busy-polling windows relays opened, by relay (tcp, udp) and outcome (caught: the next \
+             bytes or datagram came within the window; missed: it closed with nothing)",
+            metrics.busy_polls.clone(),
         );
         metrics.flows.register(&mut registry);
         registry.register(
@@ -170,6 +187,24 @@ impl Metrics {
 
     pub fn sidecar_refused(&self) {
         self.sidecar_refusals.inc();
+    }
+
+    /// The counters the relays' busy polling counts its windows in.
+    pub fn poll_counts(&self) -> PollCounts {
+        let outcomes = |relay| Outcomes {
+            caught: self.poll_counter(relay, "caught"),
+            missed: self.poll_counter(relay, "missed"),
+        };
+        PollCounts {
+            udp: outcomes("udp"),
+            stream: outcomes("tcp"),
+        }
+    }
+
+    fn poll_counter(&self, relay: &'static str, outcome: &'static str) -> Counter {
+        self.busy_polls
+            .get_or_create(&PollLabels { relay, outcome })
+            .clone()
     }
 
     pub fn encode(&self) -> String {

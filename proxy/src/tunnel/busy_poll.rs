@@ -40,11 +40,16 @@
 //!   holds polling off ([`Polling::on_shared_thread`]): there, relays polling in turn with
 //!   yields carried two flows as well as a thread per relay, and holding polling off had cost
 //!   two flows (with the benchmark's earlier load; `BENCHMARKS.md`, UDP's section).
+//!
+//! Each window is counted by what it caught ([`PollCounts`]: the router's `busy_polls_total`),
+//! so that an operator can see whether polling pays on a node.
 
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::datagrams::Way;
 use crate::links::LinkThreads;
@@ -77,6 +82,26 @@ pub struct Polling {
     /// The threads busy flows' relays run on whole; without them, relays run where they are
     /// spawned.
     threads: Option<RelayThreads>,
+    /// What the windows opened caught.
+    counts: PollCounts,
+}
+
+/// What the windows relays polled in caught, per kind of relay (the router's
+/// `busy_polls_total`).
+#[derive(Debug, Clone, Default)]
+pub struct PollCounts {
+    /// The UDP relays' windows ([`BusyPoll::window`]).
+    pub udp: Outcomes,
+    /// A TCP stream's windows ([`Polling::stream_window`]).
+    pub stream: Outcomes,
+}
+
+/// How many windows caught something (a datagram, a stream's next bytes) and how many closed
+/// with nothing caught.
+#[derive(Debug, Clone, Default)]
+pub struct Outcomes {
+    pub caught: Counter,
+    pub missed: Counter,
 }
 
 /// The turn at polling is free.
@@ -118,6 +143,11 @@ impl Polling {
         self.with_threads(thread, true)
     }
 
+    /// The same, what each window catches counted in `counts`.
+    pub fn counted(self, counts: PollCounts) -> Self {
+        Polling { counts, ..self }
+    }
+
     fn with_threads(self, runtime: LinkThreads, shared: bool) -> Self {
         Polling {
             threads: Some(RelayThreads {
@@ -153,6 +183,7 @@ impl Polling {
         Some(Window {
             turn: Some(&self.turn),
             until: now + self.budget,
+            outcomes: &self.counts.stream,
         })
     }
 }
@@ -211,15 +242,25 @@ impl BusyPoll {
     /// back when dropped. An active relay that finds the turn taken while every thread is held,
     /// itself or the holder busy, holds all polling off for [`HOLD_OFF`].
     pub fn window(&self, on_thread: bool) -> Option<Window<'_>> {
-        let Polling { budget, turn, .. } = &self.polling;
+        let Polling {
+            budget,
+            turn,
+            counts,
+            ..
+        } = &self.polling;
         let (way, at) = self.last?;
         let quick = self.gaps[slot(way)].is_none_or(|gap| gap <= *budget);
         if budget.is_zero() || !quick || self.crowded() {
             return None;
         }
         let until = at + *budget;
+        let outcomes = &counts.udp;
         if self.holds_thread(on_thread) {
-            return Some(Window { turn: None, until });
+            return Some(Window {
+                turn: None,
+                until,
+                outcomes,
+            });
         }
         let busy = self.busy();
         let taken = if busy { TAKEN_BY_BUSY } else { TAKEN };
@@ -235,6 +276,7 @@ impl BusyPoll {
         Some(Window {
             turn: Some(turn),
             until,
+            outcomes,
         })
     }
 
@@ -382,6 +424,8 @@ pub struct Window<'a> {
     /// The turn taken, where the relay shares its thread.
     turn: Option<&'a AtomicU8>,
     until: Instant,
+    /// Where [`Window::poll`] counts what it caught.
+    outcomes: &'a Outcomes,
 }
 
 impl Window<'_> {
@@ -396,17 +440,19 @@ impl Window<'_> {
         std::thread::yield_now();
     }
 
-    /// Tries `attempt` until it catches something or the window closes, pausing between tries;
-    /// an error ends it.
+    /// Tries `attempt` until it catches something or the window closes, pausing between tries,
+    /// and counts which it was; an error ends it, uncounted.
     pub fn poll<T>(
         &self,
         mut attempt: impl FnMut() -> io::Result<Option<T>>,
     ) -> io::Result<Option<T>> {
         loop {
             if let Some(caught) = attempt()? {
+                self.outcomes.caught.inc();
                 return Ok(Some(caught));
             }
             if !self.open() {
+                self.outcomes.missed.inc();
                 return Ok(None);
             }
             self.pause();
@@ -713,6 +759,55 @@ mod tests {
         assert!(
             shared.stream_window().is_some(),
             "never held off with one shared thread"
+        );
+    }
+
+    #[test]
+    fn each_window_counts_what_it_caught_for_its_kind_of_relay() {
+        let counts = PollCounts::default();
+        let polling = Polling::new(Duration::from_secs(3600)).counted(counts.clone());
+        let tally = |outcomes: &Outcomes| (outcomes.caught.get(), outcomes.missed.get());
+        let mut tries = 0;
+        let caught = polling.stream_window().expect("a window").poll(|| {
+            tries += 1;
+            Ok((tries == 3).then_some(tries))
+        });
+        assert_eq!(caught.expect("no error"), Some(3), "tried until it caught");
+        assert_eq!(
+            (tally(&counts.stream), tally(&counts.udp)),
+            ((1, 0), (0, 0))
+        );
+
+        let mut udp = BusyPoll::new(polling.clone());
+        udp.forwarded(Way::Out);
+        let caught = udp.window(false).expect("a window").poll(|| Ok(Some(())));
+        assert!(caught.expect("no error").is_some());
+        let failed = udp
+            .window(false)
+            .expect("a window")
+            .poll(|| Err::<Option<()>, _>(io::ErrorKind::ConnectionRefused.into()));
+        assert!(failed.is_err(), "an error ends it");
+        assert_eq!(
+            (tally(&counts.stream), tally(&counts.udp)),
+            ((1, 0), (1, 0))
+        );
+
+        let short = Polling::new(Duration::from_millis(1)).counted(counts.clone());
+        let mut quiet = BusyPoll::new(short.clone());
+        quiet.forwarded(Way::In);
+        let nothing = quiet
+            .window(false)
+            .expect("a window")
+            .poll(|| Ok(None::<()>));
+        assert!(nothing.expect("no error").is_none());
+        let nothing = short
+            .stream_window()
+            .expect("a window")
+            .poll(|| Ok(None::<()>));
+        assert!(nothing.expect("no error").is_none());
+        assert_eq!(
+            (tally(&counts.stream), tally(&counts.udp)),
+            ((1, 1), (1, 1))
         );
     }
 }

@@ -250,10 +250,12 @@ fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::metrics::counter::Counter;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::tunnel::busy_poll::{Outcomes, PollCounts};
 
     /// Two connected sockets: (the one dialled, the one accepted).
     async fn pair() -> (TcpStream, TcpStream) {
@@ -275,6 +277,75 @@ mod tests {
             crate::tunnel::pipe::tests::half_closed_exchange(app, server, 8 << 20).await;
             assert_eq!(relaying.await.expect("join").expect("relay"), (8 << 20, 7));
         }
+    }
+
+    /// Waits until `counter` reaches `at_least`, for at most `within`.
+    async fn counted(counter: &Counter, at_least: u64, within: Duration) -> u64 {
+        let give_up = tokio::time::Instant::now() + within;
+        while counter.get() < at_least && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        counter.get()
+    }
+
+    /// A stream's first bytes, more than [`STREAM`], all in the relay's socket before it first
+    /// reads, so that it moves them all in one wake and its window opens once they are gone;
+    /// then one more byte, written once the first ones came out (while a window of `budget`
+    /// is open) or once the window closed. Returns the windows' outcomes.
+    async fn a_pause_in_a_stream(budget: Duration, more_after_the_window: bool) -> Outcomes {
+        use tokio::io::AsyncReadExt;
+        const FIRST: usize = 96 * 1024;
+
+        let listener = tokio::net::TcpSocket::new_v4().expect("socket");
+        listener.set_recv_buffer_size(1 << 20).expect("room");
+        listener.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let listener = listener.listen(1).expect("listen");
+        let mut app = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (near, _) = listener.accept().await.expect("accept");
+        let (far, mut server) = pair().await;
+        let sent: Vec<u8> = (0..FIRST).map(|i| (i % 251) as u8).collect();
+        app.write_all(&sent).await.expect("first bytes");
+        let mut held = vec![0u8; 2 * FIRST];
+        while near.peek(&mut held).await.expect("peek") < FIRST {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        let counts = PollCounts::default();
+        let polling = Polling::new(budget).counted(counts.clone());
+        let relaying = tokio::spawn(async move { relay(&near, &far, &polling).await });
+        let mut received = vec![0u8; FIRST];
+        server.read_exact(&mut received).await.expect("first bytes");
+        assert!(received == sent, "the first bytes changed");
+        if more_after_the_window {
+            let missed = counted(&counts.stream.missed, 1, Duration::from_secs(10)).await;
+            assert_eq!(missed, 1, "the window closed with nothing caught");
+        }
+        app.write_all(&[9]).await.expect("one more byte");
+        let mut last = [0u8];
+        server.read_exact(&mut last).await.expect("one more byte");
+        assert_eq!(last, [9]);
+        drop(app);
+        server.shutdown().await.expect("the server's end");
+        let moved = relaying.await.expect("join").expect("relay");
+        assert_eq!(moved, (FIRST as u64 + 1, 0));
+        counts.stream
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_emptied_stream_catches_what_comes_within_the_budget_and_counts_each_window() {
+        // A budget far longer than the test: the byte, then the end, each caught by a window.
+        let within = a_pause_in_a_stream(Duration::from_secs(60), false).await;
+        assert!(within.caught.get() >= 1, "nothing caught");
+        assert_eq!(within.missed.get(), 0, "a window closed before its bytes");
+        // The byte comes after the window closed: the relay slept, and its wake for one byte
+        // is no stream's.
+        let after = a_pause_in_a_stream(Duration::from_millis(1), true).await;
+        assert_eq!((after.caught.get(), after.missed.get()), (0, 1));
+        // Polling off opens no window.
+        let off = a_pause_in_a_stream(Duration::ZERO, false).await;
+        assert_eq!((off.caught.get(), off.missed.get()), (0, 0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
