@@ -587,6 +587,23 @@ impl Proxies {
         out + &errors_logged(self.dir.path())
     }
 
+    /// The busy-polling windows the routers counted so far (`busy_polls_total`), summed over
+    /// them; `None` where no router counts them (a build from before the count).
+    pub async fn busy_polls(&self) -> anyhow::Result<Option<Polls>> {
+        let mut sum: Option<Polls> = None;
+        for (role, _, admin) in &self.processes {
+            if role.contains("router") {
+                let reply = process::http_get(*admin, "/metrics")
+                    .await
+                    .with_context(|| format!("the {role}'s metrics"))?;
+                if let Some(polls) = Polls::of_metrics(&reply) {
+                    sum = Some(sum.unwrap_or_default() + polls);
+                }
+            }
+        }
+        Ok(sum)
+    }
+
     /// The client pod's sidecar, the one the loads go through.
     pub fn client_sidecar(&self) -> u32 {
         self.processes.last().expect("the client sidecar").1.0.id()
@@ -646,6 +663,57 @@ impl Proxies {
 
 /// The non-zero samples of a `/metrics` reply whose names hold `flows` or `dropped`, a line
 /// each, indented.
+/// Busy-polling windows counted by a router (`busy_polls_total`): those that caught something
+/// and those that closed with nothing, for TCP streams and for UDP flows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Polls {
+    /// TCP streams' windows: (caught, missed).
+    pub tcp: (u64, u64),
+    /// UDP flows' windows: (caught, missed).
+    pub udp: (u64, u64),
+}
+
+impl Polls {
+    /// Read from a router's `/metrics` answer; `None` if it has no such series.
+    fn of_metrics(reply: &str) -> Option<Polls> {
+        let count = |relay: &str, outcome: &str| {
+            let series = format!(
+                r#"servicekeel_router_busy_polls_total{{relay="{relay}",outcome="{outcome}"}} "#
+            );
+            reply
+                .lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+        };
+        Some(Polls {
+            tcp: (count("tcp", "caught")?, count("tcp", "missed")?),
+            udp: (count("udp", "caught")?, count("udp", "missed")?),
+        })
+    }
+
+    /// What was counted between `before` and this.
+    pub fn since(self, before: Polls) -> Polls {
+        let less =
+            |(a, b): (u64, u64), (c, d): (u64, u64)| (a.saturating_sub(c), b.saturating_sub(d));
+        Polls {
+            tcp: less(self.tcp, before.tcp),
+            udp: less(self.udp, before.udp),
+        }
+    }
+}
+
+impl std::ops::Add for Polls {
+    type Output = Polls;
+
+    fn add(self, other: Polls) -> Polls {
+        let plus = |(a, b): (u64, u64), (c, d): (u64, u64)| (a + c, b + d);
+        Polls {
+            tcp: plus(self.tcp, other.tcp),
+            udp: plus(self.udp, other.udp),
+        }
+    }
+}
+
 fn counted_flows(reply: &str) -> String {
     reply
         .lines()
@@ -1112,6 +1180,38 @@ pub fn report_path() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_routers_polling_windows_are_read_from_its_metrics() {
+        let reply = "HTTP/1.1 200 OK\r\n\r\n\
+            # TYPE servicekeel_router_busy_polls counter\n\
+            servicekeel_router_busy_polls_total{relay=\"udp\",outcome=\"caught\"} 5\n\
+            servicekeel_router_busy_polls_total{relay=\"udp\",outcome=\"missed\"} 6\n\
+            servicekeel_router_busy_polls_total{relay=\"tcp\",outcome=\"caught\"} 12\n\
+            servicekeel_router_busy_polls_total{relay=\"tcp\",outcome=\"missed\"} 3\n";
+        let polls = Polls::of_metrics(reply).expect("all four");
+        assert_eq!(
+            polls,
+            Polls {
+                tcp: (12, 3),
+                udp: (5, 6)
+            }
+        );
+        let earlier = Polls {
+            tcp: (10, 3),
+            udp: (1, 1),
+        };
+        assert_eq!(
+            polls.since(earlier) + earlier,
+            polls,
+            "what was counted since, and back"
+        );
+        assert_eq!(
+            Polls::of_metrics("servicekeel_router_peers 0\n"),
+            None,
+            "a build that counts none"
+        );
+    }
 
     /// The servers answer from a thread of their own: a caller that blocks its own thread on
     /// plain sockets, with no runtime of its own at all, is echoed and counted.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use servicekeel_e2e::bench::baselines::{self, Dnsmasq, dnsperf, measured};
-use servicekeel_e2e::bench::{self, Layout, Proxies, ProxySettings, Sample, sample};
+use servicekeel_e2e::bench::{self, Layout, Polls, Proxies, ProxySettings, Sample, sample};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,6 +143,9 @@ struct Run {
     side: Sample,
     /// The paced flows' latencies beside the reference's load and beside the side's.
     paced: Option<(Sample, Sample)>,
+    /// The busy-polling windows the side's routers counted during its load; `None` where
+    /// they count none.
+    polls: Option<Polls>,
 }
 
 impl Run {
@@ -387,6 +390,7 @@ async fn data_run(
         .await
         .context("the direct path")?;
     let paced_reference = paced.take();
+    let polls_before = proxies.busy_polls().await?;
     let side = match sample(cpu, || once(proxies.tcp, proxies.udp)).await {
         Ok(side) => side,
         Err(error) => {
@@ -394,6 +398,11 @@ async fn data_run(
             return Err(error.context(format!("through the proxies, which told:{told}")));
         }
     };
+    let polls = proxies
+        .busy_polls()
+        .await?
+        .zip(polls_before)
+        .map(|(after, before)| after.since(before));
     drop(held);
     let paced = plan.paced.map(|_| {
         (
@@ -405,6 +414,7 @@ async fn data_run(
         reference,
         side,
         paced,
+        polls,
     })
 }
 
@@ -421,6 +431,7 @@ async fn dns_run(dnsmasq: &Dnsmasq, proxies: &Proxies) -> anyhow::Result<Run> {
         reference,
         side,
         paced: None,
+        polls: None,
     })
 }
 
@@ -556,6 +567,9 @@ fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) 
         summary.b_ahead,
         pairs.len()
     );
+    if let Some(polls) = polls_told(pairs) {
+        let _ = writeln!(out, "{polls}");
+    }
     if let Some([p50, p99, p999]) = summary.paced_added {
         let _ = writeln!(
             out,
@@ -564,6 +578,35 @@ fn render(plan: Plan, sides: &[(&str, ProxySettings); 2], pairs: &[(Run, Run)]) 
         );
     }
     out
+}
+
+/// What each side's busy-polling windows caught over all its runs through the proxies, where
+/// both sides' routers count them.
+fn polls_told(pairs: &[(Run, Run)]) -> Option<String> {
+    let total = |side: fn(&(Run, Run)) -> &Run| {
+        pairs
+            .iter()
+            .try_fold(Polls::default(), |sum, pair| Some(sum + side(pair).polls?))
+    };
+    let (a, b) = (total(|(a, _)| a)?, total(|(_, b)| b)?);
+    let caught = |(caught, missed): (u64, u64)| {
+        let windows = caught + missed;
+        match windows {
+            0 => "none of 0".to_string(),
+            _ => format!(
+                "{caught} of {windows} ({:.0} %)",
+                caught as f64 * 100.0 / windows as f64
+            ),
+        }
+    };
+    Some(format!(
+        "Busy-polling windows caught something in the runs through the proxies (the routers' \
+         `busy_polls_total`, all runs): A TCP {}, UDP {}; B TCP {}, UDP {}.",
+        caught(a.tcp),
+        caught(a.udp),
+        caught(b.tcp),
+        caught(b.udp)
+    ))
 }
 
 #[cfg(test)]
@@ -603,6 +646,7 @@ mod tests {
             reference: sample(reference, p50s.0),
             side: sample(side, p50s.1),
             paced: None,
+            polls: None,
         }
     }
 
@@ -754,5 +798,26 @@ mod tests {
             "{held}"
         );
         assert!(!report_of(bulk(0)).contains("held"));
+    }
+
+    #[test]
+    fn the_report_sums_each_sides_polling_windows_where_both_count_them() {
+        let polled = |tcp, udp| Run {
+            polls: Some(Polls { tcp, udp }),
+            ..run(100, 30, (10, 20))
+        };
+        let pairs = [
+            (polled((3, 1), (0, 0)), polled((0, 2), (5, 5))),
+            (polled((4, 2), (0, 0)), polled((1, 0), (5, 0))),
+        ];
+        let told = polls_told(&pairs).expect("both sides count");
+        assert!(
+            told.ends_with(
+                "A TCP 7 of 10 (70 %), UDP none of 0; B TCP 1 of 3 (33 %), UDP 10 of 15 (67 %)."
+            ),
+            "{told}"
+        );
+        let older = [(polled((3, 1), (0, 0)), run(100, 30, (10, 20)))];
+        assert_eq!(polls_told(&older), None, "one side's routers count none");
     }
 }
