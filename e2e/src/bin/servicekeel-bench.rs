@@ -14,7 +14,7 @@ use servicekeel_e2e::bench::baselines::SocatHops;
 use servicekeel_e2e::bench::links::LinkCost;
 use servicekeel_e2e::bench::pods::{ApiserverTimes, Kind, PodBench, Totals};
 use servicekeel_e2e::bench::webhook::Reviews;
-use servicekeel_e2e::bench::{self, Cpu, Layout, Proxies, ProxySettings, Sample, sample};
+use servicekeel_e2e::bench::{self, Cpu, Layout, Polls, Proxies, ProxySettings, Sample, sample};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -131,6 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let starts = proxies.sidecar_starts(SIDECAR_STARTS).await?;
     let links = LinkCost::measure(&bench::proxy_binary()?, PEER_LINKS).await?;
     let mut rows = Vec::new();
+    let mut polled = PollLog::start(&proxies).await?;
 
     let bulk = |addr| async move { Ok((bench::tcp_bulk(addr, BULK).await?, Vec::new())) };
     let paced = |addr| async move {
@@ -148,6 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    polled.row("TCP bulk").await?;
     let open = bench::open_connections(proxies.tcp, OPEN_CONNECTIONS).await?;
     let (base, cand) = pairs(cpu, n, tcp, proxies.tcp, bulk).await?;
     drop(open);
@@ -161,6 +163,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    polled
+        .row("TCP bulk beside 1000 connections held open")
+        .await?;
 
     let (base, cand) = pairs(cpu, n, socat.addr, proxies.tcp, bulk).await?;
     rows.push(Row {
@@ -173,6 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    polled.row("TCP bulk, the `socat` row").await?;
 
     let (base, cand) = pairs(cpu, n, tcp, proxies.tcp, |addr| async move {
         Ok((bench::tcp_connections(addr, 2000).await?, Vec::new()))
@@ -188,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    polled.row("new TCP connections").await?;
 
     let (base, cand) = pairs(cpu, n, tcp, proxies.tcp, paced).await?;
     rows.push(Row {
@@ -200,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    polled.row("64-byte requests at 1k req/s").await?;
 
     // The same with every thread on one CPU, where no wakeup crosses CPUs: what the relay
     // itself adds, beside what waking a thread on the other CPU costs on this machine.
@@ -227,6 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    polled.row("the same, every thread on one CPU").await?;
 
     // The same through proxies of their own whose router runs with `--scheduling normal`: what
     // the default (`auto`, batch while a CPU idles, as here) changes.
@@ -266,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    polled.row("the same, the `socat` row").await?;
 
     let (base, cand) = pairs(cpu, n, udp, proxies.udp, |addr| async move {
         let latencies = bench::udp_echo(addr, 5000).await?;
@@ -282,6 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         cand,
     });
+    polled.row("UDP echo").await?;
 
     dns_rows(&mut rows, &proxies, n).await?;
     across_nodes_rows(&mut rows, n, tcp, udp, bulk).await?;
@@ -331,7 +342,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         true => Some(pod_rows(&mut rows, n).await?),
         false => None,
     };
-    let report = render(&rows, &memory, &starts, &links, n, pod_note.as_deref());
+    let report = render(
+        &rows,
+        &polled.rows,
+        &memory,
+        &starts,
+        &links,
+        n,
+        pod_note.as_deref(),
+    );
     print!("{report}");
     let path = cli.output.unwrap_or_else(bench::report_path);
     std::fs::write(&path, report)?;
@@ -678,6 +697,7 @@ fn apiserver_note(
 /// `pod_note` is what the pod rows add (none when they were not run, without `--node`).
 fn render(
     rows: &[Row],
+    polled: &[(&str, Polls)],
     memory: &Memory,
     starts: &[Duration],
     links: &LinkCost,
@@ -739,6 +759,7 @@ fn render(
             unit = row.unit,
         );
     }
+    render_polls(&mut out, polled);
     let mb = |bytes: u64| bytes as f64 / 1e6;
     let _ = writeln!(
         out,
@@ -787,6 +808,68 @@ fn render(
     out
 }
 
+/// The busy-polling windows the one-node router opened during each row through it, read from
+/// its `busy_polls_total` before and after the row.
+struct PollLog<'a> {
+    proxies: &'a Proxies,
+    /// The counts at the end of the last row; `None` where the router counts none.
+    last: Option<Polls>,
+    rows: Vec<(&'static str, Polls)>,
+}
+
+impl<'a> PollLog<'a> {
+    async fn start(proxies: &'a Proxies) -> anyhow::Result<PollLog<'a>> {
+        Ok(PollLog {
+            proxies,
+            last: proxies.busy_polls().await?,
+            rows: Vec::new(),
+        })
+    }
+
+    /// The row `what` ended: the windows opened since the last one.
+    async fn row(&mut self, what: &'static str) -> anyhow::Result<()> {
+        let now = self.proxies.busy_polls().await?;
+        if let (Some(now), Some(last)) = (now, self.last) {
+            self.rows.push((what, now.since(last)));
+        }
+        self.last = now;
+        Ok(())
+    }
+}
+
+/// The busy-polling windows of each row through the one-node router: how many it opened for
+/// TCP streams and for UDP flows, and how many of them caught something.
+fn render_polls(out: &mut String, polled: &[(&str, Polls)]) {
+    if polled.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nBusy polling in the rows through the router on one node: the windows it opened \
+         (`busy_polls_total`, read before and after each row's runs; a TCP stream's after a read \
+         emptied its socket in the midst of a stream, a UDP flow's after a datagram forwarded) \
+         and those that caught the next bytes or datagram before they closed.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| row | TCP windows | caught | UDP windows | caught |\n|---|---|---|---|---|"
+    );
+    let part = |(caught, missed): (u64, u64)| match caught + missed {
+        0 => "—".to_string(),
+        opened => format!("{caught} ({:.1} %)", caught as f64 * 100.0 / opened as f64),
+    };
+    for (what, polls) in polled {
+        let _ = writeln!(
+            out,
+            "| {what} | {} | {} | {} | {} |",
+            polls.tcp.0 + polls.tcp.1,
+            part(polls.tcp),
+            polls.udp.0 + polls.udp.1,
+            part(polls.udp),
+        );
+    }
+}
+
 /// The start-to-ready table: median, 90th percentile and slowest of the starts, in ms.
 fn render_starts(out: &mut String, starts: &[Duration]) {
     let mut sorted = starts.to_vec();
@@ -820,7 +903,30 @@ fn render_starts(out: &mut String, starts: &[Duration]) {
 mod tests {
     use std::time::Duration;
 
-    use super::{figure, render_starts};
+    use super::{Polls, figure, render_polls, render_starts};
+
+    #[test]
+    fn each_rows_polling_windows_are_told_with_the_share_caught() {
+        let mut out = String::new();
+        render_polls(&mut out, &[]);
+        assert_eq!(out, "", "nothing told where the router counts none");
+        let polls = |tcp, udp| Polls { tcp, udp };
+        render_polls(
+            &mut out,
+            &[
+                ("TCP bulk", polls((1996, 4), (0, 0))),
+                ("UDP echo", polls((0, 0), (3, 1))),
+            ],
+        );
+        assert!(
+            out.contains("| TCP bulk | 2000 | 1996 (99.8 %) | 0 | — |\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| UDP echo | 0 | — | 4 | 3 (75.0 %) |\n"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn start_to_ready_is_judged_by_its_median() {
