@@ -661,8 +661,6 @@ impl Proxies {
     }
 }
 
-/// The non-zero samples of a `/metrics` reply whose names hold `flows` or `dropped`, a line
-/// each, indented.
 /// Busy-polling windows counted by a router (`busy_polls_total`): those that caught something
 /// and those that closed with nothing, for TCP streams and for UDP flows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -714,6 +712,8 @@ impl std::ops::Add for Polls {
     }
 }
 
+/// The non-zero samples of a `/metrics` reply whose names hold `flows` or `dropped`, a line
+/// each, indented.
 fn counted_flows(reply: &str) -> String {
     reply
         .lines()
