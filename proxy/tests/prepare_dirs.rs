@@ -124,10 +124,13 @@ fn a_router_without_root_takes_over_what_a_root_router_left() {
     let mut router = unprivileged_router(&run, &state);
     let socket = run.join("router.sock");
     let started = Instant::now();
-    // The stale socket is replaced by the router's own.
-    while owner_of(&socket).0 != ROUTER
-        || std::fs::metadata(&socket).unwrap().mode() & 0o777 != 0o660
-    {
+    // The stale socket is replaced by the router's own; between its removal and the bind there
+    // is none.
+    let replaced = |socket: &Path| {
+        std::fs::symlink_metadata(socket)
+            .is_ok_and(|meta| meta.uid() == ROUTER && meta.mode() & 0o777 == 0o660)
+    };
+    while !replaced(&socket) {
         assert!(
             router.try_wait().unwrap().is_none(),
             "the router stopped: {}",
