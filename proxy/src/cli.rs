@@ -119,6 +119,10 @@ pub struct RouterArgs {
     /// flows answered within it, none while more UDP flows are busy than can poll.
     #[arg(long, env = "SERVICEKEEL_ROUTER_BUSY_POLL", default_value = defaults::ROUTER_BUSY_POLL, value_parser = parse_busy_poll)]
     pub busy_poll: std::time::Duration,
+    /// TCP congestion control of the connections to endpoints on this node (`reno`, `bbr`, …;
+    /// empty: the node's default); endpoints on other nodes always keep the node's default.
+    #[arg(long, env = "SERVICEKEEL_ROUTER_LOCAL_CONGESTION", default_value = defaults::ROUTER_LOCAL_CONGESTION, value_parser = parse_congestion)]
+    pub local_congestion: String,
     /// Most flows carried at once; past it, new flows are refused (503).
     #[arg(long, env = "SERVICEKEEL_ROUTER_MAX_FLOWS", default_value_t = defaults::ROUTER_MAX_FLOWS, value_parser = parse_limit)]
     pub max_flows: usize,
@@ -135,6 +139,24 @@ pub struct RouterArgs {
     /// faster on nodes with idle CPUs, slower where every CPU is busy), or `normal`.
     #[arg(long, env = "SERVICEKEEL_ROUTER_SCHEDULING", value_enum, default_value_t = Scheduling::Auto)]
     pub scheduling: Scheduling,
+}
+
+/// A congestion control's name as the kernel takes it (at most 15 letters, digits or `_`), or
+/// empty for the node's default.
+fn parse_congestion(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    if name.len() < 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a congestion control's name (at most 15 lowercase letters, digits \
+             or '_'; empty for the node's default)"
+        ))
+    }
 }
 
 fn parse_limit(text: &str) -> Result<usize, String> {
@@ -222,6 +244,7 @@ impl RouterArgs {
             sidecar_tcp,
             drain_timeout: self.drain_timeout,
             busy_poll: self.busy_poll,
+            local_congestion: (!self.local_congestion.is_empty()).then_some(self.local_congestion),
             cpus: cpus(),
             max_flows: self.max_flows,
             api,
@@ -325,6 +348,24 @@ mod tests {
             parse_busy_poll(servicekeel_api::defaults::ROUTER_BUSY_POLL),
             Ok(Duration::from_micros(50))
         );
+    }
+
+    #[test]
+    fn endpoints_on_this_node_get_reno_unless_told_otherwise() {
+        let local = |args: &[&str]| router_config(args).map(|c| c.local_congestion);
+        assert_eq!(local(&[]), Ok(Some("reno".into())));
+        assert_eq!(local(&["--local-congestion=bbr"]), Ok(Some("bbr".into())));
+        assert_eq!(
+            local(&["--local-congestion="]),
+            Ok(None),
+            "the node's default"
+        );
+        let refused = local(&["--local-congestion=BBR;x"]).expect_err("not a name");
+        assert!(
+            refused.contains("not a congestion control's name"),
+            "{refused}"
+        );
+        assert!(local(&["--local-congestion=a_name_far_too_long"]).is_err());
     }
 
     #[test]

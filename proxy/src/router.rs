@@ -67,6 +67,9 @@ pub struct RouterConfig {
     pub drain_timeout: std::time::Duration,
     /// How long a UDP flow to an endpoint on this node is busy polled after each datagram.
     pub busy_poll: std::time::Duration,
+    /// TCP congestion control of the connections to endpoints on this node; the node's default
+    /// when `None`.
+    pub local_congestion: Option<String>,
     /// The CPUs the router may use (its affinity and CPU quota): as many UDP relay threads, one
     /// per busy flow; with one, every busy UDP flow shares the one.
     pub cpus: usize,
@@ -247,6 +250,8 @@ struct Shared {
     /// Flows open or being opened: held against `max_flows`, waited for when draining.
     open_flows: watch::Sender<usize>,
     max_flows: usize,
+    /// See [`RouterConfig::local_congestion`].
+    local_congestion: Option<String>,
 }
 
 impl Shared {
@@ -382,9 +387,13 @@ impl Shared {
                     .await
                     .map(Upstream::Flow)
                     .map_err(|e| e.to_string()),
-                None => dial(target.protocol, endpoint.addr)
-                    .await
-                    .map_err(|e| e.to_string()),
+                None => {
+                    let here = endpoint.node == self.here.node;
+                    let congestion = self.local_congestion.as_deref().filter(|_| here);
+                    dial(target.protocol, endpoint.addr, congestion)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
             };
             match opened {
                 Ok(upstream) => {
@@ -548,6 +557,7 @@ impl Router {
             links,
             open_flows: watch::Sender::new(0),
             max_flows: config.max_flows,
+            local_congestion: config.local_congestion.clone(),
         });
         shared.metrics.registry_entries(shared.registry().len());
         let listener = bind_socket(&config).map_err(|cause| RouterError::Listen {

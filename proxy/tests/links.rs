@@ -53,6 +53,7 @@ fn router_config(dir: &Path, node: &str, cluster: &str, links: LinksConfig) -> R
         api: Api::Off,
         drain_timeout: std::time::Duration::from_secs(20),
         busy_poll: std::time::Duration::from_micros(50),
+        local_congestion: None,
         cpus: 2,
         max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
         sidecar_tcp: None,

@@ -65,6 +65,12 @@ pub const SIDECAR_UDP_HANDOFF: bool = true;
 /// whose answers lately came within it, one flow at a time. Linux's documentation gives the same
 /// value for its own busy polling of a few sockets (`net.core.busy_poll`).
 pub const ROUTER_BUSY_POLL: &str = "50us";
+/// The TCP congestion control a router gives its connections to endpoints on its node. There the
+/// path is the node's own memory; what slows a bulk transfer on it is the segments a sender moved
+/// between CPUs leaves out of order, and `reno`, which every Linux allows any user, carried more
+/// of them at the relay's best pace than the common default `bbr` (`BENCHMARKS.md`, TCP bulk on
+/// one node). Endpoints on other nodes keep the node's own choice.
+pub const ROUTER_LOCAL_CONGESTION: &str = "reno";
 /// Most flows one router carries at once; past it, new flows are refused (503).
 pub const ROUTER_MAX_FLOWS: usize = 65536;
 /// The cluster's DNS domain.

@@ -236,13 +236,24 @@ impl Carried {
     }
 }
 
-/// Opens a socket to an endpoint for a flow of `protocol`.
-pub async fn dial(protocol: Protocol, addr: SocketAddr) -> io::Result<Upstream> {
+/// Opens a socket to an endpoint for a flow of `protocol`; a TCP one under the `congestion`
+/// control named, if any (where the kernel refuses it, the node's default, said at debug level:
+/// the flow goes on).
+pub async fn dial(
+    protocol: Protocol,
+    addr: SocketAddr,
+    congestion: Option<&str>,
+) -> io::Result<Upstream> {
     let attempt = async {
         match protocol {
             Protocol::Tcp => {
                 let stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
+                if let Some(name) = congestion
+                    && let Err(error) = rustix::net::sockopt::set_tcp_congestion(&stream, name)
+                {
+                    tracing::debug!(%addr, congestion = name, %error, "congestion control refused");
+                }
                 Ok(Upstream::Tcp(stream))
             }
             Protocol::Udp => {
@@ -711,5 +722,33 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_is_dialled_under_the_congestion_control_asked_or_the_nodes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let node_default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .expect("the node's default")
+            .trim()
+            .to_string();
+        let control = |upstream: Upstream| match upstream {
+            Upstream::Tcp(stream) => {
+                rustix::net::sockopt::tcp_congestion(&stream).expect("its congestion control")
+            }
+            _ => panic!("not a TCP upstream"),
+        };
+        let reno = dial(Protocol::Tcp, addr, Some("reno")).await.expect("dial");
+        assert_eq!(control(reno), "reno");
+        let kept = dial(Protocol::Tcp, addr, None).await.expect("dial");
+        assert_eq!(control(kept), node_default);
+        // One the kernel does not know: the flow goes on under the node's default.
+        let unknown = dial(Protocol::Tcp, addr, Some("no_such_control")).await;
+        assert_eq!(
+            control(unknown.expect("dialled all the same")),
+            node_default
+        );
     }
 }

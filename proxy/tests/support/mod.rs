@@ -84,7 +84,7 @@ impl Handler for RouterState {
                 format!("no endpoint for {}", request.target),
             ));
         };
-        let upstream = dial(request.target.protocol, endpoint)
+        let upstream = dial(request.target.protocol, endpoint, None)
             .await
             .map_err(|e| Refusal::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
         self.flows_opened.fetch_add(1, Ordering::SeqCst);
@@ -393,6 +393,7 @@ pub fn router_config(dir: &Path) -> servicekeel_proxy::router::RouterConfig {
         api: servicekeel_proxy::router::Api::Off,
         drain_timeout: Duration::from_secs(20),
         busy_poll: Duration::from_micros(50),
+        local_congestion: Some(servicekeel_api::defaults::ROUTER_LOCAL_CONGESTION.into()),
         cpus: 2,
         max_flows: servicekeel_api::defaults::ROUTER_MAX_FLOWS,
         sidecar_tcp: None,
