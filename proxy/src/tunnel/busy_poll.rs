@@ -82,8 +82,9 @@ pub struct Polling {
     /// The threads busy flows' relays run on whole; without them, relays run where they are
     /// spawned.
     threads: Option<RelayThreads>,
-    /// What the windows opened caught.
-    counts: PollCounts,
+    /// What the windows opened caught (one count shared, so that cloning a polling for each
+    /// relay adds one reference, not one per counter).
+    counts: Arc<PollCounts>,
 }
 
 /// What the windows relays polled in caught, per kind of relay (the router's
@@ -145,7 +146,10 @@ impl Polling {
 
     /// The same, what each window catches counted in `counts`.
     pub fn counted(self, counts: PollCounts) -> Self {
-        Polling { counts, ..self }
+        Polling {
+            counts: Arc::new(counts),
+            ..self
+        }
     }
 
     fn with_threads(self, runtime: LinkThreads, shared: bool) -> Self {
