@@ -730,18 +730,24 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let node_default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-            .expect("the node's default")
-            .trim()
-            .to_string();
+        let read = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).expect("the kernel's")
+        };
+        let node_default = read("tcp_congestion_control").trim().to_string();
+        // Another than the default, so that the test tells asking from not asking.
+        let available = read("tcp_available_congestion_control");
+        let other = available
+            .split_whitespace()
+            .find(|name| *name != node_default)
+            .expect("a second congestion control in the kernel");
         let control = |upstream: Upstream| match upstream {
             Upstream::Tcp(stream) => {
                 rustix::net::sockopt::tcp_congestion(&stream).expect("its congestion control")
             }
             _ => panic!("not a TCP upstream"),
         };
-        let reno = dial(Protocol::Tcp, addr, Some("reno")).await.expect("dial");
-        assert_eq!(control(reno), "reno");
+        let asked = dial(Protocol::Tcp, addr, Some(other)).await.expect("dial");
+        assert_eq!(control(asked), other);
         let kept = dial(Protocol::Tcp, addr, None).await.expect("dial");
         assert_eq!(control(kept), node_default);
         // One the kernel does not know: the flow goes on under the node's default.
