@@ -67,9 +67,11 @@ pub const SIDECAR_UDP_HANDOFF: bool = true;
 pub const ROUTER_BUSY_POLL: &str = "50us";
 /// The TCP congestion control a router gives its connections to endpoints on its node. There the
 /// path is the node's own memory; what slows a bulk transfer on it is the segments a sender moved
-/// between CPUs leaves out of order, and `reno`, which every Linux allows any user, carried more
-/// of them at the relay's best pace than the common default `bbr` (`BENCHMARKS.md`, TCP bulk on
-/// one node). Endpoints on other nodes keep the node's own choice.
+/// between CPUs leaves out of order, and `reno` (which Linux lets any user set unless the node's
+/// `net.ipv4.tcp_allowed_congestion_control` leaves it out) carried more of them at the relay's
+/// best pace than `bbr`, the default of the machine measured (`BENCHMARKS.md`, TCP bulk on one
+/// node; against `cubic`, Linux's own default, not measured). Endpoints on other nodes keep the
+/// node's own choice.
 pub const ROUTER_LOCAL_CONGESTION: &str = "reno";
 /// Most flows one router carries at once; past it, new flows are refused (503).
 pub const ROUTER_MAX_FLOWS: usize = 65536;
